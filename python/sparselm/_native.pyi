@@ -1,0 +1,79 @@
+"""Type stubs of the native extension (rust/py). Private: use the public API in sparselm."""
+
+from typing import Optional, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+def kernel_tier() -> str:
+    """The SIMD tier chosen at start-up: 'scalar', 'avx2', 'avx512', 'neon', 'neon-dotprod'."""
+
+class Engine:
+    """Immutable model weights plus a thread pool. Shared by any number of sessions."""
+
+    def __init__(self, model_dir: str, dtype: str = "auto", threads: int = 0) -> None:
+        """Read model_dir/config.json and the safetensors weights (single or sharded).
+
+        dtype: 'auto' (keep the file's dtype), 'f32', 'f16', 'bf16'.
+        threads: 0 means the number of cores.
+        """
+    @property
+    def config_json(self) -> str:
+        """The validated config as a JSON object string (HF field names)."""
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def threads(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def max_position_embeddings(self) -> int: ...
+    def logits(self, ids: Sequence[int]) -> npt.NDArray[np.float32]:
+        """Full-prompt forward on a fresh cache: float32 array [len(ids), vocab_size]."""
+    def new_session(self, max_seq: int = 0) -> Session:
+        """A session with its own latent KV cache of max_seq positions (0: the model's context)."""
+
+class Session:
+    """One conversation: a latent KV cache plus the token ids it holds. Not thread-safe."""
+
+    @property
+    def n_past(self) -> int: ...
+    @property
+    def max_seq(self) -> int: ...
+    @property
+    def tokens(self) -> list[int]: ...
+    @property
+    def finish_reason(self) -> Optional[str]:
+        """After generation ends: 'stop' (a stop id was sampled), 'length' (max_new_tokens),
+        'context' (the cache is full). None while running or before any generation."""
+    def reset(self) -> None: ...
+    def truncate(self, n: int) -> None:
+        """Forget every cached position >= n."""
+    def feed(
+        self, ids: Sequence[int], attention: str = "auto", all_logits: bool = False
+    ) -> npt.NDArray[np.float32]:
+        """Append ids to the cache. Returns logits of the last id [vocab] or all ids [n, vocab].
+
+        attention: 'auto' (dense for n > 1, absorbed for n == 1), 'dense' or 'absorbed'.
+        """
+    def start(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: Optional[int] = None,
+        stop_ids: Sequence[int] = (),
+    ) -> None:
+        """Begin generating after prompt_ids. The longest common prefix of prompt_ids and the
+        cached tokens is reused; the rest of the prompt is fed (dense attention).
+        Raises ContextLengthError if the prompt does not fit in max_seq."""
+    def next_token(self) -> Optional[int]:
+        """Sample and return the next token id, or None when generation has finished
+        (see finish_reason). A sampled stop id ends generation and is not returned."""
+    def stats(self) -> dict[str, float]:
+        """Timing and sparsity counters of the last generation: prompt_tokens, prompt_seconds,
+        decode_tokens, decode_seconds, mlp_sparsity (mean fraction of zero ReLU² neurons)."""
