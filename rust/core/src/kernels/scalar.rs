@@ -1,0 +1,81 @@
+//! Scalar kernels: the specification every SIMD tier must match.
+//!
+//! Plain loops, f32 accumulation in 8 independent partial sums (the same association order the
+//! SIMD tiers use per lane, which keeps float differences between tiers small).
+
+use half::{bf16, f16};
+
+/// `Σ a[i]·b[i]`.
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks * 8..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+/// `Σ w[i]·x[i]` with IEEE half weights widened to f32.
+pub fn dot_f16(w: &[f16], x: &[f32]) -> f32 {
+    debug_assert_eq!(w.len(), x.len());
+    let mut acc = [0f32; 8];
+    let chunks = w.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            acc[l] += w[c * 8 + l].to_f32() * x[c * 8 + l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks * 8..w.len() {
+        s += w[i].to_f32() * x[i];
+    }
+    s
+}
+
+/// `Σ w[i]·x[i]` with bfloat16 weights widened to f32.
+pub fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
+    debug_assert_eq!(w.len(), x.len());
+    let mut acc = [0f32; 8];
+    let chunks = w.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            acc[l] += w[c * 8 + l].to_f32() * x[c * 8 + l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks * 8..w.len() {
+        s += w[i].to_f32() * x[i];
+    }
+    s
+}
+
+/// `y += a·x`.
+pub fn axpy_f32(a: f32, x: &[f32], y: &mut [f32]) {
+    debug_assert_eq!(x.len(), y.len());
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}
+
+/// `y += a·w` with half weights.
+pub fn axpy_f16(a: f32, w: &[f16], y: &mut [f32]) {
+    debug_assert_eq!(w.len(), y.len());
+    for (yi, wi) in y.iter_mut().zip(w) {
+        *yi += a * wi.to_f32();
+    }
+}
+
+/// `y += a·w` with bfloat16 weights.
+pub fn axpy_bf16(a: f32, w: &[bf16], y: &mut [f32]) {
+    debug_assert_eq!(w.len(), y.len());
+    for (yi, wi) in y.iter_mut().zip(w) {
+        *yi += a * wi.to_f32();
+    }
+}

@@ -1,0 +1,108 @@
+//! AVX2 + FMA + F16C tier. Same names and signatures as `scalar`; the dispatch table only
+//! points here after `is_x86_feature_detected!` confirmed avx2, fma and f16c.
+
+use std::arch::x86_64::*;
+
+use half::{bf16, f16};
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hsum256(v: __m256) -> f32 {
+    let lo = _mm256_castps256_ps128(v);
+    let hi = _mm256_extractf128_ps::<1>(v);
+    let s = _mm_add_ps(lo, hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+    _mm_cvtss_f32(s)
+}
+
+/// Eight bf16 values widened to f32 (bf16 is the high half of an f32).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn load_bf16(p: *const bf16) -> __m256 {
+    // SAFETY: caller guarantees 8 readable bf16 at p.
+    let h = unsafe { _mm_loadu_si128(p as *const __m128i) };
+    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load_f16(p: *const f16) -> __m256 {
+    // SAFETY: caller guarantees 8 readable f16 at p.
+    _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p as *const __m128i) })
+}
+
+macro_rules! dot_impl {
+    ($name:ident, $inner:ident, $t:ty, $load:ident, $feat:literal, $scalar:path) => {
+        #[target_feature(enable = $feat)]
+        unsafe fn $inner(w: &[$t], x: &[f32]) -> f32 {
+            let n = w.len().min(x.len());
+            let (pw, px) = (w.as_ptr(), x.as_ptr());
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            // SAFETY (all loads below): i + 32 <= n or i + 8 <= n bounds every 8-wide load.
+            while i + 32 <= n {
+                for k in 0..4 {
+                    let a = unsafe { $load(pw.add(i + 8 * k)) };
+                    let b = unsafe { _mm256_loadu_ps(px.add(i + 8 * k)) };
+                    acc[k] = _mm256_fmadd_ps(a, b, acc[k]);
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                let a = unsafe { $load(pw.add(i)) };
+                let b = unsafe { _mm256_loadu_ps(px.add(i)) };
+                acc[0] = _mm256_fmadd_ps(a, b, acc[0]);
+                i += 8;
+            }
+            let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            hsum256(v) + $scalar(&w[i..n], &x[i..n])
+        }
+
+        pub fn $name(w: &[$t], x: &[f32]) -> f32 {
+            // SAFETY: this tier is installed only when avx2, fma and f16c are detected.
+            unsafe { $inner(w, x) }
+        }
+    };
+}
+
+macro_rules! axpy_impl {
+    ($name:ident, $inner:ident, $t:ty, $load:ident, $feat:literal, $scalar:path) => {
+        #[target_feature(enable = $feat)]
+        unsafe fn $inner(a: f32, w: &[$t], y: &mut [f32]) {
+            let n = w.len().min(y.len());
+            let (pw, py) = (w.as_ptr(), y.as_mut_ptr());
+            let va = _mm256_set1_ps(a);
+            let mut i = 0;
+            // SAFETY: i + 8 <= n bounds every 8-wide load and store.
+            while i + 8 <= n {
+                unsafe {
+                    let wv = $load(pw.add(i));
+                    let yv = _mm256_loadu_ps(py.add(i));
+                    _mm256_storeu_ps(py.add(i), _mm256_fmadd_ps(va, wv, yv));
+                }
+                i += 8;
+            }
+            $scalar(a, &w[i..n], &mut y[i..n]);
+        }
+
+        pub fn $name(a: f32, w: &[$t], y: &mut [f32]) {
+            // SAFETY: this tier is installed only when avx2, fma and f16c are detected.
+            unsafe { $inner(a, w, y) }
+        }
+    };
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn load_f32(p: *const f32) -> __m256 {
+    // SAFETY: caller guarantees 8 readable f32 at p.
+    unsafe { _mm256_loadu_ps(p) }
+}
+
+dot_impl!(dot_f32, dot_f32_i, f32, load_f32, "avx2,fma", super::scalar::dot_f32);
+dot_impl!(dot_f16, dot_f16_i, f16, load_f16, "avx2,fma,f16c", super::scalar::dot_f16);
+dot_impl!(dot_bf16, dot_bf16_i, bf16, load_bf16, "avx2,fma", super::scalar::dot_bf16);
+axpy_impl!(axpy_f32, axpy_f32_i, f32, load_f32, "avx2,fma", super::scalar::axpy_f32);
+axpy_impl!(axpy_f16, axpy_f16_i, f16, load_f16, "avx2,fma,f16c", super::scalar::axpy_f16);
+axpy_impl!(axpy_bf16, axpy_bf16_i, bf16, load_bf16, "avx2,fma", super::scalar::axpy_bf16);

@@ -1,0 +1,96 @@
+//! AVX-512 (F) tier. Same names and signatures as `scalar`; installed only after
+//! `is_x86_feature_detected!("avx512f")` (plus f16c/fma, implied on every AVX-512 CPU).
+
+use std::arch::x86_64::*;
+
+use half::{bf16, f16};
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load_f32(p: *const f32) -> __m512 {
+    // SAFETY: caller guarantees 16 readable f32 at p.
+    unsafe { _mm512_loadu_ps(p) }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load_f16(p: *const f16) -> __m512 {
+    // SAFETY: caller guarantees 16 readable f16 at p.
+    _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(p as *const __m256i) })
+}
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load_bf16(p: *const bf16) -> __m512 {
+    // SAFETY: caller guarantees 16 readable bf16 at p.
+    let h = unsafe { _mm256_loadu_si256(p as *const __m256i) };
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+}
+
+macro_rules! dot_impl {
+    ($name:ident, $inner:ident, $t:ty, $load:ident, $scalar:path) => {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn $inner(w: &[$t], x: &[f32]) -> f32 {
+            let n = w.len().min(x.len());
+            let (pw, px) = (w.as_ptr(), x.as_ptr());
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut i = 0;
+            // SAFETY (all loads below): i + 64 <= n or i + 16 <= n bounds every 16-wide load.
+            while i + 64 <= n {
+                for k in 0..4 {
+                    let a = unsafe { $load(pw.add(i + 16 * k)) };
+                    let b = unsafe { _mm512_loadu_ps(px.add(i + 16 * k)) };
+                    acc[k] = _mm512_fmadd_ps(a, b, acc[k]);
+                }
+                i += 64;
+            }
+            while i + 16 <= n {
+                let a = unsafe { $load(pw.add(i)) };
+                let b = unsafe { _mm512_loadu_ps(px.add(i)) };
+                acc[0] = _mm512_fmadd_ps(a, b, acc[0]);
+                i += 16;
+            }
+            let v = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+            _mm512_reduce_add_ps(v) + $scalar(&w[i..n], &x[i..n])
+        }
+
+        pub fn $name(w: &[$t], x: &[f32]) -> f32 {
+            // SAFETY: this tier is installed only when avx512f is detected.
+            unsafe { $inner(w, x) }
+        }
+    };
+}
+
+macro_rules! axpy_impl {
+    ($name:ident, $inner:ident, $t:ty, $load:ident, $scalar:path) => {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn $inner(a: f32, w: &[$t], y: &mut [f32]) {
+            let n = w.len().min(y.len());
+            let (pw, py) = (w.as_ptr(), y.as_mut_ptr());
+            let va = _mm512_set1_ps(a);
+            let mut i = 0;
+            // SAFETY: i + 16 <= n bounds every 16-wide load and store.
+            while i + 16 <= n {
+                unsafe {
+                    let wv = $load(pw.add(i));
+                    let yv = _mm512_loadu_ps(py.add(i));
+                    _mm512_storeu_ps(py.add(i), _mm512_fmadd_ps(va, wv, yv));
+                }
+                i += 16;
+            }
+            $scalar(a, &w[i..n], &mut y[i..n]);
+        }
+
+        pub fn $name(a: f32, w: &[$t], y: &mut [f32]) {
+            // SAFETY: this tier is installed only when avx512f is detected.
+            unsafe { $inner(a, w, y) }
+        }
+    };
+}
+
+dot_impl!(dot_f32, dot_f32_i, f32, load_f32, super::scalar::dot_f32);
+dot_impl!(dot_f16, dot_f16_i, f16, load_f16, super::scalar::dot_f16);
+dot_impl!(dot_bf16, dot_bf16_i, bf16, load_bf16, super::scalar::dot_bf16);
+axpy_impl!(axpy_f32, axpy_f32_i, f32, load_f32, super::scalar::axpy_f32);
+axpy_impl!(axpy_f16, axpy_f16_i, f16, load_f16, super::scalar::axpy_f16);
+axpy_impl!(axpy_bf16, axpy_bf16_i, bf16, load_bf16, super::scalar::axpy_bf16);

@@ -1,0 +1,23 @@
+//! sparselm-core: PLM (MLA + ReLU²) inference on CPUs. No Python in here.
+//!
+//! Layers call downward only: `session` → `model` → `tensor`/`ops` → `kernels`.
+
+pub mod config;
+pub mod error;
+pub mod kernels;
+pub mod kv_cache;
+pub mod loader;
+pub mod model;
+pub mod ops;
+pub mod sampler;
+pub mod session;
+pub mod state;
+pub mod tensor;
+pub mod weights;
+
+pub use config::ModelConfig;
+pub use error::{Error, Result};
+pub use model::{parse_dtype, AttnMode, Model};
+pub use sampler::SamplingParams;
+pub use session::{FinishReason, Session};
+pub use tensor::DType;

@@ -1,0 +1,272 @@
+//! Loading a Hugging Face PLM checkpoint directory: `config.json` plus `model.safetensors` or a
+//! sharded `model.safetensors.index.json`. Files are memory-mapped, every header is validated by
+//! the `safetensors` parser (offsets, lengths, overlaps), and every tensor is checked against the
+//! tensor table (presence, dtype, shape) before any conversion or compute starts.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use rayon::prelude::*;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype as StDtype, SafeTensors};
+use serde_json::Value;
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Matrix, Storage};
+use crate::weights::{tensor_table, LayerWeights, Role, Weights};
+
+/// The safetensors files of a checkpoint and which file holds each tensor (sharded case).
+fn checkpoint_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<HashMap<String, usize>>)> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok((vec![single], None));
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if !index.is_file() {
+        return Err(Error::io(
+            dir,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no model.safetensors or model.safetensors.index.json in this directory",
+            ),
+        ));
+    }
+    let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(&index, format!("invalid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::format(&index, "missing 'weight_map' object"))?;
+    let mut files: Vec<PathBuf> = Vec::new();
+    let mut which = HashMap::new();
+    for (name, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| Error::format(&index, format!("weight_map['{name}'] is not a file name")))?;
+        if file.contains('/') || file.contains('\\') || file == ".." {
+            return Err(Error::format(&index, format!("shard name '{file}' must be a plain file name")));
+        }
+        let path = dir.join(file);
+        let i = match files.iter().position(|p| *p == path) {
+            Some(i) => i,
+            None => {
+                files.push(path);
+                files.len() - 1
+            }
+        };
+        which.insert(name.clone(), i);
+    }
+    Ok((files, Some(which)))
+}
+
+fn map_file(path: &Path) -> Result<Mmap> {
+    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len < 8 {
+        return Err(Error::format(
+            path,
+            format!("truncated safetensors file: {len} bytes, shorter than the 8-byte header length"),
+        ));
+    }
+    // SAFETY: the mapping is read-only and private to this process; we only read it while the
+    // Mmap lives. Concurrent truncation of the file by another process is outside our contract
+    // (the same caveat as every mmap-based loader).
+    unsafe { Mmap::map(&f) }.map_err(|e| Error::io(path, e))
+}
+
+fn file_dtype(d: StDtype) -> Option<DType> {
+    match d {
+        StDtype::F32 => Some(DType::F32),
+        StDtype::F16 => Some(DType::F16),
+        StDtype::BF16 => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+/// Element `i` of a little-endian tensor of dtype `d`, as f32.
+fn to_f32_vec(bytes: &[u8], d: DType) -> Vec<f32> {
+    match d {
+        DType::F32 => bytes
+            .par_chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        DType::F16 => bytes
+            .par_chunks_exact(2)
+            .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+            .collect(),
+        DType::BF16 => bytes
+            .par_chunks_exact(2)
+            .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+            .collect(),
+    }
+}
+
+fn to_storage(bytes: &[u8], src: DType, dst: DType) -> Storage {
+    let bits16 = || -> Vec<u16> {
+        bytes.par_chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect()
+    };
+    match (src, dst) {
+        (DType::F16, DType::F16) => Storage::F16(bits16().into_iter().map(f16::from_bits).collect()),
+        (DType::BF16, DType::BF16) => Storage::BF16(bits16().into_iter().map(bf16::from_bits).collect()),
+        (_, DType::F32) => Storage::F32(to_f32_vec(bytes, src)),
+        (_, DType::F16) => Storage::F16(to_f32_vec(bytes, src).par_iter().map(|&x| f16::from_f32(x)).collect()),
+        (_, DType::BF16) => {
+            Storage::BF16(to_f32_vec(bytes, src).par_iter().map(|&x| bf16::from_f32(x)).collect())
+        }
+    }
+}
+
+fn transpose<T: Copy + Send + Sync>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
+    // out: [cols, rows]
+    let mut out = Vec::with_capacity(rows * cols);
+    out.extend((0..cols).flat_map(|c| (0..rows).map(move |r| (r, c))).map(|(r, c)| v[r * cols + c]));
+    out
+}
+
+fn transpose_storage(s: Storage, rows: usize, cols: usize) -> Storage {
+    match s {
+        Storage::F32(v) => Storage::F32(transpose(&v, rows, cols)),
+        Storage::F16(v) => Storage::F16(transpose(&v, rows, cols)),
+        Storage::BF16(v) => Storage::BF16(transpose(&v, rows, cols)),
+    }
+}
+
+/// A loaded tensor before it is placed into `Weights`.
+enum Loaded {
+    Norm(Vec<f32>),
+    Mat(Matrix),
+}
+
+/// Load and validate every tensor of the checkpoint in `dir`.
+///
+/// `want`: the storage dtype of weight matrices; `None` keeps the checkpoint's dtype (that of
+/// `model.embed_tokens.weight`). Norm gains are always f32.
+pub fn load_weights(dir: &Path, cfg: &ModelConfig, want: Option<DType>) -> Result<(Weights, DType)> {
+    let (files, which) = checkpoint_files(dir)?;
+    let maps: Vec<Mmap> = files.iter().map(|p| map_file(p)).collect::<Result<_>>()?;
+    let parsed: Vec<SafeTensors<'_>> = maps
+        .iter()
+        .zip(&files)
+        .map(|(m, p)| {
+            SafeTensors::deserialize(m)
+                .map_err(|e| Error::format(p, format!("invalid safetensors file: {e}")))
+        })
+        .collect::<Result<_>>()?;
+
+    let find = |name: &str| -> Result<(TensorView<'_>, &Path)> {
+        let candidates: Vec<usize> = match &which {
+            Some(w) => match w.get(name) {
+                Some(&i) => vec![i],
+                None => {
+                    return Err(Error::MissingTensor {
+                        path: dir.join("model.safetensors.index.json"),
+                        name: name.into(),
+                    })
+                }
+            },
+            None => vec![0],
+        };
+        for i in candidates {
+            if let Ok(v) = parsed[i].tensor(name) {
+                return Ok((v, &files[i]));
+            }
+        }
+        let path = match &which {
+            Some(w) => files[w[name]].clone(),
+            None => files[0].clone(),
+        };
+        Err(Error::MissingTensor { path, name: name.into() })
+    };
+
+    // 1. Validate everything before converting anything.
+    let table = tensor_table(cfg);
+    let mut views = Vec::with_capacity(table.len());
+    for spec in &table {
+        let (view, path) = find(&spec.name)?;
+        let dt = file_dtype(view.dtype()).ok_or_else(|| {
+            Error::Dtype(format!(
+                "{}: tensor '{}' has dtype {:?}; sparselm reads F32, F16 and BF16 weights",
+                path.display(),
+                spec.name,
+                view.dtype()
+            ))
+        })?;
+        if view.shape() != spec.shape.as_slice() {
+            return Err(Error::Shape {
+                path: path.to_path_buf(),
+                name: spec.name.clone(),
+                expected: spec.shape.clone(),
+                got: view.shape().to_vec(),
+            });
+        }
+        views.push((view, dt));
+    }
+    let out_dtype = want.unwrap_or(views[0].1);
+
+    // 2. Convert (each conversion is itself parallel).
+    let mut loaded: Vec<Loaded> = Vec::with_capacity(table.len());
+    for (spec, (view, dt)) in table.iter().zip(&views) {
+        let bytes = view.data();
+        loaded.push(match spec.role {
+            Role::Norm => Loaded::Norm(to_f32_vec(bytes, *dt)),
+            Role::Matrix => Loaded::Mat(Matrix {
+                rows: spec.shape[0],
+                cols: spec.shape[1],
+                data: to_storage(bytes, *dt, out_dtype),
+            }),
+            Role::MatrixTransposed => {
+                let (r, c) = (spec.shape[0], spec.shape[1]);
+                Loaded::Mat(Matrix {
+                    rows: c,
+                    cols: r,
+                    data: transpose_storage(to_storage(bytes, *dt, out_dtype), r, c),
+                })
+            }
+        });
+    }
+    drop(views);
+
+    // 3. Place into the typed structure (same order as tensor_table).
+    let mut it = loaded.into_iter();
+    let embed = match it.next() {
+        Some(Loaded::Mat(m)) => m,
+        _ => unreachable!("tensor_table order: embedding first"),
+    };
+    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    for _ in 0..cfg.num_hidden_layers {
+        let mut next = || it.next().expect("tensor_table length");
+        let norm = |l: Loaded| match l {
+            Loaded::Norm(v) => v,
+            Loaded::Mat(_) => unreachable!("tensor_table order: norm expected"),
+        };
+        let m = |l: Loaded| match l {
+            Loaded::Mat(m) => m,
+            Loaded::Norm(_) => unreachable!("tensor_table order: matrix expected"),
+        };
+        layers.push(LayerWeights {
+            input_norm: norm(next()),
+            q_proj: m(next()),
+            kv_a: m(next()),
+            kv_a_norm: norm(next()),
+            kv_b: m(next()),
+            o_proj: m(next()),
+            post_norm: norm(next()),
+            up: m(next()),
+            down_t: m(next()),
+        });
+    }
+    let norm = match it.next() {
+        Some(Loaded::Norm(v)) => v,
+        _ => unreachable!("tensor_table order: final norm"),
+    };
+    let lm_head = match it.next() {
+        Some(Loaded::Mat(m)) => Some(m),
+        _ => None,
+    };
+    Ok((Weights { embed, layers, norm, lm_head }, out_dtype))
+}

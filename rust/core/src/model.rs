@@ -1,0 +1,405 @@
+//! `Model`: config + immutable weights + RoPE tables + a thread pool, and the forward pass.
+//!
+//! `forward` reads top to bottom like the HF module it mirrors (plm-architecture.md §3):
+//! embedding → per layer { RMSNorm → MLA → residual → RMSNorm → ReLU² MLP → residual } →
+//! RMSNorm → tied output. Attention has two formulations on the same latent cache: dense
+//! (decompress K/V of every cached position; used for prompts) and weight-absorbed (multi-query
+//! attention over the latent itself; used for generated tokens).
+
+use std::path::Path;
+
+use rayon::prelude::*;
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::kernels::kernels;
+use crate::kv_cache::LatentCache;
+use crate::loader::load_weights;
+use crate::ops::{relu2_collect, rmsnorm, rope_adjacent, rope_tables, softmax};
+use crate::state::State;
+use crate::tensor::DType;
+use crate::weights::{LayerWeights, Weights};
+
+/// Which attention formulation a forward call uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnMode {
+    /// Dense for more than one token, absorbed for a single token.
+    Auto,
+    /// Decompress k_nope/v of every cached position with kv_b_proj (prefill).
+    Dense,
+    /// Absorb kv_b_proj into the query and output (decode).
+    Absorbed,
+}
+
+impl AttnMode {
+    pub fn parse(s: &str) -> Result<AttnMode> {
+        match s {
+            "auto" => Ok(AttnMode::Auto),
+            "dense" => Ok(AttnMode::Dense),
+            "absorbed" => Ok(AttnMode::Absorbed),
+            _ => Err(Error::Argument(format!(
+                "attention must be 'auto', 'dense' or 'absorbed', got '{s}'"
+            ))),
+        }
+    }
+}
+
+/// A loaded model, shared (read-only) by any number of sessions.
+pub struct Model {
+    pub config: ModelConfig,
+    pub weights: Weights,
+    pub dtype: DType,
+    rope_cos: Vec<f32>, // [max_position_embeddings, dr/2]
+    rope_sin: Vec<f32>, // [max_position_embeddings, dr/2]
+    pool: rayon::ThreadPool,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("config", &self.config)
+            .field("dtype", &self.dtype)
+            .field("threads", &self.threads())
+            .finish()
+    }
+}
+
+/// Parse a dtype name of `load` (`auto` → None: keep the file's dtype).
+pub fn parse_dtype(s: &str) -> Result<Option<DType>> {
+    match s {
+        "auto" => Ok(None),
+        "f32" | "float32" => Ok(Some(DType::F32)),
+        "f16" | "float16" => Ok(Some(DType::F16)),
+        "bf16" | "bfloat16" => Ok(Some(DType::BF16)),
+        "q8_0" | "q4_0" => Err(Error::Unsupported(format!(
+            "dtype '{s}' (quantized weights) is not implemented yet; use auto, f32, f16 or bf16"
+        ))),
+        _ => Err(Error::Dtype(format!(
+            "unknown dtype '{s}'; expected one of auto, f32, f16, bf16"
+        ))),
+    }
+}
+
+impl Model {
+    /// Load `dir/config.json` and its safetensors weights. `threads == 0`: one per core.
+    pub fn load(dir: &Path, dtype: Option<DType>, threads: usize) -> Result<Model> {
+        if !dir.is_dir() {
+            return Err(Error::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
+            ));
+        }
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            threads
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("sparselm-{i}"))
+            .build()
+            .map_err(|e| Error::Argument(format!("cannot start {threads} threads: {e}")))?;
+        let (weights, dtype) = pool.install(|| load_weights(dir, &config, dtype))?;
+        Ok(Self::from_parts(config, weights, dtype, pool))
+    }
+
+    /// Assemble a model from already-built weights (tests, synthetic benchmarks).
+    pub fn from_parts(config: ModelConfig, weights: Weights, dtype: DType, pool: rayon::ThreadPool) -> Model {
+        let (rope_cos, rope_sin) =
+            rope_tables(config.max_position_embeddings, config.qk_rope_head_dim, config.rope_theta);
+        Model { config, weights, dtype, rope_cos, rope_sin, pool }
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// Run `f` on this model's thread pool.
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
+    /// A fresh latent cache of `max_seq` positions (0: the model's context length).
+    pub fn new_cache(&self, max_seq: usize) -> Result<LatentCache> {
+        let c = &self.config;
+        let max_seq = if max_seq == 0 { c.max_position_embeddings } else { max_seq };
+        if max_seq > c.max_position_embeddings {
+            return Err(Error::Argument(format!(
+                "max_seq {max_seq} exceeds the model's context length {}",
+                c.max_position_embeddings
+            )));
+        }
+        Ok(LatentCache::new(c.num_hidden_layers, max_seq, c.kv_lora_rank, c.qk_rope_head_dim))
+    }
+
+    /// Check token ids and context room for feeding `tokens` at `pos0`.
+    pub fn check_tokens(&self, tokens: &[u32], pos0: usize, cache: &LatentCache) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::Argument("no tokens to process".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            return Err(Error::Argument(format!(
+                "token id {bad} is out of range for vocab_size {}",
+                self.config.vocab_size
+            )));
+        }
+        if pos0 + tokens.len() > cache.max_seq {
+            return Err(Error::Context {
+                needed: pos0 + tokens.len(),
+                max: cache.max_seq,
+                what: format!("{pos0} cached + {} new tokens", tokens.len()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Process `tokens` at positions `pos0..pos0+T`, writing their latents into `cache`.
+    /// Logits land in `st.logits`: `[T, V]` if `all_logits`, else `[V]` for the last token.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        pos0: usize,
+        cache: &mut LatentCache,
+        st: &mut State,
+        mode: AttnMode,
+        all_logits: bool,
+    ) -> Result<()> {
+        self.check_tokens(tokens, pos0, cache)?;
+        let c = &self.config;
+        let t = tokens.len();
+        st.ensure(c, t, all_logits);
+        let (d, v) = (c.hidden_size, c.vocab_size);
+        let eps = c.rms_norm_eps as f32;
+        let dense = match mode {
+            AttnMode::Auto => t > 1,
+            AttnMode::Dense => true,
+            AttnMode::Absorbed => false,
+        };
+        self.pool.install(|| {
+            // h = E[token]                                               [T, d]
+            for (i, &tok) in tokens.iter().enumerate() {
+                self.weights.embed.row_to_f32(tok as usize, &mut st.h[i * d..(i + 1) * d]);
+            }
+            for (l, lw) in self.weights.layers.iter().enumerate() {
+                // a = RMSNorm(h; input_layernorm);  h += Attn(a)
+                norm_rows(&st.h[..t * d], &lw.input_norm, eps, &mut st.a[..t * d]);
+                self.attention(l, lw, t, pos0, cache, st, dense);
+                add(&mut st.h[..t * d], &st.proj[..t * d]);
+                // b = RMSNorm(h; post_attention_layernorm);  h += W_down relu(W_up b)²
+                norm_rows(&st.h[..t * d], &lw.post_norm, eps, &mut st.a[..t * d]);
+                self.mlp(l, lw, t, st);
+                add(&mut st.h[..t * d], &st.proj[..t * d]);
+            }
+            // logits = E · RMSNorm(h; model.norm)
+            let out = self.weights.output();
+            if all_logits {
+                norm_rows(&st.h[..t * d], &self.weights.norm, eps, &mut st.a[..t * d]);
+                out.matmul(&st.a[..t * d], t, &mut st.logits[..t * v]);
+            } else {
+                let last = &st.h[(t - 1) * d..t * d];
+                rmsnorm(last, &self.weights.norm, eps, &mut st.a[..d]);
+                out.matvec(&st.a[..d], &mut st.logits[..v]);
+            }
+        });
+        Ok(())
+    }
+
+    /// Multi-head latent attention of `t` tokens; result in `st.proj[..t·d]`.
+    fn attention(
+        &self,
+        l: usize,
+        lw: &LayerWeights,
+        t: usize,
+        pos0: usize,
+        cache: &mut LatentCache,
+        st: &mut State,
+        dense: bool,
+    ) {
+        let c = &self.config;
+        let (d, nh, r, dn, dr, dv) = (
+            c.hidden_size,
+            c.num_attention_heads,
+            c.kv_lora_rank,
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.v_head_dim,
+        );
+        let qd = nh * (dn + dr);
+        let half = dr / 2;
+        let eps = c.rms_norm_eps as f32;
+        // q = W_q a                       [T, H·(dn+dr)]
+        lw.q_proj.matmul(&st.a[..t * d], t, &mut st.q[..t * qd]);
+        // [c ; k_rope] = W_kva a          [T, r+dr]
+        lw.kv_a.matmul(&st.a[..t * d], t, &mut st.kva[..t * (r + dr)]);
+        for i in 0..t {
+            let p = pos0 + i;
+            let (cos, sin) = (&self.rope_cos[p * half..(p + 1) * half], &self.rope_sin[p * half..(p + 1) * half]);
+            // cache[l, p] = [RMSNorm(c; kv_a_layernorm) ; RoPE(k_rope, p)]
+            let kva = &st.kva[i * (r + dr)..(i + 1) * (r + dr)];
+            let row = cache.row_mut(l, p);
+            rmsnorm(&kva[..r], &lw.kv_a_norm, eps, &mut row[..r]);
+            row[r..].copy_from_slice(&kva[r..]);
+            rope_adjacent(&mut row[r..], cos, sin);
+            // RoPE on every head's q_rope
+            for h in 0..nh {
+                let s = i * qd + h * (dn + dr) + dn;
+                rope_adjacent(&mut st.q[s..s + dr], cos, sin);
+            }
+        }
+        let scale = 1.0 / ((dn + dr) as f32).sqrt();
+        if dense {
+            self.attend_dense(lw, l, t, pos0, cache, st, scale);
+        } else {
+            self.attend_absorbed(lw, l, t, pos0, cache, st, scale);
+        }
+        // out = W_o [o_1; …; o_H]         [T, d]
+        lw.o_proj.matmul(&st.o[..t * nh * dv], t, &mut st.proj[..t * d]);
+    }
+
+    /// Dense attention: k_nope, v = W_kvb c for every cached position, then per-head softmax.
+    fn attend_dense(
+        &self,
+        lw: &LayerWeights,
+        l: usize,
+        t: usize,
+        pos0: usize,
+        cache: &LatentCache,
+        st: &mut State,
+        scale: f32,
+    ) {
+        let c = &self.config;
+        let (nh, r, dn, dr, dv) =
+            (c.num_attention_heads, c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim);
+        let (qd, kvd, rd) = (nh * (dn + dr), nh * (dn + dv), r + dr);
+        let n = pos0 + t;
+        let layer = cache.layer(l);
+        // latents c(u), u < n               [n, r]
+        let mut lat = vec![0f32; n * r];
+        for u in 0..n {
+            lat[u * r..(u + 1) * r].copy_from_slice(&layer[u * rd..u * rd + r]);
+        }
+        // per head k_nope(u), v(u)          [n, H·(dn+dv)]
+        let mut kv = vec![0f32; n * kvd];
+        lw.kv_b.matmul(&lat, n, &mut kv);
+        let k = kernels();
+        let q = &st.q;
+        st.o[..t * nh * dv].par_chunks_mut(dv).enumerate().for_each(|(idx, o)| {
+            let (i, h) = (idx / nh, idx % nh);
+            let p = pos0 + i;
+            let qh = &q[i * qd + h * (dn + dr)..i * qd + (h + 1) * (dn + dr)];
+            let mut s: Vec<f32> = (0..=p)
+                .map(|u| {
+                    let kn = &kv[u * kvd + h * (dn + dv)..u * kvd + h * (dn + dv) + dn];
+                    let kr = &layer[u * rd + r..(u + 1) * rd];
+                    ((k.dot_f32)(&qh[..dn], kn) + (k.dot_f32)(&qh[dn..], kr)) * scale
+                })
+                .collect();
+            softmax(&mut s);
+            o.fill(0.0);
+            for (u, pu) in s.iter().enumerate() {
+                let vu = &kv[u * kvd + h * (dn + dv) + dn..u * kvd + (h + 1) * (dn + dv)];
+                (k.axpy_f32)(*pu, vu, o);
+            }
+        });
+    }
+
+    /// Weight-absorbed attention: q_lat = W_UKᵀ q_nope, scores against the latents themselves,
+    /// o_h = W_UV (Σ_u P(u) c(u)). Multi-query over the latent cache (plm-architecture.md §3).
+    fn attend_absorbed(
+        &self,
+        lw: &LayerWeights,
+        l: usize,
+        t: usize,
+        pos0: usize,
+        cache: &LatentCache,
+        st: &mut State,
+        scale: f32,
+    ) {
+        let c = &self.config;
+        let (nh, r, dn, dr, dv) =
+            (c.num_attention_heads, c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim);
+        let (qd, rd, ms) = (nh * (dn + dr), r + dr, cache.max_seq);
+        let layer = cache.layer(l);
+        let k = kernels();
+        let kv_b = &lw.kv_b;
+        for i in 0..t {
+            let n = pos0 + i + 1;
+            let q = &st.q[i * qd..(i + 1) * qd];
+            st.o[i * nh * dv..(i + 1) * nh * dv]
+                .par_chunks_mut(dv)
+                .zip(st.q_lat.par_chunks_mut(r))
+                .zip(st.ctx.par_chunks_mut(r))
+                .zip(st.scores.par_chunks_mut(ms))
+                .enumerate()
+                .for_each(|(h, (((o, q_lat), ctx), s))| {
+                    let qh = &q[h * (dn + dr)..(h + 1) * (dn + dr)];
+                    let row0 = h * (dn + dv);
+                    // q_lat = W_UK_hᵀ q_nope_h       [r]
+                    q_lat.fill(0.0);
+                    for (j, &qj) in qh[..dn].iter().enumerate() {
+                        kv_b.axpy_row(row0 + j, 0, qj, q_lat);
+                    }
+                    // s(u) = (q_lat·c(u) + q_rope·k_rope(u)) / sqrt(dn+dr)
+                    for u in 0..n {
+                        let cu = &layer[u * rd..(u + 1) * rd];
+                        s[u] = ((k.dot_f32)(q_lat, &cu[..r]) + (k.dot_f32)(&qh[dn..], &cu[r..])) * scale;
+                    }
+                    softmax(&mut s[..n]);
+                    // ctx = Σ_u P(u) c(u)            [r]
+                    ctx.fill(0.0);
+                    for u in 0..n {
+                        (k.axpy_f32)(s[u], &layer[u * rd..u * rd + r], ctx);
+                    }
+                    // o_h = W_UV_h ctx               [dv]
+                    for (j, oj) in o.iter_mut().enumerate() {
+                        *oj = kv_b.dot_row(row0 + dn + j, ctx);
+                    }
+                });
+        }
+    }
+
+    /// ReLU² MLP of `t` tokens; result in `st.proj[..t·d]`. The down projection visits only
+    /// the neurons whose activation is non-zero (exact: the others contribute 0).
+    fn mlp(&self, l: usize, lw: &LayerWeights, t: usize, st: &mut State) {
+        let c = &self.config;
+        let (d, ni) = (c.hidden_size, c.intermediate_size);
+        // u = W_up b                        [T, I]
+        lw.up.matmul(&st.a[..t * d], t, &mut st.up[..t * ni]);
+        let cw = column_chunk(d);
+        for i in 0..t {
+            // act = relu(u)², active = {j : act_j ≠ 0}
+            relu2_collect(&mut st.up[i * ni..(i + 1) * ni], &mut st.active);
+            st.zeros[l] += (ni - st.active.len()) as u64;
+            st.neurons[l] += ni as u64;
+            // y = Σ_{j active} act_j · W_downᵀ[j]     [d], output columns split across threads
+            let active = &st.active;
+            st.proj[i * d..(i + 1) * d].par_chunks_mut(cw).enumerate().for_each(|(ci, y)| {
+                y.fill(0.0);
+                for &(j, a) in active {
+                    lw.down_t.axpy_row(j as usize, ci * cw, a, y);
+                }
+            });
+        }
+    }
+}
+
+/// Columns per parallel task of the sparse down projection (a multiple of 16 floats).
+fn column_chunk(d: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    (d.div_ceil(threads).div_ceil(16) * 16).max(16)
+}
+
+/// RMSNorm of each `[d]` row of `x` into `out`.
+fn norm_rows(x: &[f32], g: &[f32], eps: f32, out: &mut [f32]) {
+    let d = g.len();
+    for (xr, or) in x.chunks(d).zip(out.chunks_mut(d)) {
+        rmsnorm(xr, g, eps, or);
+    }
+}
+
+fn add(h: &mut [f32], x: &[f32]) {
+    for (a, b) in h.iter_mut().zip(x) {
+        *a += b;
+    }
+}

@@ -1,0 +1,89 @@
+//! Small vector operations of the forward pass (RMSNorm, softmax, RoPE, ReLU²). Written once
+//! here so the model files read like the math.
+
+/// `out = g ⊙ x / sqrt(mean(x²) + eps)` (HF `DeepseekV2RMSNorm`, computed in f32).
+pub fn rmsnorm(x: &[f32], g: &[f32], eps: f32, out: &mut [f32]) {
+    let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (ss + eps).sqrt();
+    for ((o, xi), gi) in out.iter_mut().zip(x).zip(g) {
+        *o = gi * (xi * inv);
+    }
+}
+
+/// In-place softmax.
+pub fn softmax(x: &mut [f32]) {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut s = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        s += *v;
+    }
+    let inv = 1.0 / s;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// RoPE tables for positions `0..max_pos`: `cos/sin[p, i] = cos/sin(p · theta^(-2i/dim))`,
+/// `i < dim/2`, computed in f64.
+pub fn rope_tables(max_pos: usize, dim: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
+    let half = dim / 2;
+    let mut cos = Vec::with_capacity(max_pos * half);
+    let mut sin = Vec::with_capacity(max_pos * half);
+    for p in 0..max_pos {
+        for i in 0..half {
+            let inv_freq = theta.powf(-(2.0 * i as f64) / dim as f64);
+            let a = p as f64 * inv_freq;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    (cos, sin)
+}
+
+/// Rotate ADJACENT pairs `(x[2i], x[2i+1])` by the angle of row `cos/sin` (PLM's convention,
+/// plm-architecture.md §3; the checkpoint is not permuted).
+pub fn rope_adjacent(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    for i in 0..x.len() / 2 {
+        let (a, b) = (x[2 * i], x[2 * i + 1]);
+        x[2 * i] = a * cos[i] - b * sin[i];
+        x[2 * i + 1] = a * sin[i] + b * cos[i];
+    }
+}
+
+/// `relu(x)²` in place; pushes `(index, value)` of every non-zero result to `active`.
+pub fn relu2_collect(x: &mut [f32], active: &mut Vec<(u32, f32)>) {
+    active.clear();
+    for (j, v) in x.iter_mut().enumerate() {
+        if *v > 0.0 {
+            *v *= *v;
+            active.push((j as u32, *v));
+        } else {
+            *v = 0.0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_is_a_rotation_of_pairs() {
+        let (c, s) = rope_tables(8, 4, 10000.0);
+        let mut x = [1.0f32, 0.0, 0.0, 2.0];
+        rope_adjacent(&mut x, &c[3 * 2..4 * 2], &s[3 * 2..4 * 2]);
+        assert!((x[0] - 3f32.cos()).abs() < 1e-6 && (x[1] - 3f32.sin()).abs() < 1e-6);
+        let a = 3.0f64 * 10000f64.powf(-0.5);
+        assert!((x[2] as f64 + 2.0 * a.sin()).abs() < 1e-6 && (x[3] as f64 - 2.0 * a.cos()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn relu2_counts_exact_zeros() {
+        let mut x = [-1.0f32, 0.0, 2.0, 3.0];
+        let mut act = Vec::new();
+        relu2_collect(&mut x, &mut act);
+        assert_eq!(x, [0.0, 0.0, 4.0, 9.0]);
+        assert_eq!(act, vec![(2, 4.0), (3, 9.0)]);
+    }
+}

@@ -1,0 +1,225 @@
+//! `Session`: one conversation over a shared `Model`: its latent cache, scratch state, the ids
+//! the cache holds, and an optional generation in progress. Used by the Python bindings and the
+//! native CLI alike.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::kv_cache::LatentCache;
+use crate::model::{AttnMode, Model};
+use crate::sampler::{Sampler, SamplingParams};
+use crate::state::State;
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop id was sampled.
+    Stop,
+    /// `max_new_tokens` were generated.
+    Length,
+    /// The cache is full.
+    Context,
+}
+
+impl FinishReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Context => "context",
+        }
+    }
+}
+
+/// Timing and sparsity counters of the last generation.
+#[derive(Debug, Clone, Default)]
+pub struct GenStats {
+    pub prompt_tokens: usize,
+    pub prompt_seconds: f64,
+    pub decode_tokens: usize,
+    pub decode_seconds: f64,
+}
+
+struct Generation {
+    sampler: Sampler,
+    max_new: usize,
+    generated: usize,
+    stop_ids: Vec<u32>,
+    /// The last returned id, not yet fed to the model.
+    pending: Option<u32>,
+    /// `State::logits[..V]` holds the logits to sample from next.
+    logits_ready: bool,
+}
+
+pub struct Session {
+    model: Arc<Model>,
+    cache: LatentCache,
+    state: State,
+    tokens: Vec<u32>,
+    gen: Option<Generation>,
+    finish: Option<FinishReason>,
+    stats: GenStats,
+}
+
+impl Session {
+    /// A session with a cache of `max_seq` positions (0: the model's context length).
+    pub fn new(model: Arc<Model>, max_seq: usize) -> Result<Session> {
+        let cache = model.new_cache(max_seq)?;
+        let state = State::new(&model.config, cache.max_seq);
+        Ok(Session { model, cache, state, tokens: Vec::new(), gen: None, finish: None, stats: GenStats::default() })
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    pub fn n_past(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn max_seq(&self) -> usize {
+        self.cache.max_seq
+    }
+
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    pub fn stats(&self) -> &GenStats {
+        &self.stats
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    pub fn reset(&mut self) {
+        self.tokens.clear();
+        self.gen = None;
+        self.finish = None;
+    }
+
+    /// Forget every cached position >= n.
+    pub fn truncate(&mut self, n: usize) {
+        self.tokens.truncate(n);
+        self.gen = None;
+    }
+
+    /// Append `ids` to the cache. Returns the logits of the last id (`[V]`) or of every id
+    /// (`[n, V]`, row-major) when `all_logits`.
+    pub fn feed(&mut self, ids: &[u32], mode: AttnMode, all_logits: bool) -> Result<&[f32]> {
+        self.gen = None;
+        let pos = self.tokens.len();
+        self.model.forward(ids, pos, &mut self.cache, &mut self.state, mode, all_logits)?;
+        self.tokens.extend_from_slice(ids);
+        let v = self.model.config.vocab_size;
+        Ok(&self.state.logits[..if all_logits { ids.len() * v } else { v }])
+    }
+
+    /// Start generating after `prompt`. The longest common prefix with the cached ids is kept;
+    /// the rest of the prompt is fed with dense attention.
+    pub fn start(&mut self, prompt: &[u32], params: SamplingParams, max_new: usize, stop_ids: &[u32]) -> Result<()> {
+        let sampler = Sampler::new(params)?;
+        if prompt.is_empty() {
+            return Err(Error::Argument("the prompt is empty: at least one token id is needed".into()));
+        }
+        if prompt.len() > self.cache.max_seq {
+            return Err(Error::Context {
+                needed: prompt.len(),
+                max: self.cache.max_seq,
+                what: format!("a prompt of {} tokens", prompt.len()),
+            });
+        }
+        self.model.check_tokens(prompt, 0, &self.cache)?;
+        // Reuse the common prefix, but always recompute at least the last prompt token so its
+        // logits are available.
+        let common = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let keep = common.min(prompt.len() - 1);
+        self.truncate(keep);
+        self.finish = None;
+        self.state.reset_counters();
+        let t0 = Instant::now();
+        self.feed(&prompt[keep..], AttnMode::Auto, false)?;
+        self.stats = GenStats {
+            prompt_tokens: prompt.len() - keep,
+            prompt_seconds: t0.elapsed().as_secs_f64(),
+            ..GenStats::default()
+        };
+        self.gen = Some(Generation {
+            sampler,
+            max_new,
+            generated: 0,
+            stop_ids: stop_ids.to_vec(),
+            pending: None,
+            logits_ready: true,
+        });
+        Ok(())
+    }
+
+    /// The next generated id, or None when the generation has ended (see `finish_reason`).
+    pub fn next_token(&mut self) -> Result<Option<u32>> {
+        let t0 = Instant::now();
+        let out = self.step();
+        self.stats.decode_seconds += t0.elapsed().as_secs_f64();
+        out
+    }
+
+    fn step(&mut self) -> Result<Option<u32>> {
+        let Some(mut g) = self.gen.take() else {
+            return Ok(None);
+        };
+        if g.generated >= g.max_new {
+            self.finish = Some(FinishReason::Length);
+            return Ok(None);
+        }
+        if let Some(tok) = g.pending.take() {
+            if self.tokens.len() >= self.cache.max_seq {
+                self.finish = Some(FinishReason::Context);
+                return Ok(None);
+            }
+            let pos = self.tokens.len();
+            self.model.forward(&[tok], pos, &mut self.cache, &mut self.state, AttnMode::Auto, false)?;
+            self.tokens.push(tok);
+            self.stats.decode_tokens += 1;
+            g.logits_ready = true;
+        }
+        debug_assert!(g.logits_ready);
+        let v = self.model.config.vocab_size;
+        let tok = g.sampler.sample(&mut self.state.logits[..v], &self.tokens);
+        g.logits_ready = false;
+        if g.stop_ids.contains(&tok) {
+            self.finish = Some(FinishReason::Stop);
+            return Ok(None);
+        }
+        g.generated += 1;
+        g.pending = Some(tok);
+        self.gen = Some(g);
+        Ok(Some(tok))
+    }
+
+    /// Greedy/sampled generation of up to `max_new` ids, calling `on_token` for each; stops
+    /// early when it returns false.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        params: SamplingParams,
+        max_new: usize,
+        stop_ids: &[u32],
+        mut on_token: impl FnMut(u32) -> bool,
+    ) -> Result<Vec<u32>> {
+        self.start(prompt, params, max_new, stop_ids)?;
+        let mut out = Vec::new();
+        while let Some(t) = self.next_token()? {
+            out.push(t);
+            if !on_token(t) {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}

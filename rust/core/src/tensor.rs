@@ -1,0 +1,199 @@
+//! `Matrix`: an owned row-major weight matrix `[rows, cols]` in f32, f16 or bf16, and the
+//! row-level operations the model needs (dot with a vector, AXPY of a row into a vector).
+//! Rows are the output features (PyTorch `[out, in]` layout), so a GEMV reads rows contiguously.
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::kernels::kernels;
+
+/// Storage precision of weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+}
+
+/// The element buffer of a matrix.
+#[derive(Debug, Clone)]
+pub enum Storage {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+}
+
+/// Row-major `[rows, cols]` weights.
+#[derive(Debug, Clone)]
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Storage,
+}
+
+impl Matrix {
+    /// Build from f32 values, stored as `dtype` (round to nearest even).
+    pub fn from_f32(rows: usize, cols: usize, v: &[f32], dtype: DType) -> Matrix {
+        assert_eq!(v.len(), rows * cols, "Matrix::from_f32 length");
+        let data = match dtype {
+            DType::F32 => Storage::F32(v.to_vec()),
+            DType::F16 => Storage::F16(v.par_iter().map(|&x| f16::from_f32(x)).collect()),
+            DType::BF16 => Storage::BF16(v.par_iter().map(|&x| bf16::from_f32(x)).collect()),
+        };
+        Matrix { rows, cols, data }
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self.data {
+            Storage::F32(_) => DType::F32,
+            Storage::F16(_) => DType::F16,
+            Storage::BF16(_) => DType::BF16,
+        }
+    }
+
+    /// Bytes held by the weights.
+    pub fn nbytes(&self) -> usize {
+        self.rows * self.cols * self.dtype().size()
+    }
+
+    /// `row[r][c0..c0+y.len()] · x`.
+    #[inline]
+    pub fn dot_row(&self, r: usize, x: &[f32]) -> f32 {
+        let k = kernels();
+        let (s, e) = (r * self.cols, r * self.cols + x.len());
+        match &self.data {
+            Storage::F32(w) => (k.dot_f32)(&w[s..e], x),
+            Storage::F16(w) => (k.dot_f16)(&w[s..e], x),
+            Storage::BF16(w) => (k.dot_bf16)(&w[s..e], x),
+        }
+    }
+
+    /// `y += a · row[r][c0 .. c0 + y.len()]`.
+    #[inline]
+    pub fn axpy_row(&self, r: usize, c0: usize, a: f32, y: &mut [f32]) {
+        let k = kernels();
+        let s = r * self.cols + c0;
+        let e = s + y.len();
+        match &self.data {
+            Storage::F32(w) => (k.axpy_f32)(a, &w[s..e], y),
+            Storage::F16(w) => (k.axpy_f16)(a, &w[s..e], y),
+            Storage::BF16(w) => (k.axpy_bf16)(a, &w[s..e], y),
+        }
+    }
+
+    /// Row `r` widened to f32 into `out` (`out.len() == cols`).
+    pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
+        let s = r * self.cols;
+        match &self.data {
+            Storage::F32(w) => out.copy_from_slice(&w[s..s + self.cols]),
+            Storage::F16(w) => {
+                for (o, v) in out.iter_mut().zip(&w[s..s + self.cols]) {
+                    *o = v.to_f32();
+                }
+            }
+            Storage::BF16(w) => {
+                for (o, v) in out.iter_mut().zip(&w[s..s + self.cols]) {
+                    *o = v.to_f32();
+                }
+            }
+        }
+    }
+
+    /// `y = W x` (`x: [cols]`, `y: [rows]`), rows split across the current rayon pool.
+    pub fn matvec(&self, x: &[f32], y: &mut [f32]) {
+        debug_assert_eq!(x.len(), self.cols);
+        debug_assert_eq!(y.len(), self.rows);
+        let chunk = row_chunk(self.rows);
+        y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| {
+            for (i, yi) in ys.iter_mut().enumerate() {
+                *yi = self.dot_row(ci * chunk + i, x);
+            }
+        });
+    }
+
+    /// `Y = X Wᵀ` for `t` input rows: `x: [t, cols]`, `y: [t, rows]`. Each weight row is
+    /// widened once and reused for all `t` inputs (prefill GEMM).
+    pub fn matmul(&self, x: &[f32], t: usize, y: &mut [f32]) {
+        debug_assert_eq!(x.len(), t * self.cols);
+        debug_assert_eq!(y.len(), t * self.rows);
+        if t == 1 {
+            return self.matvec(x, y);
+        }
+        let k = kernels();
+        let chunk = row_chunk(self.rows);
+        // yt: [rows, t], filled in parallel over row chunks, then transposed into y.
+        let mut yt = vec![0f32; self.rows * t];
+        yt.par_chunks_mut(chunk * t).enumerate().for_each(|(ci, ys)| {
+            let mut row = vec![0f32; self.cols];
+            for (i, out) in ys.chunks_mut(t).enumerate() {
+                let r = ci * chunk + i;
+                let w: &[f32] = match &self.data {
+                    Storage::F32(w) => &w[r * self.cols..(r + 1) * self.cols],
+                    _ => {
+                        self.row_to_f32(r, &mut row);
+                        &row
+                    }
+                };
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o = (k.dot_f32)(w, &x[j * self.cols..(j + 1) * self.cols]);
+                }
+            }
+        });
+        for r in 0..self.rows {
+            for j in 0..t {
+                y[j * self.rows + r] = yt[r * t + j];
+            }
+        }
+    }
+}
+
+/// Rows per parallel task: enough tasks to balance, few enough to keep overhead low.
+fn row_chunk(rows: usize) -> usize {
+    let tasks = rayon::current_num_threads().max(1) * 8;
+    rows.div_ceil(tasks).clamp(16, 4096).min(rows.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matvec_and_matmul_agree_with_naive() {
+        let (rows, cols, t) = (37, 53, 5);
+        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5).collect();
+        let x: Vec<f32> = (0..t * cols).map(|i| ((i * 31) % 13) as f32 / 13.0 - 0.5).collect();
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let m = Matrix::from_f32(rows, cols, &w, dt);
+            let mut y = vec![0f32; t * rows];
+            m.matmul(&x, t, &mut y);
+            let mut row = vec![0f32; cols];
+            for j in 0..t {
+                let mut yv = vec![0f32; rows];
+                m.matvec(&x[j * cols..(j + 1) * cols], &mut yv);
+                for r in 0..rows {
+                    m.row_to_f32(r, &mut row);
+                    let naive: f32 = row.iter().zip(&x[j * cols..]).map(|(a, b)| a * b).sum();
+                    assert!((y[j * rows + r] - naive).abs() < 1e-4, "{dt:?}");
+                    assert!((yv[r] - naive).abs() < 1e-4, "{dt:?}");
+                }
+            }
+        }
+    }
+}
