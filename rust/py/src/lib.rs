@@ -1,1 +1,215 @@
+//! sparselm-py: Python bindings of sparselm-core. Bindings only: argument conversion, GIL
+//! release around every computation, error mapping (errors.rs). No numerics here.
 
+mod errors;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use numpy::{PyArray1, PyArrayMethods};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use sparselm_core::{parse_dtype, AttnMode, Error, Model, SamplingParams, Session as CoreSession};
+
+use errors::{nogil, to_pyerr};
+
+/// The SIMD tier chosen at start-up.
+#[pyfunction]
+fn kernel_tier() -> &'static str {
+    sparselm_core::kernels::kernels().tier.name()
+}
+
+fn ids_u32(py: Python<'_>, ids: Vec<i64>, vocab: usize) -> PyResult<Vec<u32>> {
+    ids.iter()
+        .map(|&t| {
+            if t < 0 || t as u64 >= vocab as u64 {
+                Err(to_pyerr(
+                    py,
+                    Error::Argument(format!("token id {t} is out of range [0, {vocab})")),
+                ))
+            } else {
+                Ok(t as u32)
+            }
+        })
+        .collect()
+}
+
+/// Immutable weights plus a thread pool.
+#[pyclass(module = "sparselm._native", frozen)]
+struct Engine {
+    model: Arc<Model>,
+}
+
+#[pymethods]
+impl Engine {
+    #[new]
+    #[pyo3(signature = (model_dir, dtype = "auto", threads = 0))]
+    fn new(py: Python<'_>, model_dir: PathBuf, dtype: &str, threads: usize) -> PyResult<Engine> {
+        let dt = parse_dtype(dtype).map_err(|e| to_pyerr(py, e))?;
+        let model = nogil(py, move || Model::load(&model_dir, dt, threads))?;
+        Ok(Engine { model: Arc::new(model) })
+    }
+
+    #[getter]
+    fn config_json(&self) -> String {
+        self.model.config.to_json().to_string()
+    }
+
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.model.dtype.name()
+    }
+
+    #[getter]
+    fn threads(&self) -> usize {
+        self.model.threads()
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.model.config.vocab_size
+    }
+
+    #[getter]
+    fn max_position_embeddings(&self) -> usize {
+        self.model.config.max_position_embeddings
+    }
+
+    /// Bytes of weight matrices held in memory.
+    #[getter]
+    fn weight_bytes(&self) -> usize {
+        self.model.weights.nbytes()
+    }
+
+    /// Full-prompt forward on a fresh cache: float32 [len(ids), vocab_size].
+    fn logits<'py>(&self, py: Python<'py>, ids: Vec<i64>) -> PyResult<Bound<'py, PyAny>> {
+        let v = self.model.config.vocab_size;
+        let ids = ids_u32(py, ids, v)?;
+        let n = ids.len();
+        let model = self.model.clone();
+        let out = nogil(py, move || {
+            if n == 0 {
+                return Err(Error::Argument("logits() needs at least one token id".into()));
+            }
+            let mut s = CoreSession::new(model, 0)?;
+            Ok(s.feed(&ids, AttnMode::Auto, true)?.to_vec())
+        })?;
+        Ok(PyArray1::from_vec(py, out).reshape([n, v])?.into_any())
+    }
+
+    #[pyo3(signature = (max_seq = 0))]
+    fn new_session(&self, py: Python<'_>, max_seq: usize) -> PyResult<Session> {
+        let inner = CoreSession::new(self.model.clone(), max_seq).map_err(|e| to_pyerr(py, e))?;
+        Ok(Session { inner })
+    }
+}
+
+/// One conversation: latent cache + ids + generation state.
+#[pyclass(module = "sparselm._native")]
+struct Session {
+    inner: CoreSession,
+}
+
+#[pymethods]
+impl Session {
+    #[getter]
+    fn n_past(&self) -> usize {
+        self.inner.n_past()
+    }
+
+    #[getter]
+    fn max_seq(&self) -> usize {
+        self.inner.max_seq()
+    }
+
+    #[getter]
+    fn tokens(&self) -> Vec<u32> {
+        self.inner.tokens().to_vec()
+    }
+
+    #[getter]
+    fn finish_reason(&self) -> Option<&'static str> {
+        self.inner.finish_reason().map(|f| f.name())
+    }
+
+    fn reset(&mut self) {
+        self.inner.reset();
+    }
+
+    fn truncate(&mut self, n: usize) {
+        self.inner.truncate(n);
+    }
+
+    #[pyo3(signature = (ids, attention = "auto", all_logits = false))]
+    fn feed<'py>(
+        &mut self,
+        py: Python<'py>,
+        ids: Vec<i64>,
+        attention: &str,
+        all_logits: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let v = self.inner.model().config.vocab_size;
+        let ids = ids_u32(py, ids, v)?;
+        let mode = AttnMode::parse(attention).map_err(|e| to_pyerr(py, e))?;
+        let n = ids.len();
+        let inner = &mut self.inner;
+        let out = nogil(py, move || Ok(inner.feed(&ids, mode, all_logits)?.to_vec()))?;
+        let arr = PyArray1::from_vec(py, out);
+        if all_logits {
+            Ok(arr.reshape([n, v])?.into_any())
+        } else {
+            Ok(arr.into_any())
+        }
+    }
+
+    #[pyo3(signature = (prompt_ids, max_new_tokens, temperature = 0.0, top_k = 0, top_p = 1.0,
+                        min_p = 0.0, repetition_penalty = 1.0, seed = None, stop_ids = Vec::new()))]
+    fn start(
+        &mut self,
+        py: Python<'_>,
+        prompt_ids: Vec<i64>,
+        max_new_tokens: usize,
+        temperature: f32,
+        top_k: usize,
+        top_p: f32,
+        min_p: f32,
+        repetition_penalty: f32,
+        seed: Option<u64>,
+        stop_ids: Vec<i64>,
+    ) -> PyResult<()> {
+        let v = self.inner.model().config.vocab_size;
+        let prompt = ids_u32(py, prompt_ids, v)?;
+        let stop: Vec<u32> = stop_ids.into_iter().filter(|&t| t >= 0).map(|t| t as u32).collect();
+        let params = SamplingParams { temperature, top_k, top_p, min_p, repetition_penalty, seed };
+        let inner = &mut self.inner;
+        nogil(py, move || inner.start(&prompt, params, max_new_tokens, &stop))
+    }
+
+    fn next_token(&mut self, py: Python<'_>) -> PyResult<Option<u32>> {
+        let inner = &mut self.inner;
+        nogil(py, move || inner.next_token())
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.stats();
+        let d = PyDict::new(py);
+        d.set_item("prompt_tokens", s.prompt_tokens)?;
+        d.set_item("prompt_seconds", s.prompt_seconds)?;
+        d.set_item("decode_tokens", s.decode_tokens)?;
+        d.set_item("decode_seconds", s.decode_seconds)?;
+        let st = self.inner.state();
+        if let Some(sp) = st.sparsity() {
+            d.set_item("mlp_sparsity", sp)?;
+            d.set_item("layer_sparsity", st.layer_sparsity())?;
+        }
+        Ok(d)
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(kernel_tier, m)?)?;
+    m.add_class::<Engine>()?;
+    m.add_class::<Session>()?;
+    Ok(())
+}
