@@ -10,12 +10,11 @@ use std::path::{Path, PathBuf};
 use half::{bf16, f16};
 use memmap2::Mmap;
 use rayon::prelude::*;
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype as StDtype, SafeTensors};
 use serde_json::Value;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::safetensors::{StDtype, StFile, TensorInfo};
 use crate::tensor::{DType, Matrix, Storage};
 use crate::weights::{tensor_table, LayerWeights, Role, Weights};
 
@@ -66,25 +65,18 @@ fn checkpoint_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<HashMap<String, 
 
 fn map_file(path: &Path) -> Result<Mmap> {
     let f = File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
-    if len < 8 {
-        return Err(Error::format(
-            path,
-            format!("truncated safetensors file: {len} bytes, shorter than the 8-byte header length"),
-        ));
-    }
     // SAFETY: the mapping is read-only and private to this process; we only read it while the
     // Mmap lives. Concurrent truncation of the file by another process is outside our contract
     // (the same caveat as every mmap-based loader).
     unsafe { Mmap::map(&f) }.map_err(|e| Error::io(path, e))
 }
 
-fn file_dtype(d: StDtype) -> Option<DType> {
+fn file_dtype(d: &StDtype) -> Option<DType> {
     match d {
         StDtype::F32 => Some(DType::F32),
         StDtype::F16 => Some(DType::F16),
         StDtype::BF16 => Some(DType::BF16),
-        _ => None,
+        StDtype::Other(..) => None,
     }
 }
 
@@ -107,12 +99,14 @@ fn to_f32_vec(bytes: &[u8], d: DType) -> Vec<f32> {
 }
 
 fn to_storage(bytes: &[u8], src: DType, dst: DType) -> Storage {
-    let bits16 = || -> Vec<u16> {
-        bytes.par_chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect()
-    };
+    let bits = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
     match (src, dst) {
-        (DType::F16, DType::F16) => Storage::F16(bits16().into_iter().map(f16::from_bits).collect()),
-        (DType::BF16, DType::BF16) => Storage::BF16(bits16().into_iter().map(bf16::from_bits).collect()),
+        (DType::F16, DType::F16) => {
+            Storage::F16(bytes.par_chunks_exact(2).map(|b| f16::from_bits(bits(b))).collect())
+        }
+        (DType::BF16, DType::BF16) => {
+            Storage::BF16(bytes.par_chunks_exact(2).map(|b| bf16::from_bits(bits(b))).collect())
+        }
         (_, DType::F32) => Storage::F32(to_f32_vec(bytes, src)),
         (_, DType::F16) => Storage::F16(to_f32_vec(bytes, src).par_iter().map(|&x| f16::from_f32(x)).collect()),
         (_, DType::BF16) => {
@@ -121,10 +115,22 @@ fn to_storage(bytes: &[u8], src: DType, dst: DType) -> Storage {
     }
 }
 
-fn transpose<T: Copy + Send + Sync>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
-    // out: [cols, rows]
-    let mut out = Vec::with_capacity(rows * cols);
-    out.extend((0..cols).flat_map(|c| (0..rows).map(move |r| (r, c))).map(|(r, c)| v[r * cols + c]));
+/// `[rows, cols]` → `[cols, rows]`, in parallel over blocks of output rows.
+fn transpose<T: Copy + Default + Send + Sync>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
+    const B: usize = 64;
+    let mut out = vec![T::default(); rows * cols];
+    out.par_chunks_mut(B * rows).enumerate().for_each(|(bi, blk)| {
+        let c0 = bi * B;
+        let nc = blk.len() / rows;
+        for r0 in (0..rows).step_by(B) {
+            for r in r0..(r0 + B).min(rows) {
+                let src = &v[r * cols + c0..r * cols + c0 + nc];
+                for (j, &x) in src.iter().enumerate() {
+                    blk[j * rows + r] = x;
+                }
+            }
+        }
+    });
     out
 }
 
@@ -149,16 +155,10 @@ enum Loaded {
 pub fn load_weights(dir: &Path, cfg: &ModelConfig, want: Option<DType>) -> Result<(Weights, DType)> {
     let (files, which) = checkpoint_files(dir)?;
     let maps: Vec<Mmap> = files.iter().map(|p| map_file(p)).collect::<Result<_>>()?;
-    let parsed: Vec<SafeTensors<'_>> = maps
-        .iter()
-        .zip(&files)
-        .map(|(m, p)| {
-            SafeTensors::deserialize(m)
-                .map_err(|e| Error::format(p, format!("invalid safetensors file: {e}")))
-        })
-        .collect::<Result<_>>()?;
+    let parsed: Vec<StFile<'_>> =
+        maps.iter().zip(&files).map(|(m, p)| StFile::parse(p, m)).collect::<Result<_>>()?;
 
-    let find = |name: &str| -> Result<(TensorView<'_>, &Path)> {
+    let find = |name: &str| -> Result<(&TensorInfo, usize)> {
         let candidates: Vec<usize> = match &which {
             Some(w) => match w.get(name) {
                 Some(&i) => vec![i],
@@ -172,8 +172,8 @@ pub fn load_weights(dir: &Path, cfg: &ModelConfig, want: Option<DType>) -> Resul
             None => vec![0],
         };
         for i in candidates {
-            if let Ok(v) = parsed[i].tensor(name) {
-                return Ok((v, &files[i]));
+            if let Some(t) = parsed[i].tensors.get(name) {
+                return Ok((t, i));
             }
         }
         let path = match &which {
@@ -187,31 +187,32 @@ pub fn load_weights(dir: &Path, cfg: &ModelConfig, want: Option<DType>) -> Resul
     let table = tensor_table(cfg);
     let mut views = Vec::with_capacity(table.len());
     for spec in &table {
-        let (view, path) = find(&spec.name)?;
-        let dt = file_dtype(view.dtype()).ok_or_else(|| {
+        let (info, fi) = find(&spec.name)?;
+        let path = &files[fi];
+        let dt = file_dtype(&info.dtype).ok_or_else(|| {
             Error::Dtype(format!(
-                "{}: tensor '{}' has dtype {:?}; sparselm reads F32, F16 and BF16 weights",
+                "{}: tensor '{}' has dtype {}; sparselm reads F32, F16 and BF16 weights",
                 path.display(),
                 spec.name,
-                view.dtype()
+                info.dtype.name()
             ))
         })?;
-        if view.shape() != spec.shape.as_slice() {
+        if info.shape != spec.shape {
             return Err(Error::Shape {
                 path: path.to_path_buf(),
                 name: spec.name.clone(),
                 expected: spec.shape.clone(),
-                got: view.shape().to_vec(),
+                got: info.shape.clone(),
             });
         }
-        views.push((view, dt));
+        views.push((parsed[fi].bytes(info), dt));
     }
     let out_dtype = want.unwrap_or(views[0].1);
 
     // 2. Convert (each conversion is itself parallel).
     let mut loaded: Vec<Loaded> = Vec::with_capacity(table.len());
-    for (spec, (view, dt)) in table.iter().zip(&views) {
-        let bytes = view.data();
+    for (spec, &(bytes, dt)) in table.iter().zip(&views) {
+        let dt = &dt;
         loaded.push(match spec.role {
             Role::Norm => Loaded::Norm(to_f32_vec(bytes, *dt)),
             Role::Matrix => Loaded::Mat(Matrix {
@@ -269,4 +270,22 @@ pub fn load_weights(dir: &Path, cfg: &ModelConfig, want: Option<DType>) -> Resul
         _ => None,
     };
     Ok((Weights { embed, layers, norm, lm_head }, out_dtype))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose_matches_definition() {
+        for (r, c) in [(1, 1), (3, 130), (67, 5), (128, 64)] {
+            let v: Vec<u32> = (0..(r * c) as u32).collect();
+            let t = transpose(&v, r, c);
+            for i in 0..r {
+                for j in 0..c {
+                    assert_eq!(t[j * r + i], v[i * c + j]);
+                }
+            }
+        }
+    }
 }

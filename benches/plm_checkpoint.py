@@ -1,0 +1,119 @@
+"""Build (once) a random-weight checkpoint of the exact PLM-1.8B shape, in the Hugging Face
+format, for speed benchmarks. Cached outside the repository (default ~/.cache/sparselm/bench).
+
+Weights are seeded normals scaled like a trained model's (std 0.02, norms 1.0); the file is
+written tensor by tensor, so peak memory stays at one tensor, and atomically (temp + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+PLM_1_8B = {
+    "architectures": ["PLMForCausalLM"],
+    "model_type": "plm",
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "intermediate_size": 8192,
+    "hidden_act": "relu2",
+    "kv_lora_rank": 512,
+    "q_lora_rank": None,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "rope_theta": 100000.0,
+    "rope_scaling": None,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+}
+
+
+def shapes(c: dict) -> list[tuple[str, tuple[int, ...]]]:
+    d, h = c["hidden_size"], c["num_attention_heads"]
+    qk = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
+    out = [("model.embed_tokens.weight", (c["vocab_size"], d))]
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        out += [
+            (f"{p}.input_layernorm.weight", (d,)),
+            (f"{p}.self_attn.q_proj.weight", (h * qk, d)),
+            (f"{p}.self_attn.kv_a_proj_with_mqa.weight", (c["kv_lora_rank"] + c["qk_rope_head_dim"], d)),
+            (f"{p}.self_attn.kv_a_layernorm.weight", (c["kv_lora_rank"],)),
+            (f"{p}.self_attn.kv_b_proj.weight", (h * (c["qk_nope_head_dim"] + c["v_head_dim"]), c["kv_lora_rank"])),
+            (f"{p}.self_attn.o_proj.weight", (d, h * c["v_head_dim"])),
+            (f"{p}.post_attention_layernorm.weight", (d,)),
+            (f"{p}.mlp.up_proj.weight", (c["intermediate_size"], d)),
+            (f"{p}.mlp.down_proj.weight", (d, c["intermediate_size"])),
+        ]
+    out.append(("model.norm.weight", (d,)))
+    return out
+
+
+def _bf16_bytes(x: np.ndarray) -> bytes:
+    b = x.astype(np.float32).view(np.uint32)
+    b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
+    return b.tobytes()
+
+
+def _encode(x: np.ndarray, dtype: str) -> bytes:
+    if dtype == "BF16":
+        return _bf16_bytes(x)
+    if dtype == "F16":
+        return x.astype(np.float16).tobytes()
+    return x.astype(np.float32).tobytes()
+
+
+def ensure_checkpoint(root: Optional[str] = None, dtype: str = "BF16", seed: int = 0) -> Path:
+    """Return the directory of the cached PLM-1.8B-shaped checkpoint, writing it if absent."""
+    base = Path(root or os.environ.get("SPARSELM_BENCH_DIR", Path.home() / ".cache/sparselm/bench"))
+    out = base / f"plm-1.8b-random-{dtype.lower()}"
+    if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    size = {"BF16": 2, "F16": 2, "F32": 4}[dtype]
+    header: dict = {"__metadata__": {"format": "pt"}}
+    off = 0
+    table = shapes(PLM_1_8B)
+    for name, shp in table:
+        n = int(np.prod(shp)) * size
+        header[name] = {"dtype": dtype, "shape": list(shp), "data_offsets": [off, off + n]}
+        off += n
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    rng = np.random.default_rng(seed)
+    tmp = out / "model.safetensors.tmp"
+    try:
+        from tqdm import tqdm
+        it = tqdm(table, desc="writing PLM-1.8B-shaped checkpoint", unit="tensor")
+    except ImportError:  # pragma: no cover
+        it = table
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        for name, shp in it:
+            if len(shp) == 1:
+                x = 1.0 + 0.05 * rng.standard_normal(shp, dtype=np.float32)
+            else:
+                x = rng.standard_normal(shp, dtype=np.float32) * np.float32(0.02)
+            f.write(_encode(x, dtype))
+    os.replace(tmp, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(dict(PLM_1_8B, torch_dtype={"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype]), indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    print(ensure_checkpoint())

@@ -1,0 +1,524 @@
+//! The three commands: `generate`, `chat` and `info`.
+//!
+//! Owns what goes where: generated text to stdout as it is produced (flushed per piece), and
+//! statistics, prompts of the interactive chat and errors to stderr. The numerics are the core's
+//! `Session`; the text side is `text::TextModel`; this module only wires them together.
+
+use std::io::{self, BufRead, IsTerminal, Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::json;
+use sparselm_core::weights::tensor_table;
+use sparselm_core::{parse_dtype, Model, SamplingParams, Session};
+
+use crate::args::{ChatArgs, GenOpts, GenerateArgs, InfoArgs, ModelOpts, Prompt};
+use crate::error::CliError;
+use crate::stream::{IncrementalDetokenizer, StopFilter};
+use crate::template::{ChatTemplate, Message};
+use crate::text::{GenDefaults, TextModel};
+
+/// Write a line to stderr; a closed stderr is not worth failing over.
+pub fn note(msg: &str) {
+    let _ = writeln!(io::stderr(), "{msg}");
+}
+
+/// The settings of one generation: the model's defaults overridden by the command line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunConfig {
+    pub params: SamplingParams,
+    pub max_new_tokens: usize,
+    pub max_length: Option<usize>,
+    pub stop: Vec<String>,
+}
+
+impl RunConfig {
+    /// Apply the options that were given; an explicit --max-new-tokens also clears the
+    /// `max_length` of generation_config.json, as in transformers.
+    pub fn resolve(d: &GenDefaults, o: &GenOpts) -> Result<RunConfig, CliError> {
+        let mut p = d.params.clone();
+        p.temperature = o.temperature.unwrap_or(p.temperature);
+        p.top_k = o.top_k.unwrap_or(p.top_k);
+        p.top_p = o.top_p.unwrap_or(p.top_p);
+        p.min_p = o.min_p.unwrap_or(p.min_p);
+        p.repetition_penalty = o.repetition_penalty.unwrap_or(p.repetition_penalty);
+        p.seed = o.seed.or(p.seed);
+        p.validate()?;
+        Ok(RunConfig {
+            params: p,
+            max_new_tokens: o.max_new_tokens.unwrap_or(d.max_new_tokens),
+            max_length: if o.max_new_tokens.is_some() { None } else { d.max_length },
+            stop: if o.stop.is_empty() { d.stop.clone() } else { o.stop.clone() },
+        })
+    }
+
+    /// `max_new_tokens`, further limited by `max_length` for a prompt of this length.
+    pub fn max_new_for(&self, prompt_len: usize) -> usize {
+        match self.max_length {
+            None => self.max_new_tokens,
+            Some(ml) => self.max_new_tokens.min(ml.saturating_sub(prompt_len)),
+        }
+    }
+}
+
+/// What one generation produced.
+#[derive(Debug)]
+pub struct TurnOutcome {
+    /// The text written to stdout (cut before any stop string).
+    pub text: String,
+    pub prompt_tokens: usize,
+    /// Ids returned by the session (including any past a stop string's start).
+    pub completion_tokens: usize,
+    /// stop | length | context | stop_string
+    pub finish: &'static str,
+}
+
+fn check_dir(dir: &Path) -> Result<(), CliError> {
+    if dir.is_dir() {
+        Ok(())
+    } else if dir.exists() {
+        Err(CliError::runtime(format!("{}: not a directory (expected a model directory)", dir.display())))
+    } else {
+        Err(CliError::runtime(format!("{}: model directory not found", dir.display())))
+    }
+}
+
+/// Load the weights (after the cheap checks, so mistakes show before a long load).
+fn load_model(m: &ModelOpts) -> Result<Arc<Model>, CliError> {
+    let dtype = parse_dtype(&m.dtype)?;
+    let model = Model::load(&m.dir, dtype, m.threads)?;
+    if let Some(n) = m.max_seq {
+        let ctx = model.config.max_position_embeddings;
+        if n > ctx {
+            return Err(CliError::Usage(format!(
+                "--max-seq {n} exceeds the model's context of {ctx} positions (max_position_embeddings)"
+            )));
+        }
+    }
+    Ok(Arc::new(model))
+}
+
+/// Positions a session of this command may use.
+fn context_length(model: &Model, m: &ModelOpts) -> usize {
+    m.max_seq.unwrap_or(model.config.max_position_embeddings)
+}
+
+/// Tokenize a prompt and check it fits the model.
+fn encode_prompt(text: &TextModel, model: &Model, prompt: &str) -> Result<Vec<u32>, CliError> {
+    let ids = text.encode(prompt)?;
+    if ids.is_empty() {
+        return Err(CliError::Usage("the prompt is empty (it encodes to no tokens)".into()));
+    }
+    let v = model.config.vocab_size;
+    if let Some(bad) = ids.iter().find(|&&id| id as usize >= v) {
+        return Err(CliError::runtime(format!(
+            "the tokenizer produced id {bad}, but the model has only {v} embedding rows (vocab_size); \
+             tokenizer.json does not belong to this model"
+        )));
+    }
+    Ok(ids)
+}
+
+/// Run one generation on `session`, streaming text to `out`.
+pub fn run_turn(
+    session: &mut Session,
+    text: &TextModel,
+    ids: &[u32],
+    cfg: &RunConfig,
+    out: &mut impl Write,
+) -> Result<TurnOutcome, CliError> {
+    let max_new = cfg.max_new_for(ids.len());
+    session.start(ids, cfg.params.clone(), max_new, &text.stop_ids)?;
+    let mut detok = IncrementalDetokenizer::new();
+    let mut stopper = StopFilter::new(&cfg.stop);
+    let mut decode = |w: &[u32]| text.decode(w);
+    let mut emitted = String::new();
+    let mut emit = |piece: &str, emitted: &mut String| -> Result<(), CliError> {
+        if !piece.is_empty() {
+            out.write_all(piece.as_bytes())?;
+            out.flush()?;
+            emitted.push_str(piece);
+        }
+        Ok(())
+    };
+    let mut completion = 0;
+    while let Some(tok) = session.next_token()? {
+        completion += 1;
+        let piece = detok.push(tok, &mut decode)?;
+        emit(&stopper.push(&piece), &mut emitted)?;
+        if stopper.stopped() {
+            break;
+        }
+    }
+    if !stopper.stopped() {
+        let tail = detok.flush(&mut decode)?;
+        let mut rest = stopper.push(&tail);
+        rest.push_str(&stopper.flush());
+        emit(&rest, &mut emitted)?;
+    }
+    let finish = if stopper.stopped() {
+        "stop_string"
+    } else {
+        // Every exit of the loop above without a stop string has a finish reason.
+        session.finish_reason().map_or("cancelled", |r| r.name())
+    };
+    Ok(TurnOutcome { text: emitted, prompt_tokens: ids.len(), completion_tokens: completion, finish })
+}
+
+/// The statistics lines of the last generation (without brackets).
+pub fn stats_lines(session: &Session, o: &TurnOutcome, detailed: bool) -> Vec<String> {
+    let s = session.stats();
+    let rate = |n: usize, secs: f64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
+    let evaluated = if s.prompt_tokens != o.prompt_tokens {
+        format!(" ({} evaluated)", s.prompt_tokens)
+    } else {
+        String::new()
+    };
+    let mut lines = vec![format!(
+        "prompt: {} tokens{evaluated}, {:.1} tok/s | generated: {} tokens, {:.1} tok/s | finish: {}",
+        o.prompt_tokens,
+        rate(s.prompt_tokens, s.prompt_seconds),
+        o.completion_tokens,
+        rate(s.decode_tokens, s.decode_seconds),
+        o.finish
+    )];
+    if detailed {
+        let st = session.state();
+        lines.push(match st.sparsity() {
+            Some(x) => format!("mlp sparsity: {:.1}% of ReLU² neurons are zero", 100.0 * x),
+            None => "mlp sparsity: n/a".into(),
+        });
+        let layers = st.layer_sparsity();
+        if !layers.is_empty() {
+            let parts: Vec<String> = layers.iter().map(|x| format!("{:.0}%", 100.0 * x)).collect();
+            lines.push(format!("layer sparsity: {}", parts.join(" ")));
+        }
+        lines.push(format!(
+            "time: prompt {:.1} ms, decode {:.1} ms",
+            s.prompt_seconds * 1e3,
+            s.decode_seconds * 1e3
+        ));
+    }
+    lines
+}
+
+fn print_stats(session: &Session, o: &TurnOutcome, g: &GenOpts) {
+    if !g.quiet {
+        for line in stats_lines(session, o, g.stats) {
+            note(&format!("[{line}]"));
+        }
+    }
+}
+
+/// End the output with a newline, as the Python CLI does.
+fn finish_line(out: &mut impl Write, text: &str) -> Result<(), CliError> {
+    if !text.ends_with('\n') {
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn read_stdin_prompt() -> Result<String, CliError> {
+    let mut buf = Vec::new();
+    io::stdin()
+        .read_to_end(&mut buf)
+        .map_err(|e| CliError::runtime(format!("cannot read the prompt from standard input: {e}")))?;
+    String::from_utf8(buf).map_err(|_| CliError::Usage("the prompt on standard input is not valid UTF-8".into()))
+}
+
+/// `sparselm generate`: stream a completion of the prompt.
+pub fn generate(a: GenerateArgs) -> Result<(), CliError> {
+    let prompt = match a.prompt {
+        Prompt::Text(t) => t,
+        Prompt::Stdin => read_stdin_prompt()?,
+        Prompt::Missing if !io::stdin().is_terminal() => read_stdin_prompt()?,
+        Prompt::Missing => {
+            return Err(CliError::Usage(
+                "generate: the PROMPT argument is required (or pipe it on standard input)".into(),
+            ))
+        }
+    };
+    if prompt.is_empty() {
+        return Err(CliError::Usage("generate: the prompt is empty".into()));
+    }
+    check_dir(&a.model.dir)?;
+    let text = TextModel::load(&a.model.dir)?;
+    let cfg = RunConfig::resolve(&GenDefaults::load(&a.model.dir)?, &a.gen)?;
+    let prompt = if a.chat {
+        let template = text.compile_chat_template()?;
+        let mut messages = Vec::new();
+        if let Some(sys) = &a.system {
+            messages.push(Message::new("system", sys));
+        }
+        messages.push(Message::new("user", &prompt));
+        text.render_chat(&template, &messages)?
+    } else {
+        prompt
+    };
+    let model = load_model(&a.model)?;
+    let ids = encode_prompt(&text, &model, &prompt)?;
+    let ctx = context_length(&model, &a.model);
+    if ids.len() > ctx {
+        return Err(CliError::runtime(format!(
+            "the prompt has {} tokens but the context holds {ctx} (shorten the prompt, or use a larger --max-seq)",
+            ids.len()
+        )));
+    }
+    // A cache just big enough for this generation: less memory on small boards.
+    let positions = ctx.min(ids.len().saturating_add(cfg.max_new_for(ids.len())).saturating_add(1));
+    let mut session = Session::new(model, positions)?;
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    let outcome = run_turn(&mut session, &text, &ids, &cfg, &mut out)?;
+    finish_line(&mut out, &outcome.text)?;
+    print_stats(&session, &outcome, &a.gen);
+    Ok(())
+}
+
+const CHAT_COMMANDS: &str = "commands: /reset forgets the conversation, /exit quits (so does end of input)";
+
+/// `sparselm chat`: an interactive multi-turn conversation on one session.
+pub fn chat(a: ChatArgs) -> Result<(), CliError> {
+    check_dir(&a.model.dir)?;
+    let text = TextModel::load(&a.model.dir)?;
+    let template = text.compile_chat_template()?;
+    let cfg = RunConfig::resolve(&GenDefaults::load(&a.model.dir)?, &a.gen)?;
+    let model = load_model(&a.model)?;
+    let ctx = context_length(&model, &a.model);
+    let mut session = Session::new(model, ctx)?;
+    let stdin = io::stdin();
+    let interactive = stdin.is_terminal();
+    if interactive {
+        note(&format!("sparselm chat ({CHAT_COMMANDS})"));
+    }
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    let mut history: Vec<Message> = Vec::new();
+    let mut buf = Vec::new();
+    loop {
+        if interactive {
+            out.write_all(b"> ")?;
+            out.flush()?;
+        }
+        buf.clear();
+        let n = stdin
+            .lock()
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| CliError::runtime(format!("cannot read standard input: {e}")))?;
+        if n == 0 {
+            if interactive {
+                out.write_all(b"\n")?;
+            }
+            break;
+        }
+        let line = String::from_utf8_lossy(&buf);
+        let line = line.trim_end_matches(['\n', '\r']);
+        let cmd_text = line.trim();
+        if cmd_text.is_empty() {
+            continue;
+        }
+        if cmd_text.starts_with('/') {
+            let cmd = cmd_text.split_whitespace().next().unwrap_or_default().to_lowercase();
+            match cmd.as_str() {
+                "/exit" | "/quit" => break,
+                "/reset" => {
+                    session.reset();
+                    history.clear();
+                    note("[conversation reset]");
+                }
+                "/help" => note(CHAT_COMMANDS),
+                _ => note(&format!("unknown command {cmd}; {CHAT_COMMANDS}")),
+            }
+            continue;
+        }
+        let mut conversation = history.clone();
+        if conversation.is_empty() {
+            if let Some(sys) = &a.system {
+                conversation.push(Message::new("system", sys));
+            }
+        }
+        conversation.push(Message::new("user", line));
+        match chat_turn(&mut session, &text, &template, &conversation, &cfg, &mut out) {
+            Ok(outcome) => {
+                finish_line(&mut out, &outcome.text)?;
+                print_stats(&session, &outcome, &a.gen);
+                conversation.push(Message::new("assistant", &outcome.text));
+                history = conversation;
+            }
+            Err(CliError::BrokenPipe) => return Err(CliError::BrokenPipe),
+            // A turn that does not fit must not end an interactive conversation.
+            Err(e) if interactive => {
+                note(&format!("sparselm: error: {e}"));
+                note("[use /reset to start over]");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn chat_turn(
+    session: &mut Session,
+    text: &TextModel,
+    template: &ChatTemplate,
+    conversation: &[Message],
+    cfg: &RunConfig,
+    out: &mut impl Write,
+) -> Result<TurnOutcome, CliError> {
+    let prompt = text.render_chat(template, conversation)?;
+    let ids = encode_prompt(text, session.model(), &prompt)?;
+    if ids.len() > session.max_seq() {
+        return Err(CliError::runtime(format!(
+            "the conversation has {} tokens but the session holds {} positions",
+            ids.len(),
+            session.max_seq()
+        )));
+    }
+    run_turn(session, text, ids.as_slice(), cfg, out)
+}
+
+/// `sparselm info`: describe a model.
+pub fn info(a: InfoArgs) -> Result<(), CliError> {
+    let dir = &a.model.dir;
+    check_dir(dir)?;
+    let model = load_model(&a.model)?;
+    let text = if dir.join("tokenizer.json").is_file() { Some(TextModel::load(dir)?) } else { None };
+    let gen = GenDefaults::load(dir)?;
+    let c = &model.config;
+    let n_params: usize = tensor_table(c).iter().map(|t| t.shape.iter().product::<usize>()).sum();
+    let raw_config: serde_json::Value = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_else(|| c.to_json());
+    let architectures: Vec<String> = raw_config
+        .get("architectures")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+        .unwrap_or_default();
+    let tier = sparselm_core::kernels::kernels().tier.name();
+    let ctx = context_length(&model, &a.model);
+    let weight_bytes = model.weights.nbytes();
+    let stop_ids: Vec<u32> = text.as_ref().map(|t| t.stop_ids.clone()).unwrap_or_default();
+    let tok_vocab = text.as_ref().map(TextModel::vocab_size);
+    let has_template = text.as_ref().is_some_and(|t| t.chat_template.is_some());
+    let path = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone());
+
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    if a.json {
+        let p = &gen.params;
+        let v = json!({
+            "path": path.display().to_string(),
+            "model_type": "plm",
+            "architectures": architectures,
+            "num_parameters": n_params,
+            "dtype": model.dtype.name(),
+            "threads": model.threads(),
+            "kernel_tier": tier,
+            "weight_bytes": weight_bytes,
+            "context_length": ctx,
+            "vocab_size": c.vocab_size,
+            "tokenizer_vocab_size": tok_vocab,
+            "stop_token_ids": stop_ids,
+            "chat_template": has_template,
+            "generation_config": {
+                "max_new_tokens": gen.max_new_tokens, "temperature": p.temperature, "top_k": p.top_k,
+                "top_p": p.top_p, "min_p": p.min_p, "repetition_penalty": p.repetition_penalty,
+                "seed": p.seed, "stop": gen.stop, "max_length": gen.max_length,
+            },
+            "config": raw_config,
+        });
+        let s = serde_json::to_string_pretty(&v).map_err(|e| CliError::runtime(e.to_string()))?;
+        writeln!(out, "{s}")?;
+        return Ok(());
+    }
+    let arch = if architectures.is_empty() { "?".to_string() } else { architectures.join(", ") };
+    let stop = if stop_ids.is_empty() {
+        "none".to_string()
+    } else {
+        stop_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+    };
+    let rows = [
+        ("path", path.display().to_string()),
+        ("model", format!("plm ({arch})")),
+        ("parameters", format!("{} ({:.2} M)", group_digits(n_params), n_params as f64 / 1e6)),
+        ("dtype", model.dtype.name().to_string()),
+        ("weights", format!("{} bytes ({:.1} MiB) in memory", group_digits(weight_bytes), weight_bytes as f64 / (1 << 20) as f64)),
+        ("threads", model.threads().to_string()),
+        ("kernel tier", tier.to_string()),
+        ("context", format!("{ctx} positions")),
+        (
+            "vocab",
+            match tok_vocab {
+                Some(n) => format!("{} (tokenizer: {n})", c.vocab_size),
+                None => format!("{} (no tokenizer.json)", c.vocab_size),
+            },
+        ),
+        ("stop ids", stop),
+        ("chat template", if has_template { "yes" } else { "no" }.to_string()),
+        ("generation", gen.describe()),
+    ];
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (k, v) in rows {
+        writeln!(out, "{k:<width$}  {v}")?;
+    }
+    writeln!(out, "config:")?;
+    if let Some(obj) = raw_config.as_object() {
+        let kw = obj.keys().map(String::len).max().unwrap_or(0);
+        for (k, v) in obj {
+            writeln!(out, "  {k:<kw$}  {v}")?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// 1234567 → "1,234,567".
+fn group_digits(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_options_override_model_defaults() {
+        let d = GenDefaults {
+            params: SamplingParams { temperature: 0.7, top_k: 50, ..SamplingParams::default() },
+            max_new_tokens: 64,
+            max_length: Some(100),
+            stop: vec!["X".into()],
+        };
+        let r = RunConfig::resolve(&d, &GenOpts::default()).unwrap();
+        assert_eq!((r.params.temperature, r.params.top_k, r.max_new_tokens), (0.7, 50, 64));
+        assert_eq!(r.max_new_for(90), 10, "max_length caps prompt + new tokens");
+        assert_eq!(r.max_new_for(200), 0);
+        assert_eq!(r.stop, vec!["X".to_string()]);
+        let o = GenOpts { temperature: Some(0.0), max_new_tokens: Some(5), stop: vec!["Y".into()], ..GenOpts::default() };
+        let r = RunConfig::resolve(&d, &o).unwrap();
+        assert!(r.params.is_greedy());
+        assert_eq!((r.max_new_tokens, r.max_length), (5, None), "--max-new-tokens clears max_length");
+        assert_eq!(r.max_new_for(1000), 5);
+        assert_eq!(r.stop, vec!["Y".to_string()]);
+        let bad = GenOpts { top_p: Some(0.0), ..GenOpts::default() };
+        assert!(matches!(RunConfig::resolve(&d, &bad), Err(CliError::Usage(_))));
+    }
+
+    #[test]
+    fn digits() {
+        assert_eq!(group_digits(0), "0");
+        assert_eq!(group_digits(999), "999");
+        assert_eq!(group_digits(1000), "1,000");
+        assert_eq!(group_digits(1_825_458_176), "1,825,458,176");
+    }
+}

@@ -1,0 +1,369 @@
+//! Rendering a checkpoint's Jinja chat template with minijinja, the way transformers does.
+//!
+//! transformers renders `chat_template` in a sandboxed Jinja2 environment with
+//! `trim_blocks=True, lstrip_blocks=True`, the `loopcontrols` extension, a `tojson` filter that
+//! neither escapes HTML nor non-ASCII, and the globals `raise_exception` and `strftime_now`; the
+//! template sees `messages`, `add_generation_prompt` and the special tokens (`bos_token`,
+//! `eos_token`, ...). We set up the same here; Python string methods (`.strip()`,
+//! `.startswith()`, ...) that templates use come from minijinja-contrib's pycompat layer.
+//! This module must not know about token ids or the model.
+
+use std::fmt::Write as _;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use minijinja::syntax::SyntaxConfig;
+use minijinja::value::{Kwargs, Value, ValueKind};
+use minijinja::{Environment, Error, ErrorKind};
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Message {
+        Message { role: role.to_string(), content: content.to_string() }
+    }
+}
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+}
+
+const NAME: &str = "chat_template";
+
+impl ChatTemplate {
+    /// Compile `source`; the error text explains a syntax error.
+    pub fn new(source: &str) -> Result<ChatTemplate, String> {
+        let mut env = Environment::new();
+        let syntax = SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .keep_trailing_newline(false)
+            .build()
+            .map_err(|e| format!("cannot set up the template engine: {e}"))?;
+        env.set_syntax(syntax);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_filter("tojson", tojson);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.add_template_owned(NAME, source.to_string())
+            .map_err(|e| format!("the chat template is not valid Jinja: {}", describe(&e)))?;
+        Ok(ChatTemplate { env })
+    }
+
+    /// Render `messages`; `special` are extra variables such as `("eos_token", "<|im_end|>")`.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool, special: &[(&str, &str)]) -> Result<String, String> {
+        let msgs: Vec<Value> = messages
+            .iter()
+            .map(|m| Value::from_pairs([("role", Value::from(m.role.as_str())), ("content", Value::from(m.content.as_str()))]))
+            .collect();
+        let mut vars: Vec<(&str, Value)> = special.iter().map(|&(k, v)| (k, Value::from(v))).collect();
+        vars.push(("messages", Value::from(msgs)));
+        vars.push(("add_generation_prompt", Value::from(add_generation_prompt)));
+        let ctx = Value::from_pairs(vars);
+        let tmpl = self.env.get_template(NAME).map_err(|e| describe(&e))?;
+        tmpl.render(ctx).map_err(|e| {
+            if e.kind() == ErrorKind::InvalidOperation && e.detail().is_some_and(|d| d.starts_with(RAISED)) {
+                let msg = e.detail().unwrap_or_default().trim_start_matches(RAISED);
+                format!("the chat template rejected the messages: {msg}")
+            } else {
+                format!("rendering the chat template failed: {}", describe(&e))
+            }
+        })
+    }
+}
+
+/// The error text with the line it points at (minijinja keeps the cause chain separate).
+fn describe(e: &Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        let _ = write!(s, ": {inner}");
+        src = inner.source();
+    }
+    s
+}
+
+const RAISED: &str = "raise_exception: ";
+
+/// `raise_exception(msg)`: templates call it to reject a conversation.
+fn raise_exception(msg: String) -> Result<Value, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, format!("{RAISED}{msg}")))
+}
+
+/// `x | tojson(ensure_ascii=False, indent=None, separators=None, sort_keys=False)`, as
+/// transformers defines it (plain `json.dumps`: no HTML escaping, non-ASCII kept).
+fn tojson(value: &Value, ensure_ascii: Option<bool>, kwargs: Kwargs) -> Result<Value, Error> {
+    let ensure_ascii = match ensure_ascii {
+        Some(b) => b,
+        None => kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false),
+    };
+    let indent: Option<Value> = kwargs.get("indent")?;
+    let indent = match indent {
+        None => None,
+        Some(v) if v.is_none() => None,
+        Some(v) => match v.as_str() {
+            Some(s) => Some(s.to_string()),
+            None => Some(" ".repeat(usize::try_from(v)?)),
+        },
+    };
+    let separators: Option<Value> = kwargs.get("separators")?;
+    let (item_sep, key_sep) = match separators {
+        Some(v) if !v.is_none() => {
+            let a = v.get_item_by_index(0)?;
+            let b = v.get_item_by_index(1)?;
+            (a.as_str().unwrap_or(",").to_string(), b.as_str().unwrap_or(":").to_string())
+        }
+        // json.dumps: ", " without indent, "," with indent.
+        _ => (if indent.is_some() { "," } else { ", " }.to_string(), ": ".to_string()),
+    };
+    let sort_keys = kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false);
+    kwargs.assert_all_used()?;
+    let opts = JsonOpts { indent, item_sep, key_sep, sort_keys, ensure_ascii };
+    let mut out = String::new();
+    write_json(&mut out, value, &opts, 0)?;
+    Ok(Value::from_safe_string(out))
+}
+
+struct JsonOpts {
+    indent: Option<String>,
+    item_sep: String,
+    key_sep: String,
+    sort_keys: bool,
+    ensure_ascii: bool,
+}
+
+fn write_json(out: &mut String, v: &Value, o: &JsonOpts, depth: usize) -> Result<(), Error> {
+    if depth > 64 {
+        return Err(Error::new(ErrorKind::InvalidOperation, "tojson: value nested too deeply"));
+    }
+    let newline = |out: &mut String, depth: usize| {
+        if let Some(ind) = &o.indent {
+            out.push('\n');
+            for _ in 0..depth {
+                out.push_str(ind);
+            }
+        }
+    };
+    match v.kind() {
+        ValueKind::Undefined | ValueKind::None => out.push_str("null"),
+        ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
+        ValueKind::Number => {
+            if let Some(i) = v.as_i64() {
+                let _ = write!(out, "{i}");
+            } else {
+                let x = f64::try_from(v.clone())?;
+                match serde_json::Number::from_f64(x) {
+                    Some(n) => {
+                        let _ = write!(out, "{n}");
+                    }
+                    None if x.is_nan() => out.push_str("NaN"),
+                    None => out.push_str(if x > 0.0 { "Infinity" } else { "-Infinity" }),
+                }
+            }
+        }
+        ValueKind::Bytes => write_str(out, &String::from_utf8_lossy(v.as_bytes().unwrap_or_default()), o.ensure_ascii),
+        ValueKind::Seq | ValueKind::Iterable => {
+            let items: Vec<Value> = v.try_iter()?.collect();
+            if items.is_empty() {
+                out.push_str("[]");
+                return Ok(());
+            }
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(&o.item_sep);
+                }
+                newline(out, depth + 1);
+                write_json(out, item, o, depth + 1)?;
+            }
+            newline(out, depth);
+            out.push(']');
+        }
+        ValueKind::Map => {
+            let mut keys: Vec<Value> = v.try_iter()?.collect();
+            if o.sort_keys {
+                keys.sort_by_key(|k| k.to_string());
+            }
+            if keys.is_empty() {
+                out.push_str("{}");
+                return Ok(());
+            }
+            out.push('{');
+            for (i, k) in keys.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(&o.item_sep);
+                }
+                newline(out, depth + 1);
+                write_str(out, &k.to_string(), o.ensure_ascii);
+                out.push_str(&o.key_sep);
+                write_json(out, &v.get_item(k)?, o, depth + 1)?;
+            }
+            newline(out, depth);
+            out.push('}');
+        }
+        // Strings, plain objects and any kind a later minijinja adds: their string form.
+        _ => write_str(out, &v.to_string(), o.ensure_ascii),
+    }
+    Ok(())
+}
+
+/// A JSON string literal with Python's `json.dumps` escapes.
+fn write_str(out: &mut String, s: &str, ensure_ascii: bool) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{08}' => out.push_str("\\b"),
+            '\u{0c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 || (ensure_ascii && !c.is_ascii()) => {
+                let mut buf = [0u16; 2];
+                for unit in c.encode_utf16(&mut buf) {
+                    let _ = write!(out, "\\u{unit:04x}");
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// `strftime_now(format)`: the current time (UTC: no time-zone database on small boards) with
+/// the common strftime directives.
+fn strftime_now(format: String) -> Result<Value, Error> {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    Ok(Value::from(strftime(&format, secs)))
+}
+
+const MONTHS: [&str; 12] =
+    ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+
+/// Format UNIX time `secs` (UTC). Unknown directives are kept as written.
+fn strftime(format: &str, secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (hour, min, sec) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let weekday = (days + 3).rem_euclid(7) as usize; // 1970-01-01 was a Thursday
+    let month_name = MONTHS[(month - 1) as usize];
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let _ = match chars.next() {
+            Some('Y') => write!(out, "{year}"),
+            Some('y') => write!(out, "{:02}", year.rem_euclid(100)),
+            Some('m') => write!(out, "{month:02}"),
+            Some('d') => write!(out, "{day:02}"),
+            Some('-') if chars.clone().next() == Some('d') => {
+                chars.next();
+                write!(out, "{day}")
+            }
+            Some('B') => write!(out, "{month_name}"),
+            Some('b') => write!(out, "{}", &month_name[..3]),
+            Some('A') => write!(out, "{}", DAYS[weekday]),
+            Some('a') => write!(out, "{}", &DAYS[weekday][..3]),
+            Some('H') => write!(out, "{hour:02}"),
+            Some('M') => write!(out, "{min:02}"),
+            Some('S') => write!(out, "{sec:02}"),
+            Some('%') => write!(out, "%"),
+            Some(other) => write!(out, "%{other}"),
+            None => write!(out, "%"),
+        };
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ChatML as in the PLM-1.8B-Instruct tokenizer_config.json (plm-architecture.md §4).
+    const CHATML: &str = "{%- for message in messages %}{%- if loop.first and messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n' }}{%- endif %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}";
+
+    #[test]
+    fn chatml() {
+        let t = ChatTemplate::new(CHATML).unwrap();
+        let out = t.render(&[Message::new("user", "Hi")], true, &[]).unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let out = t.render(&[Message::new("system", "S"), Message::new("user", "U")], false, &[]).unwrap();
+        assert_eq!(out, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n");
+    }
+
+    #[test]
+    fn trim_and_lstrip_blocks() {
+        let src = "{% for m in messages %}\n    {% if m.role == 'user' %}\n[{{ m.content }}]\n    {% endif %}\n{% endfor %}";
+        let t = ChatTemplate::new(src).unwrap();
+        assert_eq!(t.render(&[Message::new("user", "a"), Message::new("user", "b")], true, &[]).unwrap(), "[a]\n[b]\n");
+    }
+
+    #[test]
+    fn special_tokens_pycompat_and_loop_controls() {
+        let src = "{{ bos_token }}{% for m in messages %}{% if m.role == 'skip' %}{% continue %}{% endif %}\
+                   {{ m.content.strip().upper() }}{% if m.content.startswith(' x') %}!{% endif %}{{ eos_token }}{% endfor %}";
+        let t = ChatTemplate::new(src).unwrap();
+        let msgs = [Message::new("user", " xy "), Message::new("skip", "no"), Message::new("assistant", "z")];
+        let out = t.render(&msgs, true, &[("bos_token", "<s>"), ("eos_token", "</s>")]).unwrap();
+        assert_eq!(out, "<s>XY!</s>Z</s>");
+    }
+
+    #[test]
+    fn raise_exception_and_errors() {
+        let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}").unwrap();
+        let e = t.render(&[Message::new("user", "a")], true, &[]).unwrap_err();
+        assert_eq!(e, "the chat template rejected the messages: roles must alternate");
+        let e = ChatTemplate::new("{% for %}").err().unwrap();
+        assert!(e.starts_with("the chat template is not valid Jinja"), "{e}");
+        let t = ChatTemplate::new("{{ messages[0].content.nosuchmethod() }}").unwrap();
+        let e = t.render(&[Message::new("user", "a")], true, &[]).unwrap_err();
+        assert!(e.starts_with("rendering the chat template failed"), "{e}");
+    }
+
+    #[test]
+    fn tojson_like_transformers() {
+        let t = ChatTemplate::new("{{ messages[0] | tojson }}|{{ messages | tojson(indent=2) }}|{{ 'é<' | tojson(ensure_ascii=true) }}").unwrap();
+        let out = t.render(&[Message::new("user", "a \"q\" <b> é\n")], true, &[]).unwrap();
+        let (one, rest) = out.split_once('|').unwrap();
+        let v: serde_json::Value = serde_json::from_str(one).unwrap();
+        assert_eq!(v["content"], "a \"q\" <b> é\n");
+        assert!(one.contains("<b> é"), "no HTML or non-ASCII escaping: {one}");
+        assert!(one.contains("\", \""), "Python's ', ' separator: {one}");
+        let (pretty, ascii) = rest.split_once('|').unwrap();
+        assert!(pretty.starts_with("[\n  {\n    \""), "{pretty}");
+        assert_eq!(serde_json::from_str::<serde_json::Value>(pretty).unwrap()[0]["role"], "user");
+        assert_eq!(ascii, "\"\\u00e9<\"");
+    }
+
+    #[test]
+    fn strftime_formats() {
+        // 2024-02-29 13:05:09 UTC, a Thursday.
+        let secs = 1_709_211_909;
+        assert_eq!(strftime("%Y-%m-%d %H:%M:%S", secs), "2024-02-29 13:05:09");
+        assert_eq!(strftime("%d %b %Y (%A, %B %-d) %% %q", secs), "29 Feb 2024 (Thursday, February 29) % %q");
+        assert_eq!(strftime("%Y-%m-%d", 0), "1970-01-01");
+    }
+}

@@ -1,0 +1,430 @@
+//! End-to-end tests of the `sparselm` binary on a tiny PLM checkpoint built here: config.json,
+//! model.safetensors with small seeded random f32 weights (names and shapes from the core's
+//! tensor table), a hand-written byte-level BPE tokenizer.json (the 256 byte tokens and the three
+//! Qwen2 specials) and a tokenizer_config.json with the ChatML template. Nothing is downloaded.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+use sparselm_core::weights::{tensor_table, Role};
+use sparselm_core::ModelConfig;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sparselm");
+
+/// ChatML, as in the PLM-1.8B-Instruct tokenizer_config.json (plm-architecture.md §4).
+const CHATML: &str = "{%- for message in messages %}{%- if loop.first and messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n' }}{%- endif %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}";
+
+const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+const VOCAB: usize = 272; // 256 bytes + 3 specials + padding rows, as PLM pads its vocabulary
+const CONTEXT: usize = 160;
+
+/// A model directory in the system temp dir, removed on drop.
+struct Checkpoint {
+    dir: PathBuf,
+}
+
+impl Drop for Checkpoint {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Checkpoint {
+    fn path(&self) -> &str {
+        self.dir.to_str().expect("temp dir path is UTF-8")
+    }
+
+    fn write(&self, name: &str, text: &str) {
+        std::fs::write(self.dir.join(name), text).unwrap();
+    }
+}
+
+fn unique_dir(tag: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("sparselm-cli-test-{}-{tag}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Deterministic uniform numbers in [-1, 1).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+fn config_json() -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["PLMForCausalLM"], "model_type": "plm", "vocab_size": VOCAB,
+        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 64, "hidden_act": "relu2", "kv_lora_rank": 16, "q_lora_rank": null,
+        "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "rope_theta": 10000.0,
+        "max_position_embeddings": CONTEXT, "rms_norm_eps": 1e-6, "tie_word_embeddings": false,
+        "eos_token_id": 256, "torch_dtype": "float32"
+    })
+}
+
+/// GPT-2's byte → printable character table of the ByteLevel pre-tokenizer.
+fn bytes_to_unicode() -> Vec<char> {
+    let mut bs: Vec<u32> = (u32::from(b'!')..=u32::from(b'~')).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut table = vec!['\0'; 256];
+    for (b, c) in bs.into_iter().zip(cs) {
+        table[b as usize] = char::from_u32(c).unwrap();
+    }
+    table
+}
+
+/// Byte-level BPE without merges: id = byte value; then the three specials (256, 257, 258).
+fn tokenizer_json() -> String {
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        bytes_to_unicode().into_iter().enumerate().map(|(i, c)| (c.to_string(), i.into())).collect();
+    let added: Vec<serde_json::Value> = SPECIALS
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            serde_json::json!({"id": 256 + i, "content": s, "single_word": false, "lstrip": false,
+                               "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true});
+    serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": {"type": "NFC"}, "pre_tokenizer": byte_level, "post_processor": null,
+        "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "ignore_merges": false, "vocab": vocab, "merges": []}
+    })
+    .to_string()
+}
+
+fn tokenizer_config(chat_template: bool) -> String {
+    let mut v = serde_json::json!({
+        "add_bos_token": false, "bos_token": null, "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "unk_token": null, "model_max_length": CONTEXT,
+        "tokenizer_class": "Qwen2Tokenizer",
+    });
+    if chat_template {
+        v["chat_template"] = CHATML.into();
+    }
+    v.to_string()
+}
+
+/// A complete tiny checkpoint. The output head scores the specials and padding rows 0, so
+/// greedy decoding always picks a byte token (some byte row always scores above 0) and the
+/// generations run to --max-new-tokens.
+fn checkpoint(tag: &str, chat_template: bool) -> Checkpoint {
+    let ck = Checkpoint { dir: unique_dir(tag) };
+    let config = config_json();
+    let cfg = ModelConfig::from_json_str(&config.to_string(), Path::new("config.json")).unwrap();
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = tensor_table(&cfg)
+        .into_iter()
+        .map(|t| {
+            let n: usize = t.shape.iter().product();
+            let cols = *t.shape.last().unwrap();
+            let scale = 1.0 / (cols as f32).sqrt();
+            let values: Vec<f32> = match t.role {
+                Role::Norm => vec![1.0; n],
+                _ if t.name == "lm_head.weight" => (0..n).map(|i| if i / cols < 256 { rng.next() } else { 0.0 }).collect(),
+                _ if t.name == "model.embed_tokens.weight" => (0..n).map(|_| rng.next()).collect(),
+                _ => (0..n).map(|_| 2.0 * scale * rng.next()).collect(),
+            };
+            let bytes = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (t.name, t.shape, bytes)
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, shape, bytes)| (name.clone(), TensorView::new(Dtype::F32, shape.clone(), bytes).unwrap()))
+        .collect();
+    let st = safetensors::serialize(views, None).unwrap();
+    std::fs::write(ck.dir.join("model.safetensors"), st).unwrap();
+    ck.write("config.json", &config.to_string());
+    ck.write("tokenizer.json", &tokenizer_json());
+    ck.write("tokenizer_config.json", &tokenizer_config(chat_template));
+    ck
+}
+
+fn run(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the sparselm binary");
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).expect("stdout is UTF-8")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[track_caller]
+fn assert_ok(o: &Output) {
+    assert!(o.status.success(), "exit {:?}\nstdout: {}\nstderr: {}", o.status.code(), stdout(o), stderr(o));
+    assert_no_panic(o);
+}
+
+#[track_caller]
+fn assert_no_panic(o: &Output) {
+    let err = stderr(o);
+    assert!(!err.contains("panicked") && !err.contains("internal error") && !err.contains("RUST_BACKTRACE"), "{err}");
+}
+
+/// Exits with `code`, a single `sparselm: error:` line mentioning `want`, and no panic.
+#[track_caller]
+fn assert_fails(o: &Output, code: i32, want: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
+    assert!(err.starts_with("sparselm: error: "), "{err}");
+    assert!(err.contains(want), "{err:?} lacks {want:?}");
+    assert_no_panic(o);
+}
+
+const GREEDY: [&str; 4] = ["--max-new-tokens", "24", "--threads", "1"];
+
+fn generate(ck: &Checkpoint, prompt: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["generate", ck.path(), prompt];
+    args.extend(GREEDY);
+    args.extend(extra);
+    run(&args, None)
+}
+
+#[test]
+fn generate_prints_text_deterministically() {
+    let ck = checkpoint("generate", true);
+    let a = generate(&ck, "Hello, world", &[]);
+    assert_ok(&a);
+    let text = stdout(&a);
+    assert!(text.ends_with('\n'));
+    assert!(text.trim_end_matches('\n').chars().count() >= 4, "{text:?}");
+    let err = stderr(&a);
+    assert!(err.contains("[prompt: 12 tokens,"), "{err}");
+    assert!(err.contains("generated: 24 tokens") && err.contains("finish: length"), "{err}");
+    let b = generate(&ck, "Hello, world", &[]);
+    assert_ok(&b);
+    assert_eq!(text, stdout(&b), "greedy generation is deterministic");
+
+    // The same prompt from standard input, and with several threads.
+    let c = run(&["generate", ck.path(), "-", "--max-new-tokens", "24", "--threads", "2"], Some("Hello, world"));
+    assert_ok(&c);
+    assert_eq!(text, stdout(&c));
+
+    // --quiet prints no statistics; --stats adds the sparsity lines.
+    let q = generate(&ck, "Hello, world", &["--quiet"]);
+    assert_ok(&q);
+    assert_eq!(stderr(&q), "");
+    let s = generate(&ck, "Hello, world", &["--stats"]);
+    assert_ok(&s);
+    let err = stderr(&s);
+    assert!(err.contains("[mlp sparsity: ") && err.contains("[layer sparsity: ") && err.contains("[time: prompt"), "{err}");
+}
+
+#[test]
+fn stop_strings_cut_the_output_exactly() {
+    let ck = checkpoint("stop", true);
+    let full = stdout(&generate(&ck, "Once upon a time", &["--quiet"]));
+    let full = full.strip_suffix('\n').unwrap_or(&full).to_string();
+    let chars: Vec<char> = full.chars().collect();
+    assert!(chars.len() >= 8, "{full:?}");
+    // A two-character stop string from the middle of the text.
+    let stop: String = chars[5..7].iter().collect();
+    let cut = &full[..full.find(&stop).unwrap()];
+    let escaped = stop.replace('\\', "\\\\");
+    let o = generate(&ck, "Once upon a time", &["--stop", &escaped]);
+    assert_ok(&o);
+    assert_eq!(stdout(&o).strip_suffix('\n').unwrap_or(&stdout(&o)), cut);
+    assert!(stderr(&o).contains("finish: stop_string"), "{}", stderr(&o));
+    // A stop string that never appears changes nothing.
+    let o = generate(&ck, "Once upon a time", &["--quiet", "--stop", "\u{1F980}never"]);
+    assert_eq!(stdout(&o).strip_suffix('\n').unwrap(), full);
+}
+
+#[test]
+fn generation_config_defaults_apply() {
+    let ck = checkpoint("genconfig", true);
+    ck.write("generation_config.json", r#"{"max_new_tokens": 3, "do_sample": false, "eos_token_id": [258]}"#);
+    let o = run(&["generate", ck.path(), "abc"], None);
+    assert_ok(&o);
+    assert!(stderr(&o).contains("generated: 3 tokens"), "{}", stderr(&o));
+    let o = run(&["generate", ck.path(), "abc", "--max-new-tokens", "5"], None);
+    assert!(stderr(&o).contains("generated: 5 tokens"), "{}", stderr(&o));
+    // Seeded sampling is reproducible.
+    let sample = ["generate", ck.path(), "abc", "--temperature", "1.0", "--top-k", "40", "--seed", "7", "--quiet"];
+    let (a, b) = (run(&sample, None), run(&sample, None));
+    assert_ok(&a);
+    assert_eq!(stdout(&a), stdout(&b));
+}
+
+#[test]
+fn chat_keeps_one_session_across_turns() {
+    let ck = checkpoint("chat", true);
+    let o = run(&["chat", ck.path(), "--max-new-tokens", "6", "--threads", "1"], Some("Hi there\n\nHow are you?\n/reset\nHi there\n"));
+    assert_ok(&o);
+    let err = stderr(&o);
+    assert!(err.contains("[conversation reset]"), "{err}");
+    let stats: Vec<&str> = err.lines().filter(|l| l.starts_with("[prompt: ")).collect();
+    assert_eq!(stats.len(), 3, "three turns answered: {err}");
+    // The second turn re-renders the whole conversation but only evaluates the new part.
+    assert!(stats[1].contains(" evaluated)"), "{}", stats[1]);
+    // After /reset the first message is answered exactly as before (and as generate --chat).
+    assert_eq!(stats[0].split(',').next(), stats[2].split(',').next());
+    let g = run(&["generate", ck.path(), "Hi there", "--chat", "--max-new-tokens", "6", "--threads", "1"], None);
+    assert_ok(&g);
+    let first = stdout(&g);
+    let out = stdout(&o);
+    assert!(out.len() > 2 * first.len(), "{out:?}");
+    assert!(out.starts_with(&first) && out.ends_with(&first), "{out:?} vs {first:?}");
+
+    // /exit ends the conversation.
+    let o = run(&["chat", ck.path(), "--quiet", "--max-new-tokens", "6"], Some("/exit\nnot answered\n"));
+    assert_ok(&o);
+    assert_eq!(stdout(&o), "");
+    // The rendered conversation given as plain text: specials in text become special ids.
+    let rendered = "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n";
+    let raw = run(&["generate", ck.path(), rendered, "--max-new-tokens", "6", "--threads", "1"], None);
+    assert_eq!(stdout(&raw), stdout(&g), "specials in the text are parsed as special ids");
+}
+
+#[test]
+fn chat_without_template_fails_clearly() {
+    let ck = checkpoint("notemplate", false);
+    let o = run(&["chat", ck.path()], Some("hi\n"));
+    assert_fails(&o, 2, "has no chat template");
+    let o = run(&["generate", ck.path(), "hi", "--system", "be brief"], None);
+    assert_fails(&o, 2, "has no chat template");
+    // Plain generation does not need one.
+    assert_ok(&generate(&ck, "hi", &["--quiet"]));
+}
+
+#[test]
+fn info_describes_the_model() {
+    let ck = checkpoint("info", true);
+    let o = run(&["info", ck.path(), "--threads", "1"], None);
+    assert_ok(&o);
+    let out = stdout(&o);
+    for want in ["parameters", "dtype        f32", "kernel tier", "weights", "stop ids     258, 256", "chat template  yes", "greedy"] {
+        let want = want.split_whitespace().collect::<Vec<_>>().join(" ");
+        let flat = out.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(flat.contains(&want), "{want:?} not in\n{out}");
+    }
+    let o = run(&["info", ck.path(), "--json", "--dtype", "bf16"], None);
+    assert_ok(&o);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let cfg = ModelConfig::from_json_str(&config_json().to_string(), Path::new("config.json")).unwrap();
+    let n: usize = tensor_table(&cfg).iter().map(|t| t.shape.iter().product::<usize>()).sum();
+    assert_eq!(v["num_parameters"], n);
+    assert_eq!(v["dtype"], "bf16");
+    assert_eq!(v["tokenizer_vocab_size"], 259);
+    assert_eq!(v["stop_token_ids"], serde_json::json!([258, 256]));
+    assert!(v["weight_bytes"].as_u64().unwrap() > 0);
+    assert!(v["kernel_tier"].is_string());
+}
+
+#[test]
+fn help_and_version() {
+    let o = run(&["--version"], None);
+    assert_ok(&o);
+    assert_eq!(stdout(&o), format!("sparselm {}\n", env!("CARGO_PKG_VERSION")));
+    for args in [&["--help"][..], &["generate", "--help"], &["chat", "-h"], &["info", "--help"]] {
+        let o = run(args, None);
+        assert_ok(&o);
+        assert!(stdout(&o).contains("usage: sparselm"), "{args:?}");
+    }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let ck = checkpoint("usage", true);
+    let p = ck.path();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec![], "COMMAND is required"),
+        (vec!["bogus"], "unknown command 'bogus'"),
+        (vec!["generate", p, "hi", "--bogus"], "unknown option '--bogus'"),
+        (vec!["generate", p, "hi", "--temperature", "warm"], "--temperature must be a finite number"),
+        (vec!["generate", p, "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (vec!["generate", p, "hi", "--max-new-tokens"], "needs a value"),
+        (vec!["generate", p, "hi", "--dtype", "f8"], "unknown dtype 'f8'"),
+        (vec!["generate", p], "the prompt is empty"),
+        (vec!["generate", p, "a", "b"], "quote the prompt"),
+        (vec!["generate", p, "hi", "--max-seq", "100000"], "exceeds the model's context"),
+        (vec!["info"], "MODEL_DIR argument is required"),
+    ];
+    for (args, want) in cases {
+        let o = run(&args, None);
+        assert_fails(&o, 2, want);
+        assert_eq!(stdout(&o), "", "{args:?}");
+    }
+}
+
+#[test]
+fn runtime_errors_exit_1() {
+    let missing = std::env::temp_dir().join(format!("sparselm-cli-test-{}-does-not-exist", std::process::id()));
+    let missing = missing.to_str().unwrap();
+    assert_fails(&run(&["generate", missing, "hi"], None), 1, "model directory not found");
+    assert_fails(&run(&["chat", missing], Some("hi\n")), 1, "model directory not found");
+    assert_fails(&run(&["info", missing], None), 1, "model directory not found");
+
+    // A prompt longer than the context.
+    let ck = checkpoint("runtime", true);
+    let long = "x".repeat(64);
+    assert_fails(&generate(&ck, &long, &["--max-seq", "32"]), 1, "the prompt has 64 tokens but the context holds 32");
+    // A chat turn that does not fit ends a non-interactive chat with exit 1.
+    assert_fails(&run(&["chat", ck.path(), "--max-seq", "40"], Some(&format!("{long}\n"))), 1, "the conversation has");
+    // Quantized dtypes are known but not implemented.
+    assert_fails(&run(&["info", ck.path(), "--dtype", "q8_0"], None), 1, "not implemented");
+
+    // Broken files: each is reported, none panics.
+    let broken = checkpoint("broken", true);
+    broken.write("tokenizer.json", "{ not json");
+    assert_fails(&generate(&broken, "hi", &[]), 1, "tokenizer.json: cannot load the tokenizer");
+    std::fs::remove_file(broken.dir.join("tokenizer.json")).unwrap();
+    assert_fails(&generate(&broken, "hi", &[]), 1, "no tokenizer.json");
+    broken.write("tokenizer.json", &tokenizer_json());
+    broken.write("model.safetensors", "garbage, not a safetensors file");
+    assert_fails(&generate(&broken, "hi", &[]), 1, "model.safetensors");
+    broken.write("config.json", r#"{"model_type": "llama"}"#);
+    assert_fails(&generate(&broken, "hi", &[]), 1, "model_type 'llama' is not supported");
+    broken.write("config.json", &config_json().to_string());
+    broken.write("generation_config.json", r#"{"do_sample": true, "top_p": 7}"#);
+    assert_fails(&generate(&broken, "hi", &[]), 1, "generation_config.json: top_p must be in (0, 1]");
+}
+
+#[test]
+fn utf8_output_is_never_split() {
+    // Multi-byte prompt characters are single bytes per token here, so the model sees (and may
+    // produce) partial characters; stdout must still be valid UTF-8 (checked by `stdout()`).
+    let ck = checkpoint("utf8", true);
+    let o = generate(&ck, "Grüße, 世界 😀", &["--max-new-tokens", "40"]);
+    assert_ok(&o);
+    assert!(stdout(&o).trim_end_matches('\n').chars().count() >= 4);
+}
