@@ -404,6 +404,8 @@ def test_tokenizer_is_deterministic_across_processes() -> None:
     assert outs == {hashlib.sha256(testing.tokenizer_json(492).encode()).hexdigest()}
 
 
+# AutoTokenizer reads config.json, whose PLM-style "rope_scaling": null transformers 5 flags.
+@pytest.mark.filterwarnings("ignore:`rope_scaling` is deprecated:FutureWarning")
 def test_chat_template_renders_chatml(small_ckpt: Checkpoint) -> None:
     jinja2 = pytest.importorskip("jinja2")
     cfg = json.loads(Path(small_ckpt.path, "tokenizer_config.json").read_text(encoding="utf-8"))

@@ -338,12 +338,14 @@ def random_plm_weights(
     """Seeded float32 weights for ``config`` with the checkpoint's names and ``[out, in]`` shapes.
 
     Scaling (so activations stay O(1) and nothing saturates):
-      * embeddings ~ N(0, 2/d) rows: the residual stream has rms ~0.35 per element and the tied
-        output ``E · norm(h)`` gives logits with standard deviation ~1.4;
+      * embeddings ~ N(0, 2/d): the tied output ``E · norm(h)`` gives logits with standard
+        deviation ~1.4 (sampling at temperature 1 is neither flat nor one-hot);
       * every projection that reads a normalised vector ~ N(0, 1/in), so its outputs are ~N(0, 1);
         ``up_proj`` outputs are symmetric around 0, so ReLU² zeroes about half the neurons;
-      * the two residual writers (``o_proj``, ``down_proj``) are scaled to add about as much as
-        the embedding already holds;
+      * the two residual writers (``o_proj``, ``down_proj``) each add about ``gain`` times the
+        embedding's rms. With tied embeddings the current token's own row scores
+        ``|E_t|² / rms(h)``; gain 4 keeps that self-bias small enough that greedy decoding does
+        not just repeat its input token forever (gain 1 does);
       * RMSNorm weights are 1 + N(0, 0.1²).
     """
     rng = np.random.default_rng(seed)
@@ -360,7 +362,7 @@ def random_plm_weights(
             w = gain * emb_std * rng.standard_normal(shape) / np.sqrt(shape[1] / 4.0)
         elif name.endswith("down_proj.weight"):
             # E[relu(z)^4] = 3/2 for z ~ N(0, 1), so the sum over inter neurons has variance
-            # 1.5 · inter · std²; aim for an output rms of about emb_std.
+            # 1.5 · inter · std²; aim for an output rms of about gain · emb_std.
             w = gain * emb_std * rng.standard_normal(shape) / np.sqrt(1.5 * inter)
         else:
             w = rng.standard_normal(shape) / np.sqrt(shape[1])

@@ -129,6 +129,12 @@ impl ModelConfig {
                 )));
             }
         }
+        if !f.bool_or("rope_interleave", true)? {
+            return Err(Error::Unsupported(format!(
+                "{}: rope_interleave=false (half-split RoPE) is not supported; PLM rotates adjacent pairs",
+                path.display()
+            )));
+        }
         if f.bool_or("attention_bias", false)? {
             return Err(Error::Unsupported(format!(
                 "{}: attention_bias=true is not supported (PLM has no biases)",

@@ -367,19 +367,50 @@ impl Model {
         // u = W_up b                        [T, I]
         lw.up.matmul(&st.a[..t * d], t, &mut st.up[..t * ni]);
         let cw = column_chunk(d);
-        for i in 0..t {
+        if t == 1 {
             // act = relu(u)², active = {j : act_j ≠ 0}
-            relu2_collect(&mut st.up[i * ni..(i + 1) * ni], &mut st.active);
+            relu2_collect(&mut st.up[..ni], &mut st.active);
             st.zeros[l] += (ni - st.active.len()) as u64;
             st.neurons[l] += ni as u64;
             // y = Σ_{j active} act_j · W_downᵀ[j]     [d], output columns split across threads
             let active = &st.active;
-            st.proj[i * d..(i + 1) * d].par_chunks_mut(cw).enumerate().for_each(|(ci, y)| {
+            st.proj[..d].par_chunks_mut(cw).enumerate().for_each(|(ci, y)| {
                 y.fill(0.0);
                 for &(j, a) in active {
                     lw.down_t.axpy_row(j as usize, ci * cw, a, y);
                 }
             });
+            return;
+        }
+        // Several tokens: neuron-major, so each row of W_downᵀ is read once for all tokens;
+        // a (token, neuron) pair with a zero activation is skipped.
+        for i in 0..t {
+            relu2_collect(&mut st.up[i * ni..(i + 1) * ni], &mut st.active);
+            st.zeros[l] += (ni - st.active.len()) as u64;
+            st.neurons[l] += ni as u64;
+        }
+        let up = &st.up[..t * ni];
+        let parts: Vec<Vec<f32>> = (0..d.div_ceil(cw))
+            .into_par_iter()
+            .map(|ci| {
+                let (c0, w) = (ci * cw, cw.min(d - ci * cw));
+                let mut y = vec![0f32; t * w]; // [T, w]
+                for j in 0..ni {
+                    for i in 0..t {
+                        let a = up[i * ni + j];
+                        if a != 0.0 {
+                            lw.down_t.axpy_row(j, c0, a, &mut y[i * w..(i + 1) * w]);
+                        }
+                    }
+                }
+                y
+            })
+            .collect();
+        for (ci, y) in parts.iter().enumerate() {
+            let (c0, w) = (ci * cw, cw.min(d - ci * cw));
+            for i in 0..t {
+                st.proj[i * d + c0..i * d + c0 + w].copy_from_slice(&y[i * w..(i + 1) * w]);
+            }
         }
     }
 }

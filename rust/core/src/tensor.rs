@@ -128,8 +128,9 @@ impl Matrix {
         });
     }
 
-    /// `Y = X Wᵀ` for `t` input rows: `x: [t, cols]`, `y: [t, rows]`. Each weight row is
-    /// widened once and reused for all `t` inputs (prefill GEMM).
+    /// `Y = X Wᵀ` for `t` input rows: `x: [t, cols]`, `y: [t, rows]` (prefill GEMM).
+    /// Weight rows are widened four at a time into f32 scratch and multiplied against tiles
+    /// of four inputs by the `tile4x4` kernel, so each weight byte is read once per call.
     pub fn matmul(&self, x: &[f32], t: usize, y: &mut [f32]) {
         debug_assert_eq!(x.len(), t * self.cols);
         debug_assert_eq!(y.len(), t * self.rows);
@@ -137,23 +138,44 @@ impl Matrix {
             return self.matvec(x, y);
         }
         let k = kernels();
-        let chunk = row_chunk(self.rows);
+        let cols = self.cols;
+        let chunk = row_chunk(self.rows).div_ceil(4) * 4;
         // yt: [rows, t], filled in parallel over row chunks, then transposed into y.
         let mut yt = vec![0f32; self.rows * t];
         yt.par_chunks_mut(chunk * t).enumerate().for_each(|(ci, ys)| {
-            let mut row = vec![0f32; self.cols];
-            for (i, out) in ys.chunks_mut(t).enumerate() {
-                let r = ci * chunk + i;
+            let r0 = ci * chunk;
+            let nr = ys.len() / t;
+            let mut scratch = vec![0f32; 4 * cols];
+            let mut tile = [0f32; 16];
+            let mut i = 0;
+            while i < nr {
+                let g = (nr - i).min(4);
                 let w: &[f32] = match &self.data {
-                    Storage::F32(w) => &w[r * self.cols..(r + 1) * self.cols],
+                    Storage::F32(w) if g == 4 => &w[(r0 + i) * cols..(r0 + i + 4) * cols],
                     _ => {
-                        self.row_to_f32(r, &mut row);
-                        &row
+                        for q in 0..g {
+                            self.row_to_f32(r0 + i + q, &mut scratch[q * cols..(q + 1) * cols]);
+                        }
+                        &scratch[..g * cols]
                     }
                 };
-                for (j, o) in out.iter_mut().enumerate() {
-                    *o = (k.dot_f32)(w, &x[j * self.cols..(j + 1) * self.cols]);
+                let mut j = 0;
+                if g == 4 {
+                    while j + 4 <= t {
+                        (k.tile4x4_f32)(w, cols, &x[j * cols..], cols, cols, &mut tile);
+                        for q in 0..4 {
+                            ys[(i + q) * t + j..(i + q) * t + j + 4].copy_from_slice(&tile[4 * q..4 * q + 4]);
+                        }
+                        j += 4;
+                    }
                 }
+                for q in 0..g {
+                    for jj in j..t {
+                        ys[(i + q) * t + jj] =
+                            (k.dot_f32)(&w[q * cols..(q + 1) * cols], &x[jj * cols..(jj + 1) * cols]);
+                    }
+                }
+                i += g;
             }
         });
         for r in 0..self.rows {
@@ -176,7 +198,7 @@ mod tests {
 
     #[test]
     fn matvec_and_matmul_agree_with_naive() {
-        let (rows, cols, t) = (37, 53, 5);
+        for (rows, cols, t) in [(37, 53, 5), (8, 64, 8), (13, 16, 3), (4, 20, 4)] {
         let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5).collect();
         let x: Vec<f32> = (0..t * cols).map(|i| ((i * 31) % 13) as f32 / 13.0 - 0.5).collect();
         for dt in [DType::F32, DType::F16, DType::BF16] {
@@ -194,6 +216,7 @@ mod tests {
                     assert!((yv[r] - naive).abs() < 1e-4, "{dt:?}");
                 }
             }
+        }
         }
     }
 }

@@ -77,6 +77,7 @@ pub struct Kernels {
     pub axpy_f32: fn(f32, &[f32], &mut [f32]),
     pub axpy_f16: fn(f32, &[f16], &mut [f32]),
     pub axpy_bf16: fn(f32, &[bf16], &mut [f32]),
+    pub tile4x4_f32: fn(&[f32], usize, &[f32], usize, usize, &mut [f32; 16]),
 }
 
 impl Kernels {
@@ -98,6 +99,7 @@ impl Kernels {
                 axpy_f32: scalar::axpy_f32,
                 axpy_f16: scalar::axpy_f16,
                 axpy_bf16: scalar::axpy_bf16,
+                tile4x4_f32: scalar::tile4x4_f32,
             },
             #[cfg(target_arch = "x86_64")]
             Tier::Avx2 => Kernels {
@@ -108,6 +110,7 @@ impl Kernels {
                 axpy_f32: x86_avx2::axpy_f32,
                 axpy_f16: x86_avx2::axpy_f16,
                 axpy_bf16: x86_avx2::axpy_bf16,
+                tile4x4_f32: x86_avx2::tile4x4_f32,
             },
             #[cfg(target_arch = "x86_64")]
             Tier::Avx512 => Kernels {
@@ -118,6 +121,7 @@ impl Kernels {
                 axpy_f32: x86_avx512::axpy_f32,
                 axpy_f16: x86_avx512::axpy_f16,
                 axpy_bf16: x86_avx512::axpy_bf16,
+                tile4x4_f32: x86_avx512::tile4x4_f32,
             },
             #[allow(unreachable_patterns)]
             _ => unreachable!("available() only lists tiers compiled for this architecture"),
@@ -213,6 +217,26 @@ mod tests {
                     (s.axpy_bf16)(2.25, &bh, &mut y1);
                     (k.axpy_bf16)(2.25, &bh, &mut y2);
                     assert!(y1.iter().zip(&y2).all(|(p, q)| close(*q, *p, 1)), "{tier:?} axpy_bf16 n={n}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tile4x4_matches_scalar() {
+        let s = Kernels::for_tier(Tier::Scalar).unwrap();
+        for tier in Tier::available() {
+            let k = Kernels::for_tier(tier).unwrap();
+            for n in [0usize, 1, 7, 8, 15, 16, 17, 33, 64, 100, 2048] {
+                let ws = n + 3;
+                let xs = n + 5;
+                let w = data(3 * ws + n + 1, n as u32);
+                let x = data(3 * xs + n + 1, n as u32 + 1);
+                let (mut a, mut b) = ([0f32; 16], [0f32; 16]);
+                (s.tile4x4_f32)(&w[1..], ws, &x[1..], xs, n, &mut a);
+                (k.tile4x4_f32)(&w[1..], ws, &x[1..], xs, n, &mut b);
+                for i in 0..16 {
+                    assert!(close(b[i], a[i], n), "{tier:?} tile n={n} i={i}: {} vs {}", b[i], a[i]);
                 }
             }
         }

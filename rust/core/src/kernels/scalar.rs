@@ -79,3 +79,13 @@ pub fn axpy_bf16(a: f32, w: &[bf16], y: &mut [f32]) {
         *yi += a * wi.to_f32();
     }
 }
+
+/// A 4×4 tile of dot products for GEMM: `out[4·i + j] = w_i · x_j`, where row `i` of `w`
+/// starts at `w[i·ws]`, row `j` of `x` at `x[j·xs]`, and each row has `k` elements.
+pub fn tile4x4_f32(w: &[f32], ws: usize, x: &[f32], xs: usize, k: usize, out: &mut [f32; 16]) {
+    for i in 0..4 {
+        for j in 0..4 {
+            out[4 * i + j] = dot_f32(&w[i * ws..i * ws + k], &x[j * xs..j * xs + k]);
+        }
+    }
+}

@@ -106,3 +106,39 @@ dot_impl!(dot_bf16, dot_bf16_i, bf16, load_bf16, "avx2,fma", super::scalar::dot_
 axpy_impl!(axpy_f32, axpy_f32_i, f32, load_f32, "avx2,fma", super::scalar::axpy_f32);
 axpy_impl!(axpy_f16, axpy_f16_i, f16, load_f16, "avx2,fma,f16c", super::scalar::axpy_f16);
 axpy_impl!(axpy_bf16, axpy_bf16_i, bf16, load_bf16, "avx2,fma", super::scalar::axpy_bf16);
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile2x4_f32(w: &[f32], ws: usize, x: &[f32], xs: usize, k: usize, out: &mut [f32]) {
+    assert!(w.len() >= ws + k && x.len() >= 3 * xs + k, "tile2x4 bounds");
+    let (pw, px) = (w.as_ptr(), x.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 8];
+    let mut p = 0;
+    // SAFETY: p + 8 <= k and the assert above keep every row load in bounds.
+    while p + 8 <= k {
+        unsafe {
+            let w0 = _mm256_loadu_ps(pw.add(p));
+            let w1 = _mm256_loadu_ps(pw.add(ws + p));
+            for j in 0..4 {
+                let xv = _mm256_loadu_ps(px.add(j * xs + p));
+                acc[j] = _mm256_fmadd_ps(w0, xv, acc[j]);
+                acc[4 + j] = _mm256_fmadd_ps(w1, xv, acc[4 + j]);
+            }
+        }
+        p += 8;
+    }
+    for i in 0..2 {
+        for j in 0..4 {
+            let tail = super::scalar::dot_f32(&w[i * ws + p..i * ws + k], &x[j * xs + p..j * xs + k]);
+            out[4 * i + j] = hsum256(acc[4 * i + j]) + tail;
+        }
+    }
+}
+
+pub fn tile4x4_f32(w: &[f32], ws: usize, x: &[f32], xs: usize, k: usize, out: &mut [f32; 16]) {
+    let (top, bottom) = out.split_at_mut(8);
+    // SAFETY: this tier is installed only when avx2 and fma are detected.
+    unsafe {
+        tile2x4_f32(w, ws, x, xs, k, top);
+        tile2x4_f32(&w[2 * ws..], ws, x, xs, k, bottom);
+    }
+}

@@ -94,3 +94,40 @@ dot_impl!(dot_bf16, dot_bf16_i, bf16, load_bf16, super::scalar::dot_bf16);
 axpy_impl!(axpy_f32, axpy_f32_i, f32, load_f32, super::scalar::axpy_f32);
 axpy_impl!(axpy_f16, axpy_f16_i, f16, load_f16, super::scalar::axpy_f16);
 axpy_impl!(axpy_bf16, axpy_bf16_i, bf16, load_bf16, super::scalar::axpy_bf16);
+
+#[target_feature(enable = "avx512f")]
+unsafe fn tile4x4_f32_i(w: &[f32], ws: usize, x: &[f32], xs: usize, k: usize, out: &mut [f32; 16]) {
+    assert!(w.len() >= 3 * ws + k && x.len() >= 3 * xs + k, "tile4x4 bounds");
+    let (pw, px) = (w.as_ptr(), x.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 16];
+    let mut p = 0;
+    // SAFETY: p + 16 <= k and the assert above keep every row load in bounds.
+    while p + 16 <= k {
+        unsafe {
+            let wv = [
+                _mm512_loadu_ps(pw.add(p)),
+                _mm512_loadu_ps(pw.add(ws + p)),
+                _mm512_loadu_ps(pw.add(2 * ws + p)),
+                _mm512_loadu_ps(pw.add(3 * ws + p)),
+            ];
+            for j in 0..4 {
+                let xv = _mm512_loadu_ps(px.add(j * xs + p));
+                for i in 0..4 {
+                    acc[4 * i + j] = _mm512_fmadd_ps(wv[i], xv, acc[4 * i + j]);
+                }
+            }
+        }
+        p += 16;
+    }
+    for i in 0..4 {
+        for j in 0..4 {
+            let tail = super::scalar::dot_f32(&w[i * ws + p..i * ws + k], &x[j * xs + p..j * xs + k]);
+            out[4 * i + j] = _mm512_reduce_add_ps(acc[4 * i + j]) + tail;
+        }
+    }
+}
+
+pub fn tile4x4_f32(w: &[f32], ws: usize, x: &[f32], xs: usize, k: usize, out: &mut [f32; 16]) {
+    // SAFETY: this tier is installed only when avx512f is detected.
+    unsafe { tile4x4_f32_i(w, ws, x, xs, k, out) }
+}
