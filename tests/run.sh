@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --upgrade-strategy only-if-needed ".[test]"
-cargo test --workspace --exclude sparselm-py --release
+cargo test --workspace --exclude sparselm-py
 # Run from a neutral directory so `import sparselm` is the installed package, not ./python.
 cd tests && python3 -m pytest -q -p no:cacheprovider "$@" .

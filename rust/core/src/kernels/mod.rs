@@ -21,6 +21,8 @@ pub mod scalar;
 pub mod x86_avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_avx512;
+#[cfg(target_arch = "aarch64")]
+pub mod aarch64_neon;
 
 /// A SIMD instruction-set tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +30,11 @@ pub enum Tier {
     Scalar,
     Avx2,
     Avx512,
+    /// aarch64 AdvSIMD (Cortex-A72 / Raspberry Pi 4 and up).
+    Neon,
+    /// NEON plus `sdot`/`udot` (Cortex-A76 / Raspberry Pi 5): the float kernels are the NEON
+    /// ones; only int8 (quant) kernels differ.
+    NeonDotprod,
 }
 
 impl Tier {
@@ -36,6 +43,8 @@ impl Tier {
             Tier::Scalar => "scalar",
             Tier::Avx2 => "avx2",
             Tier::Avx512 => "avx512",
+            Tier::Neon => "neon",
+            Tier::NeonDotprod => "neon-dotprod",
         }
     }
 
@@ -54,6 +63,15 @@ impl Tier {
                 }
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        {
+            if std::arch::is_aarch64_feature_detected!("neon") {
+                v.push(Tier::Neon);
+                if std::arch::is_aarch64_feature_detected!("dotprod") {
+                    v.push(Tier::NeonDotprod);
+                }
+            }
+        }
         v
     }
 
@@ -62,6 +80,8 @@ impl Tier {
             "scalar" => Some(Tier::Scalar),
             "avx2" => Some(Tier::Avx2),
             "avx512" => Some(Tier::Avx512),
+            "neon" => Some(Tier::Neon),
+            "neon-dotprod" => Some(Tier::NeonDotprod),
             _ => None,
         }
     }
@@ -122,6 +142,18 @@ impl Kernels {
                 axpy_f16: x86_avx512::axpy_f16,
                 axpy_bf16: x86_avx512::axpy_bf16,
                 tile4x4_f32: x86_avx512::tile4x4_f32,
+            },
+            // dotprod only changes int8 kernels; the float table is the NEON one.
+            #[cfg(target_arch = "aarch64")]
+            Tier::Neon | Tier::NeonDotprod => Kernels {
+                tier,
+                dot_f32: aarch64_neon::dot_f32,
+                dot_f16: aarch64_neon::dot_f16,
+                dot_bf16: aarch64_neon::dot_bf16,
+                axpy_f32: aarch64_neon::axpy_f32,
+                axpy_f16: aarch64_neon::axpy_f16,
+                axpy_bf16: aarch64_neon::axpy_bf16,
+                tile4x4_f32: aarch64_neon::tile4x4_f32,
             },
             #[allow(unreachable_patterns)]
             _ => unreachable!("available() only lists tiers compiled for this architecture"),
