@@ -193,6 +193,23 @@ impl Sub {
     }
 }
 
+/// Options with a value that every command takes.
+const MODEL_OPTIONS: [&str; 4] = ["--model", "--dtype", "--threads", "--max-seq"];
+/// Options with a value of `generate` and `chat`.
+const GEN_OPTIONS: [&str; 9] = [
+    "--max-new-tokens",
+    "--temperature",
+    "--top-k",
+    "--top-p",
+    "--min-p",
+    "--repetition-penalty",
+    "--seed",
+    "--stop",
+    "--system",
+];
+/// Flags of `generate` and `chat`.
+const GEN_FLAGS: [&str; 2] = ["--stats", "--quiet"];
+
 /// Everything a subcommand's options can set, before the per-command assembly.
 #[derive(Default)]
 struct Raw {
@@ -211,7 +228,9 @@ struct Raw {
 pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Command, UsageError> {
     let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
     let Some((&first, rest)) = args.split_first() else {
-        return Err(UsageError("a COMMAND is required: generate, chat or info (see 'sparselm --help')".into()));
+        return Err(UsageError(
+            "a COMMAND is required: generate, chat or info (see 'sparselm --help')".into(),
+        ));
     };
     let sub = match first {
         "-h" | "--help" | "help" => return Ok(Command::Help(HELP.to_string())),
@@ -265,21 +284,21 @@ fn parse_options(sub: Sub, args: &[&str]) -> Result<Option<Raw>, UsageError> {
             "-q" => "--quiet",
             n => n,
         };
-        let takes_value = match (sub, name) {
-            (_, "--help") => false,
-            (_, "--model" | "--dtype" | "--threads" | "--max-seq") => true,
-            (Sub::Generate | Sub::Chat, "--max-new-tokens" | "--temperature" | "--top-k" | "--top-p")
-            | (Sub::Generate | Sub::Chat, "--min-p" | "--repetition-penalty" | "--seed" | "--stop")
-            | (Sub::Generate | Sub::Chat, "--system") => true,
-            (Sub::Generate | Sub::Chat, "--stats" | "--quiet") | (Sub::Generate, "--chat") | (Sub::Info, "--json") => {
+        let generates = matches!(sub, Sub::Generate | Sub::Chat);
+        let takes_value =
+            if MODEL_OPTIONS.contains(&name) || (generates && GEN_OPTIONS.contains(&name)) {
+                true
+            } else if name == "--help"
+                || (generates && GEN_FLAGS.contains(&name))
+                || (sub == Sub::Generate && name == "--chat")
+                || (sub == Sub::Info && name == "--json")
+            {
                 false
-            }
-            _ => {
+            } else {
                 return Err(UsageError(format!(
                     "{cmd}: unknown option '{name}' (see 'sparselm {cmd} --help')"
-                )))
-            }
-        };
+                )));
+            };
         let value = if takes_value {
             match inline {
                 Some(v) => v,
@@ -310,16 +329,22 @@ fn parse_options(sub: Sub, args: &[&str]) -> Result<Option<Raw>, UsageError> {
             }
             "--threads" => raw.threads = Some(positive(cmd, name, value)?),
             "--max-seq" => raw.max_seq = Some(positive(cmd, name, value)?),
-            "--max-new-tokens" => raw.gen.max_new_tokens = Some(int(cmd, name, value, "an integer >= 0")?),
+            "--max-new-tokens" => {
+                raw.gen.max_new_tokens = Some(int(cmd, name, value, "an integer >= 0")?)
+            }
             "--temperature" => raw.gen.temperature = Some(float(cmd, name, value)?),
-            "--top-k" => raw.gen.top_k = Some(int(cmd, name, value, "an integer >= 0 (0 disables it)")?),
+            "--top-k" => {
+                raw.gen.top_k = Some(int(cmd, name, value, "an integer >= 0 (0 disables it)")?)
+            }
             "--top-p" => raw.gen.top_p = Some(float(cmd, name, value)?),
             "--min-p" => raw.gen.min_p = Some(float(cmd, name, value)?),
             "--repetition-penalty" => raw.gen.repetition_penalty = Some(float(cmd, name, value)?),
             "--seed" => raw.gen.seed = Some(int(cmd, name, value, "an integer in [0, 2^64)")?),
             "--stop" => {
                 if value.is_empty() {
-                    return Err(UsageError(format!("{cmd}: --stop strings must not be empty")));
+                    return Err(UsageError(format!(
+                        "{cmd}: --stop strings must not be empty"
+                    )));
                 }
                 raw.gen.stop.push(unescape(value));
             }
@@ -338,41 +363,50 @@ fn parse_options(sub: Sub, args: &[&str]) -> Result<Option<Raw>, UsageError> {
 fn assemble(sub: Sub, raw: Raw) -> Result<Command, UsageError> {
     let cmd = sub.name();
     let mut pos = raw.positionals.into_iter();
-    let model_dir = |positional: Option<String>, option: Option<String>| -> Result<PathBuf, UsageError> {
-        match (positional, option) {
-            (Some(_), Some(_)) => Err(UsageError(format!(
-                "{cmd}: give the model either as MODEL_DIR or with --model, not both"
-            ))),
-            (Some(d), None) | (None, Some(d)) => Ok(PathBuf::from(d)),
-            (None, None) => Err(UsageError(format!(
+    let model_dir =
+        |positional: Option<String>, option: Option<String>| -> Result<PathBuf, UsageError> {
+            match (positional, option) {
+                (Some(_), Some(_)) => Err(UsageError(format!(
+                    "{cmd}: give the model either as MODEL_DIR or with --model, not both"
+                ))),
+                (Some(d), None) | (None, Some(d)) => Ok(PathBuf::from(d)),
+                (None, None) => Err(UsageError(format!(
                 "{cmd}: the MODEL_DIR argument is required (the native CLI has no bundled model)"
             ))),
-        }
-    };
+            }
+        };
     let n_pos = pos.len();
     let (dir, prompt) = match sub {
         Sub::Generate => {
-            let max = if raw.model.is_some() { 1 } else { 2 };
-            if n_pos > max {
+            if n_pos > 2 {
                 return Err(UsageError(format!(
                     "generate: expected MODEL_DIR [PROMPT], got {n_pos} arguments (quote the prompt)"
                 )));
             }
-            let first = if raw.model.is_some() { None } else { pos.next() };
+            // One positional is the prompt when --model names the model, else the model.
+            let first = if n_pos == 2 || raw.model.is_none() {
+                pos.next()
+            } else {
+                None
+            };
             let dir = model_dir(first, raw.model)?;
             let prompt = match pos.next() {
                 Some(p) if p == "-" => Prompt::Stdin,
-                Some(p) if p.is_empty() => return Err(UsageError("generate: the prompt is empty".into())),
+                Some(p) if p.is_empty() => {
+                    return Err(UsageError("generate: the prompt is empty".into()))
+                }
                 Some(p) => Prompt::Text(p),
                 None => Prompt::Missing,
             };
             (dir, prompt)
         }
         Sub::Chat | Sub::Info => {
-            let max = if raw.model.is_some() { 0 } else { 1 };
-            if n_pos > max {
-                let extra: Vec<String> = pos.skip(max).collect();
-                return Err(UsageError(format!("{cmd}: unexpected argument(s): {}", extra.join(" "))));
+            if n_pos > 1 {
+                let extra: Vec<String> = pos.skip(1).collect();
+                return Err(UsageError(format!(
+                    "{cmd}: unexpected argument(s): {}",
+                    extra.join(" ")
+                )));
             }
             (model_dir(pos.next(), raw.model)?, Prompt::Missing)
         }
@@ -391,8 +425,15 @@ fn assemble(sub: Sub, raw: Raw) -> Result<Command, UsageError> {
             chat: raw.chat || raw.system.is_some(),
             system: raw.system,
         }),
-        Sub::Chat => Command::Chat(ChatArgs { model, gen: raw.gen, system: raw.system }),
-        Sub::Info => Command::Info(InfoArgs { model, json: raw.json }),
+        Sub::Chat => Command::Chat(ChatArgs {
+            model,
+            gen: raw.gen,
+            system: raw.system,
+        }),
+        Sub::Info => Command::Info(InfoArgs {
+            model,
+            json: raw.json,
+        }),
     })
 }
 
@@ -418,7 +459,9 @@ fn int<T: std::str::FromStr>(cmd: &str, name: &str, v: &str, what: &str) -> Resu
 
 fn positive(cmd: &str, name: &str, v: &str) -> Result<usize, UsageError> {
     match int::<usize>(cmd, name, v, "an integer >= 1")? {
-        0 => Err(UsageError(format!("{cmd}: {name} must be an integer >= 1, got '{v}'"))),
+        0 => Err(UsageError(format!(
+            "{cmd}: {name} must be an integer >= 1, got '{v}'"
+        ))),
         n => Ok(n),
     }
 }
@@ -426,7 +469,9 @@ fn positive(cmd: &str, name: &str, v: &str) -> Result<usize, UsageError> {
 fn float(cmd: &str, name: &str, v: &str) -> Result<f32, UsageError> {
     match v.trim().parse::<f32>() {
         Ok(x) if x.is_finite() => Ok(x),
-        _ => Err(UsageError(format!("{cmd}: {name} must be a finite number, got '{v}'"))),
+        _ => Err(UsageError(format!(
+            "{cmd}: {name} must be a finite number, got '{v}'"
+        ))),
     }
 }
 
@@ -499,7 +544,9 @@ mod tests {
         assert!(help(&["info", "m", "--help"]).contains("--json"));
         assert!(!help(&["info", "m", "--help"]).contains("--temperature"));
         // --help wins even when the rest would be incomplete or wrong.
-        assert!(help(&["generate", "--help", "--top-k", "x"]).starts_with("usage: sparselm generate"));
+        assert!(
+            help(&["generate", "--help", "--top-k", "x"]).starts_with("usage: sparselm generate")
+        );
     }
 
     #[test]
@@ -517,10 +564,35 @@ mod tests {
     #[test]
     fn generate_every_option() {
         let g = generate(&[
-            "generate", "--max-new-tokens", "12", "--temperature=0.7", "--top-k", "40", "--top-p", "0.9",
-            "--min-p", "0.05", "--repetition-penalty", "1.1", "--seed", "18446744073709551615", "--stop",
-            "\\n\\n", "--stop=END", "--dtype", "bf16", "--threads", "2", "--max-seq", "512", "--stats", "-q",
-            "/m", "hi", "--system", "be brief",
+            "generate",
+            "--max-new-tokens",
+            "12",
+            "--temperature=0.7",
+            "--top-k",
+            "40",
+            "--top-p",
+            "0.9",
+            "--min-p",
+            "0.05",
+            "--repetition-penalty",
+            "1.1",
+            "--seed",
+            "18446744073709551615",
+            "--stop",
+            "\\n\\n",
+            "--stop=END",
+            "--dtype",
+            "bf16",
+            "--threads",
+            "2",
+            "--max-seq",
+            "512",
+            "--stats",
+            "-q",
+            "/m",
+            "hi",
+            "--system",
+            "be brief",
         ]);
         assert_eq!(g.gen.max_new_tokens, Some(12));
         assert_eq!(g.gen.temperature, Some(0.7));
@@ -542,18 +614,34 @@ mod tests {
     fn prompts() {
         assert_eq!(generate(&["generate", "/m", "-"]).prompt, Prompt::Stdin);
         assert_eq!(generate(&["generate", "/m"]).prompt, Prompt::Missing);
-        assert_eq!(generate(&["generate", "/m", "--", "-5 degrees"]).prompt, Prompt::Text("-5 degrees".into()));
+        assert_eq!(
+            generate(&["generate", "/m", "--", "-5 degrees"]).prompt,
+            Prompt::Text("-5 degrees".into())
+        );
         let g = generate(&["generate", "-m", "/m", "hi"]);
-        assert_eq!((g.model.dir, g.prompt), (PathBuf::from("/m"), Prompt::Text("hi".into())));
+        assert_eq!(
+            (g.model.dir, g.prompt),
+            (PathBuf::from("/m"), Prompt::Text("hi".into()))
+        );
         assert!(err(&["generate", "/m", "a", "b"]).contains("quote the prompt"));
-        assert!(err(&["generate", "--model", "/m", "/n", "hi"]).contains("got 2 arguments"));
+        assert!(err(&["generate", "--model", "/m", "/n", "hi"]).contains("not both"));
+        assert!(err(&["generate", "--model", "/m", "a", "b", "c"]).contains("got 3 arguments"));
         assert!(err(&["generate"]).contains("MODEL_DIR argument is required"));
         assert!(err(&["generate", "/m", ""]).contains("prompt is empty"));
     }
 
     #[test]
     fn chat_and_info() {
-        match ok(&["chat", "/m", "--system", "sys", "--temperature", "0.5", "--seed", "3"]) {
+        match ok(&[
+            "chat",
+            "/m",
+            "--system",
+            "sys",
+            "--temperature",
+            "0.5",
+            "--seed",
+            "3",
+        ]) {
             Command::Chat(c) => {
                 assert_eq!(c.model.dir, PathBuf::from("/m"));
                 assert_eq!(c.system.as_deref(), Some("sys"));
@@ -567,14 +655,16 @@ mod tests {
             c => panic!("{c:?}"),
         }
         assert!(err(&["chat", "/m", "extra"]).contains("unexpected argument(s): extra"));
-        assert!(err(&["chat", "-m", "/m", "/n"]).contains("unexpected argument(s): /n"));
+        assert!(err(&["chat", "-m", "/m", "/n"]).contains("not both"));
+        assert!(err(&["chat", "/m", "/n", "/o"]).contains("unexpected argument(s): /n /o"));
         assert!(err(&["info"]).contains("MODEL_DIR argument is required"));
         assert!(err(&["info", "/m", "--model", "/n"]).contains("not both"));
     }
 
     #[test]
     fn options_belong_to_their_command() {
-        assert!(err(&["info", "/m", "--temperature", "1"]).contains("info: unknown option '--temperature'"));
+        assert!(err(&["info", "/m", "--temperature", "1"])
+            .contains("info: unknown option '--temperature'"));
         assert!(err(&["chat", "/m", "--chat"]).contains("unknown option '--chat'"));
         assert!(err(&["generate", "/m", "x", "--json"]).contains("unknown option '--json'"));
         assert!(err(&["generate", "/m", "x", "--bogus=1"]).contains("unknown option '--bogus'"));
@@ -584,21 +674,66 @@ mod tests {
     fn bad_values() {
         let cases: &[(&[&str], &str)] = &[
             (&["generate", "/m", "x", "--top-k"], "--top-k needs a value"),
-            (&["generate", "/m", "x", "--top-k", "-1"], "--top-k must be an integer >= 0"),
-            (&["generate", "/m", "x", "--max-new-tokens", "many"], "--max-new-tokens must be an integer"),
-            (&["generate", "/m", "x", "--temperature", "hot"], "--temperature must be a finite number"),
-            (&["generate", "/m", "x", "--temperature", "nan"], "--temperature must be a finite number"),
-            (&["generate", "/m", "x", "--temperature", "-1"], "temperature must be"),
-            (&["generate", "/m", "x", "--top-p", "0"], "top_p must be in (0, 1]"),
-            (&["generate", "/m", "x", "--top-p", "1.5"], "top_p must be in (0, 1]"),
-            (&["generate", "/m", "x", "--min-p", "2"], "min_p must be in [0, 1]"),
-            (&["generate", "/m", "x", "--repetition-penalty", "0"], "repetition_penalty must be > 0"),
-            (&["generate", "/m", "x", "--seed", "-3"], "--seed must be an integer"),
-            (&["generate", "/m", "x", "--threads", "0"], "--threads must be an integer >= 1"),
-            (&["generate", "/m", "x", "--max-seq", "0"], "--max-seq must be an integer >= 1"),
-            (&["generate", "/m", "x", "--dtype", "f64"], "unknown dtype 'f64'"),
-            (&["generate", "/m", "x", "--stop", ""], "--stop strings must not be empty"),
-            (&["generate", "/m", "x", "--stats=yes"], "--stats takes no value"),
+            (
+                &["generate", "/m", "x", "--top-k", "-1"],
+                "--top-k must be an integer >= 0",
+            ),
+            (
+                &["generate", "/m", "x", "--max-new-tokens", "many"],
+                "--max-new-tokens must be an integer",
+            ),
+            (
+                &["generate", "/m", "x", "--temperature", "hot"],
+                "--temperature must be a finite number",
+            ),
+            (
+                &["generate", "/m", "x", "--temperature", "nan"],
+                "--temperature must be a finite number",
+            ),
+            (
+                &["generate", "/m", "x", "--temperature", "-1"],
+                "temperature must be",
+            ),
+            (
+                &["generate", "/m", "x", "--top-p", "0"],
+                "top_p must be in (0, 1]",
+            ),
+            (
+                &["generate", "/m", "x", "--top-p", "1.5"],
+                "top_p must be in (0, 1]",
+            ),
+            (
+                &["generate", "/m", "x", "--min-p", "2"],
+                "min_p must be in [0, 1]",
+            ),
+            (
+                &["generate", "/m", "x", "--repetition-penalty", "0"],
+                "repetition_penalty must be > 0",
+            ),
+            (
+                &["generate", "/m", "x", "--seed", "-3"],
+                "--seed must be an integer",
+            ),
+            (
+                &["generate", "/m", "x", "--threads", "0"],
+                "--threads must be an integer >= 1",
+            ),
+            (
+                &["generate", "/m", "x", "--max-seq", "0"],
+                "--max-seq must be an integer >= 1",
+            ),
+            (
+                &["generate", "/m", "x", "--dtype", "f64"],
+                "unknown dtype 'f64'",
+            ),
+            (
+                &["generate", "/m", "x", "--stop", ""],
+                "--stop strings must not be empty",
+            ),
+            (
+                &["generate", "/m", "x", "--stats=yes"],
+                "--stats takes no value",
+            ),
         ];
         for (args, want) in cases {
             let e = err(args);
@@ -606,7 +741,12 @@ mod tests {
             assert!(e.starts_with("generate: "), "{e}");
         }
         // Quantized dtypes are known names: the loader reports them as unsupported.
-        assert_eq!(generate(&["generate", "/m", "x", "--dtype", "q8_0"]).model.dtype, "q8_0");
+        assert_eq!(
+            generate(&["generate", "/m", "x", "--dtype", "q8_0"])
+                .model
+                .dtype,
+            "q8_0"
+        );
     }
 
     #[test]

@@ -47,8 +47,16 @@ impl RunConfig {
         Ok(RunConfig {
             params: p,
             max_new_tokens: o.max_new_tokens.unwrap_or(d.max_new_tokens),
-            max_length: if o.max_new_tokens.is_some() { None } else { d.max_length },
-            stop: if o.stop.is_empty() { d.stop.clone() } else { o.stop.clone() },
+            max_length: if o.max_new_tokens.is_some() {
+                None
+            } else {
+                d.max_length
+            },
+            stop: if o.stop.is_empty() {
+                d.stop.clone()
+            } else {
+                o.stop.clone()
+            },
         })
     }
 
@@ -77,9 +85,15 @@ fn check_dir(dir: &Path) -> Result<(), CliError> {
     if dir.is_dir() {
         Ok(())
     } else if dir.exists() {
-        Err(CliError::runtime(format!("{}: not a directory (expected a model directory)", dir.display())))
+        Err(CliError::runtime(format!(
+            "{}: not a directory (expected a model directory)",
+            dir.display()
+        )))
     } else {
-        Err(CliError::runtime(format!("{}: model directory not found", dir.display())))
+        Err(CliError::runtime(format!(
+            "{}: model directory not found",
+            dir.display()
+        )))
     }
 }
 
@@ -107,7 +121,9 @@ fn context_length(model: &Model, m: &ModelOpts) -> usize {
 fn encode_prompt(text: &TextModel, model: &Model, prompt: &str) -> Result<Vec<u32>, CliError> {
     let ids = text.encode(prompt)?;
     if ids.is_empty() {
-        return Err(CliError::Usage("the prompt is empty (it encodes to no tokens)".into()));
+        return Err(CliError::Usage(
+            "the prompt is empty (it encodes to no tokens)".into(),
+        ));
     }
     let v = model.config.vocab_size;
     if let Some(bad) = ids.iter().find(|&&id| id as usize >= v) {
@@ -162,7 +178,12 @@ pub fn run_turn(
         // Every exit of the loop above without a stop string has a finish reason.
         session.finish_reason().map_or("cancelled", |r| r.name())
     };
-    Ok(TurnOutcome { text: emitted, prompt_tokens: ids.len(), completion_tokens: completion, finish })
+    Ok(TurnOutcome {
+        text: emitted,
+        prompt_tokens: ids.len(),
+        completion_tokens: completion,
+        finish,
+    })
 }
 
 /// The statistics lines of the last generation (without brackets).
@@ -190,7 +211,10 @@ pub fn stats_lines(session: &Session, o: &TurnOutcome, detailed: bool) -> Vec<St
         });
         let layers = st.layer_sparsity();
         if !layers.is_empty() {
-            let parts: Vec<String> = layers.iter().map(|x| format!("{:.0}%", 100.0 * x)).collect();
+            let parts: Vec<String> = layers
+                .iter()
+                .map(|x| format!("{:.0}%", 100.0 * x))
+                .collect();
             lines.push(format!("layer sparsity: {}", parts.join(" ")));
         }
         lines.push(format!(
@@ -221,10 +245,11 @@ fn finish_line(out: &mut impl Write, text: &str) -> Result<(), CliError> {
 
 fn read_stdin_prompt() -> Result<String, CliError> {
     let mut buf = Vec::new();
-    io::stdin()
-        .read_to_end(&mut buf)
-        .map_err(|e| CliError::runtime(format!("cannot read the prompt from standard input: {e}")))?;
-    String::from_utf8(buf).map_err(|_| CliError::Usage("the prompt on standard input is not valid UTF-8".into()))
+    io::stdin().read_to_end(&mut buf).map_err(|e| {
+        CliError::runtime(format!("cannot read the prompt from standard input: {e}"))
+    })?;
+    String::from_utf8(buf)
+        .map_err(|_| CliError::Usage("the prompt on standard input is not valid UTF-8".into()))
 }
 
 /// `sparselm generate`: stream a completion of the prompt.
@@ -266,7 +291,11 @@ pub fn generate(a: GenerateArgs) -> Result<(), CliError> {
         )));
     }
     // A cache just big enough for this generation: less memory on small boards.
-    let positions = ctx.min(ids.len().saturating_add(cfg.max_new_for(ids.len())).saturating_add(1));
+    let positions = ctx.min(
+        ids.len()
+            .saturating_add(cfg.max_new_for(ids.len()))
+            .saturating_add(1),
+    );
     let mut session = Session::new(model, positions)?;
     let stdout = io::stdout();
     let mut out = stdout.lock();
@@ -276,7 +305,8 @@ pub fn generate(a: GenerateArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-const CHAT_COMMANDS: &str = "commands: /reset forgets the conversation, /exit quits (so does end of input)";
+const CHAT_COMMANDS: &str =
+    "commands: /reset forgets the conversation, /exit quits (so does end of input)";
 
 /// `sparselm chat`: an interactive multi-turn conversation on one session.
 pub fn chat(a: ChatArgs) -> Result<(), CliError> {
@@ -319,7 +349,11 @@ pub fn chat(a: ChatArgs) -> Result<(), CliError> {
             continue;
         }
         if cmd_text.starts_with('/') {
-            let cmd = cmd_text.split_whitespace().next().unwrap_or_default().to_lowercase();
+            let cmd = cmd_text
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_lowercase();
             match cmd.as_str() {
                 "/exit" | "/quit" => break,
                 "/reset" => {
@@ -339,7 +373,14 @@ pub fn chat(a: ChatArgs) -> Result<(), CliError> {
             }
         }
         conversation.push(Message::new("user", line));
-        match chat_turn(&mut session, &text, &template, &conversation, &cfg, &mut out) {
+        match chat_turn(
+            &mut session,
+            &text,
+            &template,
+            &conversation,
+            &cfg,
+            &mut out,
+        ) {
             Ok(outcome) => {
                 finish_line(&mut out, &outcome.text)?;
                 print_stats(&session, &outcome, &a.gen);
@@ -383,10 +424,17 @@ pub fn info(a: InfoArgs) -> Result<(), CliError> {
     let dir = &a.model.dir;
     check_dir(dir)?;
     let model = load_model(&a.model)?;
-    let text = if dir.join("tokenizer.json").is_file() { Some(TextModel::load(dir)?) } else { None };
+    let text = if dir.join("tokenizer.json").is_file() {
+        Some(TextModel::load(dir)?)
+    } else {
+        None
+    };
     let gen = GenDefaults::load(dir)?;
     let c = &model.config;
-    let n_params: usize = tensor_table(c).iter().map(|t| t.shape.iter().product::<usize>()).sum();
+    let n_params: usize = tensor_table(c)
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>())
+        .sum();
     let raw_config: serde_json::Value = std::fs::read_to_string(dir.join("config.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
@@ -394,12 +442,19 @@ pub fn info(a: InfoArgs) -> Result<(), CliError> {
     let architectures: Vec<String> = raw_config
         .get("architectures")
         .and_then(|v| v.as_array())
-        .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
     let tier = sparselm_core::kernels::kernels().tier.name();
     let ctx = context_length(&model, &a.model);
     let weight_bytes = model.weights.nbytes();
-    let stop_ids: Vec<u32> = text.as_ref().map(|t| t.stop_ids.clone()).unwrap_or_default();
+    let stop_ids: Vec<u32> = text
+        .as_ref()
+        .map(|t| t.stop_ids.clone())
+        .unwrap_or_default();
     let tok_vocab = text.as_ref().map(TextModel::vocab_size);
     let has_template = text.as_ref().is_some_and(|t| t.chat_template.is_some());
     let path = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone());
@@ -433,18 +488,40 @@ pub fn info(a: InfoArgs) -> Result<(), CliError> {
         writeln!(out, "{s}")?;
         return Ok(());
     }
-    let arch = if architectures.is_empty() { "?".to_string() } else { architectures.join(", ") };
+    let arch = if architectures.is_empty() {
+        "?".to_string()
+    } else {
+        architectures.join(", ")
+    };
     let stop = if stop_ids.is_empty() {
         "none".to_string()
     } else {
-        stop_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+        stop_ids
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     let rows = [
         ("path", path.display().to_string()),
         ("model", format!("plm ({arch})")),
-        ("parameters", format!("{} ({:.2} M)", group_digits(n_params), n_params as f64 / 1e6)),
+        (
+            "parameters",
+            format!(
+                "{} ({:.2} M)",
+                group_digits(n_params),
+                n_params as f64 / 1e6
+            ),
+        ),
         ("dtype", model.dtype.name().to_string()),
-        ("weights", format!("{} bytes ({:.1} MiB) in memory", group_digits(weight_bytes), weight_bytes as f64 / (1 << 20) as f64)),
+        (
+            "weights",
+            format!(
+                "{} bytes ({:.1} MiB) in memory",
+                group_digits(weight_bytes),
+                weight_bytes as f64 / (1 << 20) as f64
+            ),
+        ),
         ("threads", model.threads().to_string()),
         ("kernel tier", tier.to_string()),
         ("context", format!("{ctx} positions")),
@@ -456,7 +533,10 @@ pub fn info(a: InfoArgs) -> Result<(), CliError> {
             },
         ),
         ("stop ids", stop),
-        ("chat template", if has_template { "yes" } else { "no" }.to_string()),
+        (
+            "chat template",
+            if has_template { "yes" } else { "no" }.to_string(),
+        ),
         ("generation", gen.describe()),
     ];
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
@@ -479,7 +559,7 @@ fn group_digits(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -494,24 +574,46 @@ mod tests {
     #[test]
     fn cli_options_override_model_defaults() {
         let d = GenDefaults {
-            params: SamplingParams { temperature: 0.7, top_k: 50, ..SamplingParams::default() },
+            params: SamplingParams {
+                temperature: 0.7,
+                top_k: 50,
+                ..SamplingParams::default()
+            },
             max_new_tokens: 64,
             max_length: Some(100),
             stop: vec!["X".into()],
         };
         let r = RunConfig::resolve(&d, &GenOpts::default()).unwrap();
-        assert_eq!((r.params.temperature, r.params.top_k, r.max_new_tokens), (0.7, 50, 64));
+        assert_eq!(
+            (r.params.temperature, r.params.top_k, r.max_new_tokens),
+            (0.7, 50, 64)
+        );
         assert_eq!(r.max_new_for(90), 10, "max_length caps prompt + new tokens");
         assert_eq!(r.max_new_for(200), 0);
         assert_eq!(r.stop, vec!["X".to_string()]);
-        let o = GenOpts { temperature: Some(0.0), max_new_tokens: Some(5), stop: vec!["Y".into()], ..GenOpts::default() };
+        let o = GenOpts {
+            temperature: Some(0.0),
+            max_new_tokens: Some(5),
+            stop: vec!["Y".into()],
+            ..GenOpts::default()
+        };
         let r = RunConfig::resolve(&d, &o).unwrap();
         assert!(r.params.is_greedy());
-        assert_eq!((r.max_new_tokens, r.max_length), (5, None), "--max-new-tokens clears max_length");
+        assert_eq!(
+            (r.max_new_tokens, r.max_length),
+            (5, None),
+            "--max-new-tokens clears max_length"
+        );
         assert_eq!(r.max_new_for(1000), 5);
         assert_eq!(r.stop, vec!["Y".to_string()]);
-        let bad = GenOpts { top_p: Some(0.0), ..GenOpts::default() };
-        assert!(matches!(RunConfig::resolve(&d, &bad), Err(CliError::Usage(_))));
+        let bad = GenOpts {
+            top_p: Some(0.0),
+            ..GenOpts::default()
+        };
+        assert!(matches!(
+            RunConfig::resolve(&d, &bad),
+            Err(CliError::Usage(_))
+        ));
     }
 
     #[test]

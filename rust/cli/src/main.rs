@@ -41,14 +41,18 @@ fn run(argv: Vec<String>) -> Result<(), CliError> {
 
 fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
-        commands::note(&format!("{PROG}: internal error (this is a bug; please report it): {info}"));
+        commands::note(&format!(
+            "{PROG}: internal error (this is a bug; please report it): {info}"
+        ));
     }));
     let mut argv = Vec::new();
     for a in std::env::args_os().skip(1) {
         match a.into_string() {
             Ok(s) => argv.push(s),
             Err(bad) => {
-                commands::note(&format!("{PROG}: error: argument {bad:?} is not valid UTF-8"));
+                commands::note(&format!(
+                    "{PROG}: error: argument {bad:?} is not valid UTF-8"
+                ));
                 return ExitCode::from(2);
             }
         }

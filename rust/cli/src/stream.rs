@@ -34,18 +34,29 @@ impl IncrementalDetokenizer {
     }
 
     /// Add one id; return the newly complete text (possibly empty).
-    pub fn push<E>(&mut self, id: u32, decode: &mut impl FnMut(&[u32]) -> Result<String, E>) -> Result<String, E> {
+    pub fn push<E>(
+        &mut self,
+        id: u32,
+        decode: &mut impl FnMut(&[u32]) -> Result<String, E>,
+    ) -> Result<String, E> {
         self.ids.push(id);
         self.advance(false, decode)
     }
 
     /// Return any text still held back (an incomplete character at the very end then shows as
     /// U+FFFD, exactly as a one-shot decode shows it).
-    pub fn flush<E>(&mut self, decode: &mut impl FnMut(&[u32]) -> Result<String, E>) -> Result<String, E> {
+    pub fn flush<E>(
+        &mut self,
+        decode: &mut impl FnMut(&[u32]) -> Result<String, E>,
+    ) -> Result<String, E> {
         self.advance(true, decode)
     }
 
-    fn advance<E>(&mut self, last: bool, decode: &mut impl FnMut(&[u32]) -> Result<String, E>) -> Result<String, E> {
+    fn advance<E>(
+        &mut self,
+        last: bool,
+        decode: &mut impl FnMut(&[u32]) -> Result<String, E>,
+    ) -> Result<String, E> {
         if self.read_offset >= self.ids.len() {
             return Ok(String::new());
         }
@@ -86,8 +97,18 @@ impl StopFilter {
     /// `stops` must not contain empty strings (the argument parser rejects them).
     pub fn new(stops: &[String]) -> Self {
         let stops: Vec<String> = stops.iter().filter(|s| !s.is_empty()).cloned().collect();
-        let max_hold = stops.iter().map(String::len).max().unwrap_or(1).saturating_sub(1);
-        StopFilter { stops, max_hold, pending: String::new(), matched: None }
+        let max_hold = stops
+            .iter()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .saturating_sub(1);
+        StopFilter {
+            stops,
+            max_hold,
+            pending: String::new(),
+            matched: None,
+        }
     }
 
     /// True once a stop string has appeared.
@@ -117,7 +138,9 @@ impl StopFilter {
             if let Some(at) = buf.find(s.as_str()) {
                 let better = match best {
                     None => true,
-                    Some((b_at, b_k)) => at < b_at || (at == b_at && s.len() > self.stops[b_k].len()),
+                    Some((b_at, b_k)) => {
+                        at < b_at || (at == b_at && s.len() > self.stops[b_k].len())
+                    }
                 };
                 if better {
                     best = Some((at, k));
@@ -169,7 +192,10 @@ mod tests {
 
     fn stream_bytes(bytes: &[u8]) -> Vec<String> {
         let mut d = IncrementalDetokenizer::new();
-        let mut pieces: Vec<String> = bytes.iter().map(|&b| d.push(b as u32, &mut decode).unwrap()).collect();
+        let mut pieces: Vec<String> = bytes
+            .iter()
+            .map(|&b| d.push(b as u32, &mut decode).unwrap())
+            .collect();
         pieces.push(d.flush(&mut decode).unwrap());
         pieces
     }

@@ -24,7 +24,10 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Message {
-        Message { role: role.to_string(), content: content.to_string() }
+        Message {
+            role: role.to_string(),
+            content: content.to_string(),
+        }
     }
 }
 
@@ -56,18 +59,31 @@ impl ChatTemplate {
     }
 
     /// Render `messages`; `special` are extra variables such as `("eos_token", "<|im_end|>")`.
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool, special: &[(&str, &str)]) -> Result<String, String> {
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        special: &[(&str, &str)],
+    ) -> Result<String, String> {
         let msgs: Vec<Value> = messages
             .iter()
-            .map(|m| Value::from_pairs([("role", Value::from(m.role.as_str())), ("content", Value::from(m.content.as_str()))]))
+            .map(|m| {
+                Value::from_pairs([
+                    ("role", Value::from(m.role.as_str())),
+                    ("content", Value::from(m.content.as_str())),
+                ])
+            })
             .collect();
-        let mut vars: Vec<(&str, Value)> = special.iter().map(|&(k, v)| (k, Value::from(v))).collect();
+        let mut vars: Vec<(&str, Value)> =
+            special.iter().map(|&(k, v)| (k, Value::from(v))).collect();
         vars.push(("messages", Value::from(msgs)));
         vars.push(("add_generation_prompt", Value::from(add_generation_prompt)));
         let ctx = Value::from_pairs(vars);
         let tmpl = self.env.get_template(NAME).map_err(|e| describe(&e))?;
         tmpl.render(ctx).map_err(|e| {
-            if e.kind() == ErrorKind::InvalidOperation && e.detail().is_some_and(|d| d.starts_with(RAISED)) {
+            if e.kind() == ErrorKind::InvalidOperation
+                && e.detail().is_some_and(|d| d.starts_with(RAISED))
+            {
                 let msg = e.detail().unwrap_or_default().trim_start_matches(RAISED);
                 format!("the chat template rejected the messages: {msg}")
             } else {
@@ -92,7 +108,10 @@ const RAISED: &str = "raise_exception: ";
 
 /// `raise_exception(msg)`: templates call it to reject a conversation.
 fn raise_exception(msg: String) -> Result<Value, Error> {
-    Err(Error::new(ErrorKind::InvalidOperation, format!("{RAISED}{msg}")))
+    Err(Error::new(
+        ErrorKind::InvalidOperation,
+        format!("{RAISED}{msg}"),
+    ))
 }
 
 /// `x | tojson(ensure_ascii=False, indent=None, separators=None, sort_keys=False)`, as
@@ -116,14 +135,26 @@ fn tojson(value: &Value, ensure_ascii: Option<bool>, kwargs: Kwargs) -> Result<V
         Some(v) if !v.is_none() => {
             let a = v.get_item_by_index(0)?;
             let b = v.get_item_by_index(1)?;
-            (a.as_str().unwrap_or(",").to_string(), b.as_str().unwrap_or(":").to_string())
+            (
+                a.as_str().unwrap_or(",").to_string(),
+                b.as_str().unwrap_or(":").to_string(),
+            )
         }
         // json.dumps: ", " without indent, "," with indent.
-        _ => (if indent.is_some() { "," } else { ", " }.to_string(), ": ".to_string()),
+        _ => (
+            if indent.is_some() { "," } else { ", " }.to_string(),
+            ": ".to_string(),
+        ),
     };
     let sort_keys = kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false);
     kwargs.assert_all_used()?;
-    let opts = JsonOpts { indent, item_sep, key_sep, sort_keys, ensure_ascii };
+    let opts = JsonOpts {
+        indent,
+        item_sep,
+        key_sep,
+        sort_keys,
+        ensure_ascii,
+    };
     let mut out = String::new();
     write_json(&mut out, value, &opts, 0)?;
     Ok(Value::from_safe_string(out))
@@ -139,7 +170,10 @@ struct JsonOpts {
 
 fn write_json(out: &mut String, v: &Value, o: &JsonOpts, depth: usize) -> Result<(), Error> {
     if depth > 64 {
-        return Err(Error::new(ErrorKind::InvalidOperation, "tojson: value nested too deeply"));
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            "tojson: value nested too deeply",
+        ));
     }
     let newline = |out: &mut String, depth: usize| {
         if let Some(ind) = &o.indent {
@@ -166,7 +200,11 @@ fn write_json(out: &mut String, v: &Value, o: &JsonOpts, depth: usize) -> Result
                 }
             }
         }
-        ValueKind::Bytes => write_str(out, &String::from_utf8_lossy(v.as_bytes().unwrap_or_default()), o.ensure_ascii),
+        ValueKind::Bytes => write_str(
+            out,
+            &String::from_utf8_lossy(v.as_bytes().unwrap_or_default()),
+            o.ensure_ascii,
+        ),
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = v.try_iter()?.collect();
             if items.is_empty() {
@@ -239,13 +277,35 @@ fn write_str(out: &mut String, s: &str, ensure_ascii: bool) {
 /// `strftime_now(format)`: the current time (UTC: no time-zone database on small boards) with
 /// the common strftime directives.
 fn strftime_now(format: String) -> Result<Value, Error> {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     Ok(Value::from(strftime(&format, secs)))
 }
 
-const MONTHS: [&str; 12] =
-    ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
-const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+const MONTHS: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+const DAYS: [&str; 7] = [
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+];
 
 /// Format UNIX time `secs` (UTC). Unknown directives are kept as written.
 fn strftime(format: &str, secs: u64) -> String {
@@ -310,15 +370,32 @@ mod tests {
             out,
             "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
-        let out = t.render(&[Message::new("system", "S"), Message::new("user", "U")], false, &[]).unwrap();
-        assert_eq!(out, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n");
+        let out = t
+            .render(
+                &[Message::new("system", "S"), Message::new("user", "U")],
+                false,
+                &[],
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
+        );
     }
 
     #[test]
     fn trim_and_lstrip_blocks() {
         let src = "{% for m in messages %}\n    {% if m.role == 'user' %}\n[{{ m.content }}]\n    {% endif %}\n{% endfor %}";
         let t = ChatTemplate::new(src).unwrap();
-        assert_eq!(t.render(&[Message::new("user", "a"), Message::new("user", "b")], true, &[]).unwrap(), "[a]\n[b]\n");
+        assert_eq!(
+            t.render(
+                &[Message::new("user", "a"), Message::new("user", "b")],
+                true,
+                &[]
+            )
+            .unwrap(),
+            "[a]\n[b]\n"
+        );
     }
 
     #[test]
@@ -326,35 +403,56 @@ mod tests {
         let src = "{{ bos_token }}{% for m in messages %}{% if m.role == 'skip' %}{% continue %}{% endif %}\
                    {{ m.content.strip().upper() }}{% if m.content.startswith(' x') %}!{% endif %}{{ eos_token }}{% endfor %}";
         let t = ChatTemplate::new(src).unwrap();
-        let msgs = [Message::new("user", " xy "), Message::new("skip", "no"), Message::new("assistant", "z")];
-        let out = t.render(&msgs, true, &[("bos_token", "<s>"), ("eos_token", "</s>")]).unwrap();
+        let msgs = [
+            Message::new("user", " xy "),
+            Message::new("skip", "no"),
+            Message::new("assistant", "z"),
+        ];
+        let out = t
+            .render(&msgs, true, &[("bos_token", "<s>"), ("eos_token", "</s>")])
+            .unwrap();
         assert_eq!(out, "<s>XY!</s>Z</s>");
     }
 
     #[test]
     fn raise_exception_and_errors() {
         let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}").unwrap();
-        let e = t.render(&[Message::new("user", "a")], true, &[]).unwrap_err();
-        assert_eq!(e, "the chat template rejected the messages: roles must alternate");
+        let e = t
+            .render(&[Message::new("user", "a")], true, &[])
+            .unwrap_err();
+        assert_eq!(
+            e,
+            "the chat template rejected the messages: roles must alternate"
+        );
         let e = ChatTemplate::new("{% for %}").err().unwrap();
         assert!(e.starts_with("the chat template is not valid Jinja"), "{e}");
         let t = ChatTemplate::new("{{ messages[0].content.nosuchmethod() }}").unwrap();
-        let e = t.render(&[Message::new("user", "a")], true, &[]).unwrap_err();
+        let e = t
+            .render(&[Message::new("user", "a")], true, &[])
+            .unwrap_err();
         assert!(e.starts_with("rendering the chat template failed"), "{e}");
     }
 
     #[test]
     fn tojson_like_transformers() {
         let t = ChatTemplate::new("{{ messages[0] | tojson }}|{{ messages | tojson(indent=2) }}|{{ 'é<' | tojson(ensure_ascii=true) }}").unwrap();
-        let out = t.render(&[Message::new("user", "a \"q\" <b> é\n")], true, &[]).unwrap();
+        let out = t
+            .render(&[Message::new("user", "a \"q\" <b> é\n")], true, &[])
+            .unwrap();
         let (one, rest) = out.split_once('|').unwrap();
         let v: serde_json::Value = serde_json::from_str(one).unwrap();
         assert_eq!(v["content"], "a \"q\" <b> é\n");
-        assert!(one.contains("<b> é"), "no HTML or non-ASCII escaping: {one}");
+        assert!(
+            one.contains("<b> é"),
+            "no HTML or non-ASCII escaping: {one}"
+        );
         assert!(one.contains("\", \""), "Python's ', ' separator: {one}");
         let (pretty, ascii) = rest.split_once('|').unwrap();
         assert!(pretty.starts_with("[\n  {\n    \""), "{pretty}");
-        assert_eq!(serde_json::from_str::<serde_json::Value>(pretty).unwrap()[0]["role"], "user");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(pretty).unwrap()[0]["role"],
+            "user"
+        );
         assert_eq!(ascii, "\"\\u00e9<\"");
     }
 
@@ -363,7 +461,10 @@ mod tests {
         // 2024-02-29 13:05:09 UTC, a Thursday.
         let secs = 1_709_211_909;
         assert_eq!(strftime("%Y-%m-%d %H:%M:%S", secs), "2024-02-29 13:05:09");
-        assert_eq!(strftime("%d %b %Y (%A, %B %-d) %% %q", secs), "29 Feb 2024 (Thursday, February 29) % %q");
+        assert_eq!(
+            strftime("%d %b %Y (%A, %B %-d) %% %q", secs),
+            "29 Feb 2024 (Thursday, February 29) % %q"
+        );
         assert_eq!(strftime("%Y-%m-%d", 0), "1970-01-01");
     }
 }

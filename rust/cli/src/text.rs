@@ -81,8 +81,8 @@ impl TextModel {
                 dir.display()
             )));
         }
-        let mut tokenizer =
-            Tokenizer::from_file(&tj).map_err(|e| format_err(&tj, format!("cannot load the tokenizer: {e}")))?;
+        let mut tokenizer = Tokenizer::from_file(&tj)
+            .map_err(|e| format_err(&tj, format!("cannot load the tokenizer: {e}")))?;
 
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg = read_json_object(&cfg_path)?.unwrap_or_default();
@@ -97,11 +97,18 @@ impl TextModel {
 
         let special: Vec<(&'static str, String)> = SPECIAL_TOKEN_KEYS
             .iter()
-            .filter_map(|&k| cfg.get(k).and_then(token_content).map(|v| (k, v.to_string())))
+            .filter_map(|&k| {
+                cfg.get(k)
+                    .and_then(token_content)
+                    .map(|v| (k, v.to_string()))
+            })
             .collect();
 
         let mut stop_ids = Vec::new();
-        let eos_token = special.iter().find(|(k, _)| *k == "eos_token").map(|(_, v)| v.as_str());
+        let eos_token = special
+            .iter()
+            .find(|(k, _)| *k == "eos_token")
+            .map(|(_, v)| v.as_str());
         for t in DEFAULT_STOP_TOKENS.iter().copied().chain(eos_token) {
             if let Some(id) = tokenizer.token_to_id(t) {
                 stop_ids.push(id);
@@ -115,7 +122,13 @@ impl TextModel {
         }
         let mut seen = std::collections::HashSet::new();
         stop_ids.retain(|id| seen.insert(*id));
-        Ok(TextModel { tokenizer, chat_template, special, stop_ids, dir: dir.to_path_buf() })
+        Ok(TextModel {
+            tokenizer,
+            chat_template,
+            special,
+            stop_ids,
+            dir: dir.to_path_buf(),
+        })
     }
 
     /// Token ids of `text`; special tokens written in it become single ids; no BOS.
@@ -152,9 +165,16 @@ impl TextModel {
     }
 
     /// Render a conversation with the checkpoint's template, opening the assistant's turn.
-    pub fn render_chat(&self, template: &ChatTemplate, messages: &[Message]) -> Result<String, CliError> {
-        let special: Vec<(&str, &str)> = self.special.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        template.render(messages, true, &special).map_err(CliError::Usage)
+    pub fn render_chat(
+        &self,
+        template: &ChatTemplate,
+        messages: &[Message],
+    ) -> Result<String, CliError> {
+        let special: Vec<(&str, &str)> =
+            self.special.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        template
+            .render(messages, true, &special)
+            .map_err(CliError::Usage)
     }
 }
 
@@ -176,7 +196,10 @@ fn pick_template(value: Option<&Value>, path: &Path) -> Result<Option<String>, C
             }
             match named.as_slice() {
                 [(_, t)] => Ok(Some(t.to_string())),
-                _ => Err(format_err(path, "chat_template lists several templates but no 'default'")),
+                _ => Err(format_err(
+                    path,
+                    "chat_template lists several templates but no 'default'",
+                )),
             }
         }
         Some(_) => Err(format_err(path, "chat_template must be a string")),
@@ -184,7 +207,11 @@ fn pick_template(value: Option<&Value>, path: &Path) -> Result<Option<String>, C
 }
 
 /// Make sure every token of `added_tokens_decoder` exists with its declared id.
-fn apply_added_tokens_decoder(tok: &mut Tokenizer, cfg: &Map<String, Value>, path: &Path) -> Result<(), CliError> {
+fn apply_added_tokens_decoder(
+    tok: &mut Tokenizer,
+    cfg: &Map<String, Value>,
+    path: &Path,
+) -> Result<(), CliError> {
     let Some(decoder) = cfg.get("added_tokens_decoder") else {
         return Ok(());
     };
@@ -195,9 +222,15 @@ fn apply_added_tokens_decoder(tok: &mut Tokenizer, cfg: &Map<String, Value>, pat
     };
     let mut entries: Vec<(u32, &Value)> = Vec::with_capacity(decoder.len());
     for (key, spec) in decoder {
-        let id = key.parse::<u32>().ok().filter(|_| token_content(spec).is_some());
+        let id = key
+            .parse::<u32>()
+            .ok()
+            .filter(|_| token_content(spec).is_some());
         let Some(id) = id else {
-            return Err(format_err(path, format!("bad added_tokens_decoder entry '{key}': {spec}")));
+            return Err(format_err(
+                path,
+                format!("bad added_tokens_decoder entry '{key}': {spec}"),
+            ));
         };
         entries.push((id, spec));
     }
@@ -240,7 +273,12 @@ pub struct GenDefaults {
 
 impl Default for GenDefaults {
     fn default() -> Self {
-        GenDefaults { params: SamplingParams::default(), max_new_tokens: 256, max_length: None, stop: Vec::new() }
+        GenDefaults {
+            params: SamplingParams::default(),
+            max_new_tokens: 256,
+            max_length: None,
+            stop: Vec::new(),
+        }
     }
 }
 
@@ -263,7 +301,10 @@ impl GenDefaults {
         let num = |k: &str, default: f64| -> Result<f32, String> {
             match get(k) {
                 None => Ok(default as f32),
-                Some(v) => v.as_f64().map(|x| x as f32).ok_or_else(|| format!("'{k}' must be a number, got {v}")),
+                Some(v) => v
+                    .as_f64()
+                    .map(|x| x as f32)
+                    .ok_or_else(|| format!("'{k}' must be a number, got {v}")),
             }
         };
         let int = |k: &str| -> Result<Option<usize>, String> {
@@ -301,11 +342,19 @@ impl GenDefaults {
                 for s in a {
                     match s.as_str() {
                         Some(s) if !s.is_empty() => g.stop.push(s.to_string()),
-                        _ => return Err(format!("'stop_strings' must hold non-empty strings, got {s}")),
+                        _ => {
+                            return Err(format!(
+                                "'stop_strings' must hold non-empty strings, got {s}"
+                            ))
+                        }
                     }
                 }
             }
-            Some(v) => return Err(format!("'stop_strings' must be a string or a list of strings, got {v}")),
+            Some(v) => {
+                return Err(format!(
+                    "'stop_strings' must be a string or a list of strings, got {v}"
+                ))
+            }
         }
         g.params.validate().map_err(|e| e.to_string())?;
         Ok(g)
@@ -317,7 +366,10 @@ impl GenDefaults {
         let mode = if p.is_greedy() {
             "greedy".to_string()
         } else {
-            format!("temperature {}, top_k {}, top_p {}", p.temperature, p.top_k, p.top_p)
+            format!(
+                "temperature {}, top_k {}, top_p {}",
+                p.temperature, p.top_k, p.top_p
+            )
         };
         match self.max_length {
             Some(n) => format!("{mode}, max_length {n}"),
@@ -336,12 +388,15 @@ mod tests {
 
     #[test]
     fn generation_config_greedy_unless_do_sample() {
-        let g = hf(serde_json::json!({"temperature": 0.7, "top_k": 20, "eos_token_id": [1, 2]})).unwrap();
+        let g = hf(serde_json::json!({"temperature": 0.7, "top_k": 20, "eos_token_id": [1, 2]}))
+            .unwrap();
         assert!(g.params.is_greedy());
         assert_eq!(g.max_new_tokens, 256);
-        let g = hf(serde_json::json!({"do_sample": true, "temperature": 0.7, "top_p": 0.8,
+        let g = hf(
+            serde_json::json!({"do_sample": true, "temperature": 0.7, "top_p": 0.8,
                                        "repetition_penalty": 1.05, "max_new_tokens": 64,
-                                       "stop_strings": ["\n\n"]}))
+                                       "stop_strings": ["\n\n"]}),
+        )
         .unwrap();
         assert_eq!(g.params.temperature, 0.7);
         assert_eq!(g.params.top_k, 50, "transformers' default top_k");
@@ -355,10 +410,18 @@ mod tests {
 
     #[test]
     fn generation_config_errors() {
-        assert!(hf(serde_json::json!({"do_sample": "yes"})).unwrap_err().contains("do_sample"));
-        assert!(hf(serde_json::json!({"do_sample": true, "top_p": 0})).unwrap_err().contains("top_p"));
-        assert!(hf(serde_json::json!({"max_new_tokens": -1})).unwrap_err().contains("max_new_tokens"));
-        assert!(hf(serde_json::json!({"stop_strings": [""]})).unwrap_err().contains("stop_strings"));
+        assert!(hf(serde_json::json!({"do_sample": "yes"}))
+            .unwrap_err()
+            .contains("do_sample"));
+        assert!(hf(serde_json::json!({"do_sample": true, "top_p": 0}))
+            .unwrap_err()
+            .contains("top_p"));
+        assert!(hf(serde_json::json!({"max_new_tokens": -1}))
+            .unwrap_err()
+            .contains("max_new_tokens"));
+        assert!(hf(serde_json::json!({"stop_strings": [""]}))
+            .unwrap_err()
+            .contains("stop_strings"));
     }
 
     #[test]
@@ -366,8 +429,14 @@ mod tests {
         let p = Path::new("config.json");
         let ids = |v: serde_json::Value| eos_ids(v.as_object().unwrap(), p);
         assert_eq!(ids(serde_json::json!({})).unwrap(), Vec::<u32>::new());
-        assert_eq!(ids(serde_json::json!({"eos_token_id": 7})).unwrap(), vec![7]);
-        assert_eq!(ids(serde_json::json!({"eos_token_id": [7, 9]})).unwrap(), vec![7, 9]);
+        assert_eq!(
+            ids(serde_json::json!({"eos_token_id": 7})).unwrap(),
+            vec![7]
+        );
+        assert_eq!(
+            ids(serde_json::json!({"eos_token_id": [7, 9]})).unwrap(),
+            vec![7, 9]
+        );
         assert!(ids(serde_json::json!({"eos_token_id": "x"})).is_err());
     }
 

@@ -46,7 +46,10 @@ impl Checkpoint {
 fn unique_dir(tag: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("sparselm-cli-test-{}-{tag}-{n}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "sparselm-cli-test-{}-{tag}-{n}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -77,7 +80,10 @@ fn config_json() -> serde_json::Value {
 
 /// GPT-2's byte → printable character table of the ByteLevel pre-tokenizer.
 fn bytes_to_unicode() -> Vec<char> {
-    let mut bs: Vec<u32> = (u32::from(b'!')..=u32::from(b'~')).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut bs: Vec<u32> = (u32::from(b'!')..=u32::from(b'~'))
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut cs = bs.clone();
     let mut n = 0;
     for b in 0..256 {
@@ -96,8 +102,11 @@ fn bytes_to_unicode() -> Vec<char> {
 
 /// Byte-level BPE without merges: id = byte value; then the three specials (256, 257, 258).
 fn tokenizer_json() -> String {
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        bytes_to_unicode().into_iter().enumerate().map(|(i, c)| (c.to_string(), i.into())).collect();
+    let vocab: serde_json::Map<String, serde_json::Value> = bytes_to_unicode()
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| (c.to_string(), i.into()))
+        .collect();
     let added: Vec<serde_json::Value> = SPECIALS
         .iter()
         .enumerate()
@@ -134,7 +143,9 @@ fn tokenizer_config(chat_template: bool) -> String {
 /// greedy decoding always picks a byte token (some byte row always scores above 0) and the
 /// generations run to --max-new-tokens.
 fn checkpoint(tag: &str, chat_template: bool) -> Checkpoint {
-    let ck = Checkpoint { dir: unique_dir(tag) };
+    let ck = Checkpoint {
+        dir: unique_dir(tag),
+    };
     let config = config_json();
     let cfg = ModelConfig::from_json_str(&config.to_string(), Path::new("config.json")).unwrap();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
@@ -146,7 +157,9 @@ fn checkpoint(tag: &str, chat_template: bool) -> Checkpoint {
             let scale = 1.0 / (cols as f32).sqrt();
             let values: Vec<f32> = match t.role {
                 Role::Norm => vec![1.0; n],
-                _ if t.name == "lm_head.weight" => (0..n).map(|i| if i / cols < 256 { rng.next() } else { 0.0 }).collect(),
+                _ if t.name == "lm_head.weight" => (0..n)
+                    .map(|i| if i / cols < 256 { rng.next() } else { 0.0 })
+                    .collect(),
                 _ if t.name == "model.embed_tokens.weight" => (0..n).map(|_| rng.next()).collect(),
                 _ => (0..n).map(|_| 2.0 * scale * rng.next()).collect(),
             };
@@ -156,7 +169,12 @@ fn checkpoint(tag: &str, chat_template: bool) -> Checkpoint {
         .collect();
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
-        .map(|(name, shape, bytes)| (name.clone(), TensorView::new(Dtype::F32, shape.clone(), bytes).unwrap()))
+        .map(|(name, shape, bytes)| {
+            (
+                name.clone(),
+                TensorView::new(Dtype::F32, shape.clone(), bytes).unwrap(),
+            )
+        })
         .collect();
     let st = safetensors::serialize(views, None).unwrap();
     std::fs::write(ck.dir.join("model.safetensors"), st).unwrap();
@@ -169,13 +187,22 @@ fn checkpoint(tag: &str, chat_template: bool) -> Checkpoint {
 fn run(args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = Command::new(BIN)
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the sparselm binary");
     if let Some(input) = stdin {
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
     }
     child.wait_with_output().unwrap()
 }
@@ -190,14 +217,25 @@ fn stderr(o: &Output) -> String {
 
 #[track_caller]
 fn assert_ok(o: &Output) {
-    assert!(o.status.success(), "exit {:?}\nstdout: {}\nstderr: {}", o.status.code(), stdout(o), stderr(o));
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        stdout(o),
+        stderr(o)
+    );
     assert_no_panic(o);
 }
 
 #[track_caller]
 fn assert_no_panic(o: &Output) {
     let err = stderr(o);
-    assert!(!err.contains("panicked") && !err.contains("internal error") && !err.contains("RUST_BACKTRACE"), "{err}");
+    assert!(
+        !err.contains("panicked")
+            && !err.contains("internal error")
+            && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
 }
 
 /// Exits with `code`, a single `sparselm: error:` line mentioning `want`, and no panic.
@@ -229,13 +267,27 @@ fn generate_prints_text_deterministically() {
     assert!(text.trim_end_matches('\n').chars().count() >= 4, "{text:?}");
     let err = stderr(&a);
     assert!(err.contains("[prompt: 12 tokens,"), "{err}");
-    assert!(err.contains("generated: 24 tokens") && err.contains("finish: length"), "{err}");
+    assert!(
+        err.contains("generated: 24 tokens") && err.contains("finish: length"),
+        "{err}"
+    );
     let b = generate(&ck, "Hello, world", &[]);
     assert_ok(&b);
     assert_eq!(text, stdout(&b), "greedy generation is deterministic");
 
     // The same prompt from standard input, and with several threads.
-    let c = run(&["generate", ck.path(), "-", "--max-new-tokens", "24", "--threads", "2"], Some("Hello, world"));
+    let c = run(
+        &[
+            "generate",
+            ck.path(),
+            "-",
+            "--max-new-tokens",
+            "24",
+            "--threads",
+            "2",
+        ],
+        Some("Hello, world"),
+    );
     assert_ok(&c);
     assert_eq!(text, stdout(&c));
 
@@ -246,7 +298,12 @@ fn generate_prints_text_deterministically() {
     let s = generate(&ck, "Hello, world", &["--stats"]);
     assert_ok(&s);
     let err = stderr(&s);
-    assert!(err.contains("[mlp sparsity: ") && err.contains("[layer sparsity: ") && err.contains("[time: prompt"), "{err}");
+    assert!(
+        err.contains("[mlp sparsity: ")
+            && err.contains("[layer sparsity: ")
+            && err.contains("[time: prompt"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -265,21 +322,42 @@ fn stop_strings_cut_the_output_exactly() {
     assert_eq!(stdout(&o).strip_suffix('\n').unwrap_or(&stdout(&o)), cut);
     assert!(stderr(&o).contains("finish: stop_string"), "{}", stderr(&o));
     // A stop string that never appears changes nothing.
-    let o = generate(&ck, "Once upon a time", &["--quiet", "--stop", "\u{1F980}never"]);
+    let o = generate(
+        &ck,
+        "Once upon a time",
+        &["--quiet", "--stop", "\u{1F980}never"],
+    );
     assert_eq!(stdout(&o).strip_suffix('\n').unwrap(), full);
 }
 
 #[test]
 fn generation_config_defaults_apply() {
     let ck = checkpoint("genconfig", true);
-    ck.write("generation_config.json", r#"{"max_new_tokens": 3, "do_sample": false, "eos_token_id": [258]}"#);
+    ck.write(
+        "generation_config.json",
+        r#"{"max_new_tokens": 3, "do_sample": false, "eos_token_id": [258]}"#,
+    );
     let o = run(&["generate", ck.path(), "abc"], None);
     assert_ok(&o);
     assert!(stderr(&o).contains("generated: 3 tokens"), "{}", stderr(&o));
-    let o = run(&["generate", ck.path(), "abc", "--max-new-tokens", "5"], None);
+    let o = run(
+        &["generate", ck.path(), "abc", "--max-new-tokens", "5"],
+        None,
+    );
     assert!(stderr(&o).contains("generated: 5 tokens"), "{}", stderr(&o));
     // Seeded sampling is reproducible.
-    let sample = ["generate", ck.path(), "abc", "--temperature", "1.0", "--top-k", "40", "--seed", "7", "--quiet"];
+    let sample = [
+        "generate",
+        ck.path(),
+        "abc",
+        "--temperature",
+        "1.0",
+        "--top-k",
+        "40",
+        "--seed",
+        "7",
+        "--quiet",
+    ];
     let (a, b) = (run(&sample, None), run(&sample, None));
     assert_ok(&a);
     assert_eq!(stdout(&a), stdout(&b));
@@ -288,7 +366,10 @@ fn generation_config_defaults_apply() {
 #[test]
 fn chat_keeps_one_session_across_turns() {
     let ck = checkpoint("chat", true);
-    let o = run(&["chat", ck.path(), "--max-new-tokens", "6", "--threads", "1"], Some("Hi there\n\nHow are you?\n/reset\nHi there\n"));
+    let o = run(
+        &["chat", ck.path(), "--max-new-tokens", "6", "--threads", "1"],
+        Some("Hi there\n\nHow are you?\n/reset\nHi there\n"),
+    );
     assert_ok(&o);
     let err = stderr(&o);
     assert!(err.contains("[conversation reset]"), "{err}");
@@ -298,21 +379,54 @@ fn chat_keeps_one_session_across_turns() {
     assert!(stats[1].contains(" evaluated)"), "{}", stats[1]);
     // After /reset the first message is answered exactly as before (and as generate --chat).
     assert_eq!(stats[0].split(',').next(), stats[2].split(',').next());
-    let g = run(&["generate", ck.path(), "Hi there", "--chat", "--max-new-tokens", "6", "--threads", "1"], None);
+    let g = run(
+        &[
+            "generate",
+            ck.path(),
+            "Hi there",
+            "--chat",
+            "--max-new-tokens",
+            "6",
+            "--threads",
+            "1",
+        ],
+        None,
+    );
     assert_ok(&g);
     let first = stdout(&g);
     let out = stdout(&o);
     assert!(out.len() > 2 * first.len(), "{out:?}");
-    assert!(out.starts_with(&first) && out.ends_with(&first), "{out:?} vs {first:?}");
+    assert!(
+        out.starts_with(&first) && out.ends_with(&first),
+        "{out:?} vs {first:?}"
+    );
 
     // /exit ends the conversation.
-    let o = run(&["chat", ck.path(), "--quiet", "--max-new-tokens", "6"], Some("/exit\nnot answered\n"));
+    let o = run(
+        &["chat", ck.path(), "--quiet", "--max-new-tokens", "6"],
+        Some("/exit\nnot answered\n"),
+    );
     assert_ok(&o);
     assert_eq!(stdout(&o), "");
     // The rendered conversation given as plain text: specials in text become special ids.
     let rendered = "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n";
-    let raw = run(&["generate", ck.path(), rendered, "--max-new-tokens", "6", "--threads", "1"], None);
-    assert_eq!(stdout(&raw), stdout(&g), "specials in the text are parsed as special ids");
+    let raw = run(
+        &[
+            "generate",
+            ck.path(),
+            rendered,
+            "--max-new-tokens",
+            "6",
+            "--threads",
+            "1",
+        ],
+        None,
+    );
+    assert_eq!(
+        stdout(&raw),
+        stdout(&g),
+        "specials in the text are parsed as special ids"
+    );
 }
 
 #[test]
@@ -332,7 +446,15 @@ fn info_describes_the_model() {
     let o = run(&["info", ck.path(), "--threads", "1"], None);
     assert_ok(&o);
     let out = stdout(&o);
-    for want in ["parameters", "dtype        f32", "kernel tier", "weights", "stop ids     258, 256", "chat template  yes", "greedy"] {
+    for want in [
+        "parameters",
+        "dtype        f32",
+        "kernel tier",
+        "weights",
+        "stop ids     258, 256",
+        "chat template  yes",
+        "greedy",
+    ] {
         let want = want.split_whitespace().collect::<Vec<_>>().join(" ");
         let flat = out.split_whitespace().collect::<Vec<_>>().join(" ");
         assert!(flat.contains(&want), "{want:?} not in\n{out}");
@@ -340,8 +462,12 @@ fn info_describes_the_model() {
     let o = run(&["info", ck.path(), "--json", "--dtype", "bf16"], None);
     assert_ok(&o);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    let cfg = ModelConfig::from_json_str(&config_json().to_string(), Path::new("config.json")).unwrap();
-    let n: usize = tensor_table(&cfg).iter().map(|t| t.shape.iter().product::<usize>()).sum();
+    let cfg =
+        ModelConfig::from_json_str(&config_json().to_string(), Path::new("config.json")).unwrap();
+    let n: usize = tensor_table(&cfg)
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>())
+        .sum();
     assert_eq!(v["num_parameters"], n);
     assert_eq!(v["dtype"], "bf16");
     assert_eq!(v["tokenizer_vocab_size"], 259);
@@ -354,8 +480,16 @@ fn info_describes_the_model() {
 fn help_and_version() {
     let o = run(&["--version"], None);
     assert_ok(&o);
-    assert_eq!(stdout(&o), format!("sparselm {}\n", env!("CARGO_PKG_VERSION")));
-    for args in [&["--help"][..], &["generate", "--help"], &["chat", "-h"], &["info", "--help"]] {
+    assert_eq!(
+        stdout(&o),
+        format!("sparselm {}\n", env!("CARGO_PKG_VERSION"))
+    );
+    for args in [
+        &["--help"][..],
+        &["generate", "--help"],
+        &["chat", "-h"],
+        &["info", "--help"],
+    ] {
         let o = run(args, None);
         assert_ok(&o);
         assert!(stdout(&o).contains("usage: sparselm"), "{args:?}");
@@ -369,14 +503,32 @@ fn usage_errors_exit_2() {
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec![], "COMMAND is required"),
         (vec!["bogus"], "unknown command 'bogus'"),
-        (vec!["generate", p, "hi", "--bogus"], "unknown option '--bogus'"),
-        (vec!["generate", p, "hi", "--temperature", "warm"], "--temperature must be a finite number"),
-        (vec!["generate", p, "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
-        (vec!["generate", p, "hi", "--max-new-tokens"], "needs a value"),
-        (vec!["generate", p, "hi", "--dtype", "f8"], "unknown dtype 'f8'"),
+        (
+            vec!["generate", p, "hi", "--bogus"],
+            "unknown option '--bogus'",
+        ),
+        (
+            vec!["generate", p, "hi", "--temperature", "warm"],
+            "--temperature must be a finite number",
+        ),
+        (
+            vec!["generate", p, "hi", "--top-p", "0"],
+            "top_p must be in (0, 1]",
+        ),
+        (
+            vec!["generate", p, "hi", "--max-new-tokens"],
+            "needs a value",
+        ),
+        (
+            vec!["generate", p, "hi", "--dtype", "f8"],
+            "unknown dtype 'f8'",
+        ),
         (vec!["generate", p], "the prompt is empty"),
         (vec!["generate", p, "a", "b"], "quote the prompt"),
-        (vec!["generate", p, "hi", "--max-seq", "100000"], "exceeds the model's context"),
+        (
+            vec!["generate", p, "hi", "--max-seq", "100000"],
+            "exceeds the model's context",
+        ),
         (vec!["info"], "MODEL_DIR argument is required"),
     ];
     for (args, want) in cases {
@@ -388,35 +540,80 @@ fn usage_errors_exit_2() {
 
 #[test]
 fn runtime_errors_exit_1() {
-    let missing = std::env::temp_dir().join(format!("sparselm-cli-test-{}-does-not-exist", std::process::id()));
+    let missing = std::env::temp_dir().join(format!(
+        "sparselm-cli-test-{}-does-not-exist",
+        std::process::id()
+    ));
     let missing = missing.to_str().unwrap();
-    assert_fails(&run(&["generate", missing, "hi"], None), 1, "model directory not found");
-    assert_fails(&run(&["chat", missing], Some("hi\n")), 1, "model directory not found");
-    assert_fails(&run(&["info", missing], None), 1, "model directory not found");
+    assert_fails(
+        &run(&["generate", missing, "hi"], None),
+        1,
+        "model directory not found",
+    );
+    assert_fails(
+        &run(&["chat", missing], Some("hi\n")),
+        1,
+        "model directory not found",
+    );
+    assert_fails(
+        &run(&["info", missing], None),
+        1,
+        "model directory not found",
+    );
 
     // A prompt longer than the context.
     let ck = checkpoint("runtime", true);
     let long = "x".repeat(64);
-    assert_fails(&generate(&ck, &long, &["--max-seq", "32"]), 1, "the prompt has 64 tokens but the context holds 32");
+    assert_fails(
+        &generate(&ck, &long, &["--max-seq", "32"]),
+        1,
+        "the prompt has 64 tokens but the context holds 32",
+    );
     // A chat turn that does not fit ends a non-interactive chat with exit 1.
-    assert_fails(&run(&["chat", ck.path(), "--max-seq", "40"], Some(&format!("{long}\n"))), 1, "the conversation has");
+    assert_fails(
+        &run(
+            &["chat", ck.path(), "--max-seq", "40"],
+            Some(&format!("{long}\n")),
+        ),
+        1,
+        "the conversation has",
+    );
     // Quantized dtypes are known but not implemented.
-    assert_fails(&run(&["info", ck.path(), "--dtype", "q8_0"], None), 1, "not implemented");
+    assert_fails(
+        &run(&["info", ck.path(), "--dtype", "q8_0"], None),
+        1,
+        "not implemented",
+    );
 
     // Broken files: each is reported, none panics.
     let broken = checkpoint("broken", true);
     broken.write("tokenizer.json", "{ not json");
-    assert_fails(&generate(&broken, "hi", &[]), 1, "tokenizer.json: cannot load the tokenizer");
+    assert_fails(
+        &generate(&broken, "hi", &[]),
+        1,
+        "tokenizer.json: cannot load the tokenizer",
+    );
     std::fs::remove_file(broken.dir.join("tokenizer.json")).unwrap();
     assert_fails(&generate(&broken, "hi", &[]), 1, "no tokenizer.json");
     broken.write("tokenizer.json", &tokenizer_json());
     broken.write("model.safetensors", "garbage, not a safetensors file");
     assert_fails(&generate(&broken, "hi", &[]), 1, "model.safetensors");
     broken.write("config.json", r#"{"model_type": "llama"}"#);
-    assert_fails(&generate(&broken, "hi", &[]), 1, "model_type 'llama' is not supported");
+    assert_fails(
+        &generate(&broken, "hi", &[]),
+        1,
+        "model_type 'llama' is not supported",
+    );
     broken.write("config.json", &config_json().to_string());
-    broken.write("generation_config.json", r#"{"do_sample": true, "top_p": 7}"#);
-    assert_fails(&generate(&broken, "hi", &[]), 1, "generation_config.json: top_p must be in (0, 1]");
+    broken.write(
+        "generation_config.json",
+        r#"{"do_sample": true, "top_p": 7}"#,
+    );
+    assert_fails(
+        &generate(&broken, "hi", &[]),
+        1,
+        "generation_config.json: top_p must be in (0, 1]",
+    );
 }
 
 #[test]

@@ -9,6 +9,7 @@ pub mod kv_cache;
 pub mod loader;
 pub mod model;
 pub mod ops;
+pub mod quant;
 pub mod safetensors;
 pub mod sampler;
 pub mod session;

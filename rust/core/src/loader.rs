@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::safetensors::{StDtype, StFile, TensorInfo};
-use crate::tensor::{DType, Matrix, Storage};
+use crate::tensor::{DType, Matrix, Storage, QBLOCK};
 use crate::weights::{tensor_table, LayerWeights, Role, Weights};
 
 /// The safetensors files of a checkpoint and which file holds each tensor (sharded case).
@@ -95,11 +95,16 @@ fn to_f32_vec(bytes: &[u8], d: DType) -> Vec<f32> {
             .par_chunks_exact(2)
             .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
             .collect(),
+        DType::Q8_0 | DType::Q4_0 => unreachable!("safetensors tensors are float (file_dtype)"),
     }
 }
 
-fn to_storage(bytes: &[u8], src: DType, dst: DType) -> Storage {
+fn to_storage(bytes: &[u8], src: DType, dst: DType, cols: usize) -> Storage {
     let bits = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
+    if dst.is_quantized() {
+        let v = to_f32_vec(bytes, src);
+        return Matrix::from_f32(v.len() / cols, cols, &v, dst).data;
+    }
     match (src, dst) {
         (DType::F16, DType::F16) => {
             Storage::F16(bytes.par_chunks_exact(2).map(|b| f16::from_bits(bits(b))).collect())
@@ -112,6 +117,7 @@ fn to_storage(bytes: &[u8], src: DType, dst: DType) -> Storage {
         (_, DType::BF16) => {
             Storage::BF16(to_f32_vec(bytes, src).par_iter().map(|&x| bf16::from_f32(x)).collect())
         }
+        (_, DType::Q8_0 | DType::Q4_0) => unreachable!("handled above"),
     }
 }
 
@@ -139,6 +145,7 @@ fn transpose_storage(s: Storage, rows: usize, cols: usize) -> Storage {
         Storage::F32(v) => Storage::F32(transpose(&v, rows, cols)),
         Storage::F16(v) => Storage::F16(transpose(&v, rows, cols)),
         Storage::BF16(v) => Storage::BF16(transpose(&v, rows, cols)),
+        Storage::Q8_0(_) | Storage::Q4_0(_) => unreachable!("quantize after transposing"),
     }
 }
 
@@ -215,17 +222,23 @@ pub fn load_weights(dir: &Path, cfg: &ModelConfig, want: Option<DType>) -> Resul
         let dt = &dt;
         loaded.push(match spec.role {
             Role::Norm => Loaded::Norm(to_f32_vec(bytes, *dt)),
-            Role::Matrix => Loaded::Mat(Matrix {
-                rows: spec.shape[0],
-                cols: spec.shape[1],
-                data: to_storage(bytes, *dt, out_dtype),
-            }),
+            Role::Matrix => {
+                let (r, c) = (spec.shape[0], spec.shape[1]);
+                let dst = if out_dtype.is_quantized() && c % QBLOCK != 0 { DType::F32 } else { out_dtype };
+                Loaded::Mat(Matrix { rows: r, cols: c, data: to_storage(bytes, *dt, dst, c) })
+            }
+            Role::MatrixTransposed if out_dtype.is_quantized() => {
+                // Transpose in f32, then quantize along the hidden dimension (rows of W_downᵀ).
+                let (r, c) = (spec.shape[0], spec.shape[1]);
+                let t = transpose(&to_f32_vec(bytes, *dt), r, c);
+                Loaded::Mat(Matrix::from_f32(c, r, &t, out_dtype))
+            }
             Role::MatrixTransposed => {
                 let (r, c) = (spec.shape[0], spec.shape[1]);
                 Loaded::Mat(Matrix {
                     rows: c,
                     cols: r,
-                    data: transpose_storage(to_storage(bytes, *dt, out_dtype), r, c),
+                    data: transpose_storage(to_storage(bytes, *dt, out_dtype, c), r, c),
                 })
             }
         });

@@ -52,6 +52,9 @@ pub struct Model {
     rope_cos: Vec<f32>, // [max_position_embeddings, dr/2]
     rope_sin: Vec<f32>, // [max_position_embeddings, dr/2]
     pool: rayon::ThreadPool,
+    /// Skip the zero ReLU² neurons in the down projection (exact). Off only for benchmarks
+    /// (`SPARSELM_DENSE_MLP=1`), to measure what sparsity buys.
+    pub sparse_mlp: bool,
 }
 
 impl std::fmt::Debug for Model {
@@ -71,11 +74,10 @@ pub fn parse_dtype(s: &str) -> Result<Option<DType>> {
         "f32" | "float32" => Ok(Some(DType::F32)),
         "f16" | "float16" => Ok(Some(DType::F16)),
         "bf16" | "bfloat16" => Ok(Some(DType::BF16)),
-        "q8_0" | "q4_0" => Err(Error::Unsupported(format!(
-            "dtype '{s}' (quantized weights) is not implemented yet; use auto, f32, f16 or bf16"
-        ))),
+        "q8_0" => Ok(Some(DType::Q8_0)),
+        "q4_0" => Ok(Some(DType::Q4_0)),
         _ => Err(Error::Dtype(format!(
-            "unknown dtype '{s}'; expected one of auto, f32, f16, bf16"
+            "unknown dtype '{s}'; expected one of auto, f32, f16, bf16, q8_0, q4_0"
         ))),
     }
 }
@@ -108,7 +110,8 @@ impl Model {
     pub fn from_parts(config: ModelConfig, weights: Weights, dtype: DType, pool: rayon::ThreadPool) -> Model {
         let (rope_cos, rope_sin) =
             rope_tables(config.max_position_embeddings, config.qk_rope_head_dim, config.rope_theta);
-        Model { config, weights, dtype, rope_cos, rope_sin, pool }
+        let sparse_mlp = std::env::var("SPARSELM_DENSE_MLP").map_or(true, |v| v.is_empty() || v == "0");
+        Model { config, weights, dtype, rope_cos, rope_sin, pool, sparse_mlp }
     }
 
     pub fn threads(&self) -> usize {
@@ -352,9 +355,7 @@ impl Model {
                         (k.axpy_f32)(s[u], &layer[u * rd..u * rd + r], ctx);
                     }
                     // o_h = W_UV_h ctx               [dv]
-                    for (j, oj) in o.iter_mut().enumerate() {
-                        *oj = kv_b.dot_row(row0 + dn + j, ctx);
-                    }
+                    kv_b.dot_rows(row0 + dn, ctx, o);
                 });
         }
     }
@@ -372,6 +373,11 @@ impl Model {
             relu2_collect(&mut st.up[..ni], &mut st.active);
             st.zeros[l] += (ni - st.active.len()) as u64;
             st.neurons[l] += ni as u64;
+            if !self.sparse_mlp {
+                // Benchmark baseline: visit every neuron, zeros included.
+                st.active.clear();
+                st.active.extend(st.up[..ni].iter().enumerate().map(|(j, &a)| (j as u32, a)));
+            }
             // y = Σ_{j active} act_j · W_downᵀ[j]     [d], output columns split across threads
             let active = &st.active;
             st.proj[..d].par_chunks_mut(cw).enumerate().for_each(|(ci, y)| {
@@ -398,7 +404,7 @@ impl Model {
                 for j in 0..ni {
                     for i in 0..t {
                         let a = up[i * ni + j];
-                        if a != 0.0 {
+                        if a != 0.0 || !self.sparse_mlp {
                             lw.down_t.axpy_row(j, c0, a, &mut y[i * w..(i + 1) * w]);
                         }
                     }
@@ -417,8 +423,9 @@ impl Model {
 
 /// Columns per parallel task of the sparse down projection (a multiple of 16 floats).
 fn column_chunk(d: usize) -> usize {
+    // Multiples of 32 so quantized rows split on block boundaries.
     let threads = rayon::current_num_threads().max(1);
-    (d.div_ceil(threads).div_ceil(16) * 16).max(16)
+    (d.div_ceil(threads).div_ceil(32) * 32).max(32)
 }
 
 /// RMSNorm of each `[d]` row of `x` into `out`.

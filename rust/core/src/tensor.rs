@@ -6,6 +6,15 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::kernels::kernels;
+use crate::quant::{self, quant_kernels, BlockQ4_0, BlockQ8_0};
+
+/// Weights per quantization block (Q8_0 and Q4_0).
+pub const QBLOCK: usize = 32;
+
+thread_local! {
+    /// The Q8_0-quantized input vector of the current quantized GEMV (reused, never shrunk).
+    static XQ: std::cell::RefCell<Vec<BlockQ8_0>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// Storage precision of weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,6 +22,10 @@ pub enum DType {
     F32,
     F16,
     BF16,
+    /// GGUF Q8_0: blocks of 32 int8 codes + f16 scale (34 bytes / 32 weights).
+    Q8_0,
+    /// GGUF Q4_0: blocks of 32 4-bit codes + f16 scale (18 bytes / 32 weights).
+    Q4_0,
 }
 
 impl DType {
@@ -21,13 +34,22 @@ impl DType {
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::BF16 => "bf16",
+            DType::Q8_0 => "q8_0",
+            DType::Q4_0 => "q4_0",
         }
     }
 
-    pub fn size(self) -> usize {
+    pub fn is_quantized(self) -> bool {
+        matches!(self, DType::Q8_0 | DType::Q4_0)
+    }
+
+    /// Bytes of `n` weights (`n` a multiple of 32 for quantized types).
+    pub fn bytes(self, n: usize) -> usize {
         match self {
-            DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
+            DType::F32 => 4 * n,
+            DType::F16 | DType::BF16 => 2 * n,
+            DType::Q8_0 => n / QBLOCK * 34,
+            DType::Q4_0 => n / QBLOCK * 18,
         }
     }
 }
@@ -38,6 +60,8 @@ pub enum Storage {
     F32(Vec<f32>),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
+    Q8_0(Vec<BlockQ8_0>),
+    Q4_0(Vec<BlockQ4_0>),
 }
 
 /// Row-major `[rows, cols]` weights.
@@ -49,13 +73,30 @@ pub struct Matrix {
 }
 
 impl Matrix {
-    /// Build from f32 values, stored as `dtype` (round to nearest even).
+    /// Build from f32 values, stored as `dtype` (round to nearest even; quantized types per
+    /// row, in parallel). A quantized dtype needs `cols % 32 == 0`; other matrices stay f32.
     pub fn from_f32(rows: usize, cols: usize, v: &[f32], dtype: DType) -> Matrix {
         assert_eq!(v.len(), rows * cols, "Matrix::from_f32 length");
+        let dtype = if dtype.is_quantized() && cols % QBLOCK != 0 { DType::F32 } else { dtype };
+        let nb = cols / QBLOCK;
         let data = match dtype {
             DType::F32 => Storage::F32(v.to_vec()),
             DType::F16 => Storage::F16(v.par_iter().map(|&x| f16::from_f32(x)).collect()),
             DType::BF16 => Storage::BF16(v.par_iter().map(|&x| bf16::from_f32(x)).collect()),
+            DType::Q8_0 => {
+                let mut q = vec![BlockQ8_0::default(); rows * nb];
+                q.par_chunks_mut(nb.max(1)).zip(v.par_chunks(cols.max(1))).for_each(|(o, x)| {
+                    quant::quantize_row_q8_0(x, o).expect("cols is a multiple of 32");
+                });
+                Storage::Q8_0(q)
+            }
+            DType::Q4_0 => {
+                let mut q = vec![BlockQ4_0::default(); rows * nb];
+                q.par_chunks_mut(nb.max(1)).zip(v.par_chunks(cols.max(1))).for_each(|(o, x)| {
+                    quant::quantize_row_q4_0(x, o).expect("cols is a multiple of 32");
+                });
+                Storage::Q4_0(q)
+            }
         };
         Matrix { rows, cols, data }
     }
@@ -65,27 +106,65 @@ impl Matrix {
             Storage::F32(_) => DType::F32,
             Storage::F16(_) => DType::F16,
             Storage::BF16(_) => DType::BF16,
+            Storage::Q8_0(_) => DType::Q8_0,
+            Storage::Q4_0(_) => DType::Q4_0,
         }
     }
 
     /// Bytes held by the weights.
     pub fn nbytes(&self) -> usize {
-        self.rows * self.cols * self.dtype().size()
+        self.dtype().bytes(self.rows * self.cols)
     }
 
-    /// `row[r][c0..c0+y.len()] · x`.
+    /// `row[r] · x` (`x.len() == cols`). Quantized rows quantize `x` on each call: for many
+    /// rows against one `x`, use `dot_rows`.
     #[inline]
     pub fn dot_row(&self, r: usize, x: &[f32]) -> f32 {
+        let mut out = [0f32];
+        self.dot_rows(r, x, &mut out);
+        out[0]
+    }
+
+    /// `out[i] = row[r0 + i] · x` (`x.len() == cols`); `x` is quantized once if needed.
+    pub fn dot_rows(&self, r0: usize, x: &[f32], out: &mut [f32]) {
+        debug_assert_eq!(x.len(), self.cols);
         let k = kernels();
-        let (s, e) = (r * self.cols, r * self.cols + x.len());
+        let c = self.cols;
         match &self.data {
-            Storage::F32(w) => (k.dot_f32)(&w[s..e], x),
-            Storage::F16(w) => (k.dot_f16)(&w[s..e], x),
-            Storage::BF16(w) => (k.dot_bf16)(&w[s..e], x),
+            Storage::F32(w) => out.iter_mut().enumerate().for_each(|(i, o)| {
+                *o = (k.dot_f32)(&w[(r0 + i) * c..(r0 + i + 1) * c], x)
+            }),
+            Storage::F16(w) => out.iter_mut().enumerate().for_each(|(i, o)| {
+                *o = (k.dot_f16)(&w[(r0 + i) * c..(r0 + i + 1) * c], x)
+            }),
+            Storage::BF16(w) => out.iter_mut().enumerate().for_each(|(i, o)| {
+                *o = (k.dot_bf16)(&w[(r0 + i) * c..(r0 + i + 1) * c], x)
+            }),
+            Storage::Q8_0(_) | Storage::Q4_0(_) => XQ.with(|cell| {
+                let mut xq = cell.borrow_mut();
+                quantize_input(x, &mut xq);
+                self.dot_rows_q(r0, &xq, out);
+            }),
         }
     }
 
-    /// `y += a · row[r][c0 .. c0 + y.len()]`.
+    /// `out[i] = row[r0 + i] · xq` for a quantized matrix and a Q8_0 input.
+    fn dot_rows_q(&self, r0: usize, xq: &[BlockQ8_0], out: &mut [f32]) {
+        let qk = quant_kernels();
+        let nb = self.cols / QBLOCK;
+        match &self.data {
+            Storage::Q8_0(w) => out.iter_mut().enumerate().for_each(|(i, o)| {
+                *o = (qk.vec_dot_q8_0_q8_0)(&w[(r0 + i) * nb..(r0 + i + 1) * nb], xq)
+            }),
+            Storage::Q4_0(w) => out.iter_mut().enumerate().for_each(|(i, o)| {
+                *o = (qk.vec_dot_q4_0_q8_0)(&w[(r0 + i) * nb..(r0 + i + 1) * nb], xq)
+            }),
+            _ => unreachable!("dot_rows_q on a float matrix"),
+        }
+    }
+
+    /// `y += a · row[r][c0 .. c0 + y.len()]` (for quantized rows `c0` and `y.len()` are
+    /// multiples of 32).
     #[inline]
     pub fn axpy_row(&self, r: usize, c0: usize, a: f32, y: &mut [f32]) {
         let k = kernels();
@@ -95,6 +174,8 @@ impl Matrix {
             Storage::F32(w) => (k.axpy_f32)(a, &w[s..e], y),
             Storage::F16(w) => (k.axpy_f16)(a, &w[s..e], y),
             Storage::BF16(w) => (k.axpy_bf16)(a, &w[s..e], y),
+            Storage::Q8_0(w) => (quant_kernels().axpy_q8_0)(a, &w[s / QBLOCK..e / QBLOCK], y),
+            Storage::Q4_0(w) => (quant_kernels().axpy_q4_0)(a, &w[s / QBLOCK..e / QBLOCK], y),
         }
     }
 
@@ -113,6 +194,14 @@ impl Matrix {
                     *o = v.to_f32();
                 }
             }
+            Storage::Q8_0(w) => {
+                let nb = self.cols / QBLOCK;
+                quant::dequantize_row_q8_0(&w[r * nb..(r + 1) * nb], out).expect("row length");
+            }
+            Storage::Q4_0(w) => {
+                let nb = self.cols / QBLOCK;
+                quant::dequantize_row_q4_0(&w[r * nb..(r + 1) * nb], out).expect("row length");
+            }
         }
     }
 
@@ -121,11 +210,14 @@ impl Matrix {
         debug_assert_eq!(x.len(), self.cols);
         debug_assert_eq!(y.len(), self.rows);
         let chunk = row_chunk(self.rows);
-        y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| {
-            for (i, yi) in ys.iter_mut().enumerate() {
-                *yi = self.dot_row(ci * chunk + i, x);
-            }
-        });
+        if self.dtype().is_quantized() {
+            // Quantize the input once; every row task reuses the same blocks.
+            let mut xq = Vec::new();
+            quantize_input(x, &mut xq);
+            y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| self.dot_rows_q(ci * chunk, &xq, ys));
+        } else {
+            y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| self.dot_rows(ci * chunk, x, ys));
+        }
     }
 
     /// `Y = X Wᵀ` for `t` input rows: `x: [t, cols]`, `y: [t, rows]` (prefill GEMM).
@@ -186,6 +278,12 @@ impl Matrix {
     }
 }
 
+/// Quantize a GEMV input to Q8_0 blocks into `xq` (resized; `x.len()` a multiple of 32).
+fn quantize_input(x: &[f32], xq: &mut Vec<BlockQ8_0>) {
+    xq.resize(x.len() / QBLOCK, BlockQ8_0::default());
+    quant::quantize_row_q8_0(x, xq).expect("quantized matrices have cols % 32 == 0");
+}
+
 /// Rows per parallel task: enough tasks to balance, few enough to keep overhead low.
 fn row_chunk(rows: usize) -> usize {
     let tasks = rayon::current_num_threads().max(1) * 8;
@@ -198,11 +296,14 @@ mod tests {
 
     #[test]
     fn matvec_and_matmul_agree_with_naive() {
-        for (rows, cols, t) in [(37, 53, 5), (8, 64, 8), (13, 16, 3), (4, 20, 4)] {
+        for (rows, cols, t) in [(37, 53, 5), (8, 64, 8), (13, 16, 3), (4, 20, 4), (9, 96, 6)] {
         let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5).collect();
         let x: Vec<f32> = (0..t * cols).map(|i| ((i * 31) % 13) as f32 / 13.0 - 0.5).collect();
-        for dt in [DType::F32, DType::F16, DType::BF16] {
+        for dt in [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0] {
             let m = Matrix::from_f32(rows, cols, &w, dt);
+            // Quantized: compare against the dequantized weights with a quantized input
+            // (error ~ |w|·|x| / 127 per term).
+            let tol = match m.dtype() { DType::Q8_0 | DType::Q4_0 => 0.05 * cols as f32 / 64.0, _ => 1e-4 };
             let mut y = vec![0f32; t * rows];
             m.matmul(&x, t, &mut y);
             let mut row = vec![0f32; cols];
@@ -212,8 +313,8 @@ mod tests {
                 for r in 0..rows {
                     m.row_to_f32(r, &mut row);
                     let naive: f32 = row.iter().zip(&x[j * cols..]).map(|(a, b)| a * b).sum();
-                    assert!((y[j * rows + r] - naive).abs() < 1e-4, "{dt:?}");
-                    assert!((yv[r] - naive).abs() < 1e-4, "{dt:?}");
+                    assert!((y[j * rows + r] - naive).abs() < 1e-4, "{dt:?} matmul");
+                    assert!((yv[r] - naive).abs() < tol, "{dt:?} matvec {} vs {naive}", yv[r]);
                 }
             }
         }

@@ -1,5 +1,5 @@
 //! Kernel dispatch: one table of safe function pointers per SIMD tier, chosen once at start-up
-//! by CPU detection (overridable with `SPARSELM_KERNEL=scalar|avx2|avx512`).
+//! by CPU detection (overridable with `SPARSELM_KERNEL=scalar|avx2|avx512|neon|neon-dotprod`).
 //!
 //! Kernels know nothing of layers, heads or configs: they are dot products and AXPYs over
 //! slices. `scalar` is the specification; every other tier has the same functions with the same
@@ -9,6 +9,16 @@
 //! - f16/bf16 weights are widened in registers (F16C `cvtph`, bf16 by a 16-bit shift); no
 //!   temporary f32 copies of weight rows on the decode path.
 //! - 4 independent accumulators per dot product hide FMA latency (4 cycles on Zen).
+//! - aarch64 `neon`: 8-wide as two `float32x4_t`, with the same 4-accumulator / 32-8-scalar
+//!   split, tile schedule and reduction order as `avx2`, so the two tiers are bit-identical
+//!   (`.ci/arm64.sh` checks greedy CLI output under qemu-aarch64 == x86_64 with
+//!   `SPARSELM_KERNEL=avx2`). f16 → f32 uses `fcvtl`/`fcvtl2` through `asm!` (base ARMv8.0;
+//!   `vcvt_f32_f16`/`float16x4_t` compile on Debian's rustc 1.96 but are newer than our MSRV);
+//!   bf16 is `vshll_n_u16::<16>`. No ARM timings yet (qemu says nothing about speed): measure
+//!   on a Pi 4 / Pi 5 before tuning (e.g. 8 accumulators for A76's 2 FMA pipes).
+//! - aarch64 `neon-dotprod`: same float kernels; the tier exists for the int8 (Q8_0/Q4_0)
+//!   kernels in `quant/`: `sdot` via `asm!` in `#[target_feature(enable = "neon,dotprod")]`
+//!   (`vdotq_s32` is unstable), `vmull_s8` + `vpadalq_s16` on plain `neon`. Not written yet.
 
 use std::sync::OnceLock;
 
@@ -292,5 +302,31 @@ mod tests {
             Some(t) if Tier::available().contains(&t) => assert_eq!(chosen, t),
             _ => assert_eq!(Some(&chosen), Tier::available().last()),
         }
+    }
+
+    /// CI pins the CPU model (`QEMU_CPU=cortex-a72` → "neon", `cortex-a76` → "neon-dotprod")
+    /// and sets `SPARSELM_EXPECT_TIER` so the run proves which tier detection chose.
+    #[test]
+    fn auto_selected_tier_is_the_expected_one() {
+        let Some(want) = std::env::var("SPARSELM_EXPECT_TIER").ok().filter(|s| !s.is_empty()) else {
+            return;
+        };
+        let best = *Tier::available().last().unwrap();
+        assert_eq!(best.name(), want, "available: {:?}", Tier::available());
+        assert_eq!(Tier::parse(&want), Some(best));
+        if std::env::var("SPARSELM_KERNEL").map_or(true, |s| s.trim().is_empty()) {
+            assert_eq!(kernels().tier, best);
+        }
+        eprintln!("auto-selected kernel tier: {}", best.name());
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn neon_tiers_parse_and_name() {
+        assert_eq!(Tier::parse("NEON"), Some(Tier::Neon));
+        assert_eq!(Tier::parse("neon-dotprod"), Some(Tier::NeonDotprod));
+        assert_eq!(Tier::Neon.name(), "neon");
+        assert_eq!(Tier::NeonDotprod.name(), "neon-dotprod");
+        assert!(Tier::available().contains(&Tier::Neon), "NEON is mandatory on aarch64 Linux");
     }
 }

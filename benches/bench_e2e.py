@@ -1,0 +1,129 @@
+"""End-to-end speed of sparselm on the exact PLM-1.8B shape (random weights).
+
+Reports, per weight format and thread count: prefill tok/s (128-token prompt), decode tok/s with
+exact sparsity on and off, achieved weight-read GB/s against the machine's bandwidth, peak RSS,
+measured ReLU² sparsity, and the kernel tier. Each configuration runs in its own process so peak
+RSS is its own. Results are printed as a table and written as JSON (``--json``).
+
+    python benches/bench_e2e.py                       # f16/bf16, 1 and 2 threads
+    python benches/bench_e2e.py --dtypes bf16 --threads 2 --decode 32
+
+Timing belongs here, never in tests. The machine is shared and noisy: compare ratios measured
+side by side in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+#: STREAM-style read bandwidth of the reference machine (2 cores, issue #3): GB/s per thread count.
+BANDWIDTH = {1: 15.0, 2: 28.5}
+
+
+def run_one(model_dir: str, dtype: str, threads: int, prompt: int, decode: int) -> dict:
+    import sparselm
+    from sparselm import _native
+    from plm_checkpoint import PLM_1_8B, shapes
+
+    t0 = time.perf_counter()
+    eng = _native.Engine(model_dir, dtype, threads)
+    load_s = time.perf_counter() - t0
+    cfg = PLM_1_8B
+    n_params = sum(int(__import__("math").prod(s)) for _, s in shapes(cfg))
+    ids = [(i * 7919) % 150000 + 100 for i in range(prompt)]
+    sess = eng.new_session(prompt + decode + 8)
+    t0 = time.perf_counter()
+    sess.start(ids, decode)
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n = 0
+    while sess.next_token() is not None:
+        n += 1
+    decode_s = time.perf_counter() - t0
+    st = sess.stats()
+    wbytes = eng.weight_bytes
+    d, ni, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    bpw = wbytes / n_params
+    sparsity = st.get("mlp_sparsity", 0.0)
+    sparse_on = os.environ.get("SPARSELM_DENSE_MLP", "0") in ("", "0")
+    read = wbytes - (sparsity * layers * ni * d * bpw if sparse_on else 0.0)
+    tok_s = n / decode_s if decode_s > 0 else 0.0
+    return {
+        "dtype": eng.dtype,
+        "threads": eng.threads,
+        "sparse": sparse_on,
+        "load_s": load_s,
+        "prefill_tok_s": prompt / prefill_s,
+        "decode_tok_s": tok_s,
+        "decode_tokens": n,
+        "gb_per_token": read / 1e9,
+        "gb_s": read * tok_s / 1e9,
+        "bandwidth_share": read * tok_s / 1e9 / BANDWIDTH.get(eng.threads, BANDWIDTH[2]),
+        "sparsity": sparsity,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "tier": sparselm.kernel_tier(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtypes", default="bf16,f16")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--json", help="write results here")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config as JSON
+    a = ap.parse_args()
+    from plm_checkpoint import ensure_checkpoint
+
+    model_dir = str(ensure_checkpoint())
+    if a.one:
+        dtype, threads = a.one.split(":")
+        print(json.dumps(run_one(model_dir, dtype, int(threads), a.prompt, a.decode)))
+        return
+    rows = []
+    for dtype in a.dtypes.split(","):
+        for threads in [int(t) for t in a.threads.split(",")]:
+            for sparse in (True, False):
+                env = dict(os.environ, SPARSELM_DENSE_MLP="0" if sparse else "1")
+                out = subprocess.run(
+                    [sys.executable, __file__, "--one", f"{dtype}:{threads}", "--prompt", str(a.prompt),
+                     "--decode", str(a.decode)],
+                    env=env, capture_output=True, text=True, check=True,
+                )
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                rows.append(r)
+                print(
+                    f"{r['dtype']:>5} threads={r['threads']} sparse={'on ' if r['sparse'] else 'off'} "
+                    f"prefill {r['prefill_tok_s']:6.2f} tok/s | decode {r['decode_tok_s']:5.2f} tok/s "
+                    f"({r['gb_s']:5.1f} GB/s, {100 * r['bandwidth_share']:3.0f}% of bw) | "
+                    f"sparsity {100 * r['sparsity']:4.1f}% | RSS {r['peak_rss_gb']:.2f} GB | "
+                    f"load {r['load_s']:.1f}s | {r['tier']}",
+                    flush=True,
+                )
+    meta = {"cpu": platform.processor() or platform.machine(), "commit": _commit()}
+    if a.json:
+        Path(a.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                              text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()

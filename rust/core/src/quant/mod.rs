@@ -1,0 +1,351 @@
+//! GGUF/ggml-compatible quantized weight blocks (`Q8_0`, `Q4_0`), their quantizers and
+//! dequantizers, and the integer dot-product / AXPY kernels of quantized GEMV, dispatched once
+//! per process like `crate::kernels`.
+//!
+//! Owns: the block byte layouts, the reference quantizers, the scalar specification of every
+//! quantized kernel (`scalar`) and its SIMD twins (`x86_avx2`, `x86_avx512`). Must not: know
+//! about layers, heads or configs, allocate on the kernel path, or panic on lengths (mismatched
+//! slices are truncated to the common prefix, exactly like the scalar spec does).
+//!
+//! # Block formats (byte-identical to ggml `block_q8_0` / `block_q4_0`, little-endian)
+//! - `Q8_0`, 34 bytes per 32 weights: `d: f16` then `qs: [i8; 32]`; `w[j] = qs[j] · d`.
+//! - `Q4_0`, 18 bytes per 32 weights: `d: f16` then `qs: [u8; 16]`; byte `j` holds weight `j` in
+//!   its low nibble and weight `j + 16` in its high nibble; `w[j] = (nibble − 8) · d`.
+//!
+//! The quantizers follow ggml's reference (`quantize_row_q8_0_ref`, `quantize_row_q4_0_ref`)
+//! operation for operation, so a row quantized here has the same bytes as one quantized by ggml:
+//! - Q8_0: `amax = max|x|`, `d = amax / 127`, `id = 1/d` (0 if d = 0), `q = roundf(x · id)`
+//!   (round half away from zero), `d` stored as f16 (round to nearest even).
+//! - Q4_0: `max` = the first element of largest magnitude, with its sign; `d = max / −8`,
+//!   `id = 1/d`, `q = min(15, (i8)(x · id + 8.5))` (truncation toward zero).
+//!
+//! Non-finite inputs give unspecified (but memory-safe, panic-free) blocks, as in ggml.
+//!
+//! # Kernels and exactness across tiers
+//! A GEMV quantizes its f32 input once with [`quantize_row_q8_0`], then calls a dot kernel per
+//! weight row. The specification (`scalar`) of `vec_dot_*` is, for blocks `b = 0, 1, …`:
+//! `sumi_b = Σ_j w_j · x_j` in i32 (exact: |sumi_b| ≤ 32·128·128), `p_b = (sumi_b as f32) ·
+//! (d_w,b · d_x,b)`, `acc[b % 8] += p_b`, and at the end the fixed tree
+//! `((acc0+acc4) + (acc2+acc6)) + ((acc1+acc5) + (acc3+acc7))`. Eight interleaved partial sums
+//! (not one running sum) let the SIMD tiers keep eight blocks in the eight f32 lanes of a
+//! `__m256` and still perform the *same* f32 operations in the *same* order: every tier is
+//! bit-identical to scalar, for all inputs including `−128` codes (tested with `to_bits()`).
+//! The AXPY spec is `s = a · d_b`, `y[32b + j] += s · (q_j as f32)` (separate multiply and add,
+//! never fused), which the SIMD tiers also reproduce bit for bit.
+//!
+//! How the integer part stays exact on x86 (all inputs, no precondition on the codes):
+//! - AVX2 Q8_0·Q8_0: sign-extend both operands to i16 and `vpmaddwd` (no saturation possible).
+//!   The ggml sign trick (`maddubs(|w|, sign(x, w))`) wraps when `x = −128` and `w < 0`.
+//! - AVX2 Q4_0·Q8_0: `maddubs(q, x) − maddubs(8, x)` with `q ∈ 0..15` unsigned: each i16 pair
+//!   is at most 2·15·128 in magnitude, so neither `maddubs` saturates.
+//! - AVX-512 VNNI Q8_0·Q8_0: offset trick, `dpbusd(w ⊕ 0x80, x) − dpbusd(0x80, x)` =
+//!   `Σ (w+128)·x − 128·Σ x`; `dpbusd` does not saturate.
+//! - AVX-512 VNNI Q4_0·Q8_0: `dpbusd(q, x) − dpbusd(8, x)`.
+//!
+//! # PERF NOTES
+//! (single thread, AMD EPYC Zen 4 class VM shared with other jobs, so ±15 %; see
+//! `benches/quant.rs`; GB/s = bytes of weight blocks per second)
+//! - Per-block i32 sums of 8 blocks are transposed into one `__m256i` (hadd tree, or on AVX-512
+//!   two blocks per `zmm` and a 3-level shuffle tree) so the f32 part is one cvt, one mul and
+//!   one add per 8 blocks; a single running f32 sum in block order would serialise on add
+//!   latency (~3-4 cycles per block).
+//! - Block scales are read with 8 scalar loads packed by `_mm_setr_epi16` + `vcvtph2ps`.
+//! - Results of the current implementation are summarised in the module's bench run notes
+//!   (commit message / report), and the tiers must be re-measured after any change here.
+
+use std::sync::OnceLock;
+
+use half::f16;
+
+use crate::error::{Error, Result};
+use crate::kernels::{kernels, Tier};
+
+pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86_avx2;
+#[cfg(target_arch = "x86_64")]
+mod x86_avx512;
+
+#[cfg(test)]
+mod tests;
+
+/// Weights per Q8_0 block (ggml `QK8_0`).
+pub const QK8_0: usize = 32;
+/// Weights per Q4_0 block (ggml `QK4_0`).
+pub const QK4_0: usize = 32;
+
+/// ggml `block_q8_0`: 32 signed 8-bit codes sharing one f16 scale. 34 bytes, no padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct BlockQ8_0 {
+    /// Scale (IEEE half).
+    pub d: f16,
+    /// Codes; weight `j` is `qs[j] · d`.
+    pub qs: [i8; QK8_0],
+}
+
+/// ggml `block_q4_0`: 32 unsigned 4-bit codes (offset 8) sharing one f16 scale. 18 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct BlockQ4_0 {
+    /// Scale (IEEE half).
+    pub d: f16,
+    /// Byte `j`: weight `j` in the low nibble, weight `j + 16` in the high nibble.
+    pub qs: [u8; QK4_0 / 2],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
+const _: () = assert!(std::mem::align_of::<BlockQ8_0>() == 2);
+const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
+const _: () = assert!(std::mem::align_of::<BlockQ4_0>() == 2);
+
+/// A ggml block type: plain old data, every bit pattern valid, no padding.
+///
+/// # Safety
+/// Implementors must be `#[repr(C)]`, contain only integer / `f16` fields with no padding, and
+/// have `size_of::<Self>() == BYTES`.
+pub unsafe trait QuantBlock: Copy + 'static {
+    /// Bytes per block in the file.
+    const BYTES: usize;
+    /// Weights per block.
+    const WEIGHTS: usize;
+    /// ggml type name.
+    const NAME: &'static str;
+}
+
+// SAFETY: repr(C) { f16, [i8; 32] }, size asserted to be 34 = 2 + 32 above (no padding).
+unsafe impl QuantBlock for BlockQ8_0 {
+    const BYTES: usize = 34;
+    const WEIGHTS: usize = QK8_0;
+    const NAME: &'static str = "q8_0";
+}
+
+// SAFETY: repr(C) { f16, [u8; 16] }, size asserted to be 18 = 2 + 16 above (no padding).
+unsafe impl QuantBlock for BlockQ4_0 {
+    const BYTES: usize = 18;
+    const WEIGHTS: usize = QK4_0;
+    const NAME: &'static str = "q4_0";
+}
+
+/// The raw file bytes of `blocks` (little-endian hosts only, like GGUF itself).
+#[cfg(target_endian = "little")]
+pub fn blocks_as_bytes<B: QuantBlock>(blocks: &[B]) -> &[u8] {
+    // SAFETY: B is padding-free POD (QuantBlock contract); the byte length is exact and u8 has
+    // alignment 1.
+    unsafe {
+        std::slice::from_raw_parts(blocks.as_ptr() as *const u8, std::mem::size_of_val(blocks))
+    }
+}
+
+/// View file bytes (e.g. an mmap'd GGUF tensor) as blocks without copying. Errors if the length
+/// is not a whole number of blocks or the data is not 2-byte aligned (GGUF aligns tensor data
+/// to 32 bytes, so a well-formed file always passes).
+#[cfg(target_endian = "little")]
+pub fn blocks_from_bytes<B: QuantBlock>(bytes: &[u8]) -> Result<&[B]> {
+    if bytes.len() % B::BYTES != 0 {
+        return Err(Error::Argument(format!(
+            "{} data of {} bytes is not a whole number of {}-byte blocks",
+            B::NAME,
+            bytes.len(),
+            B::BYTES
+        )));
+    }
+    if bytes.as_ptr().align_offset(std::mem::align_of::<B>()) != 0 {
+        return Err(Error::Argument(format!(
+            "{} data is not {}-byte aligned",
+            B::NAME,
+            std::mem::align_of::<B>()
+        )));
+    }
+    // SAFETY: alignment and whole-block length checked above; every bit pattern is a valid B
+    // (QuantBlock contract); the lifetime is tied to `bytes`.
+    Ok(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const B, bytes.len() / B::BYTES) })
+}
+
+fn check_len(what: &str, values: usize, blocks: usize, per_block: usize) -> Result<()> {
+    if values % per_block != 0 || values / per_block != blocks {
+        return Err(Error::Argument(format!(
+            "{what}: {values} values need {values}/{per_block} blocks (a multiple of {per_block}), got {blocks} blocks"
+        )));
+    }
+    Ok(())
+}
+
+/// `roundf`: round half away from zero, without a libm call (so the quantizer vectorises).
+/// `v − trunc(v)` is exact (Sterbenz), so the comparison with ±0.5 decides ties exactly.
+#[inline]
+fn round_half_away(v: f32) -> f32 {
+    let t = v as i32 as f32; // trunc toward zero; saturates beyond ±2^31 (then `as i8` saturates)
+    let f = v - t;
+    if f >= 0.5 {
+        t + 1.0
+    } else if f <= -0.5 {
+        t - 1.0
+    } else {
+        t
+    }
+}
+
+/// One Q8_0 block, as ggml `quantize_row_q8_0_ref`.
+#[inline]
+pub fn quantize_block_q8_0(x: &[f32; QK8_0]) -> BlockQ8_0 {
+    let mut amax = 0f32;
+    for &v in x {
+        // ggml: amax = MAX(amax, fabsf(v)).
+        let a = v.abs();
+        if a > amax {
+            amax = a;
+        }
+    }
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut qs = [0i8; QK8_0];
+    for (q, &v) in qs.iter_mut().zip(x) {
+        *q = round_half_away(v * id) as i8;
+    }
+    BlockQ8_0 {
+        d: f16::from_f32(d),
+        qs,
+    }
+}
+
+/// One Q4_0 block, as ggml `quantize_row_q4_0_ref`.
+#[inline]
+pub fn quantize_block_q4_0(x: &[f32; QK4_0]) -> BlockQ4_0 {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    let d = max / -8.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let code = |v: f32| -> u8 {
+        // ggml: MIN(15, (int8_t)(x*id + 8.5f)); the value is ≥ 0.49 for finite input, the
+        // lower clamp only keeps garbage (NaN/inf) input inside the nibble.
+        ((v * id + 8.5) as i8).clamp(0, 15) as u8
+    };
+    let mut qs = [0u8; QK4_0 / 2];
+    for j in 0..QK4_0 / 2 {
+        qs[j] = code(x[j]) | (code(x[j + QK4_0 / 2]) << 4);
+    }
+    BlockQ4_0 {
+        d: f16::from_f32(d),
+        qs,
+    }
+}
+
+/// Quantize a row to Q8_0 (`x.len() == 32 · out.len()`). Also the activation quantizer of the
+/// quantized GEMV: call it once per input vector, then reuse the blocks for every weight row.
+pub fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) -> Result<()> {
+    check_len("quantize_row_q8_0", x.len(), out.len(), QK8_0)?;
+    for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK8_0)) {
+        *b = quantize_block_q8_0(xs.try_into().expect("chunks_exact(32)"));
+    }
+    Ok(())
+}
+
+/// Quantize a row to Q4_0 (`x.len() == 32 · out.len()`).
+pub fn quantize_row_q4_0(x: &[f32], out: &mut [BlockQ4_0]) -> Result<()> {
+    check_len("quantize_row_q4_0", x.len(), out.len(), QK4_0)?;
+    for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK4_0)) {
+        *b = quantize_block_q4_0(xs.try_into().expect("chunks_exact(32)"));
+    }
+    Ok(())
+}
+
+/// Quantize `x` (length a multiple of 32) into a new Q8_0 vector.
+pub fn quantize_q8_0(x: &[f32]) -> Result<Vec<BlockQ8_0>> {
+    let mut out = vec![BlockQ8_0::default(); x.len() / QK8_0];
+    quantize_row_q8_0(x, &mut out)?;
+    Ok(out)
+}
+
+/// Quantize `x` (length a multiple of 32) into a new Q4_0 vector.
+pub fn quantize_q4_0(x: &[f32]) -> Result<Vec<BlockQ4_0>> {
+    let mut out = vec![BlockQ4_0::default(); x.len() / QK4_0];
+    quantize_row_q4_0(x, &mut out)?;
+    Ok(out)
+}
+
+/// `out[32b + j] = qs[j] · d` (ggml `dequantize_row_q8_0`); `out.len() == 32 · w.len()`.
+pub fn dequantize_row_q8_0(w: &[BlockQ8_0], out: &mut [f32]) -> Result<()> {
+    check_len("dequantize_row_q8_0", out.len(), w.len(), QK8_0)?;
+    for (b, o) in w.iter().zip(out.chunks_exact_mut(QK8_0)) {
+        let d = b.d.to_f32();
+        for (o, &q) in o.iter_mut().zip(&b.qs) {
+            *o = q as f32 * d;
+        }
+    }
+    Ok(())
+}
+
+/// `out[32b + j] = (nibble_j − 8) · d` (ggml `dequantize_row_q4_0`); `out.len() == 32 · w.len()`.
+pub fn dequantize_row_q4_0(w: &[BlockQ4_0], out: &mut [f32]) -> Result<()> {
+    check_len("dequantize_row_q4_0", out.len(), w.len(), QK4_0)?;
+    for (b, o) in w.iter().zip(out.chunks_exact_mut(QK4_0)) {
+        let d = b.d.to_f32();
+        let (lo, hi) = o.split_at_mut(QK4_0 / 2);
+        for j in 0..QK4_0 / 2 {
+            lo[j] = ((b.qs[j] & 0x0F) as i32 - 8) as f32 * d;
+            hi[j] = ((b.qs[j] >> 4) as i32 - 8) as f32 * d;
+        }
+    }
+    Ok(())
+}
+
+/// The quantized kernels of one tier. Every tier computes bit-identical results (see the module
+/// docs); tiers differ only in speed.
+#[derive(Clone, Copy)]
+pub struct QuantKernels {
+    /// What actually runs: "scalar", "avx2", "avx512vnni".
+    pub tier_name: &'static str,
+    /// `Σ_b (Σ_j w·x) · d_w · d_x` over the common prefix of blocks.
+    pub vec_dot_q8_0_q8_0: fn(&[BlockQ8_0], &[BlockQ8_0]) -> f32,
+    /// `Σ_b (Σ_j (q−8)·x) · d_w · d_x` over the common prefix of blocks.
+    pub vec_dot_q4_0_q8_0: fn(&[BlockQ4_0], &[BlockQ8_0]) -> f32,
+    /// `y[32b + j] += (a · d_b) · q_j` for `b < min(w.len(), y.len() / 32)`.
+    pub axpy_q8_0: fn(f32, &[BlockQ8_0], &mut [f32]),
+    /// `y[32b + j] += (a · d_b) · (q_j − 8)` for `b < min(w.len(), y.len() / 32)`.
+    pub axpy_q4_0: fn(f32, &[BlockQ4_0], &mut [f32]),
+}
+
+const SCALAR: QuantKernels = QuantKernels {
+    tier_name: "scalar",
+    vec_dot_q8_0_q8_0: scalar::vec_dot_q8_0_q8_0,
+    vec_dot_q4_0_q8_0: scalar::vec_dot_q4_0_q8_0,
+    axpy_q8_0: scalar::axpy_q8_0,
+    axpy_q4_0: scalar::axpy_q4_0,
+};
+
+/// The quantized kernels for `tier`, or `None` if this CPU cannot run `tier`. The AVX-512 tier
+/// uses VNNI kernels when avx512vnni + avx512bw + avx512vl are present, else the AVX2 kernels
+/// (`tier_name` tells which). Tiers without quantized kernels of their own get scalar.
+pub fn quant_kernels_for(tier: Tier) -> Option<QuantKernels> {
+    if !Tier::available().contains(&tier) {
+        return None;
+    }
+    #[allow(unreachable_patterns)]
+    Some(match tier {
+        Tier::Scalar => SCALAR,
+        #[cfg(target_arch = "x86_64")]
+        Tier::Avx2 => x86_avx2::KERNELS,
+        #[cfg(target_arch = "x86_64")]
+        Tier::Avx512 => {
+            if x86_avx512::vnni_detected() {
+                x86_avx512::KERNELS
+            } else {
+                x86_avx2::KERNELS
+            }
+        }
+        _ => SCALAR,
+    })
+}
+
+/// The process-wide quantized kernels, chosen once to match `crate::kernels::kernels().tier`
+/// (so `SPARSELM_KERNEL` applies to both tables).
+pub fn quant_kernels() -> &'static QuantKernels {
+    static Q: OnceLock<QuantKernels> = OnceLock::new();
+    Q.get_or_init(|| quant_kernels_for(kernels().tier).unwrap_or(SCALAR))
+}

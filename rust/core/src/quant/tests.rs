@@ -1,0 +1,713 @@
+//! Tests of the quantized blocks and kernels: byte layouts, quantizer error bounds, and every
+//! available tier against the scalar spec (bit-identical results) over block counts
+//! 0..2·lanes and beyond, misaligned slices and value patterns; proptest for random vectors.
+
+use proptest::prelude::*;
+
+use super::*;
+
+/// Inputs that once broke something; each is checked by `regressions`.
+/// (The first entry is the classic `floor(|v| + 0.5)` rounding pitfall, kept preemptively.)
+const ROUND_REGRESSIONS: &[f32] = &[0.499_999_97, -0.499_999_97, 8_388_609.0, 2.5, -2.5];
+
+/// Deterministic xorshift32 stream.
+struct Rng(u32);
+
+impl Rng {
+    fn new(seed: u32) -> Rng {
+        Rng(seed.wrapping_mul(2_654_435_761).wrapping_add(0x9E37_79B9) | 1)
+    }
+    fn next(&mut self) -> u32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 17;
+        self.0 ^= self.0 << 5;
+        self.0
+    }
+    fn below(&mut self, n: u32) -> u32 {
+        self.next() % n
+    }
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+    }
+    /// Any finite f16 scale: random bits with the all-ones (inf/NaN) exponent avoided, so
+    /// zeros, subnormals, negatives and 65504 all occur.
+    fn scale(&mut self) -> f16 {
+        let mut b = self.next() as u16;
+        if (b >> 10) & 0x1F == 0x1F {
+            b &= !0x4000;
+        }
+        f16::from_bits(b)
+    }
+}
+
+/// How the codes of a generated vector look.
+#[derive(Clone, Copy, Debug)]
+enum Pattern {
+    Zeros,
+    OneNonzero,
+    Random,
+    /// Only the extreme codes (Q8_0: −128, −127, 127; Q4_0: nibbles 0 and 15).
+    Extreme,
+    AllEqual,
+    /// Each code nonzero with this probability (percent).
+    Sparse(u32),
+}
+
+const PATTERNS: &[Pattern] = &[
+    Pattern::Zeros,
+    Pattern::OneNonzero,
+    Pattern::Random,
+    Pattern::Extreme,
+    Pattern::AllEqual,
+    Pattern::Sparse(10),
+    Pattern::Sparse(50),
+    Pattern::Sparse(90),
+];
+
+/// Block counts: 0..2·lanes and well beyond (lanes = 8 blocks per SIMD step), block multiples,
+/// odd counts.
+fn block_counts() -> Vec<usize> {
+    let mut v: Vec<usize> = (0..=40).collect();
+    v.extend([63, 64, 65, 127, 128, 129, 263]);
+    v
+}
+
+fn gen_q8(nb: usize, p: Pattern, seed: u32) -> Vec<BlockQ8_0> {
+    let mut r = Rng::new(seed);
+    let one = r.below((nb * QK8_0).max(1) as u32) as usize;
+    let eq = r.next() as i8;
+    let eq_d = r.scale();
+    (0..nb)
+        .map(|b| {
+            let d = if matches!(p, Pattern::AllEqual) {
+                eq_d
+            } else {
+                r.scale()
+            };
+            let mut qs = [0i8; QK8_0];
+            for (j, q) in qs.iter_mut().enumerate() {
+                *q = match p {
+                    Pattern::Zeros => 0,
+                    Pattern::OneNonzero => {
+                        if b * QK8_0 + j == one {
+                            -128
+                        } else {
+                            0
+                        }
+                    }
+                    Pattern::Random => r.next() as i8,
+                    Pattern::Extreme => [-128, -127, 127][r.below(3) as usize],
+                    Pattern::AllEqual => eq,
+                    Pattern::Sparse(pct) => {
+                        if r.below(100) < pct {
+                            r.next() as i8
+                        } else {
+                            0
+                        }
+                    }
+                };
+            }
+            BlockQ8_0 { d, qs }
+        })
+        .collect()
+}
+
+fn gen_q4(nb: usize, p: Pattern, seed: u32) -> Vec<BlockQ4_0> {
+    let mut r = Rng::new(seed);
+    let one = r.below((nb * QK4_0).max(1) as u32) as usize;
+    let eq = r.below(16) as u8;
+    let eq_d = r.scale();
+    (0..nb)
+        .map(|b| {
+            let d = if matches!(p, Pattern::AllEqual) {
+                eq_d
+            } else {
+                r.scale()
+            };
+            // Nibble codes by weight index; code 8 is weight 0.
+            let mut c = [8u8; QK4_0];
+            for (j, q) in c.iter_mut().enumerate() {
+                *q = match p {
+                    Pattern::Zeros => 8,
+                    Pattern::OneNonzero => {
+                        if b * QK4_0 + j == one {
+                            0
+                        } else {
+                            8
+                        }
+                    }
+                    Pattern::Random => r.below(16) as u8,
+                    Pattern::Extreme => [0, 15][r.below(2) as usize],
+                    Pattern::AllEqual => eq,
+                    Pattern::Sparse(pct) => {
+                        if r.below(100) < pct {
+                            r.below(16) as u8
+                        } else {
+                            8
+                        }
+                    }
+                };
+            }
+            let mut qs = [0u8; QK4_0 / 2];
+            for j in 0..QK4_0 / 2 {
+                qs[j] = c[j] | (c[j + 16] << 4);
+            }
+            BlockQ4_0 { d, qs }
+        })
+        .collect()
+}
+
+/// Every available tier's table (scalar first).
+fn tiers() -> Vec<QuantKernels> {
+    Tier::available()
+        .into_iter()
+        .filter_map(quant_kernels_for)
+        .collect()
+}
+
+fn scalar_k() -> QuantKernels {
+    quant_kernels_for(Tier::Scalar).expect("scalar always available")
+}
+
+#[test]
+fn layout_is_ggml() {
+    assert_eq!(std::mem::size_of::<BlockQ8_0>(), 34);
+    assert_eq!(std::mem::size_of::<BlockQ4_0>(), 18);
+    assert_eq!(std::mem::offset_of!(BlockQ8_0, qs), 2);
+    assert_eq!(std::mem::offset_of!(BlockQ4_0, qs), 2);
+    let v = vec![BlockQ8_0::default(); 3];
+    assert_eq!(blocks_as_bytes(&v).len(), 102);
+}
+
+/// x = 0, 1, …, 31 by hand with ggml's formulas.
+/// Q8_0: amax = 31, d = 31/127 = 0.244094… = 2^-3 · 1.95276 → f16 mantissa 975.62 → 976:
+/// bits (15−3)<<10 | 976 = 0x33D0; q_j = round(j · 127/31).
+/// Q4_0: max = 31 (first largest magnitude), d = 31/−8 = −3.875 exactly → f16 0xC3C0;
+/// q_j = floor(8.5 − 8j/31): 8 8 7 7 7 7 6 6 6 6 5 5 5 5 4 4 | 4 4 3 3 3 3 2 2 2 2 1 1 1 1 0 0.
+#[test]
+fn byte_layout_of_a_known_vector() {
+    let x: Vec<f32> = (0..32).map(|j| j as f32).collect();
+    let q8 = quantize_q8_0(&x).unwrap();
+    let mut want = vec![0xD0u8, 0x33];
+    let codes: [i8; 32] = [
+        0, 4, 8, 12, 16, 20, 25, 29, 33, 37, 41, 45, 49, 53, 57, 61, 66, 70, 74, 78, 82, 86, 90,
+        94, 98, 102, 107, 111, 115, 119, 123, 127,
+    ];
+    want.extend(codes.iter().map(|&c| c as u8));
+    assert_eq!(blocks_as_bytes(&q8), &want[..]);
+
+    let q4 = quantize_q4_0(&x).unwrap();
+    let want4: [u8; 18] = [
+        0xC0, 0xC3, 0x48, 0x48, 0x37, 0x37, 0x37, 0x37, 0x26, 0x26, 0x26, 0x26, 0x15, 0x15, 0x15,
+        0x15, 0x04, 0x04,
+    ];
+    assert_eq!(blocks_as_bytes(&q4), &want4[..]);
+    // The same vector negated keeps the codes (d flips sign).
+    let neg: Vec<f32> = x.iter().map(|v| -v).collect();
+    let q4n = quantize_q4_0(&neg).unwrap();
+    assert_eq!(q4n[0].d.to_bits(), 0x43C0);
+    assert_eq!(q4n[0].qs, q4[0].qs);
+
+    // Round trip through bytes.
+    let back: &[BlockQ8_0] = blocks_from_bytes(&want).unwrap();
+    assert_eq!(back, &q8[..]);
+    assert!(blocks_from_bytes::<BlockQ8_0>(&want[..33]).is_err());
+    let back4: &[BlockQ4_0] = blocks_from_bytes(&want4).unwrap();
+    assert_eq!(back4, &q4[..]);
+}
+
+#[test]
+fn q8_0_rounds_half_away_from_zero_like_roundf() {
+    // amax = 127 → d = 1, id = 1 exactly.
+    let mut x = [0f32; 32];
+    x[..8].copy_from_slice(&[127.0, 2.5, -2.5, 0.5, -0.5, 1.5, 126.5, -126.5]);
+    let b = quantize_block_q8_0(&x);
+    assert_eq!(b.d.to_bits(), 0x3C00);
+    assert_eq!(&b.qs[..8], &[127, 3, -3, 1, -1, 2, 127, -127]);
+    assert!(b.qs[8..].iter().all(|&q| q == 0));
+}
+
+#[test]
+fn q4_0_clamp_and_first_max_wins() {
+    // max = +8 → d = −1, id = −1: x = −8 maps to 16.5 → 16 → clamped to 15.
+    let mut x = [-8f32; 32];
+    x[0] = 8.0;
+    let b = quantize_block_q4_0(&x);
+    assert_eq!(b.d.to_bits(), 0xBC00);
+    assert_eq!(b.qs[0], 0xF0);
+    assert!(b.qs[1..].iter().all(|&q| q == 0xFF));
+    // Equal magnitudes: the first one (−3) sets the sign, d = 0.375.
+    let mut x = [0f32; 32];
+    x[0] = -3.0;
+    x[1] = 3.0;
+    let b = quantize_block_q4_0(&x);
+    assert_eq!(b.d.to_f32(), 0.375);
+    assert_eq!(b.qs[0] & 0x0F, 0);
+    assert_eq!(b.qs[1] & 0x0F, 15);
+    assert_eq!(b.qs[2], 0x88);
+}
+
+#[test]
+fn zero_blocks() {
+    let x = [0f32; 64];
+    let q8 = quantize_q8_0(&x).unwrap();
+    assert!(q8.iter().all(|b| b.d.to_bits() == 0 && b.qs == [0; 32]));
+    let q4 = quantize_q4_0(&x).unwrap();
+    // ggml computes d = 0 / −8 = −0.0, stored as f16 0x8000.
+    assert!(q4
+        .iter()
+        .all(|b| b.d.to_bits() == 0x8000 && b.qs == [0x88; 16]));
+    for k in tiers() {
+        assert_eq!((k.vec_dot_q8_0_q8_0)(&q8, &q8).to_bits(), 0);
+        assert_eq!((k.vec_dot_q4_0_q8_0)(&q4, &q8).to_bits(), 0);
+    }
+}
+
+#[test]
+fn lengths_are_checked() {
+    let x = [1f32; 40];
+    let mut out8 = [BlockQ8_0::default(); 1];
+    let mut out4 = [BlockQ4_0::default(); 1];
+    assert!(quantize_row_q8_0(&x, &mut out8).is_err());
+    assert!(quantize_row_q4_0(&x, &mut out4).is_err());
+    assert!(quantize_row_q8_0(&x[..32], &mut []).is_err());
+    assert!(quantize_q8_0(&x).is_err());
+    let mut y = [0f32; 31];
+    assert!(dequantize_row_q8_0(&out8, &mut y).is_err());
+    assert!(dequantize_row_q4_0(&out4, &mut y).is_err());
+    assert!(quantize_row_q8_0(&[], &mut []).is_ok());
+}
+
+#[test]
+fn round_half_away_matches_roundf() {
+    for &v in ROUND_REGRESSIONS {
+        assert_eq!(round_half_away(v) as i32, v.round() as i32, "{v}");
+    }
+    // Exhaustive over every f32 with |v| in [2^-2, 2^9) (the codes' range), both signs.
+    let lo = 0.25f32.to_bits();
+    let hi = 512f32.to_bits();
+    for bits in lo..hi {
+        let v = f32::from_bits(bits);
+        // Compared as integers: the sign of a zero result differs (−0.25 → +0 here, −0 in
+        // roundf) and is irrelevant once cast to a code.
+        assert_eq!(round_half_away(v) as i32, v.round() as i32, "{v}");
+        assert_eq!(round_half_away(-v) as i32, (-v).round() as i32, "{}", -v);
+    }
+    for v in [0.0f32, 0.1, 1e-30, 1e9, 3e9, -3e9] {
+        assert_eq!(round_half_away(v) as i8, v.round() as i8, "{v}");
+    }
+}
+
+/// `|x − q·d16| ≤ |d|/2 + |q|·|d − d16|` (rounding to a code, plus the f16 rounding of d), with
+/// a few ulps of slack for `x · id`.
+#[test]
+fn q8_0_roundtrip_error_bound() {
+    for (seed, mag) in [(1u32, 1.0f32), (2, 1e-3), (3, 300.0), (4, 1e-6), (5, 5e4)] {
+        let mut r = Rng::new(seed);
+        let x: Vec<f32> = (0..32 * 50).map(|_| r.unit() * mag).collect();
+        let q = quantize_q8_0(&x).unwrap();
+        let mut y = vec![0f32; x.len()];
+        dequantize_row_q8_0(&q, &mut y).unwrap();
+        for (b, blk) in q.iter().enumerate() {
+            let xs = &x[b * 32..(b + 1) * 32];
+            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let d16 = blk.d.to_f32();
+            for j in 0..32 {
+                let err = (xs[j] - y[b * 32 + j]).abs();
+                let bound = d / 2.0
+                    + (blk.qs[j] as f32).abs() * (d - d16).abs()
+                    + 4.0 * f32::EPSILON * amax;
+                assert!(
+                    err <= bound,
+                    "mag {mag} block {b} j {j}: err {err} > {bound}"
+                );
+            }
+        }
+    }
+}
+
+/// `|x − (q−8)·d16| ≤ |d|/2 + 8·|d − d16|`, and `≤ |d| + …` for clamped codes (x·id ≥ 7.5).
+#[test]
+fn q4_0_roundtrip_error_bound() {
+    for (seed, mag) in [(11u32, 1.0f32), (12, 1e-3), (13, 300.0), (14, 5e4)] {
+        let mut r = Rng::new(seed);
+        let x: Vec<f32> = (0..32 * 50).map(|_| r.unit() * mag).collect();
+        let q = quantize_q4_0(&x).unwrap();
+        let mut y = vec![0f32; x.len()];
+        dequantize_row_q4_0(&q, &mut y).unwrap();
+        let mut clamped = 0;
+        for (b, blk) in q.iter().enumerate() {
+            let xs = &x[b * 32..(b + 1) * 32];
+            let max = xs
+                .iter()
+                .fold(0f32, |m, &v| if m.abs() < v.abs() { v } else { m });
+            let d = max / -8.0;
+            let id = 1.0 / d;
+            let d16 = blk.d.to_f32();
+            for j in 0..32 {
+                let err = (xs[j] - y[b * 32 + j]).abs();
+                let clamp = xs[j] * id + 8.5 >= 16.0;
+                clamped += clamp as usize;
+                let base = if clamp { d.abs() } else { d.abs() / 2.0 };
+                let bound = base + 8.0 * (d - d16).abs() + 8.0 * f32::EPSILON * max.abs();
+                assert!(
+                    err <= bound,
+                    "mag {mag} block {b} j {j}: err {err} > {bound}"
+                );
+            }
+        }
+        let _ = clamped; // random data rarely hits the clamp; q4_0_clamp_and_first_max_wins does
+    }
+}
+
+#[test]
+fn axpy_with_one_equals_dequantize() {
+    let w8 = gen_q8(37, Pattern::Random, 5);
+    let w4 = gen_q4(37, Pattern::Random, 6);
+    for k in tiers() {
+        let (mut a, mut b) = (vec![0f32; 37 * 32], vec![0f32; 37 * 32]);
+        dequantize_row_q8_0(&w8, &mut a).unwrap();
+        (k.axpy_q8_0)(1.0, &w8, &mut b);
+        assert_eq!(a, b, "{}", k.tier_name);
+        dequantize_row_q4_0(&w4, &mut a).unwrap();
+        b.fill(0.0);
+        (k.axpy_q4_0)(1.0, &w4, &mut b);
+        assert_eq!(a, b, "{}", k.tier_name);
+    }
+}
+
+#[test]
+fn every_tier_dot_is_bit_identical_to_scalar() {
+    let s = scalar_k();
+    let ks = tiers();
+    assert!(ks.len() == Tier::available().len());
+    for (pi, &p) in PATTERNS.iter().enumerate() {
+        for nb in block_counts() {
+            let seed = (pi * 1000 + nb) as u32;
+            // One spare block in front so offset 1 is a misaligned view inside a bigger Vec.
+            let w8 = gen_q8(nb + 1, p, seed);
+            let w4 = gen_q4(nb + 1, p, seed + 1);
+            let x = gen_q8(
+                nb + 1,
+                if matches!(p, Pattern::Zeros) {
+                    Pattern::Random
+                } else {
+                    p
+                },
+                seed + 2,
+            );
+            for (ow, ox) in [(0usize, 0usize), (1, 1), (1, 0), (0, 1)] {
+                let (w8, w4, x) = (&w8[ow..ow + nb], &w4[ow..ow + nb], &x[ox..ox + nb]);
+                let r8 = (s.vec_dot_q8_0_q8_0)(w8, x);
+                let r4 = (s.vec_dot_q4_0_q8_0)(w4, x);
+                for k in &ks {
+                    let t8 = (k.vec_dot_q8_0_q8_0)(w8, x);
+                    let t4 = (k.vec_dot_q4_0_q8_0)(w4, x);
+                    assert_eq!(
+                        t8.to_bits(),
+                        r8.to_bits(),
+                        "{} q8_0 {p:?} nb={nb} off=({ow},{ox}): {t8} vs {r8}",
+                        k.tier_name
+                    );
+                    assert_eq!(
+                        t4.to_bits(),
+                        r4.to_bits(),
+                        "{} q4_0 {p:?} nb={nb} off=({ow},{ox}): {t4} vs {r4}",
+                        k.tier_name
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn mismatched_lengths_use_the_common_prefix() {
+    let w8 = gen_q8(29, Pattern::Random, 77);
+    let w4 = gen_q4(29, Pattern::Random, 78);
+    let x = gen_q8(21, Pattern::Random, 79);
+    for k in tiers() {
+        assert_eq!(
+            (k.vec_dot_q8_0_q8_0)(&w8, &x).to_bits(),
+            (k.vec_dot_q8_0_q8_0)(&w8[..21], &x).to_bits()
+        );
+        assert_eq!(
+            (k.vec_dot_q8_0_q8_0)(&x, &w8).to_bits(),
+            (k.vec_dot_q8_0_q8_0)(&x, &w8[..21]).to_bits()
+        );
+        assert_eq!(
+            (k.vec_dot_q4_0_q8_0)(&w4, &x).to_bits(),
+            (k.vec_dot_q4_0_q8_0)(&w4[..21], &x).to_bits()
+        );
+        // y shorter than the row: only whole blocks of y are touched.
+        let mut y = vec![1f32; 21 * 32 + 7];
+        (k.axpy_q8_0)(0.5, &w8, &mut y);
+        assert!(y[21 * 32..].iter().all(|&v| v == 1.0), "{}", k.tier_name);
+    }
+}
+
+/// The exact integer part: with d = 1 everywhere, the dot is the exact integer sum (which fits
+/// f32 exactly here), for the worst-case codes of every tier's tricks.
+#[test]
+fn integer_part_is_exact_for_extreme_codes() {
+    let one = f16::from_f32(1.0);
+    let cases: [(i8, i8); 5] = [
+        (-128, -128),
+        (-128, 127),
+        (127, -128),
+        (127, 127),
+        (-1, -128),
+    ];
+    for k in tiers() {
+        for &(a, b) in &cases {
+            for nb in [1usize, 8, 9, 16] {
+                let w = vec![
+                    BlockQ8_0 {
+                        d: one,
+                        qs: [a; 32]
+                    };
+                    nb
+                ];
+                let x = vec![
+                    BlockQ8_0 {
+                        d: one,
+                        qs: [b; 32]
+                    };
+                    nb
+                ];
+                let want = (nb * 32) as f64 * a as f64 * b as f64;
+                assert_eq!(
+                    (k.vec_dot_q8_0_q8_0)(&w, &x) as f64,
+                    want,
+                    "{} ({a},{b}) nb={nb}",
+                    k.tier_name
+                );
+                for nib in [0u8, 15] {
+                    let w4 = vec![
+                        BlockQ4_0 {
+                            d: one,
+                            qs: [nib | (nib << 4); 16]
+                        };
+                        nb
+                    ];
+                    let want = (nb * 32) as f64 * (nib as f64 - 8.0) * b as f64;
+                    assert_eq!(
+                        (k.vec_dot_q4_0_q8_0)(&w4, &x) as f64,
+                        want,
+                        "{} nib {nib} x {b}",
+                        k.tier_name
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_tier_axpy_is_bit_identical_to_scalar() {
+    let s = scalar_k();
+    let ks = tiers();
+    for (pi, &p) in PATTERNS.iter().enumerate() {
+        for nb in block_counts() {
+            let seed = (pi * 1000 + nb) as u32 + 500_000;
+            let w8 = gen_q8(nb + 1, p, seed);
+            let w4 = gen_q4(nb + 1, p, seed + 1);
+            let mut r = Rng::new(seed + 2);
+            // y has one extra f32 in front (misaligned view) and 5 behind (must stay untouched).
+            let y0: Vec<f32> = (0..nb * 32 + 6).map(|_| r.unit() * 4.0).collect();
+            for a in [0.37f32, -1.5, 0.0, 1e-3] {
+                for ow in [0usize, 1] {
+                    let (w8, w4) = (&w8[ow..ow + nb], &w4[ow..ow + nb]);
+                    let mut ys8 = y0.clone();
+                    let mut ys4 = y0.clone();
+                    (s.axpy_q8_0)(a, w8, &mut ys8[1..]);
+                    (s.axpy_q4_0)(a, w4, &mut ys4[1..]);
+                    assert_eq!(ys8[nb * 32 + 1..], y0[nb * 32 + 1..]);
+                    for k in &ks {
+                        let mut yt = y0.clone();
+                        (k.axpy_q8_0)(a, w8, &mut yt[1..]);
+                        let same = yt.iter().zip(&ys8).all(|(p, q)| p.to_bits() == q.to_bits());
+                        assert!(
+                            same,
+                            "{} axpy_q8_0 {p:?} nb={nb} a={a} ow={ow}",
+                            k.tier_name
+                        );
+                        let mut yt = y0.clone();
+                        (k.axpy_q4_0)(a, w4, &mut yt[1..]);
+                        let same = yt.iter().zip(&ys4).all(|(p, q)| p.to_bits() == q.to_bits());
+                        assert!(
+                            same,
+                            "{} axpy_q4_0 {p:?} nb={nb} a={a} ow={ow}",
+                            k.tier_name
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Scalar spec vs an f64 evaluation of the same quantized values: only f32 rounding differs.
+#[test]
+fn scalar_dot_matches_f64_of_dequantized_values() {
+    for nb in [1usize, 7, 64, 256] {
+        let w8 = gen_q8(nb, Pattern::Random, 900 + nb as u32);
+        let w4 = gen_q4(nb, Pattern::Random, 901 + nb as u32);
+        let x = gen_q8(nb, Pattern::Random, 902 + nb as u32);
+        let (mut wf, mut xf) = (vec![0f32; nb * 32], vec![0f32; nb * 32]);
+        dequantize_row_q8_0(&x, &mut xf).unwrap();
+        for q4 in [false, true] {
+            if q4 {
+                dequantize_row_q4_0(&w4, &mut wf).unwrap();
+            } else {
+                dequantize_row_q8_0(&w8, &mut wf).unwrap();
+            }
+            let exact: f64 = wf.iter().zip(&xf).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let mag: f64 = wf
+                .iter()
+                .zip(&xf)
+                .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                .sum();
+            let got = if q4 {
+                scalar::vec_dot_q4_0_q8_0(&w4, &x)
+            } else {
+                scalar::vec_dot_q8_0_q8_0(&w8, &x)
+            };
+            let tol = 1.2e-7 * (nb as f64 + 3.0) * mag;
+            assert!(
+                (got as f64 - exact).abs() <= tol,
+                "nb={nb} q4={q4}: {got} vs {exact} (tol {tol})"
+            );
+        }
+    }
+}
+
+#[test]
+fn dispatch_follows_the_kernel_tier() {
+    let k = quant_kernels();
+    #[allow(unreachable_patterns)]
+    let want = match kernels().tier {
+        Tier::Scalar => "scalar",
+        #[cfg(target_arch = "x86_64")]
+        Tier::Avx2 => "avx2",
+        #[cfg(target_arch = "x86_64")]
+        Tier::Avx512 => {
+            if x86_avx512::vnni_detected() {
+                "avx512vnni"
+            } else {
+                "avx2"
+            }
+        }
+        _ => "scalar",
+    };
+    assert_eq!(k.tier_name, want);
+    for t in Tier::available() {
+        assert!(quant_kernels_for(t).is_some(), "{t:?}");
+    }
+}
+
+/// Accuracy of a quantized GEMV row against the f64 dot of the original f32 values: the error
+/// is within `Σ |ŵ|·|x − x̂| + |x|·|w − ŵ|` (exact algebra) plus f32 summation slack.
+fn check_accuracy_and_tiers(w: &[f32], x: &[f32]) {
+    let (w8, w4, xq) = (
+        quantize_q8_0(w).unwrap(),
+        quantize_q4_0(w).unwrap(),
+        quantize_q8_0(x).unwrap(),
+    );
+    let n = w.len();
+    let (mut w8f, mut w4f, mut xqf) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    dequantize_row_q8_0(&w8, &mut w8f).unwrap();
+    dequantize_row_q4_0(&w4, &mut w4f).unwrap();
+    dequantize_row_q8_0(&xq, &mut xqf).unwrap();
+    let exact: f64 = w.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum();
+    let s = scalar_k();
+    for (name, wh, got) in [
+        ("q8_0", &w8f, (s.vec_dot_q8_0_q8_0)(&w8, &xq)),
+        ("q4_0", &w4f, (s.vec_dot_q4_0_q8_0)(&w4, &xq)),
+    ] {
+        let budget: f64 = (0..n)
+            .map(|i| {
+                (wh[i] as f64).abs() * (x[i] as f64 - xqf[i] as f64).abs()
+                    + (x[i] as f64).abs() * (w[i] as f64 - wh[i] as f64).abs()
+            })
+            .sum();
+        let mag: f64 = (0..n).map(|i| (wh[i] as f64 * xqf[i] as f64).abs()).sum();
+        let tol = budget + 1.2e-7 * (n as f64 / 32.0 + 3.0) * mag + 1e-30;
+        assert!(
+            (got as f64 - exact).abs() <= tol,
+            "{name}: {got} vs {exact}, budget {tol}"
+        );
+    }
+    for k in tiers() {
+        let a = (k.vec_dot_q8_0_q8_0)(&w8, &xq);
+        assert_eq!(
+            a.to_bits(),
+            (s.vec_dot_q8_0_q8_0)(&w8, &xq).to_bits(),
+            "{}",
+            k.tier_name
+        );
+        let a = (k.vec_dot_q4_0_q8_0)(&w4, &xq);
+        assert_eq!(
+            a.to_bits(),
+            (s.vec_dot_q4_0_q8_0)(&w4, &xq).to_bits(),
+            "{}",
+            k.tier_name
+        );
+        let (mut y1, mut y2) = (x.to_vec(), x.to_vec());
+        (s.axpy_q4_0)(0.75, &w4, &mut y1);
+        (k.axpy_q4_0)(0.75, &w4, &mut y2);
+        assert!(
+            y1.iter().zip(&y2).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{}",
+            k.tier_name
+        );
+        (s.axpy_q8_0)(-0.5, &w8, &mut y1);
+        (k.axpy_q8_0)(-0.5, &w8, &mut y2);
+        assert!(
+            y1.iter().zip(&y2).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{}",
+            k.tier_name
+        );
+    }
+}
+
+#[test]
+fn accuracy_on_seeded_vectors() {
+    for (seed, n) in [(1u32, 32usize), (2, 2048), (3, 8192), (4, 96)] {
+        let mut r = Rng::new(seed);
+        let w: Vec<f32> = (0..n).map(|_| r.unit() * 0.05).collect();
+        // ReLU²-like activations: many exact zeros, a heavy tail.
+        let x: Vec<f32> = (0..n).map(|_| r.unit().max(0.0).powi(2) * 8.0).collect();
+        check_accuracy_and_tiers(&w, &x);
+    }
+}
+
+fn vec_mult32(max_blocks: usize) -> impl Strategy<Value = (Vec<f32>, Vec<f32>)> {
+    (0..=max_blocks).prop_flat_map(|nb| {
+        let v = prop::collection::vec(-1.0e3f32..1.0e3f32, nb * 32);
+        (v.clone(), v)
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn prop_random_vectors((w, x) in vec_mult32(40), scale in prop::sample::select(vec![1e-4f32, 1.0, 37.0])) {
+        let w: Vec<f32> = w.iter().map(|v| v * scale).collect();
+        check_accuracy_and_tiers(&w, &x);
+    }
+
+    #[test]
+    fn prop_random_blocks(seed in any::<u32>(), nb in 0usize..70, pi in 0usize..8) {
+        let p = PATTERNS[pi];
+        let (w8, w4, x) = (gen_q8(nb, p, seed), gen_q4(nb, p, seed ^ 1), gen_q8(nb, Pattern::Random, seed ^ 2));
+        let s = scalar_k();
+        for k in tiers() {
+            prop_assert_eq!((k.vec_dot_q8_0_q8_0)(&w8, &x).to_bits(), (s.vec_dot_q8_0_q8_0)(&w8, &x).to_bits());
+            prop_assert_eq!((k.vec_dot_q4_0_q8_0)(&w4, &x).to_bits(), (s.vec_dot_q4_0_q8_0)(&w4, &x).to_bits());
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! AVX2 + F16C tier of the quantized kernels: same names, signatures and results (bit for bit)
+//! as `scalar`. Reachable only through `KERNELS`, which `quant_kernels_for` hands out after
+//! `Tier::available()` confirmed avx2, fma and f16c.
+//!
+//! Eight blocks are processed per step: each block's exact i32 sum is an 8-lane vector, the
+//! eight vectors are transposed-and-summed into one `__m256i` (lane k = block k), and the f32
+//! part is then the scalar spec done in 8 lanes: `acc += cvt(sumi) · (d_w · d_x)`.
+
+use std::arch::x86_64::*;
+
+use super::{scalar, BlockQ4_0, BlockQ8_0, QuantKernels, QK8_0};
+
+pub(super) const KERNELS: QuantKernels = QuantKernels {
+    tier_name: "avx2",
+    vec_dot_q8_0_q8_0,
+    vec_dot_q4_0_q8_0,
+    axpy_q8_0,
+    axpy_q4_0,
+};
+
+const G: usize = scalar::LANES;
+
+/// Lane k of the result = sum of the 8 lanes of `v[k]` (wrapping i32 adds; exact here).
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn transpose_sum8(v: &[__m256i; 8]) -> __m256i {
+    // hadd per 128-bit half: [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7].
+    let t0 = _mm256_hadd_epi32(v[0], v[1]);
+    let t1 = _mm256_hadd_epi32(v[2], v[3]);
+    let t2 = _mm256_hadd_epi32(v[4], v[5]);
+    let t3 = _mm256_hadd_epi32(v[6], v[7]);
+    // [Σlo v0, Σlo v1, Σlo v2, Σlo v3 | Σhi v0, Σhi v1, Σhi v2, Σhi v3]
+    let u0 = _mm256_hadd_epi32(t0, t1);
+    let u1 = _mm256_hadd_epi32(t2, t3);
+    let lo = _mm256_permute2x128_si256::<0x20>(u0, u1);
+    let hi = _mm256_permute2x128_si256::<0x31>(u0, u1);
+    _mm256_add_epi32(lo, hi)
+}
+
+/// Eight f16 scales widened to f32.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+pub(super) fn halves8(b: [u16; 8]) -> __m256 {
+    _mm256_cvtph_ps(_mm_setr_epi16(
+        b[0] as i16,
+        b[1] as i16,
+        b[2] as i16,
+        b[3] as i16,
+        b[4] as i16,
+        b[5] as i16,
+        b[6] as i16,
+        b[7] as i16,
+    ))
+}
+
+/// `[f32; 8]` lanes of `v`.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn lanes(v: __m256) -> [f32; G] {
+    let mut out = [0f32; G];
+    // SAFETY: `out` has room for 8 f32; unaligned store.
+    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) };
+    out
+}
+
+/// 8 partial i32 sums of `Σ w_j x_j` over one Q8_0 block pair (widen to i16, `vpmaddwd`).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn sumi_q8_0(w: &BlockQ8_0, x: &BlockQ8_0) -> __m256i {
+    let (pw, px) = (
+        w.qs.as_ptr() as *const __m128i,
+        x.qs.as_ptr() as *const __m128i,
+    );
+    // SAFETY: qs is 32 bytes, so 2 × 16-byte unaligned loads stay inside each block.
+    let (w0, w1, x0, x1) = unsafe {
+        (
+            _mm_loadu_si128(pw),
+            _mm_loadu_si128(pw.add(1)),
+            _mm_loadu_si128(px),
+            _mm_loadu_si128(px.add(1)),
+        )
+    };
+    let p0 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(w0), _mm256_cvtepi8_epi16(x0));
+    let p1 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(w1), _mm256_cvtepi8_epi16(x1));
+    _mm256_add_epi32(p0, p1)
+}
+
+/// 8 partial i32 sums of `Σ (q_j − 8) x_j` over one Q4_0 × Q8_0 block pair.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn sumi_q4_0(w: &BlockQ4_0, x: &BlockQ8_0, m4: __m256i, eight: __m256i, ones: __m256i) -> __m256i {
+    // SAFETY: w.qs is 16 bytes and x.qs 32 bytes: each load is exactly one field.
+    let (t, xv) = unsafe {
+        (
+            _mm_loadu_si128(w.qs.as_ptr() as *const __m128i),
+            _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i),
+        )
+    };
+    // [low nibbles = weights 0..15 | high nibbles = weights 16..31], codes 0..15.
+    let q = _mm256_and_si256(
+        _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(t), _mm_srli_epi16::<4>(t)),
+        m4,
+    );
+    // u8 × i8 pairs: |2·15·128| and |2·8·128| fit i16, so maddubs never saturates.
+    let p = _mm256_maddubs_epi16(q, xv);
+    let c = _mm256_maddubs_epi16(eight, xv);
+    _mm256_madd_epi16(_mm256_sub_epi16(p, c), ones)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q8_0_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
+    let n = w.len().min(x.len()) / G * G;
+    let mut acc = _mm256_setzero_ps();
+    for (wg, xg) in w[..n].chunks_exact(G).zip(x[..n].chunks_exact(G)) {
+        let mut s = [_mm256_setzero_si256(); G];
+        for k in 0..G {
+            s[k] = sumi_q8_0(&wg[k], &xg[k]);
+        }
+        let sumi = _mm256_cvtepi32_ps(transpose_sum8(&s));
+        let dd = _mm256_mul_ps(
+            halves8(std::array::from_fn(|k| wg[k].d.to_bits())),
+            halves8(std::array::from_fn(|k| xg[k].d.to_bits())),
+        );
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(sumi, dd));
+    }
+    scalar::finish_q8_0_q8_0(w, x, n, lanes(acc))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q4_0_q8_0(w: &[BlockQ4_0], x: &[BlockQ8_0]) -> f32 {
+    let n = w.len().min(x.len()) / G * G;
+    let (m4, eight, ones) = (
+        _mm256_set1_epi8(0x0F),
+        _mm256_set1_epi8(8),
+        _mm256_set1_epi16(1),
+    );
+    let mut acc = _mm256_setzero_ps();
+    for (wg, xg) in w[..n].chunks_exact(G).zip(x[..n].chunks_exact(G)) {
+        let mut s = [_mm256_setzero_si256(); G];
+        for k in 0..G {
+            s[k] = sumi_q4_0(&wg[k], &xg[k], m4, eight, ones);
+        }
+        let sumi = _mm256_cvtepi32_ps(transpose_sum8(&s));
+        let dd = _mm256_mul_ps(
+            halves8(std::array::from_fn(|k| wg[k].d.to_bits())),
+            halves8(std::array::from_fn(|k| xg[k].d.to_bits())),
+        );
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(sumi, dd));
+    }
+    scalar::finish_q4_0_q8_0(w, x, n, lanes(acc))
+}
+
+/// `y[0..8] += s · codes` (8 sign-extended i8 codes in the low half of `q`).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn axpy8(s: __m256, q: __m128i, y: &mut [f32]) {
+    assert!(y.len() >= 8); // compiled away: callers pass fixed sub-slices of a 32-chunk
+    let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+    // SAFETY: y has at least 8 elements (asserted above).
+    unsafe {
+        let yv = _mm256_loadu_ps(y.as_ptr());
+        _mm256_storeu_ps(y.as_mut_ptr(), _mm256_add_ps(yv, _mm256_mul_ps(s, v)));
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn axpy_q8_0_i(a: f32, w: &[BlockQ8_0], y: &mut [f32]) {
+    let va = _mm256_set1_ps(a);
+    for (b, ys) in w.iter().zip(y.chunks_exact_mut(QK8_0)) {
+        // s = a · d in every lane (the scalar spec's a * d.to_f32()).
+        let s = _mm256_mul_ps(va, _mm256_cvtph_ps(_mm_set1_epi16(b.d.to_bits() as i16)));
+        let p = b.qs.as_ptr() as *const __m128i;
+        // SAFETY: qs is 32 bytes: two 16-byte unaligned loads.
+        let (q0, q1) = unsafe { (_mm_loadu_si128(p), _mm_loadu_si128(p.add(1))) };
+        axpy8(s, q0, &mut ys[0..8]);
+        axpy8(s, _mm_srli_si128::<8>(q0), &mut ys[8..16]);
+        axpy8(s, q1, &mut ys[16..24]);
+        axpy8(s, _mm_srli_si128::<8>(q1), &mut ys[24..32]);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn axpy_q4_0_i(a: f32, w: &[BlockQ4_0], y: &mut [f32]) {
+    let va = _mm256_set1_ps(a);
+    let (m4, eight) = (_mm_set1_epi8(0x0F), _mm_set1_epi8(8));
+    for (b, ys) in w.iter().zip(y.chunks_exact_mut(QK8_0)) {
+        let s = _mm256_mul_ps(va, _mm256_cvtph_ps(_mm_set1_epi16(b.d.to_bits() as i16)));
+        // SAFETY: qs is exactly 16 bytes.
+        let t = unsafe { _mm_loadu_si128(b.qs.as_ptr() as *const __m128i) };
+        let lo = _mm_sub_epi8(_mm_and_si128(t, m4), eight); // weights 0..15 as i8 in -8..7
+        let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(t), m4), eight); // 16..31
+        axpy8(s, lo, &mut ys[0..8]);
+        axpy8(s, _mm_srli_si128::<8>(lo), &mut ys[8..16]);
+        axpy8(s, hi, &mut ys[16..24]);
+        axpy8(s, _mm_srli_si128::<8>(hi), &mut ys[24..32]);
+    }
+}
+
+fn vec_dot_q8_0_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
+    // SAFETY: KERNELS is handed out only after avx2, fma and f16c were detected.
+    unsafe { dot_q8_0_q8_0(w, x) }
+}
+
+fn vec_dot_q4_0_q8_0(w: &[BlockQ4_0], x: &[BlockQ8_0]) -> f32 {
+    // SAFETY: KERNELS is handed out only after avx2, fma and f16c were detected.
+    unsafe { dot_q4_0_q8_0(w, x) }
+}
+
+fn axpy_q8_0(a: f32, w: &[BlockQ8_0], y: &mut [f32]) {
+    // SAFETY: KERNELS is handed out only after avx2, fma and f16c were detected.
+    unsafe { axpy_q8_0_i(a, w, y) }
+}
+
+fn axpy_q4_0(a: f32, w: &[BlockQ4_0], y: &mut [f32]) {
+    // SAFETY: KERNELS is handed out only after avx2, fma and f16c were detected.
+    unsafe { axpy_q4_0_i(a, w, y) }
+}

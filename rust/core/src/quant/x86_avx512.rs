@@ -1,0 +1,205 @@
+//! AVX-512 VNNI tier of the quantized kernels (avx512f + bw + vl + vnni, plus the AVX2/F16C
+//! base): same names, signatures and results (bit for bit) as `scalar`. Reachable only through
+//! `KERNELS`, which `quant_kernels_for` hands out after [`vnni_detected`].
+//!
+//! Two blocks share a `zmm` (`[block k | block k+4]`), `vpdpbusd` forms their i32 partial sums
+//! without saturation, a 3-level shuffle tree turns four such registers into one `__m256i`
+//! holding the exact sums of blocks k = 0..7 in lane order, and the f32 part is the scalar spec
+//! in 8 lanes (the same code path as the AVX2 tier).
+
+use std::arch::x86_64::*;
+
+use super::x86_avx2::{halves8, lanes};
+use super::{scalar, BlockQ4_0, BlockQ8_0, QuantKernels, QK8_0};
+
+pub(super) const KERNELS: QuantKernels = QuantKernels {
+    tier_name: "avx512vnni",
+    vec_dot_q8_0_q8_0,
+    vec_dot_q4_0_q8_0,
+    axpy_q8_0,
+    axpy_q4_0,
+};
+
+const G: usize = scalar::LANES;
+
+/// Whether this CPU runs this tier (on top of the AVX2 tier's avx2 + fma + f16c).
+pub(super) fn vnni_detected() -> bool {
+    std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512bw")
+        && std::is_x86_feature_detected!("avx512vl")
+        && std::is_x86_feature_detected!("avx512vnni")
+}
+
+/// Per 128-bit chunk: `[a0+a1, a2+a3, b0+b1, b2+b3]` (an `hadd` on 512 bits).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn hadd512(a: __m512i, b: __m512i) -> __m512i {
+    let (fa, fb) = (_mm512_castsi512_ps(a), _mm512_castsi512_ps(b));
+    let even = _mm512_castps_si512(_mm512_shuffle_ps::<0b10_00_10_00>(fa, fb));
+    let odd = _mm512_castps_si512(_mm512_shuffle_ps::<0b11_01_11_01>(fa, fb));
+    _mm512_add_epi32(even, odd)
+}
+
+/// `s[k]` holds 8 partial sums of block k in lanes 0..8 and of block k+4 in lanes 8..16;
+/// returns the 8 block sums in block order.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn transpose_sum4(s: &[__m512i; 4]) -> __m256i {
+    // 128-bit chunks of h: [b0..b3 lanes 0-3, b0..b3 lanes 4-7, b4..b7 lanes 0-3, b4..b7 lanes 4-7]
+    let h = hadd512(hadd512(s[0], s[1]), hadd512(s[2], s[3]));
+    let a = _mm512_shuffle_i64x2::<0b10_00_10_00>(h, h); // chunks [0, 2, 0, 2]
+    let b = _mm512_shuffle_i64x2::<0b11_01_11_01>(h, h); // chunks [1, 3, 1, 3]
+    _mm512_castsi512_si256(_mm512_add_epi32(a, b))
+}
+
+/// `[p | q]`: 32 bytes at `p` in the low half, 32 bytes at `q` in the high half.
+///
+/// # Safety
+/// 32 bytes must be readable at `p` and at `q`; the CPU must support avx512f.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load2x32(p: *const i8, q: *const i8) -> __m512i {
+    // SAFETY: caller guarantees 32 readable bytes at p and q.
+    unsafe {
+        _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm256_loadu_si256(p as *const __m256i)),
+            _mm256_loadu_si256(q as *const __m256i),
+        )
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn dot_q8_0_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
+    let n = w.len().min(x.len()) / G * G;
+    let off = _mm512_set1_epi8(-128); // 0x80: u8 128, and w ⊕ 0x80 = w + 128 as u8
+    let zero = _mm512_setzero_si512();
+    let mut acc = _mm256_setzero_ps();
+    for (wg, xg) in w[..n].chunks_exact(G).zip(x[..n].chunks_exact(G)) {
+        let mut s = [zero; 4];
+        for k in 0..4 {
+            // SAFETY: qs fields are 32 bytes each.
+            let (wz, xz) = unsafe {
+                (
+                    load2x32(wg[k].qs.as_ptr(), wg[k + 4].qs.as_ptr()),
+                    load2x32(xg[k].qs.as_ptr(), xg[k + 4].qs.as_ptr()),
+                )
+            };
+            // Σ (w+128)·x − Σ 128·x = Σ w·x, exact for every pair of i8 codes.
+            let p = _mm512_dpbusd_epi32(zero, _mm512_xor_si512(wz, off), xz);
+            let c = _mm512_dpbusd_epi32(zero, off, xz);
+            s[k] = _mm512_sub_epi32(p, c);
+        }
+        let sumi = _mm256_cvtepi32_ps(transpose_sum4(&s));
+        let dd = _mm256_mul_ps(
+            halves8(std::array::from_fn(|k| wg[k].d.to_bits())),
+            halves8(std::array::from_fn(|k| xg[k].d.to_bits())),
+        );
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(sumi, dd));
+    }
+    scalar::finish_q8_0_q8_0(w, x, n, lanes(acc))
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn dot_q4_0_q8_0(w: &[BlockQ4_0], x: &[BlockQ8_0]) -> f32 {
+    let n = w.len().min(x.len()) / G * G;
+    let m4 = _mm512_set1_epi8(0x0F);
+    let eight = _mm512_set1_epi8(8);
+    let zero = _mm512_setzero_si512();
+    let mut acc = _mm256_setzero_ps();
+    for (wg, xg) in w[..n].chunks_exact(G).zip(x[..n].chunks_exact(G)) {
+        let mut s = [zero; 4];
+        for k in 0..4 {
+            // SAFETY: Q4_0 qs fields are 16 bytes, Q8_0 qs fields 32 bytes.
+            let (t, xz) = unsafe {
+                (
+                    _mm256_inserti128_si256::<1>(
+                        _mm256_castsi128_si256(
+                            _mm_loadu_si128(wg[k].qs.as_ptr() as *const __m128i),
+                        ),
+                        _mm_loadu_si128(wg[k + 4].qs.as_ptr() as *const __m128i),
+                    ),
+                    load2x32(xg[k].qs.as_ptr(), xg[k + 4].qs.as_ptr()),
+                )
+            };
+            // chunks [A lo, B lo, A hi, B hi] → [A lo, A hi, B lo, B hi] to match x's layout.
+            let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(t), _mm256_srli_epi16::<4>(t));
+            let z = _mm512_and_si512(z, m4);
+            let q = _mm512_shuffle_i64x2::<0b11_01_10_00>(z, z);
+            // Σ q·x − Σ 8·x = Σ (q−8)·x, exact.
+            let p = _mm512_dpbusd_epi32(zero, q, xz);
+            let c = _mm512_dpbusd_epi32(zero, eight, xz);
+            s[k] = _mm512_sub_epi32(p, c);
+        }
+        let sumi = _mm256_cvtepi32_ps(transpose_sum4(&s));
+        let dd = _mm256_mul_ps(
+            halves8(std::array::from_fn(|k| wg[k].d.to_bits())),
+            halves8(std::array::from_fn(|k| xg[k].d.to_bits())),
+        );
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(sumi, dd));
+    }
+    scalar::finish_q4_0_q8_0(w, x, n, lanes(acc))
+}
+
+/// `y[0..16] += s · codes` (16 i8 codes in `q`).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn axpy16(s: __m512, q: __m128i, y: &mut [f32]) {
+    assert!(y.len() >= 16); // compiled away: callers pass fixed halves of a 32-chunk
+    let v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+    // SAFETY: y has at least 16 elements (asserted above).
+    unsafe {
+        let yv = _mm512_loadu_ps(y.as_ptr());
+        _mm512_storeu_ps(y.as_mut_ptr(), _mm512_add_ps(yv, _mm512_mul_ps(s, v)));
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn axpy_q8_0_i(a: f32, w: &[BlockQ8_0], y: &mut [f32]) {
+    let va = _mm512_set1_ps(a);
+    for (b, ys) in w.iter().zip(y.chunks_exact_mut(QK8_0)) {
+        // s = a · d in every lane (the scalar spec's a * d.to_f32()).
+        let s = _mm512_mul_ps(va, _mm512_cvtph_ps(_mm256_set1_epi16(b.d.to_bits() as i16)));
+        let p = b.qs.as_ptr() as *const __m128i;
+        // SAFETY: qs is 32 bytes: two 16-byte unaligned loads.
+        let (q0, q1) = unsafe { (_mm_loadu_si128(p), _mm_loadu_si128(p.add(1))) };
+        let (y0, y1) = ys.split_at_mut(16);
+        axpy16(s, q0, y0);
+        axpy16(s, q1, y1);
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn axpy_q4_0_i(a: f32, w: &[BlockQ4_0], y: &mut [f32]) {
+    let va = _mm512_set1_ps(a);
+    let (m4, eight) = (_mm_set1_epi8(0x0F), _mm_set1_epi8(8));
+    for (b, ys) in w.iter().zip(y.chunks_exact_mut(QK8_0)) {
+        let s = _mm512_mul_ps(va, _mm512_cvtph_ps(_mm256_set1_epi16(b.d.to_bits() as i16)));
+        // SAFETY: qs is exactly 16 bytes.
+        let t = unsafe { _mm_loadu_si128(b.qs.as_ptr() as *const __m128i) };
+        let lo = _mm_sub_epi8(_mm_and_si128(t, m4), eight); // weights 0..15 as i8 in -8..7
+        let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(t), m4), eight); // 16..31
+        let (y0, y1) = ys.split_at_mut(16);
+        axpy16(s, lo, y0);
+        axpy16(s, hi, y1);
+    }
+}
+
+fn vec_dot_q8_0_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
+    // SAFETY: KERNELS is handed out only when vnni_detected() and the AVX2 tier is available.
+    unsafe { dot_q8_0_q8_0(w, x) }
+}
+
+fn vec_dot_q4_0_q8_0(w: &[BlockQ4_0], x: &[BlockQ8_0]) -> f32 {
+    // SAFETY: KERNELS is handed out only when vnni_detected() and the AVX2 tier is available.
+    unsafe { dot_q4_0_q8_0(w, x) }
+}
+
+fn axpy_q8_0(a: f32, w: &[BlockQ8_0], y: &mut [f32]) {
+    // SAFETY: KERNELS is handed out only when vnni_detected() and the AVX2 tier is available.
+    unsafe { axpy_q8_0_i(a, w, y) }
+}
+
+fn axpy_q4_0(a: f32, w: &[BlockQ4_0], y: &mut [f32]) {
+    // SAFETY: KERNELS is handed out only when vnni_detected() and the AVX2 tier is available.
+    unsafe { axpy_q4_0_i(a, w, y) }
+}
