@@ -1,0 +1,172 @@
+"""Weight formats and kernel tiers end to end.
+
+* Every in-memory dtype (f16, bf16, q8_0, q4_0) against the f32 engine on the same checkpoint,
+  with a per-format error budget (max|Δ|/max|logit|) and a top-1 agreement floor. The model is
+  wide enough (hidden 256) that the block quantizers see realistic rows.
+* Every kernel tier this CPU supports, forced through SPARSELM_KERNEL in a child process (the tier
+  is chosen once per process), gives the same logits as the fastest tier.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import sparselm
+from sparselm.testing import make_tiny_checkpoint
+
+#: format -> (max relative logit error, min top-1 agreement) vs the f32 engine.
+BUDGET = {
+    "f16": (2e-3, 0.97),
+    "bf16": (2e-2, 0.90),
+    "q8_0": (3e-2, 0.85),
+    "q4_0": (3.5e-1, 0.50),
+}
+
+
+def _q8_0_roundtrip(w: np.ndarray) -> np.ndarray:
+    """GGUF Q8_0 quantize→dequantize of each row (blocks of 32 along the input dim), NumPy."""
+    b = w.reshape(-1, 32).astype(np.float32)
+    d = np.abs(b).max(axis=1, keepdims=True) / 127.0
+    d16 = d.astype(np.float16).astype(np.float32)
+    r = b / np.where(d > 0, d, 1)
+    q = np.sign(r) * np.floor(np.abs(r) + 0.5)  # round half away from zero, like ggml
+    return (q * d16).reshape(w.shape)
+
+
+def _q4_0_roundtrip(w: np.ndarray) -> np.ndarray:
+    """GGUF Q4_0 quantize→dequantize: d = max/-8 (max = the signed value of largest |x|)."""
+    b = w.reshape(-1, 32).astype(np.float32)
+    idx = np.abs(b).argmax(axis=1)
+    mx = b[np.arange(len(b)), idx][:, None]
+    d = mx / -8.0
+    inv = np.where(d != 0, 1.0 / np.where(d != 0, d, 1), 0.0)
+    q = np.minimum(15, np.trunc(b * inv + 8.5)).astype(np.int32)
+    d16 = d.astype(np.float16).astype(np.float32)
+    return ((q - 8) * d16).reshape(w.shape)
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+def test_quantized_engine_matches_reference_on_rounded_weights(
+    dtype: str, wide_model: str, prompt: list[int]
+) -> None:
+    """The quantized engine equals the NumPy float64 reference run on the same block-rounded
+    weights. The prompt forward widens quantized rows to f32 (no activation quantization), so
+    the only difference left is f32 vs f64 arithmetic."""
+    from sparselm.reference import load_weights, reference_logits
+
+    cfg, w = load_weights(wide_model)
+    rt = _q8_0_roundtrip if dtype == "q8_0" else _q4_0_roundtrip
+    wq = {}
+    for name, v in w.items():
+        if v.ndim == 2:
+            # down_proj is quantized along hidden (its transposed rows), the rest along inputs.
+            wq[name] = rt(v.T).T if name.endswith("down_proj.weight") else rt(v)
+        else:
+            wq[name] = v
+    want = reference_logits(cfg, wq, prompt)
+    got = sparselm.load(wide_model, dtype=dtype).logits(prompt)
+    err = float(np.abs(got - want).max() / np.abs(want).max())
+    print(f"[formats] {dtype} vs reference on rounded weights: {err:.2e}")
+    assert err <= 1e-5, f"{dtype}: {err:.3e}"
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    d = str(tmp_path_factory.mktemp("wide"))
+    make_tiny_checkpoint(
+        d, seed=3, hidden_size=256, intermediate_size=1024, num_attention_heads=4,
+        kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        vocab_size=768, num_hidden_layers=2, max_position_embeddings=256,
+    )
+    return d
+
+
+@pytest.fixture(scope="module")
+def prompt() -> list[int]:
+    rng = np.random.default_rng(0)
+    return [int(t) for t in rng.integers(0, 700, size=48)]
+
+
+@pytest.fixture(scope="module")
+def f32_logits(wide_model: str, prompt: list[int]) -> np.ndarray:
+    return sparselm.load(wide_model, dtype="f32").logits(prompt)
+
+
+@pytest.mark.parametrize("dtype", sorted(BUDGET))
+def test_dtype_against_f32(dtype: str, wide_model: str, prompt: list[int], f32_logits: np.ndarray) -> None:
+    m = sparselm.load(wide_model, dtype=dtype)
+    assert m.dtype == dtype
+    got = m.logits(prompt)
+    err = float(np.abs(got - f32_logits).max() / np.abs(f32_logits).max())
+    agree = float((got.argmax(-1) == f32_logits.argmax(-1)).mean())
+    print(f"[formats] {dtype}: rel err {err:.2e}, top-1 agreement {agree:.3f}")
+    max_err, min_agree = BUDGET[dtype]
+    assert err <= max_err, f"{dtype}: relative logit error {err:.3e} > {max_err}"
+    assert agree >= min_agree, f"{dtype}: top-1 agreement {agree:.3f} < {min_agree}"
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "bf16"])
+def test_cached_decode_matches_full_forward(dtype: str, wide_model: str, prompt: list[int]) -> None:
+    """Absorbed decode over the latent cache equals the full-prompt forward at every step."""
+    m = sparselm.load(wide_model, dtype=dtype)
+    full = m.logits(prompt)
+    s = m.session()
+    s.feed(prompt[:8], attention="dense")
+    scale = float(np.abs(full).max())
+    for i in range(8, len(prompt)):
+        step = s.feed([prompt[i]], attention="absorbed")
+        # Quantized GEMVs quantize their input per call; prefill widens weights to f32, so the
+        # two paths differ by the activation quantization only.
+        tol = 2e-5 if dtype == "bf16" else 3e-2
+        assert float(np.abs(step - full[i]).max()) / scale <= tol, (dtype, i)
+
+
+def test_unknown_dtype_is_rejected(wide_model: str) -> None:
+    with pytest.raises((sparselm.DtypeError, sparselm.InvalidArgumentError)):
+        sparselm.load(wide_model, dtype="q3_k")
+
+
+_CHILD = """
+import json, sys
+import numpy as np
+import sparselm
+m = sparselm.load(sys.argv[1], dtype=sys.argv[2])
+print(json.dumps({"tier": sparselm.kernel_tier(),
+                  "logits": m.logits([int(t) for t in sys.argv[3].split(",")]).tolist()}))
+"""
+
+
+def _tiers() -> list[str]:
+    from sparselm import _native  # noqa: F401
+
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    tiers = ["scalar"]
+    if " avx2 " in flags and " fma " in flags and " f16c " in flags:
+        tiers.append("avx2")
+        if " avx512f " in flags:
+            tiers.append("avx512")
+    return tiers
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "q8_0", "q4_0"])
+def test_every_tier_via_env_override(dtype: str, wide_model: str, prompt: list[int]) -> None:
+    out = {}
+    for tier in _tiers():
+        env = dict(os.environ, SPARSELM_KERNEL=tier)
+        r = subprocess.run(
+            [sys.executable, "-c", _CHILD, wide_model, dtype, ",".join(map(str, prompt[:16]))],
+            env=env, capture_output=True, text=True, check=True,
+        )
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        assert res["tier"] == tier, f"SPARSELM_KERNEL={tier} selected {res['tier']}"
+        out[tier] = np.asarray(res["logits"])
+    base = out["scalar"]
+    for tier, got in out.items():
+        err = float(np.abs(got - base).max() / np.abs(base).max())
+        assert err <= 1e-4, f"{dtype}: tier {tier} differs from scalar by {err:.2e}"
