@@ -116,7 +116,8 @@ Exit codes: 0 success, 1 runtime error (bad model files, ...), 2 usage error.";
 const MODEL_HELP: &str = "\
 model:
   -m, --model PATH      model directory (alternative to the MODEL_DIR argument)
-  --dtype DTYPE         weight format in memory: auto, f32, f16, bf16 (default: auto)
+  --dtype DTYPE         weight format in memory: auto, f32, f16, bf16, q8_0, q4_0
+                        (default: auto)
   --threads N           worker threads (default: one per core)
   --max-seq N           context length of the KV cache (default: the model's
                         max_position_embeddings)";
@@ -320,8 +321,8 @@ fn parse_options(sub: Sub, args: &[&str]) -> Result<Option<Raw>, UsageError> {
             "--help" => return Ok(None),
             "--model" => raw.model = Some(value.to_string()),
             "--dtype" => {
-                // Unknown names are usage errors; known-but-unimplemented ones (q8_0) are left to
-                // the loader, which reports them as unsupported (exit 1), like the Python CLI.
+                // Unknown names are usage errors; a known name the loader cannot use (a dtype
+                // not implemented) is reported by the loader as unsupported (exit 1).
                 if let Err(e @ CoreError::Dtype(_)) = parse_dtype(value) {
                     return Err(UsageError(format!("{cmd}: --dtype: {e}")));
                 }
@@ -740,7 +741,7 @@ mod tests {
             assert!(e.contains(want), "{args:?}: {e:?} lacks {want:?}");
             assert!(e.starts_with("generate: "), "{e}");
         }
-        // Quantized dtypes are known names: the loader reports them as unsupported.
+        // Quantized dtypes are known names.
         assert_eq!(
             generate(&["generate", "/m", "x", "--dtype", "q8_0"])
                 .model

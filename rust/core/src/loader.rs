@@ -149,6 +149,26 @@ fn transpose_storage(s: Storage, rows: usize, cols: usize) -> Storage {
     }
 }
 
+/// Drop the file pages of `bytes` (a slice of `map`) from the resident set once converted, so
+/// peak memory is the converted weights plus about one tensor, not weights + whole file.
+fn release(map: &Mmap, bytes: &[u8]) {
+    #[cfg(unix)]
+    {
+        // 64 KiB: a multiple of every Linux page size (4/16/64 KiB), as madvise needs.
+        const ALIGN: usize = 64 << 10;
+        let start = bytes.as_ptr() as usize - map.as_ptr() as usize;
+        let (s, e) = (start.div_ceil(ALIGN) * ALIGN, (start + bytes.len()) / ALIGN * ALIGN);
+        if e > s {
+            // SAFETY: a private, read-only file mapping: MADV_DONTNEED drops clean pages that the
+            // kernel re-reads from the file if they are touched again, so no byte any Rust
+            // reference can observe changes.
+            let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s, e - s) };
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (map, bytes);
+}
+
 /// A loaded tensor before it is placed into `Weights`.
 enum Loaded {
     Norm(Vec<f32>),
@@ -212,13 +232,13 @@ pub fn load_weights(dir: &Path, cfg: &ModelConfig, want: Option<DType>) -> Resul
                 got: info.shape.clone(),
             });
         }
-        views.push((parsed[fi].bytes(info), dt));
+        views.push((parsed[fi].bytes(info), dt, fi));
     }
     let out_dtype = want.unwrap_or(views[0].1);
 
     // 2. Convert (each conversion is itself parallel).
     let mut loaded: Vec<Loaded> = Vec::with_capacity(table.len());
-    for (spec, &(bytes, dt)) in table.iter().zip(&views) {
+    for (spec, &(bytes, dt, fi)) in table.iter().zip(&views) {
         let dt = &dt;
         loaded.push(match spec.role {
             Role::Norm => Loaded::Norm(to_f32_vec(bytes, *dt)),
@@ -242,6 +262,7 @@ pub fn load_weights(dir: &Path, cfg: &ModelConfig, want: Option<DType>) -> Resul
                 })
             }
         });
+        release(&maps[fi], bytes);
     }
     drop(views);
 

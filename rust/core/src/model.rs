@@ -382,7 +382,13 @@ impl Model {
             let active = &st.active;
             st.proj[..d].par_chunks_mut(cw).enumerate().for_each(|(ci, y)| {
                 y.fill(0.0);
-                for &(j, a) in active {
+                // Four rows per pass over y: a quarter of the y traffic, four weight streams.
+                let mut quads = active.chunks_exact(4);
+                for q in &mut quads {
+                    let rows = [q[0].0 as usize, q[1].0 as usize, q[2].0 as usize, q[3].0 as usize];
+                    lw.down_t.axpy_rows4(rows, ci * cw, &[q[0].1, q[1].1, q[2].1, q[3].1], y);
+                }
+                for &(j, a) in quads.remainder() {
                     lw.down_t.axpy_row(j as usize, ci * cw, a, y);
                 }
             });

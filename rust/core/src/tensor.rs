@@ -179,6 +179,24 @@ impl Matrix {
         }
     }
 
+    /// `y += Σ_i a[i] · row[r[i]][c0 .. c0 + y.len()]` for four rows in one pass over `y`.
+    #[inline]
+    pub fn axpy_rows4(&self, r: [usize; 4], c0: usize, a: &[f32; 4], y: &mut [f32]) {
+        let k = kernels();
+        let n = y.len();
+        let seg = |i: usize| r[i] * self.cols + c0;
+        match &self.data {
+            Storage::F32(w) => (k.axpy4_f32)(a, [0, 1, 2, 3].map(|i| &w[seg(i)..seg(i) + n]), y),
+            Storage::F16(w) => (k.axpy4_f16)(a, [0, 1, 2, 3].map(|i| &w[seg(i)..seg(i) + n]), y),
+            Storage::BF16(w) => (k.axpy4_bf16)(a, [0, 1, 2, 3].map(|i| &w[seg(i)..seg(i) + n]), y),
+            Storage::Q8_0(_) | Storage::Q4_0(_) => {
+                for i in 0..4 {
+                    self.axpy_row(r[i], c0, a[i], y);
+                }
+            }
+        }
+    }
+
     /// Row `r` widened to f32 into `out` (`out.len() == cols`).
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
         let s = r * self.cols;

@@ -108,6 +108,9 @@ pub struct Kernels {
     pub axpy_f16: fn(f32, &[f16], &mut [f32]),
     pub axpy_bf16: fn(f32, &[bf16], &mut [f32]),
     pub tile4x4_f32: fn(&[f32], usize, &[f32], usize, usize, &mut [f32; 16]),
+    pub axpy4_f32: fn(&[f32; 4], [&[f32]; 4], &mut [f32]),
+    pub axpy4_f16: fn(&[f32; 4], [&[f16]; 4], &mut [f32]),
+    pub axpy4_bf16: fn(&[f32; 4], [&[bf16]; 4], &mut [f32]),
 }
 
 impl Kernels {
@@ -130,6 +133,9 @@ impl Kernels {
                 axpy_f16: scalar::axpy_f16,
                 axpy_bf16: scalar::axpy_bf16,
                 tile4x4_f32: scalar::tile4x4_f32,
+                axpy4_f32: scalar::axpy4_f32,
+                axpy4_f16: scalar::axpy4_f16,
+                axpy4_bf16: scalar::axpy4_bf16,
             },
             #[cfg(target_arch = "x86_64")]
             Tier::Avx2 => Kernels {
@@ -141,6 +147,9 @@ impl Kernels {
                 axpy_f16: x86_avx2::axpy_f16,
                 axpy_bf16: x86_avx2::axpy_bf16,
                 tile4x4_f32: x86_avx2::tile4x4_f32,
+                axpy4_f32: x86_avx2::axpy4_f32,
+                axpy4_f16: x86_avx2::axpy4_f16,
+                axpy4_bf16: x86_avx2::axpy4_bf16,
             },
             #[cfg(target_arch = "x86_64")]
             Tier::Avx512 => Kernels {
@@ -152,6 +161,9 @@ impl Kernels {
                 axpy_f16: x86_avx512::axpy_f16,
                 axpy_bf16: x86_avx512::axpy_bf16,
                 tile4x4_f32: x86_avx512::tile4x4_f32,
+                axpy4_f32: x86_avx512::axpy4_f32,
+                axpy4_f16: x86_avx512::axpy4_f16,
+                axpy4_bf16: x86_avx512::axpy4_bf16,
             },
             // dotprod only changes int8 kernels; the float table is the NEON one.
             #[cfg(target_arch = "aarch64")]
@@ -164,6 +176,10 @@ impl Kernels {
                 axpy_f16: aarch64_neon::axpy_f16,
                 axpy_bf16: aarch64_neon::axpy_bf16,
                 tile4x4_f32: aarch64_neon::tile4x4_f32,
+                // TODO(neon): 4-row AXPY kernels; the scalar twins are correct, not fast.
+                axpy4_f32: scalar::axpy4_f32,
+                axpy4_f16: scalar::axpy4_f16,
+                axpy4_bf16: scalar::axpy4_bf16,
             },
             #[allow(unreachable_patterns)]
             _ => unreachable!("available() only lists tiers compiled for this architecture"),
@@ -280,6 +296,43 @@ mod tests {
                 for i in 0..16 {
                     assert!(close(b[i], a[i], n), "{tier:?} tile n={n} i={i}: {} vs {}", b[i], a[i]);
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn axpy4_matches_four_axpys() {
+        let s = Kernels::for_tier(Tier::Scalar).unwrap();
+        for tier in Tier::available() {
+            let k = Kernels::for_tier(tier).unwrap();
+            for n in lengths() {
+                let rows: Vec<Vec<f32>> = (0..4).map(|i| data(n + 1, n as u32 * 4 + i)).collect();
+                let a = [0.5f32, -1.25, 2.0, 0.0];
+                let y0 = data(n, 99);
+                let w32: [&[f32]; 4] = [&rows[0][1..], &rows[1][1..], &rows[2][1..], &rows[3][1..]];
+                let mut want = y0.clone();
+                for i in 0..4 {
+                    (s.axpy_f32)(a[i], w32[i], &mut want);
+                }
+                let mut got = y0.clone();
+                (k.axpy4_f32)(&a, w32, &mut got);
+                assert!(want.iter().zip(&got).all(|(p, q)| close(*q, *p, 4)), "{tier:?} axpy4_f32 n={n}");
+                let h: Vec<Vec<f16>> = rows.iter().map(|r| r.iter().map(|&x| f16::from_f32(x)).collect()).collect();
+                let b: Vec<Vec<bf16>> = rows.iter().map(|r| r.iter().map(|&x| bf16::from_f32(x)).collect()).collect();
+                let mut want = y0.clone();
+                let mut got = y0.clone();
+                for i in 0..4 {
+                    (s.axpy_f16)(a[i], &h[i][1..], &mut want);
+                }
+                (k.axpy4_f16)(&a, [&h[0][1..], &h[1][1..], &h[2][1..], &h[3][1..]], &mut got);
+                assert!(want.iter().zip(&got).all(|(p, q)| close(*q, *p, 4)), "{tier:?} axpy4_f16 n={n}");
+                let mut want = y0.clone();
+                let mut got = y0.clone();
+                for i in 0..4 {
+                    (s.axpy_bf16)(a[i], &b[i][1..], &mut want);
+                }
+                (k.axpy4_bf16)(&a, [&b[0][1..], &b[1][1..], &b[2][1..], &b[3][1..]], &mut got);
+                assert!(want.iter().zip(&got).all(|(p, q)| close(*q, *p, 4)), "{tier:?} axpy4_bf16 n={n}");
             }
         }
     }

@@ -89,3 +89,23 @@ pub fn tile4x4_f32(w: &[f32], ws: usize, x: &[f32], xs: usize, k: usize, out: &m
         }
     }
 }
+
+macro_rules! axpy4_scalar {
+    ($name:ident, $t:ty, $conv:expr) => {
+        /// `y += Σ_i a[i]·w[i]` over four weight rows (one pass over `y` instead of four).
+        pub fn $name(a: &[f32; 4], w: [&[$t]; 4], y: &mut [f32]) {
+            let conv = $conv;
+            for (j, yj) in y.iter_mut().enumerate() {
+                let mut acc = *yj;
+                for i in 0..4 {
+                    acc += a[i] * conv(w[i][j]);
+                }
+                *yj = acc;
+            }
+        }
+    };
+}
+
+axpy4_scalar!(axpy4_f32, f32, |v: f32| v);
+axpy4_scalar!(axpy4_f16, f16, |v: f16| v.to_f32());
+axpy4_scalar!(axpy4_bf16, bf16, |v: bf16| v.to_f32());

@@ -65,6 +65,8 @@ pub mod scalar;
 mod x86_avx2;
 #[cfg(target_arch = "x86_64")]
 mod x86_avx512;
+#[cfg(target_arch = "aarch64")]
+mod aarch64_neon;
 
 #[cfg(test)]
 mod tests;
@@ -299,7 +301,7 @@ pub fn dequantize_row_q4_0(w: &[BlockQ4_0], out: &mut [f32]) -> Result<()> {
 /// docs); tiers differ only in speed.
 #[derive(Clone, Copy)]
 pub struct QuantKernels {
-    /// What actually runs: "scalar", "avx2", "avx512vnni".
+    /// What actually runs: "scalar", "avx2", "avx512vnni", "neon", "neon-dotprod".
     pub tier_name: &'static str,
     /// `Σ_b (Σ_j w·x) · d_w · d_x` over the common prefix of blocks.
     pub vec_dot_q8_0_q8_0: fn(&[BlockQ8_0], &[BlockQ8_0]) -> f32,
@@ -339,6 +341,10 @@ pub fn quant_kernels_for(tier: Tier) -> Option<QuantKernels> {
                 x86_avx2::KERNELS
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        Tier::Neon => aarch64_neon::NEON,
+        #[cfg(target_arch = "aarch64")]
+        Tier::NeonDotprod => aarch64_neon::DOTPROD,
         _ => SCALAR,
     })
 }

@@ -600,6 +600,10 @@ fn dispatch_follows_the_kernel_tier() {
                 "avx2"
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        Tier::Neon => "neon",
+        #[cfg(target_arch = "aarch64")]
+        Tier::NeonDotprod => "neon-dotprod",
         _ => "scalar",
     };
     assert_eq!(k.tier_name, want);

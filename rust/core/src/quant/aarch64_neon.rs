@@ -1,0 +1,246 @@
+//! aarch64 tiers of the quantized kernels: same names, signatures and results (bit for bit) as
+//! `scalar`. Reachable only through `NEON` / `DOTPROD`, which `quant_kernels_for` hands out for
+//! `Tier::Neon` / `Tier::NeonDotprod` after `Tier::available()` detected neon (and dotprod).
+//!
+//! Integer part (exact for all codes, including −128):
+//! - `neon` (Cortex-A72 / Pi 4): `vmull_s8` (i8·i8 fits i16: |−128·−128| = 2^14) then
+//!   `vpaddlq_s16`/`vpadalq_s16` pairwise-widening adds into 4 i32 lanes.
+//! - `neon-dotprod` (Cortex-A76 / Pi 5): `sdot` (4 i8 products summed into each i32 lane, no
+//!   saturation) through `asm!`, because `vdotq_s32` is still unstable.
+//! - Q4_0 codes become i8 weights `q − 8 ∈ −8..7` before the multiply, so both formats share it.
+//!
+//! Float part: eight blocks per step, block k's i32 sum in lane k (lanes 0-3 in one register,
+//! 4-7 in another), then the scalar spec in lanes: `acc += cvt(sumi) · (d_w · d_x)` with a
+//! separate multiply and add, and the tail blocks plus the final `reduce8` done by the scalar
+//! helpers. AXPY: `y += (a·d) · cvt(q)`, never fused. f16 scales widen with `fcvtl`/`fcvtl2`
+//! (base ARMv8.0; exact), as in `kernels::aarch64_neon`.
+
+use std::arch::aarch64::*;
+use std::arch::asm;
+
+use super::{scalar, BlockQ4_0, BlockQ8_0, QuantKernels, QK8_0};
+
+pub(super) const NEON: QuantKernels = QuantKernels {
+    tier_name: "neon",
+    vec_dot_q8_0_q8_0: vec_dot_q8_0_q8_0_mull,
+    vec_dot_q4_0_q8_0: vec_dot_q4_0_q8_0_mull,
+    axpy_q8_0,
+    axpy_q4_0,
+};
+
+pub(super) const DOTPROD: QuantKernels = QuantKernels {
+    tier_name: "neon-dotprod",
+    vec_dot_q8_0_q8_0: vec_dot_q8_0_q8_0_sdot,
+    vec_dot_q4_0_q8_0: vec_dot_q4_0_q8_0_sdot,
+    axpy_q8_0,
+    axpy_q4_0,
+};
+
+const G: usize = scalar::LANES;
+
+/// The 32 codes of a Q8_0 block as two `int8x16_t`.
+#[inline]
+#[target_feature(enable = "neon")]
+fn q8_codes(b: &BlockQ8_0) -> (int8x16_t, int8x16_t) {
+    let p = b.qs.as_ptr();
+    // SAFETY: qs is 32 bytes: two 16-byte loads inside the field.
+    unsafe { (vld1q_s8(p), vld1q_s8(p.add(16))) }
+}
+
+/// The 32 weights of a Q4_0 block as i8 in −8..7: (weights 0..15, weights 16..31).
+#[inline]
+#[target_feature(enable = "neon")]
+fn q4_codes(b: &BlockQ4_0) -> (int8x16_t, int8x16_t) {
+    // SAFETY: qs is exactly 16 bytes.
+    let t = unsafe { vld1q_u8(b.qs.as_ptr()) };
+    let eight = vdupq_n_s8(8);
+    let lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(t, vdupq_n_u8(0x0F))), eight);
+    let hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(t)), eight);
+    (lo, hi)
+}
+
+/// 4 partial i32 sums of `Σ a_j·b_j` over 32 i8 pairs, plain NEON (exact, see module docs).
+#[inline]
+#[target_feature(enable = "neon")]
+fn sum_mull(a: (int8x16_t, int8x16_t), b: (int8x16_t, int8x16_t)) -> int32x4_t {
+    let s = vpaddlq_s16(vmull_s8(vget_low_s8(a.0), vget_low_s8(b.0)));
+    let s = vpadalq_s16(s, vmull_high_s8(a.0, b.0));
+    let s = vpadalq_s16(s, vmull_s8(vget_low_s8(a.1), vget_low_s8(b.1)));
+    vpadalq_s16(s, vmull_high_s8(a.1, b.1))
+}
+
+/// 4 partial i32 sums of `Σ a_j·b_j` over 32 i8 pairs with `sdot` (exact).
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+fn sum_sdot(a: (int8x16_t, int8x16_t), b: (int8x16_t, int8x16_t)) -> int32x4_t {
+    let mut acc = vdupq_n_s32(0);
+    // SAFETY: sdot is available (dotprod is enabled on this function, which only the DOTPROD
+    // table reaches after detection); it only reads and writes the named vector registers.
+    unsafe {
+        asm!(
+            "sdot {acc:v}.4s, {a0:v}.16b, {b0:v}.16b",
+            "sdot {acc:v}.4s, {a1:v}.16b, {b1:v}.16b",
+            acc = inout(vreg) acc,
+            a0 = in(vreg) a.0,
+            b0 = in(vreg) b.0,
+            a1 = in(vreg) a.1,
+            b1 = in(vreg) b.1,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    acc
+}
+
+/// Lane k = sum of the 4 lanes of `v[k]` (exact i32 adds).
+#[inline]
+#[target_feature(enable = "neon")]
+fn transpose_sum4(v: &[int32x4_t]) -> int32x4_t {
+    vpaddq_s32(vpaddq_s32(v[0], v[1]), vpaddq_s32(v[2], v[3]))
+}
+
+/// Eight f16 scales widened to f32 (exact): (blocks 0..4, blocks 4..8).
+#[inline]
+#[target_feature(enable = "neon")]
+fn halves8(bits: [u16; G]) -> (float32x4_t, float32x4_t) {
+    // SAFETY: `bits` holds 8 u16.
+    let h = unsafe { vld1q_u16(bits.as_ptr()) };
+    let (lo, hi): (float32x4_t, float32x4_t);
+    // SAFETY: fcvtl/fcvtl2 (half → single) are base ARMv8.0 AdvSIMD; registers only.
+    unsafe {
+        asm!(
+            "fcvtl  {lo:v}.4s, {h:v}.4h",
+            "fcvtl2 {hi:v}.4s, {h:v}.8h",
+            h = in(vreg) h,
+            lo = out(vreg) lo,
+            hi = out(vreg) hi,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    (lo, hi)
+}
+
+macro_rules! dot_impl {
+    ($name:ident, $inner:ident, $wt:ty, $codes:ident, $sum:ident, $feat:literal, $finish:path) => {
+        #[target_feature(enable = $feat)]
+        fn $inner(w: &[$wt], x: &[BlockQ8_0]) -> f32 {
+            let n = w.len().min(x.len()) / G * G;
+            let (mut acc_lo, mut acc_hi) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
+            for (wg, xg) in w[..n].chunks_exact(G).zip(x[..n].chunks_exact(G)) {
+                let mut s = [vdupq_n_s32(0); G];
+                let (mut dw, mut dx) = ([0u16; G], [0u16; G]);
+                for k in 0..G {
+                    s[k] = $sum($codes(&wg[k]), q8_codes(&xg[k]));
+                    dw[k] = wg[k].d.to_bits();
+                    dx[k] = xg[k].d.to_bits();
+                }
+                let (dw_lo, dw_hi) = halves8(dw);
+                let (dx_lo, dx_hi) = halves8(dx);
+                let sumi_lo = vcvtq_f32_s32(transpose_sum4(&s[0..4]));
+                let sumi_hi = vcvtq_f32_s32(transpose_sum4(&s[4..8]));
+                acc_lo = vaddq_f32(acc_lo, vmulq_f32(sumi_lo, vmulq_f32(dw_lo, dx_lo)));
+                acc_hi = vaddq_f32(acc_hi, vmulq_f32(sumi_hi, vmulq_f32(dw_hi, dx_hi)));
+            }
+            let mut lanes = [0f32; G];
+            // SAFETY: `lanes` has room for 8 f32.
+            unsafe {
+                vst1q_f32(lanes.as_mut_ptr(), acc_lo);
+                vst1q_f32(lanes.as_mut_ptr().add(4), acc_hi);
+            }
+            $finish(w, x, n, lanes)
+        }
+
+        fn $name(w: &[$wt], x: &[BlockQ8_0]) -> f32 {
+            // SAFETY: the table holding this function is handed out only after the CPU features
+            // of `$feat` were detected (neon always; dotprod for the DOTPROD table).
+            unsafe { $inner(w, x) }
+        }
+    };
+}
+
+dot_impl!(
+    vec_dot_q8_0_q8_0_mull,
+    dot_q8_0_q8_0_mull,
+    BlockQ8_0,
+    q8_codes,
+    sum_mull,
+    "neon",
+    scalar::finish_q8_0_q8_0
+);
+dot_impl!(
+    vec_dot_q4_0_q8_0_mull,
+    dot_q4_0_q8_0_mull,
+    BlockQ4_0,
+    q4_codes,
+    sum_mull,
+    "neon",
+    scalar::finish_q4_0_q8_0
+);
+dot_impl!(
+    vec_dot_q8_0_q8_0_sdot,
+    dot_q8_0_q8_0_sdot,
+    BlockQ8_0,
+    q8_codes,
+    sum_sdot,
+    "neon,dotprod",
+    scalar::finish_q8_0_q8_0
+);
+dot_impl!(
+    vec_dot_q4_0_q8_0_sdot,
+    dot_q4_0_q8_0_sdot,
+    BlockQ4_0,
+    q4_codes,
+    sum_sdot,
+    "neon,dotprod",
+    scalar::finish_q4_0_q8_0
+);
+
+/// `y[0..16] += s · codes` (multiply, then add: never fused, like the scalar spec).
+#[inline]
+#[target_feature(enable = "neon")]
+fn axpy16(s: float32x4_t, q: int8x16_t, y: &mut [f32]) {
+    assert!(y.len() >= 16); // compiled away: callers pass fixed sub-slices of a 32-chunk
+    let (h0, h1) = (vmovl_s8(vget_low_s8(q)), vmovl_high_s8(q));
+    let v = [
+        vmovl_s16(vget_low_s16(h0)),
+        vmovl_high_s16(h0),
+        vmovl_s16(vget_low_s16(h1)),
+        vmovl_high_s16(h1),
+    ];
+    for (k, vk) in v.into_iter().enumerate() {
+        // SAFETY: 4k + 4 <= 16 <= y.len() (asserted above).
+        unsafe {
+            let p = y.as_mut_ptr().add(4 * k);
+            vst1q_f32(p, vaddq_f32(vld1q_f32(p), vmulq_f32(s, vcvtq_f32_s32(vk))));
+        }
+    }
+}
+
+#[target_feature(enable = "neon")]
+fn axpy_q8_0_i(a: f32, w: &[BlockQ8_0], y: &mut [f32]) {
+    for (b, ys) in w.iter().zip(y.chunks_exact_mut(QK8_0)) {
+        let s = vdupq_n_f32(a * b.d.to_f32()); // the scalar spec's `a * d.to_f32()`
+        let (q0, q1) = q8_codes(b);
+        axpy16(s, q0, &mut ys[0..16]);
+        axpy16(s, q1, &mut ys[16..32]);
+    }
+}
+
+#[target_feature(enable = "neon")]
+fn axpy_q4_0_i(a: f32, w: &[BlockQ4_0], y: &mut [f32]) {
+    for (b, ys) in w.iter().zip(y.chunks_exact_mut(QK8_0)) {
+        let s = vdupq_n_f32(a * b.d.to_f32());
+        let (lo, hi) = q4_codes(b);
+        axpy16(s, lo, &mut ys[0..16]);
+        axpy16(s, hi, &mut ys[16..32]);
+    }
+}
+
+fn axpy_q8_0(a: f32, w: &[BlockQ8_0], y: &mut [f32]) {
+    // SAFETY: NEON/DOTPROD are handed out only after neon was detected.
+    unsafe { axpy_q8_0_i(a, w, y) }
+}
+
+fn axpy_q4_0(a: f32, w: &[BlockQ4_0], y: &mut [f32]) {
+    // SAFETY: NEON/DOTPROD are handed out only after neon was detected.
+    unsafe { axpy_q4_0_i(a, w, y) }
+}
