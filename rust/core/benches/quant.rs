@@ -36,7 +36,10 @@ fn thread_cpu_ns() -> u64 {
         fn clock_gettime(clk: i32, ts: *mut Timespec) -> i32;
     }
     const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
-    let mut ts = Timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes one timespec (64-bit Linux layout) into `ts`.
     let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
@@ -158,7 +161,13 @@ fn header() {
 }
 
 /// PLM shapes, plus 256×2048 whose weights (557 KB Q8_0) stay in L2: kernel speed without DRAM.
-const SHAPES: [(usize, usize); 5] = [(8192, 2048), (2048, 8192), (151936, 2048), (3072, 2048), (256, 2048)];
+const SHAPES: [(usize, usize); 5] = [
+    (8192, 2048),
+    (2048, 8192),
+    (151936, 2048),
+    (3072, 2048),
+    (256, 2048),
+];
 
 fn gemv(c: &mut C) {
     header();

@@ -60,13 +60,13 @@ use half::f16;
 use crate::error::{Error, Result};
 use crate::kernels::{kernels, Tier};
 
+#[cfg(target_arch = "aarch64")]
+mod aarch64_neon;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86_avx2;
 #[cfg(target_arch = "x86_64")]
 mod x86_avx512;
-#[cfg(target_arch = "aarch64")]
-mod aarch64_neon;
 
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# ARM64 (aarch64-unknown-linux-gnu) CI step, called from .ci/run. Cross-builds with Debian's
+# rustc (see tools/arm64/ and shared/docs/arm64-toolchain.md) and runs everything under qemu:
+#   1. setup: apt packages, `debian-web` toolchain, arm64 CPython in /opt/pyarm64 (idempotent)
+#   2. sparselm-core unit tests under QEMU_CPU=cortex-a72 (tier must be "neon") and
+#      QEMU_CPU=cortex-a76 (tier must be "neon-dotprod"), asserted by SPARSELM_EXPECT_TIER
+#   3. CLI greedy output on tiny seeded checkpoints (f32, bf16, f16, q8_0, q4_0): aarch64 under
+#      qemu == x86_64 with SPARSELM_KERNEL=avx2 (the NEON tiers are bit-identical to AVX2)
+#   4. the abi3 aarch64 wheel imported by arm64 CPython under qemu: load + generate (ids and text),
+#      compared with the host Python package when it is installed
+# Non-interactive; prints a summary; exits non-zero if any step failed.
+# Env: ARM64_PROFILE (cargo profile of CLI and wheel, default dev-release: no LTO, faster build).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+export CARGO_TERM_COLOR=never PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
+TARGET=aarch64-unknown-linux-gnu
+PROFILE=${ARM64_PROFILE:-dev-release}
+TDIR=${CARGO_TARGET_DIR:-$ROOT/target}
+PROFDIR=$PROFILE; [ "$PROFILE" = dev ] && PROFDIR=debug
+WORK=$TDIR/arm64-ci            # checkpoints, site folder, logs (kept: warm reruns are faster)
+mkdir -p "$WORK"
+LOG=$WORK/log; : >"$LOG"
+start=$(date +%s)
+declare -a SUMMARY=()
+failed=0
+
+step() { # step NAME COMMAND...: run, time, record PASS/FAIL (output in $LOG, tail on failure)
+    local name=$1; shift
+    local t0=$(date +%s)
+    echo "arm64: $name ..."
+    if "$@" >>"$LOG" 2>&1; then
+        SUMMARY+=("PASS  $name ($(( $(date +%s) - t0 )) s)")
+    else
+        SUMMARY+=("FAIL  $name ($(( $(date +%s) - t0 )) s)")
+        failed=1
+        echo "---- last lines of $LOG ----"; tail -n 40 "$LOG"; echo "----"
+    fi
+}
+
+finish() {
+    echo
+    echo "arm64 summary:"
+    printf '  %s\n' "${SUMMARY[@]}"
+    echo "arm64: finished in $(( $(date +%s) - start )) s (log: $LOG)"
+    exit $failed
+}
+
+# --- 1. toolchain ------------------------------------------------------------------------------
+step "setup (apt, debian-web toolchain, arm64 CPython)" env PYARM64=1 bash tools/arm64/setup.sh
+[ $failed = 0 ] || finish
+python3 -c "import numpy, tokenizers" 2>/dev/null ||
+    python3 -m pip install --quiet "numpy>=1.24" "tokenizers>=0.19,<1" >>"$LOG" 2>&1
+command -v maturin >/dev/null || python3 -m pip install --quiet "maturin>=1.7,<2" >>"$LOG" 2>&1
+
+# --- 2. core tests under two CPU models -------------------------------------------------------
+core_tests() { # core_tests QEMU_CPU EXPECTED_TIER
+    QEMU_CPU=$1 SPARSELM_EXPECT_TIER=$2 SPARSELM_KERNEL= \
+        cargo +debian-web test -p sparselm-core --lib --target $TARGET 2>&1 | tee "$WORK/core-$1.out"
+    local rc=${PIPESTATUS[0]}
+    grep -E "^test result:" "$WORK/core-$1.out" | sed "s/^/[$1 → $2] /" >>"$WORK/counts"
+    return "$rc"
+}
+: >"$WORK/counts"
+step "core build (aarch64, test profile)" cargo +debian-web test -p sparselm-core --lib --target $TARGET --no-run
+step "core tests, QEMU_CPU=cortex-a72, tier neon" core_tests cortex-a72 neon
+step "core tests, QEMU_CPU=cortex-a76, tier neon-dotprod" core_tests cortex-a76 neon-dotprod
+
+# --- 3. CLI: aarch64 under qemu vs x86_64 ------------------------------------------------------
+step "CLI build aarch64 ($PROFILE)" cargo +debian-web build --profile "$PROFILE" -p sparselm-cli --target $TARGET
+step "CLI build x86_64 ($PROFILE)" cargo build --profile "$PROFILE" -p sparselm-cli
+make_ckpts() {
+    for dt in f32 bf16 f16; do
+        PYTHONPATH="$ROOT/python" python3 -c \
+            "from sparselm.testing import make_tiny_checkpoint as m; m('$WORK/tiny-$dt', seed=0, dtype='$dt')"
+    done
+}
+step "tiny checkpoints (seed 0: f32, bf16, f16)" make_ckpts
+cli_equal() {
+    local a64=$TDIR/$TARGET/$PROFDIR/sparselm x86=$TDIR/$PROFDIR/sparselm ok=0
+    for spec in f32:auto bf16:auto f16:auto f32:q8_0 f32:q4_0; do
+        local ck=${spec%%:*} dt=${spec##*:}
+        for cpu in cortex-a72 cortex-a76; do
+            local args=(generate -q --max-new-tokens 24 --temperature 0 --dtype "$dt"
+                        "$WORK/tiny-$ck" "The quick brown fox")
+            QEMU_CPU=$cpu qemu-aarch64 "$a64" "${args[@]}" >"$WORK/a64.txt" || return 1
+            SPARSELM_KERNEL=avx2 "$x86" "${args[@]}" >"$WORK/x86.txt" || return 1
+            if cmp -s "$WORK/a64.txt" "$WORK/x86.txt"; then
+                echo "equal: $ck weights, --dtype $dt, $cpu vs x86_64 avx2: $(head -c 60 "$WORK/a64.txt" | tr '\n' ' ')"
+            else
+                echo "DIFFERENT: $ck weights, --dtype $dt, $cpu vs x86_64 avx2"
+                diff <(cat "$WORK/a64.txt") <(cat "$WORK/x86.txt") | head -5
+                ok=1
+            fi
+        done
+    done
+    return $ok
+}
+step "CLI greedy output aarch64 (a72, a76) == x86_64 avx2, 5 dtypes" cli_equal
+
+# --- 4. wheel in arm64 CPython under qemu ------------------------------------------------------
+build_wheel() {
+    rm -rf "$WORK/wheels"
+    RUSTUP_TOOLCHAIN=debian-web maturin build --profile "$PROFILE" --target $TARGET \
+        --out "$WORK/wheels" 2>&1 | grep -vE "^\s*Compiling "
+    return "${PIPESTATUS[0]}"
+}
+step "wheel build aarch64 (abi3, $PROFILE)" build_wheel
+site_install() {
+    local site=$WORK/site plat=(--platform manylinux_2_34_aarch64 --platform manylinux_2_28_aarch64
+        --platform manylinux_2_27_aarch64 --platform manylinux_2_17_aarch64
+        --platform manylinux2014_aarch64)
+    # Third-party deps once (cached in the site folder); our wheel every run.
+    if [ ! -d "$site/numpy" ] || [ ! -d "$site/tokenizers" ]; then
+        python3 -m pip install --quiet --no-deps --target "$site" "${plat[@]}" --python-version 3.11 \
+            --implementation cp --only-binary=:all: numpy tokenizers jinja2 markupsafe tqdm || return 1
+    fi
+    rm -rf "$site"/sparselm "$site"/sparselm-*.dist-info
+    python3 -m pip install --quiet --no-deps --target "$site" "${plat[@]}" --python-version 3.11 \
+        --implementation cp --only-binary=:all: "$WORK"/wheels/*aarch64.whl
+}
+step "site folder: wheel + numpy/tokenizers aarch64 wheels" site_install
+wheel_generate() {
+    # Run from $WORK so ./python of the checkout is not on the path.
+    (cd "$WORK" && QEMU_CPU=cortex-a76 PYTHONPATH="$WORK/site" \
+        qemu-aarch64 -L /opt/pyarm64 /opt/pyarm64/usr/bin/python3.11 \
+        "$ROOT/tools/arm64/smoke.py" "$WORK/tiny-f32") >"$WORK/py-a64.json" || return 1
+    echo "aarch64 python: $(cat "$WORK/py-a64.json")"
+    grep -q '"tier": "neon-dotprod"' "$WORK/py-a64.json" || { echo "unexpected tier"; return 1; }
+    if (cd "$WORK" && python3 -c "import sparselm._native") 2>/dev/null; then
+        (cd "$WORK" && SPARSELM_KERNEL=avx2 python3 "$ROOT/tools/arm64/smoke.py" "$WORK/tiny-f32") \
+            >"$WORK/py-x86.json" || return 1
+        echo "x86_64 python:  $(cat "$WORK/py-x86.json")"
+        python3 - "$WORK/py-a64.json" "$WORK/py-x86.json" <<'EOF'
+import json, sys
+a, b = (json.load(open(p)) for p in sys.argv[1:])
+same = a["ids"] == b["ids"] and a["text"] == b["text"]
+print("python generate aarch64 == x86_64 avx2:", same)
+sys.exit(0 if same else 1)
+EOF
+    else
+        echo "host sparselm not installed: aarch64 result not compared"
+    fi
+}
+step "wheel import + generate in arm64 CPython (qemu cortex-a76)" wheel_generate
+
+echo; echo "arm64 test counts:"; sed 's/^/  /' "$WORK/counts"
+grep -hE "^(equal|DIFFERENT|aarch64 python|x86_64 python|python generate)" "$LOG" | sed 's/^/  /'
+finish

@@ -1,0 +1,80 @@
+"""pytest-benchmark: end-to-end generation speed on small models.
+
+CI runs these once with ``--benchmark-disable`` (they execute, so they cannot rot, but nothing is
+timed there). Timing runs are explicit::
+
+    python -m pytest benches/test_speed.py --benchmark-only
+
+Every result records the kernel tier, thread count and dtype in ``extra_info``. The PLM-1.8B-shape
+numbers come from ``benches/bench_e2e.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import sparselm
+from sparselm.testing import make_tiny_checkpoint
+
+PROMPT = [int((i * 7919) % 700) + 5 for i in range(64)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    d = str(tmp_path_factory.mktemp("speed"))
+    make_tiny_checkpoint(
+        d, seed=1, hidden_size=256, intermediate_size=1024, num_attention_heads=4,
+        kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        vocab_size=768, num_hidden_layers=4, max_position_embeddings=512,
+    )
+    return d
+
+
+def _info(benchmark, m: sparselm.Model) -> None:
+    benchmark.extra_info.update(
+        tier=sparselm.kernel_tier(), threads=m.threads, dtype=m.dtype,
+        commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=os.path.dirname(__file__)).stdout.strip(),
+    )
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "q8_0", "q4_0"])
+def test_decode(benchmark, model_dir: str, dtype: str) -> None:
+    m = sparselm.load(model_dir, dtype=dtype)
+    _info(benchmark, m)
+    out = benchmark(m.generate, PROMPT[:8], max_new_tokens=32, temperature=0)
+    assert len(out) == 32
+    benchmark.extra_info["decode_tok_s"] = (m.last_stats or {}).get("decode_tok_s")
+
+
+def test_prefill(benchmark, model_dir: str) -> None:
+    m = sparselm.load(model_dir, dtype="bf16")
+    _info(benchmark, m)
+    logits = benchmark(m.logits, PROMPT)
+    assert logits.shape == (len(PROMPT), m.vocab_size)
+
+
+def test_bundled_model_generate(benchmark) -> None:
+    path = sparselm.bundled_model_path()
+    if not (path / "model.safetensors").is_file():
+        pytest.skip("the bundled model is not in this build")
+    m = sparselm.load()
+    _info(benchmark, m)
+    text = benchmark(m.generate, "Once upon a time", max_new_tokens=24)
+    assert isinstance(text, str) and text
+
+
+def test_sparse_vs_dense_mlp_child_runs(model_dir: str) -> None:
+    """The dense-MLP benchmark switch (SPARSELM_DENSE_MLP=1) gives the same tokens."""
+    code = ("import sparselm,sys; m=sparselm.load(sys.argv[1]); "
+            "print(m.generate(list(range(5, 13)), max_new_tokens=12))")
+    outs = [
+        subprocess.run([sys.executable, "-c", code, model_dir], capture_output=True, text=True,
+                       check=True, env=dict(os.environ, SPARSELM_DENSE_MLP=v)).stdout
+        for v in ("0", "1")
+    ]
+    assert outs[0] == outs[1]
