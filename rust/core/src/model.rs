@@ -394,34 +394,59 @@ impl Model {
             });
             return;
         }
-        // Several tokens: neuron-major, so each row of W_downᵀ is read once for all tokens;
-        // a (token, neuron) pair with a zero activation is skipped.
+        // Several tokens: groups of 4 tokens × tiles of 64 output columns, accumulated in
+        // registers by the rank4x64 kernel over the neurons active in any of the 4 tokens.
+        // Tiles are the parallel tasks, so each task's slice of W_downᵀ stays in cache while
+        // it walks every token group.
         for i in 0..t {
             relu2_collect(&mut st.up[i * ni..(i + 1) * ni], &mut st.active);
             st.zeros[l] += (ni - st.active.len()) as u64;
             st.neurons[l] += ni as u64;
         }
-        let up = &st.up[..t * ni];
-        let parts: Vec<Vec<f32>> = (0..d.div_ceil(cw))
+        let groups = t.div_ceil(4);
+        let mut act = vec![0f32; groups * 4 * ni]; // [groups·4, I], zero rows pad the last group
+        act[..t * ni].copy_from_slice(&st.up[..t * ni]);
+        let js: Vec<Vec<u32>> = (0..groups)
+            .map(|g| {
+                let a = &act[g * 4 * ni..(g + 1) * 4 * ni];
+                (0..ni as u32)
+                    .filter(|&j| !self.sparse_mlp || (0..4).any(|i| a[i * ni + j as usize] != 0.0))
+                    .collect()
+            })
+            .collect();
+        const TILE: usize = 64;
+        let tiles: Vec<Vec<f32>> = (0..d.div_ceil(TILE))
             .into_par_iter()
-            .map(|ci| {
-                let (c0, w) = (ci * cw, cw.min(d - ci * cw));
-                let mut y = vec![0f32; t * w]; // [T, w]
-                for j in 0..ni {
-                    for i in 0..t {
-                        let a = up[i * ni + j];
-                        if a != 0.0 || !self.sparse_mlp {
-                            lw.down_t.axpy_row(j, c0, a, &mut y[i * w..(i + 1) * w]);
+            .map(|ti| {
+                let c0 = ti * TILE;
+                let mut out = vec![0f32; groups * 4 * TILE]; // [groups·4, 64]
+                if c0 + TILE <= d {
+                    for g in 0..groups {
+                        let y: &mut [f32; 256] = (&mut out[g * 256..(g + 1) * 256]).try_into().expect("256");
+                        lw.down_t.rank4x64(&act[g * 4 * ni..], ni, &js[g], c0, y);
+                    }
+                } else {
+                    // ragged last tile (d not a multiple of 64): per-row AXPYs
+                    let w = d - c0;
+                    for g in 0..groups {
+                        for &j in &js[g] {
+                            for i in 0..4 {
+                                let a = act[(g * 4 + i) * ni + j as usize];
+                                if a != 0.0 {
+                                    let o = (g * 4 + i) * TILE;
+                                    lw.down_t.axpy_row(j as usize, c0, a, &mut out[o..o + w]);
+                                }
+                            }
                         }
                     }
                 }
-                y
+                out
             })
             .collect();
-        for (ci, y) in parts.iter().enumerate() {
-            let (c0, w) = (ci * cw, cw.min(d - ci * cw));
+        for (ti, out) in tiles.iter().enumerate() {
+            let (c0, w) = (ti * TILE, TILE.min(d - ti * TILE));
             for i in 0..t {
-                st.proj[i * d + c0..i * d + c0 + w].copy_from_slice(&y[i * w..(i + 1) * w]);
+                st.proj[i * d + c0..i * d + c0 + w].copy_from_slice(&out[i * TILE..i * TILE + w]);
             }
         }
     }

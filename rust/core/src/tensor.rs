@@ -197,6 +197,28 @@ impl Matrix {
         }
     }
 
+    /// Sparse rank update of a 4×64 tile of `Y = A · W` (W = this matrix, `[rows, cols]`):
+    /// `y[i·64 + c] += Σ_{j ∈ js} act[i·stride + j] · W[j, c0 + c]` for i < 4, c < 64.
+    pub fn rank4x64(&self, act: &[f32], stride: usize, js: &[u32], c0: usize, y: &mut [f32; 256]) {
+        let k = kernels();
+        let c = self.cols;
+        match &self.data {
+            Storage::F32(w) => (k.rank4x64_f32)(act, stride, js, &w[c0..], c, y),
+            Storage::F16(w) => (k.rank4x64_f16)(act, stride, js, &w[c0..], c, y),
+            Storage::BF16(w) => (k.rank4x64_bf16)(act, stride, js, &w[c0..], c, y),
+            Storage::Q8_0(_) | Storage::Q4_0(_) => {
+                for &j in js {
+                    for i in 0..4 {
+                        let a = act[i * stride + j as usize];
+                        if a != 0.0 {
+                            self.axpy_row(j as usize, c0, a, &mut y[i * 64..(i + 1) * 64]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Row `r` widened to f32 into `out` (`out.len() == cols`).
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
         let s = r * self.cols;

@@ -111,6 +111,9 @@ pub struct Kernels {
     pub axpy4_f32: fn(&[f32; 4], [&[f32]; 4], &mut [f32]),
     pub axpy4_f16: fn(&[f32; 4], [&[f16]; 4], &mut [f32]),
     pub axpy4_bf16: fn(&[f32; 4], [&[bf16]; 4], &mut [f32]),
+    pub rank4x64_f32: fn(&[f32], usize, &[u32], &[f32], usize, &mut [f32; 256]),
+    pub rank4x64_f16: fn(&[f32], usize, &[u32], &[f16], usize, &mut [f32; 256]),
+    pub rank4x64_bf16: fn(&[f32], usize, &[u32], &[bf16], usize, &mut [f32; 256]),
 }
 
 impl Kernels {
@@ -136,6 +139,9 @@ impl Kernels {
                 axpy4_f32: scalar::axpy4_f32,
                 axpy4_f16: scalar::axpy4_f16,
                 axpy4_bf16: scalar::axpy4_bf16,
+                rank4x64_f32: scalar::rank4x64_f32,
+                rank4x64_f16: scalar::rank4x64_f16,
+                rank4x64_bf16: scalar::rank4x64_bf16,
             },
             #[cfg(target_arch = "x86_64")]
             Tier::Avx2 => Kernels {
@@ -150,6 +156,9 @@ impl Kernels {
                 axpy4_f32: x86_avx2::axpy4_f32,
                 axpy4_f16: x86_avx2::axpy4_f16,
                 axpy4_bf16: x86_avx2::axpy4_bf16,
+                rank4x64_f32: x86_avx2::rank4x64_f32,
+                rank4x64_f16: x86_avx2::rank4x64_f16,
+                rank4x64_bf16: x86_avx2::rank4x64_bf16,
             },
             #[cfg(target_arch = "x86_64")]
             Tier::Avx512 => Kernels {
@@ -164,6 +173,9 @@ impl Kernels {
                 axpy4_f32: x86_avx512::axpy4_f32,
                 axpy4_f16: x86_avx512::axpy4_f16,
                 axpy4_bf16: x86_avx512::axpy4_bf16,
+                rank4x64_f32: x86_avx512::rank4x64_f32,
+                rank4x64_f16: x86_avx512::rank4x64_f16,
+                rank4x64_bf16: x86_avx512::rank4x64_bf16,
             },
             // dotprod only changes int8 kernels; the float table is the NEON one.
             #[cfg(target_arch = "aarch64")]
@@ -180,6 +192,9 @@ impl Kernels {
                 axpy4_f32: scalar::axpy4_f32,
                 axpy4_f16: scalar::axpy4_f16,
                 axpy4_bf16: scalar::axpy4_bf16,
+                rank4x64_f32: scalar::rank4x64_f32,
+                rank4x64_f16: scalar::rank4x64_f16,
+                rank4x64_bf16: scalar::rank4x64_bf16,
             },
             #[allow(unreachable_patterns)]
             _ => unreachable!("available() only lists tiers compiled for this architecture"),
@@ -333,6 +348,43 @@ mod tests {
                 }
                 (k.axpy4_bf16)(&a, [&b[0][1..], &b[1][1..], &b[2][1..], &b[3][1..]], &mut got);
                 assert!(want.iter().zip(&got).all(|(p, q)| close(*q, *p, 4)), "{tier:?} axpy4_bf16 n={n}");
+            }
+        }
+    }
+
+    #[test]
+    fn rank4x64_matches_scalar() {
+        let s = Kernels::for_tier(Tier::Scalar).unwrap();
+        let (ni, ws) = (40usize, 70usize);
+        let w = data(ni * ws, 5);
+        let wh: Vec<f16> = w.iter().map(|&x| f16::from_f32(x)).collect();
+        let wb: Vec<bf16> = w.iter().map(|&x| bf16::from_f32(x)).collect();
+        let mut act = data(4 * ni, 6);
+        // sparsity patterns: zeros everywhere but some (token, row) pairs
+        for (i, a) in act.iter_mut().enumerate() {
+            if i % 3 == 0 || i % 7 == 0 {
+                *a = 0.0;
+            }
+        }
+        for tier in Tier::available() {
+            let k = Kernels::for_tier(tier).unwrap();
+            for js in [vec![], vec![3u32], (0..ni as u32).collect::<Vec<_>>(), (0..ni as u32).step_by(5).collect()] {
+                let y0: Vec<f32> = data(256, 9);
+                let mut a: [f32; 256] = y0.clone().try_into().unwrap();
+                let mut b = a;
+                (s.rank4x64_f32)(&act, ni, &js, &w[3..], ws, &mut a);
+                (k.rank4x64_f32)(&act, ni, &js, &w[3..], ws, &mut b);
+                assert!(a.iter().zip(&b).all(|(p, q)| close(*q, *p, js.len())), "{tier:?} rank f32");
+                let mut a: [f32; 256] = y0.clone().try_into().unwrap();
+                let mut b = a;
+                (s.rank4x64_f16)(&act, ni, &js, &wh[3..], ws, &mut a);
+                (k.rank4x64_f16)(&act, ni, &js, &wh[3..], ws, &mut b);
+                assert!(a.iter().zip(&b).all(|(p, q)| close(*q, *p, js.len())), "{tier:?} rank f16");
+                let mut a: [f32; 256] = y0.clone().try_into().unwrap();
+                let mut b = a;
+                (s.rank4x64_bf16)(&act, ni, &js, &wb[3..], ws, &mut a);
+                (k.rank4x64_bf16)(&act, ni, &js, &wb[3..], ws, &mut b);
+                assert!(a.iter().zip(&b).all(|(p, q)| close(*q, *p, js.len())), "{tier:?} rank bf16");
             }
         }
     }

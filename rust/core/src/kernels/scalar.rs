@@ -109,3 +109,30 @@ macro_rules! axpy4_scalar {
 axpy4_scalar!(axpy4_f32, f32, |v: f32| v);
 axpy4_scalar!(axpy4_f16, f16, |v: f16| v.to_f32());
 axpy4_scalar!(axpy4_bf16, bf16, |v: bf16| v.to_f32());
+
+macro_rules! rank_update_scalar {
+    ($name:ident, $t:ty, $conv:expr) => {
+        /// Sparse rank update of a 4×64 output tile (prompt-time sparse down projection):
+        /// `y[i·64 + c] += Σ_{j ∈ js} act[i·stride + j] · w[j·ws + c]`, i < 4, c < 64.
+        /// `w` starts at the tile's first column; `js` lists the rows with any non-zero `act`.
+        pub fn $name(act: &[f32], stride: usize, js: &[u32], w: &[$t], ws: usize, y: &mut [f32; 256]) {
+            let conv = $conv;
+            for &j in js {
+                let j = j as usize;
+                let row = &w[j * ws..j * ws + 64];
+                for i in 0..4 {
+                    let a = act[i * stride + j];
+                    if a != 0.0 {
+                        for c in 0..64 {
+                            y[i * 64 + c] += a * conv(row[c]);
+                        }
+                    }
+                }
+            }
+        }
+    };
+}
+
+rank_update_scalar!(rank4x64_f32, f32, |v: f32| v);
+rank_update_scalar!(rank4x64_f16, f16, |v: f16| v.to_f32());
+rank_update_scalar!(rank4x64_bf16, bf16, |v: bf16| v.to_f32());

@@ -177,3 +177,53 @@ macro_rules! axpy4_impl {
 axpy4_impl!(axpy4_f32, axpy4_f32_i, f32, load_f32, "avx2,fma", super::scalar::axpy4_f32);
 axpy4_impl!(axpy4_f16, axpy4_f16_i, f16, load_f16, "avx2,fma,f16c", super::scalar::axpy4_f16);
 axpy4_impl!(axpy4_bf16, axpy4_bf16_i, bf16, load_bf16, "avx2,fma", super::scalar::axpy4_bf16);
+
+macro_rules! rank_update_impl {
+    ($name:ident, $inner:ident, $t:ty, $load:ident, $feat:literal) => {
+        #[target_feature(enable = $feat)]
+        unsafe fn $inner(act: &[f32], stride: usize, js: &[u32], w: &[$t], ws: usize, y: &mut [f32; 256]) {
+            // Two passes of 32 columns: 4 tokens × 4 ymm accumulators = 16 registers would spill,
+            // so each pass keeps 4 × 4 × 8 = 128 outputs... in 16 ymm; loads stay in L1.
+            for half in 0..2 {
+                let c0 = half * 32;
+                let mut acc = [_mm256_setzero_ps(); 16];
+                for i in 0..4 {
+                    for q in 0..4 {
+                        // SAFETY: i·64 + c0 + q·8 + 8 <= 256.
+                        acc[i * 4 + q] = unsafe { _mm256_loadu_ps(y.as_ptr().add(i * 64 + c0 + q * 8)) };
+                    }
+                }
+                for &j in js {
+                    let j = j as usize;
+                    let row = &w[j * ws + c0..j * ws + c0 + 32];
+                    // SAFETY: row has 32 elements: four 8-wide loads.
+                    let wv = unsafe {
+                        [$load(row.as_ptr()), $load(row.as_ptr().add(8)), $load(row.as_ptr().add(16)), $load(row.as_ptr().add(24))]
+                    };
+                    for i in 0..4 {
+                        // Branch-free: a zero activation adds an exact 0.
+                        let va = _mm256_set1_ps(act[i * stride + j]);
+                        for q in 0..4 {
+                            acc[i * 4 + q] = _mm256_fmadd_ps(va, wv[q], acc[i * 4 + q]);
+                        }
+                    }
+                }
+                for i in 0..4 {
+                    for q in 0..4 {
+                        // SAFETY: as above.
+                        unsafe { _mm256_storeu_ps(y.as_mut_ptr().add(i * 64 + c0 + q * 8), acc[i * 4 + q]) };
+                    }
+                }
+            }
+        }
+
+        pub fn $name(act: &[f32], stride: usize, js: &[u32], w: &[$t], ws: usize, y: &mut [f32; 256]) {
+            // SAFETY: this tier is installed only when avx2, fma and f16c are detected.
+            unsafe { $inner(act, stride, js, w, ws, y) }
+        }
+    };
+}
+
+rank_update_impl!(rank4x64_f32, rank4x64_f32_i, f32, load_f32, "avx2,fma");
+rank_update_impl!(rank4x64_f16, rank4x64_f16_i, f16, load_f16, "avx2,fma,f16c");
+rank_update_impl!(rank4x64_bf16, rank4x64_bf16_i, bf16, load_bf16, "avx2,fma");

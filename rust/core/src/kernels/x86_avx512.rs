@@ -166,3 +166,47 @@ macro_rules! axpy4_impl {
 axpy4_impl!(axpy4_f32, axpy4_f32_i, f32, load_f32, super::scalar::axpy4_f32);
 axpy4_impl!(axpy4_f16, axpy4_f16_i, f16, load_f16, super::scalar::axpy4_f16);
 axpy4_impl!(axpy4_bf16, axpy4_bf16_i, bf16, load_bf16, super::scalar::axpy4_bf16);
+
+macro_rules! rank_update_impl {
+    ($name:ident, $inner:ident, $t:ty, $load:ident) => {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn $inner(act: &[f32], stride: usize, js: &[u32], w: &[$t], ws: usize, y: &mut [f32; 256]) {
+            let mut acc = [_mm512_setzero_ps(); 16];
+            for (k, a) in acc.iter_mut().enumerate() {
+                // SAFETY: y has 256 floats; k·16 + 16 <= 256.
+                *a = unsafe { _mm512_loadu_ps(y.as_ptr().add(k * 16)) };
+            }
+            for &j in js {
+                let j = j as usize;
+                let row = &w[j * ws..j * ws + 64]; // bounds-checked once per row
+                let a = [act[j], act[stride + j], act[2 * stride + j], act[3 * stride + j]];
+                // SAFETY: row has 64 elements: four 16-wide loads.
+                let wv = unsafe {
+                    [$load(row.as_ptr()), $load(row.as_ptr().add(16)), $load(row.as_ptr().add(32)), $load(row.as_ptr().add(48))]
+                };
+                // Branch-free: a zero activation adds an exact 0 (mispredicted branches on random
+                // sparsity patterns cost more than the 4 FMAs they would skip).
+                for i in 0..4 {
+                    let va = _mm512_set1_ps(a[i]);
+                    for q in 0..4 {
+                        acc[i * 4 + q] = _mm512_fmadd_ps(va, wv[q], acc[i * 4 + q]);
+                    }
+                }
+            }
+            for (k, a) in acc.iter().enumerate() {
+                // SAFETY: as above.
+                unsafe { _mm512_storeu_ps(y.as_mut_ptr().add(k * 16), *a) };
+            }
+        }
+
+        pub fn $name(act: &[f32], stride: usize, js: &[u32], w: &[$t], ws: usize, y: &mut [f32; 256]) {
+            assert!(act.len() >= 3 * stride + js.iter().map(|&j| j as usize + 1).max().unwrap_or(0));
+            // SAFETY: this tier is installed only when avx512f is detected.
+            unsafe { $inner(act, stride, js, w, ws, y) }
+        }
+    };
+}
+
+rank_update_impl!(rank4x64_f32, rank4x64_f32_i, f32, load_f32);
+rank_update_impl!(rank4x64_f16, rank4x64_f16_i, f16, load_f16);
+rank_update_impl!(rank4x64_bf16, rank4x64_bf16_i, bf16, load_bf16);

@@ -144,7 +144,7 @@ pub fn blocks_as_bytes<B: QuantBlock>(blocks: &[B]) -> &[u8] {
 /// to 32 bytes, so a well-formed file always passes).
 #[cfg(target_endian = "little")]
 pub fn blocks_from_bytes<B: QuantBlock>(bytes: &[u8]) -> Result<&[B]> {
-    if bytes.len() % B::BYTES != 0 {
+    if !bytes.len().is_multiple_of(B::BYTES) {
         return Err(Error::Argument(format!(
             "{} data of {} bytes is not a whole number of {}-byte blocks",
             B::NAME,
@@ -165,7 +165,7 @@ pub fn blocks_from_bytes<B: QuantBlock>(bytes: &[u8]) -> Result<&[B]> {
 }
 
 fn check_len(what: &str, values: usize, blocks: usize, per_block: usize) -> Result<()> {
-    if values % per_block != 0 || values / per_block != blocks {
+    if !values.is_multiple_of(per_block) || values / per_block != blocks {
         return Err(Error::Argument(format!(
             "{what}: {values} values need {values}/{per_block} blocks (a multiple of {per_block}), got {blocks} blocks"
         )));
@@ -191,14 +191,18 @@ fn round_half_away(v: f32) -> f32 {
 /// One Q8_0 block, as ggml `quantize_row_q8_0_ref`.
 #[inline]
 pub fn quantize_block_q8_0(x: &[f32; QK8_0]) -> BlockQ8_0 {
-    let mut amax = 0f32;
-    for &v in x {
-        // ggml: amax = MAX(amax, fabsf(v)).
-        let a = v.abs();
-        if a > amax {
-            amax = a;
+    // ggml: amax = MAX(amax, fabsf(v)) in order. max is exact and order-free for non-NaN
+    // values, so eight running maxima (which vectorise to `maxps`) give the same amax.
+    let mut m = [0f32; 8];
+    for c in x.chunks_exact(8) {
+        for (m, &v) in m.iter_mut().zip(c) {
+            let a = v.abs();
+            if a > *m {
+                *m = a;
+            }
         }
     }
+    let amax = m.iter().fold(0f32, |acc, &a| if a > acc { a } else { acc });
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut qs = [0i8; QK8_0];
@@ -240,11 +244,11 @@ pub fn quantize_block_q4_0(x: &[f32; QK4_0]) -> BlockQ4_0 {
 
 /// Quantize a row to Q8_0 (`x.len() == 32 · out.len()`). Also the activation quantizer of the
 /// quantized GEMV: call it once per input vector, then reuse the blocks for every weight row.
+/// Runs the dispatched tier's quantizer; every tier produces the bytes of
+/// [`quantize_block_q8_0`] (NaN inputs excepted).
 pub fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) -> Result<()> {
     check_len("quantize_row_q8_0", x.len(), out.len(), QK8_0)?;
-    for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK8_0)) {
-        *b = quantize_block_q8_0(xs.try_into().expect("chunks_exact(32)"));
-    }
+    (quant_kernels().quantize_row_q8_0)(x, out);
     Ok(())
 }
 
@@ -311,6 +315,9 @@ pub struct QuantKernels {
     pub axpy_q8_0: fn(f32, &[BlockQ8_0], &mut [f32]),
     /// `y[32b + j] += (a · d_b) · (q_j − 8)` for `b < min(w.len(), y.len() / 32)`.
     pub axpy_q4_0: fn(f32, &[BlockQ4_0], &mut [f32]),
+    /// [`quantize_block_q8_0`] for `b < min(out.len(), x.len() / 32)` (no length check; the
+    /// public [`quantize_row_q8_0`] checks). The activation quantizer of every GEMV.
+    pub quantize_row_q8_0: fn(&[f32], &mut [BlockQ8_0]),
 }
 
 const SCALAR: QuantKernels = QuantKernels {
@@ -319,6 +326,7 @@ const SCALAR: QuantKernels = QuantKernels {
     vec_dot_q4_0_q8_0: scalar::vec_dot_q4_0_q8_0,
     axpy_q8_0: scalar::axpy_q8_0,
     axpy_q4_0: scalar::axpy_q4_0,
+    quantize_row_q8_0: scalar::quantize_row_q8_0,
 };
 
 /// The quantized kernels for `tier`, or `None` if this CPU cannot run `tier`. The AVX-512 tier

@@ -7,7 +7,7 @@
 
 use half::f16;
 
-use super::{BlockQ4_0, BlockQ8_0, QK4_0, QK8_0};
+use super::{quantize_block_q8_0, BlockQ4_0, BlockQ8_0, QK4_0, QK8_0};
 
 /// Number of interleaved f32 partial sums of the dot kernels (one per `__m256` lane).
 pub const LANES: usize = 8;
@@ -106,5 +106,12 @@ pub fn axpy_q4_0(a: f32, w: &[BlockQ4_0], y: &mut [f32]) {
             lo[j] += s * ((b.qs[j] & 0x0F) as i32 - 8) as f32;
             hi[j] += s * ((b.qs[j] >> 4) as i32 - 8) as f32;
         }
+    }
+}
+
+/// `out[b] = quantize_block_q8_0(x[32b..32b + 32])`, for `b < min(out.len(), x.len() / 32)`.
+pub fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK8_0)) {
+        *b = quantize_block_q8_0(xs.try_into().expect("chunks_exact(32)"));
     }
 }

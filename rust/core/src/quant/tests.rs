@@ -248,6 +248,72 @@ fn q4_0_clamp_and_first_max_wins() {
     assert_eq!(b.qs[2], 0x88);
 }
 
+/// Inputs for the quantizer: random at several magnitudes, plus blocks with exact ties
+/// (amax = 127 so x · id = k + 0.5), a single nonzero, tiny (f16-subnormal d), huge, negative.
+fn quantizer_inputs(nb: usize, seed: u32) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    let mut x = Vec::with_capacity(nb * 32);
+    for b in 0..nb {
+        let mag = [1.0f32, 1e-3, 300.0, 1e-7, 1e30, 0.0][b % 6];
+        let block: Vec<f32> = match b % 5 {
+            0 | 1 => (0..32).map(|_| r.unit() * mag).collect(),
+            2 => (0..32)
+                .map(|j| {
+                    if j == 0 {
+                        127.0
+                    } else {
+                        (r.below(254) as f32 - 127.0) + 0.5
+                    }
+                })
+                .collect(),
+            3 => (0..32)
+                .map(|j| if j as u32 == r.below(32) { -mag } else { 0.0 })
+                .collect(),
+            _ => (0..32).map(|_| -(r.unit().abs()) * mag).collect(),
+        };
+        x.extend(block);
+    }
+    x
+}
+
+#[test]
+fn every_tier_quantizer_gives_the_scalar_bytes() {
+    for nb in block_counts() {
+        let x = quantizer_inputs(nb + 1, nb as u32);
+        for off in [0usize, 1, 32] {
+            let xs = &x[off..off + nb * 32];
+            let mut want = vec![BlockQ8_0::default(); nb];
+            scalar::quantize_row_q8_0(xs, &mut want);
+            for k in tiers() {
+                let mut got = vec![BlockQ8_0::default(); nb + 1];
+                (k.quantize_row_q8_0)(xs, &mut got);
+                assert_eq!(
+                    blocks_as_bytes(&got[..nb]),
+                    blocks_as_bytes(&want),
+                    "{} nb={nb} off={off}",
+                    k.tier_name
+                );
+                assert_eq!(
+                    blocks_as_bytes(&got[nb..]),
+                    blocks_as_bytes(&[BlockQ8_0::default()]),
+                    "{}",
+                    k.tier_name
+                );
+            }
+        }
+    }
+    // The public entry point (dispatched) agrees with the per-block spec.
+    let x = quantizer_inputs(40, 99);
+    let q = quantize_q8_0(&x).unwrap();
+    for (b, blk) in q.iter().enumerate() {
+        let xs: &[f32; 32] = x[b * 32..(b + 1) * 32].try_into().unwrap();
+        assert_eq!(
+            blocks_as_bytes(&[quantize_block_q8_0(xs)]),
+            blocks_as_bytes(&[*blk])
+        );
+    }
+}
+
 #[test]
 fn zero_blocks() {
     let x = [0f32; 64];

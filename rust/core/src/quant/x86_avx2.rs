@@ -8,6 +8,8 @@
 
 use std::arch::x86_64::*;
 
+use half::f16;
+
 use super::{scalar, BlockQ4_0, BlockQ8_0, QuantKernels, QK8_0};
 
 pub(super) const KERNELS: QuantKernels = QuantKernels {
@@ -16,6 +18,7 @@ pub(super) const KERNELS: QuantKernels = QuantKernels {
     vec_dot_q4_0_q8_0,
     axpy_q8_0,
     axpy_q4_0,
+    quantize_row_q8_0,
 };
 
 const G: usize = scalar::LANES;
@@ -194,6 +197,61 @@ fn axpy_q4_0_i(a: f32, w: &[BlockQ4_0], y: &mut [f32]) {
         axpy8(s, hi, &mut ys[16..24]);
         axpy8(s, _mm_srli_si128::<8>(hi), &mut ys[24..32]);
     }
+}
+
+/// `quantize_block_q8_0` in 8 lanes: the same f32 operations (max of |x|, `amax / 127`,
+/// `1 / d`, `x · id`, truncate, compare the exact remainder with ±0.5), so the same bytes.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quantize_q8_0_i(x: &[f32], out: &mut [BlockQ8_0]) {
+    let sign = _mm256_set1_ps(-0.0);
+    let (half, mhalf) = (_mm256_set1_ps(0.5), _mm256_set1_ps(-0.5));
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK8_0)) {
+        let p = xs.as_ptr();
+        // SAFETY: xs holds 32 f32: four 8-wide unaligned loads.
+        let v = unsafe {
+            [
+                _mm256_loadu_ps(p),
+                _mm256_loadu_ps(p.add(8)),
+                _mm256_loadu_ps(p.add(16)),
+                _mm256_loadu_ps(p.add(24)),
+            ]
+        };
+        let mut m = _mm256_andnot_ps(sign, v[0]);
+        for vk in &v[1..] {
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vk));
+        }
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<0b01>(m, m)));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let mut q = [_mm256_setzero_si256(); 4];
+        for k in 0..4 {
+            let y = _mm256_mul_ps(v[k], id);
+            let t = _mm256_cvttps_epi32(y);
+            let f = _mm256_sub_ps(y, _mm256_cvtepi32_ps(t)); // exact (Sterbenz)
+                                                             // Compare masks are −1 where true: t + 1 where f ≥ 0.5, t − 1 where f ≤ −0.5.
+            let up = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(f, half));
+            let dn = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LE_OQ>(f, mhalf));
+            q[k] = _mm256_add_epi32(_mm256_sub_epi32(t, up), dn);
+        }
+        // Saturating packs (|q| ≤ 127 here) work per 128-bit half, leaving the 4-code groups
+        // as dwords [q0 0-3, q1 0-3, q2 0-3, q3 0-3, q0 4-7, q1 4-7, …]; `order` restores 0..32.
+        let e = _mm256_packs_epi16(
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        );
+        let r = _mm256_permutevar8x32_epi32(e, order);
+        // SAFETY: qs is 32 bytes.
+        unsafe { _mm256_storeu_si256(b.qs.as_mut_ptr() as *mut __m256i, r) };
+        b.d = f16::from_f32(d);
+    }
+}
+
+fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    // SAFETY: KERNELS is handed out only after avx2, fma and f16c were detected.
+    unsafe { quantize_q8_0_i(x, out) }
 }
 
 fn vec_dot_q8_0_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {

@@ -18,6 +18,8 @@ pub(super) const KERNELS: QuantKernels = QuantKernels {
     vec_dot_q4_0_q8_0,
     axpy_q8_0,
     axpy_q4_0,
+    // Activation quantization is a small share of a GEMV: the AVX2 version serves this tier.
+    quantize_row_q8_0: super::x86_avx2::KERNELS.quantize_row_q8_0,
 };
 
 const G: usize = scalar::LANES;
