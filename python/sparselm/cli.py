@@ -247,6 +247,13 @@ def _format_stats(stats: GenerationStats | None, detailed: bool) -> list[str]:
         layers = stats.get("layer_sparsity")
         if layers:
             lines.append("layer sparsity: " + " ".join(f"{100 * x:.0f}%" for x in layers))
+        skipped = stats.get("down_bytes_skipped_per_token")
+        dense = stats.get("weight_bytes_per_token_dense")
+        if skipped is not None and dense:
+            lines.append(
+                f"weights skipped: {skipped / 1e6:.2f} MB of {dense / 1e6:.2f} MB per token "
+                f"({100 * skipped / dense:.1f}%)"
+            )
         lines.append(
             f"time: prompt {stats['prompt_seconds'] * 1e3:.1f} ms, "
             f"decode {stats['decode_seconds'] * 1e3:.1f} ms"

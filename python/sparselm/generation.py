@@ -466,7 +466,9 @@ class GenerationRun:
     * ``finish_reason``: ``"stop"`` (a stop id), ``"length"`` (max_new_tokens), ``"context"``
       (the cache is full), ``"stop_string"``, or ``"cancelled"`` (the caller stopped iterating);
     * ``mlp_sparsity`` (mean fraction of zero ReLU² neurons) and ``layer_sparsity`` (one value
-      per layer) when the native stats provide them.
+      per layer) when the native stats provide them;
+    * ``down_bytes_skipped_per_token`` (bytes of W_down not read per token because their neuron
+      was zero) and ``weight_bytes_per_token_dense`` (bytes a dense pass would read).
     """
 
     def __init__(
@@ -619,6 +621,9 @@ class GenerationRun:
         layers = native.get("layer_sparsity")
         if layers is not None:
             stats["layer_sparsity"] = [float(x) for x in layers]
+        for key in ("down_bytes_skipped_per_token", "weight_bytes_per_token_dense"):
+            if native.get(key) is not None:
+                stats[key] = float(native[key])
         return stats
 
 

@@ -16,9 +16,7 @@ use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use half::bf16;
 use sparselm_core::kernels::{kernels, Kernels, Tier};
-use sparselm_core::quant::{
-    quant_kernels, quant_kernels_for, quantize_row_q8_0, BlockQ4_0, BlockQ8_0, QuantKernels,
-};
+use sparselm_core::quant::{quant_kernels, quant_kernels_for, BlockQ4_0, BlockQ8_0, QuantKernels};
 
 /// Thread CPU time (`CLOCK_THREAD_CPUTIME_ID`) instead of wall time: on a shared machine the
 /// time this thread spends descheduled is not charged to the kernel (cache and memory-bandwidth
@@ -188,7 +186,7 @@ fn gemv(c: &mut C) {
         for k in tiers() {
             g.bench_function(k.tier_name, |b| {
                 b.iter(|| {
-                    quantize_row_q8_0(black_box(&xf), &mut xq).unwrap();
+                    (k.quantize_row_q8_0)(black_box(&xf), &mut xq);
                     for (yi, row) in y.iter_mut().zip(w8.chunks_exact(nb)) {
                         *yi = (k.vec_dot_q8_0_q8_0)(row, &xq);
                     }
@@ -208,7 +206,7 @@ fn gemv(c: &mut C) {
         for k in tiers() {
             g.bench_function(k.tier_name, |b| {
                 b.iter(|| {
-                    quantize_row_q8_0(black_box(&xf), &mut xq).unwrap();
+                    (k.quantize_row_q8_0)(black_box(&xf), &mut xq);
                     for (yi, row) in y.iter_mut().zip(w4.chunks_exact(nb)) {
                         *yi = (k.vec_dot_q4_0_q8_0)(row, &xq);
                     }
@@ -244,17 +242,19 @@ fn gemv(c: &mut C) {
 }
 
 fn quantize_activations(c: &mut C) {
-    let mut g = c.benchmark_group("quantize_row_q8_0");
     for n in [2048usize, 8192] {
         let mut r = Rng(5);
         let x: Vec<f32> = (0..n).map(|_| r.unit()).collect();
         let mut q = vec![BlockQ8_0::default(); n / 32];
+        let mut g = c.benchmark_group(format!("quantize_row_q8_0/{n}"));
         g.throughput(Throughput::BytesDecimal((n * 4) as u64));
-        g.bench_function(format!("{n}"), |b| {
-            b.iter(|| quantize_row_q8_0(black_box(&x), &mut q).unwrap())
-        });
+        for k in tiers() {
+            g.bench_function(k.tier_name, |b| {
+                b.iter(|| (k.quantize_row_q8_0)(black_box(&x), &mut q))
+            });
+        }
+        g.finish();
     }
-    g.finish();
 }
 
 /// Rows of W_downᵀ [intermediate = 8192, hidden = 2048]; `a` has the given share of zeros.

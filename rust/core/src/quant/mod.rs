@@ -43,15 +43,36 @@
 //! - AVX-512 VNNI Q4_0·Q8_0: `dpbusd(q, x) − dpbusd(8, x)`.
 //!
 //! # PERF NOTES
-//! (single thread, AMD EPYC Zen 4 class VM shared with other jobs, so ±15 %; see
-//! `benches/quant.rs`; GB/s = bytes of weight blocks per second)
-//! - Per-block i32 sums of 8 blocks are transposed into one `__m256i` (hadd tree, or on AVX-512
-//!   two blocks per `zmm` and a 3-level shuffle tree) so the f32 part is one cvt, one mul and
-//!   one add per 8 blocks; a single running f32 sum in block order would serialise on add
-//!   latency (~3-4 cycles per block).
-//! - Block scales are read with 8 scalar loads packed by `_mm_setr_epi16` + `vcvtph2ps`.
-//! - Results of the current implementation are summarised in the module's bench run notes
-//!   (commit message / report), and the tiers must be re-measured after any change here.
+//! Single thread, `cargo bench -p sparselm-core --bench quant -- --quick`, AMD EPYC (Zen 4
+//! class) VM shared with other jobs (load 3-9 on 2 vCPUs), so read ±15 %. Thread CPU time, not
+//! wall time (wall time under that load halved every number). GB/s = weight-block bytes / s.
+//! - GEMV 8192×2048 (incl. quantizing x): Q8_0 scalar 6.6, avx2 21.6, avx512vnni 21.6 GB/s;
+//!   Q4_0 scalar 2.8, avx2 12.2, avx512vnni 13.5. bf16 baseline (`kernels`): avx2 19.2 GB/s,
+//!   i.e. Q8_0 moves ~1.8× fewer bytes at the same GB/s, Q4_0 ~3.4× fewer at 0.65× the GB/s.
+//!   151936×2048 (330 MB, DRAM): Q8_0 19.2, Q4_0 11.7 GB/s. Q4_0 is compute-bound: its time
+//!   per block equals Q8_0's (the per-8-block overhead below dominates both).
+//! - Per-block i32 sums of 8 blocks are transposed into one `__m256i` (hadd tree; on AVX-512
+//!   Q8_0 two blocks per `zmm` and a 3-level shuffle tree) so the f32 part is one cvt, one mul
+//!   and one add per 8 blocks. A single running f32 sum in block order would serialise on add
+//!   latency; ggml's per-lane float accumulation is faster still but not bit-identical.
+//! - Block scales: 8 `vpinsrw` + `vcvtph2ps` per 8 blocks (~30 instructions, a third of the Q8_0
+//!   loop). Tried `vpgatherdd` + `vpshufb`/`vpermq`: slower on Zen 4 (16.6 vs 21.4 GB/s in L2),
+//!   dropped. The activation scales are re-widened for every row because the kernel signature
+//!   takes blocks only; an activation type carrying f32 scales (and Σx for the Q4_0 / offset
+//!   correction) is the next step if the kernels ever become the bottleneck.
+//! - AVX-512 Q4_0 two-blocks-per-`zmm` (like Q8_0): 10.7 GB/s vs 12.2 for AVX2 (double-pumped
+//!   512-bit shuffles on Zen 4); replaced by 256-bit `vpdpbusd`: 13.5 GB/s, kept. Q8_0 keeps the
+//!   `zmm` layout (equal to AVX2 on Zen 4, expected ahead on cores with full-width AVX-512).
+//! - Not tried: ggml's sign trick for AVX2 Q8_0 (`maddubs(|w|, sign(x, w))`, ~3 fewer ops per
+//!   block) because it is wrong for `x = −128, w < 0`.
+//! - Activation quantizer: scalar 1.5 GB/s of f32 in (a serial `maxss` chain and a scalar
+//!   rounding loop), AVX2 12.9 GB/s: 2048 values in 0.63 µs instead of 5.4 µs (it was 20 % of
+//!   an in-L2 256×2048 GEMV). amax over 8 running maxima (same value for non-NaN input).
+//! - Sparse down (rows of W_downᵀ 8192×2048, zero activations skipped): Q8_0 avx2 1.29 ms dense
+//!   → 0.17 ms at 90 % zeros → 0.016 ms at 99 %; Q4_0 about the same times (AXPY is bound by
+//!   the y loads/stores and int→float converts, not by weight bytes). Random zero patterns cost
+//!   more per active row than dense (prefetch restarts): 50 % zeros is 0.6-0.75× of dense time,
+//!   not 0.5×. An AXPY over 4 rows at once (one pass over y, same f32 order) would cut that.
 
 use std::sync::OnceLock;
 

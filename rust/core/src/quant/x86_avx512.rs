@@ -2,14 +2,15 @@
 //! base): same names, signatures and results (bit for bit) as `scalar`. Reachable only through
 //! `KERNELS`, which `quant_kernels_for` hands out after [`vnni_detected`].
 //!
-//! Two blocks share a `zmm` (`[block k | block k+4]`), `vpdpbusd` forms their i32 partial sums
-//! without saturation, a 3-level shuffle tree turns four such registers into one `__m256i`
-//! holding the exact sums of blocks k = 0..7 in lane order, and the f32 part is the scalar spec
-//! in 8 lanes (the same code path as the AVX2 tier).
+//! Q8_0: two blocks share a `zmm` (`[block k | block k+4]`), `vpdpbusd` forms their i32 partial
+//! sums without saturation, and a 3-level shuffle tree turns four such registers into one
+//! `__m256i` holding the exact sums of blocks k = 0..7 in lane order. Q4_0: one block per `ymm`
+//! (`vpdpbusd` under avx512vl) and the AVX2 transpose. In both, the f32 part is the scalar spec
+//! in 8 lanes (the same code as the AVX2 tier). Activation quantization reuses the AVX2 code.
 
 use std::arch::x86_64::*;
 
-use super::x86_avx2::{halves8, lanes};
+use super::x86_avx2::{halves8, lanes, transpose_sum8};
 use super::{scalar, BlockQ4_0, BlockQ8_0, QuantKernels, QK8_0};
 
 pub(super) const KERNELS: QuantKernels = QuantKernels {
@@ -101,38 +102,38 @@ fn dot_q8_0_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
     scalar::finish_q8_0_q8_0(w, x, n, lanes(acc))
 }
 
+/// Q4_0 with 256-bit `vpdpbusd` (one block per `ymm`) and the AVX2 transpose: on Zen 4, where
+/// 512-bit ops are double-pumped, this beat the two-blocks-per-`zmm` layout of the Q8_0 kernel
+/// (which needs extra `vinserti64x4`/`vshufi64x2` to unpack nibbles): 13.5 vs 10.7 GB/s.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn dot_q4_0_q8_0(w: &[BlockQ4_0], x: &[BlockQ8_0]) -> f32 {
     let n = w.len().min(x.len()) / G * G;
-    let m4 = _mm512_set1_epi8(0x0F);
-    let eight = _mm512_set1_epi8(8);
-    let zero = _mm512_setzero_si512();
+    let (m4, eight, zero) = (
+        _mm256_set1_epi8(0x0F),
+        _mm256_set1_epi8(8),
+        _mm256_setzero_si256(),
+    );
     let mut acc = _mm256_setzero_ps();
     for (wg, xg) in w[..n].chunks_exact(G).zip(x[..n].chunks_exact(G)) {
-        let mut s = [zero; 4];
-        for k in 0..4 {
+        let mut s = [zero; G];
+        for k in 0..G {
             // SAFETY: Q4_0 qs fields are 16 bytes, Q8_0 qs fields 32 bytes.
-            let (t, xz) = unsafe {
+            let (t, xv) = unsafe {
                 (
-                    _mm256_inserti128_si256::<1>(
-                        _mm256_castsi128_si256(
-                            _mm_loadu_si128(wg[k].qs.as_ptr() as *const __m128i),
-                        ),
-                        _mm_loadu_si128(wg[k + 4].qs.as_ptr() as *const __m128i),
-                    ),
-                    load2x32(xg[k].qs.as_ptr(), xg[k + 4].qs.as_ptr()),
+                    _mm_loadu_si128(wg[k].qs.as_ptr() as *const __m128i),
+                    _mm256_loadu_si256(xg[k].qs.as_ptr() as *const __m256i),
                 )
             };
-            // chunks [A lo, B lo, A hi, B hi] → [A lo, A hi, B lo, B hi] to match x's layout.
-            let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(t), _mm256_srli_epi16::<4>(t));
-            let z = _mm512_and_si512(z, m4);
-            let q = _mm512_shuffle_i64x2::<0b11_01_10_00>(z, z);
-            // Σ q·x − Σ 8·x = Σ (q−8)·x, exact.
-            let p = _mm512_dpbusd_epi32(zero, q, xz);
-            let c = _mm512_dpbusd_epi32(zero, eight, xz);
-            s[k] = _mm512_sub_epi32(p, c);
+            let q = _mm256_and_si256(
+                _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(t), _mm_srli_epi16::<4>(t)),
+                m4,
+            );
+            s[k] = _mm256_sub_epi32(
+                _mm256_dpbusd_epi32(zero, q, xv),
+                _mm256_dpbusd_epi32(zero, eight, xv),
+            );
         }
-        let sumi = _mm256_cvtepi32_ps(transpose_sum4(&s));
+        let sumi = _mm256_cvtepi32_ps(transpose_sum8(&s));
         let dd = _mm256_mul_ps(
             halves8(std::array::from_fn(|k| wg[k].d.to_bits())),
             halves8(std::array::from_fn(|k| xg[k].d.to_bits())),
