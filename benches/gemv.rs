@@ -17,7 +17,13 @@ const SHAPES: [(usize, usize, &str); 4] = [
     (151936, 2048, "lm_head"),
     (3072, 2048, "q_proj"),
 ];
-const FORMATS: [DType; 5] = [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0];
+const FORMATS: [DType; 5] = [
+    DType::F32,
+    DType::F16,
+    DType::BF16,
+    DType::Q8_0,
+    DType::Q4_0,
+];
 
 fn weights(n: usize) -> Vec<f32> {
     let mut s = 0x9E37_79B9u32;
@@ -52,11 +58,16 @@ fn gemv(c: &mut Criterion) {
             let m = Matrix::from_f32(rows, cols, &w, dt);
             g.throughput(Throughput::Bytes(m.nbytes() as u64));
             for threads in thread_counts() {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
                 let mut y = vec![0f32; rows];
-                g.bench_with_input(BenchmarkId::new(dt.name(), format!("{threads}t")), &threads, |b, _| {
-                    pool.install(|| b.iter(|| m.matvec(black_box(&x), black_box(&mut y))))
-                });
+                g.bench_with_input(
+                    BenchmarkId::new(dt.name(), format!("{threads}t")),
+                    &threads,
+                    |b, _| pool.install(|| b.iter(|| m.matvec(black_box(&x), black_box(&mut y)))),
+                );
             }
         }
         g.finish();
@@ -78,14 +89,21 @@ fn sparse_down(c: &mut Criterion) {
                 .filter(|j| (j * 7919 % 100) as u32 >= zeros)
                 .map(|j| (j, 0.5))
                 .collect();
-            g.throughput(Throughput::Bytes((active.len() * d * m.nbytes() / (inter * d)) as u64));
+            g.throughput(Throughput::Bytes(
+                (active.len() * d * m.nbytes() / (inter * d)) as u64,
+            ));
             let mut y = vec![0f32; d];
             g.bench_function(BenchmarkId::new("zeros", format!("{zeros}%")), |b| {
                 b.iter(|| {
                     y.fill(0.0);
                     let mut quads = active.chunks_exact(4);
                     for q in &mut quads {
-                        m.axpy_rows4([q[0].0, q[1].0, q[2].0, q[3].0], 0, &[q[0].1, q[1].1, q[2].1, q[3].1], &mut y);
+                        m.axpy_rows4(
+                            [q[0].0, q[1].0, q[2].0, q[3].0],
+                            0,
+                            &[q[0].1, q[1].1, q[2].1, q[3].1],
+                            &mut y,
+                        );
                     }
                     for &(j, a) in quads.remainder() {
                         m.axpy_row(j, 0, a, &mut y);
@@ -99,8 +117,13 @@ fn sparse_down(c: &mut Criterion) {
         let act = weights(inter);
         let mut y = vec![0f32; d];
         g.throughput(Throughput::Bytes(dense.nbytes() as u64));
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-        g.bench_function("dense", |b| pool.install(|| b.iter(|| dense.matvec(black_box(&act), &mut y))));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        g.bench_function("dense", |b| {
+            pool.install(|| b.iter(|| dense.matvec(black_box(&act), &mut y)))
+        });
         g.finish();
     }
 }

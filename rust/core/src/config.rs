@@ -121,7 +121,10 @@ impl ModelConfig {
             )));
         }
         if let Some(rs) = f.get("rope_scaling") {
-            let kind = rs.get("rope_type").or_else(|| rs.get("type")).and_then(Value::as_str);
+            let kind = rs
+                .get("rope_type")
+                .or_else(|| rs.get("type"))
+                .and_then(Value::as_str);
             if kind != Some("default") {
                 return Err(Error::Unsupported(format!(
                     "{}: rope_scaling {rs} is not supported (PLM uses none)",
@@ -167,7 +170,7 @@ impl ModelConfig {
             path: PathBuf::from(path),
             msg,
         };
-        if self.qk_rope_head_dim % 2 != 0 {
+        if !self.qk_rope_head_dim.is_multiple_of(2) {
             return Err(err(format!(
                 "qk_rope_head_dim must be even (RoPE rotates pairs), got {}",
                 self.qk_rope_head_dim
@@ -183,15 +186,24 @@ impl ModelConfig {
             ("qk_nope_head_dim", self.qk_nope_head_dim, 1 << 12),
             ("qk_rope_head_dim", self.qk_rope_head_dim, 1 << 12),
             ("v_head_dim", self.v_head_dim, 1 << 12),
-            ("max_position_embeddings", self.max_position_embeddings, 1 << 20),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 20,
+            ),
         ];
         for (name, v, max) in limits {
             if v > max {
-                return Err(err(format!("'{name}' = {v} exceeds the supported maximum {max}")));
+                return Err(err(format!(
+                    "'{name}' = {v} exceeds the supported maximum {max}"
+                )));
             }
         }
         if self.rms_norm_eps >= 1.0 {
-            return Err(err(format!("rms_norm_eps must be small and positive, got {}", self.rms_norm_eps)));
+            return Err(err(format!(
+                "rms_norm_eps must be small and positive, got {}",
+                self.rms_norm_eps
+            )));
         }
         Ok(())
     }
@@ -278,7 +290,9 @@ mod tests {
         c["q_lora_rank"] = serde_json::json!(1536);
         assert_eq!(parse(&c).unwrap_err().kind(), "unsupported");
         assert_eq!(
-            ModelConfig::from_json_str("{", Path::new("x")).unwrap_err().kind(),
+            ModelConfig::from_json_str("{", Path::new("x"))
+                .unwrap_err()
+                .kind(),
             "config"
         );
     }

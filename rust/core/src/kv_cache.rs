@@ -7,9 +7,9 @@
 pub struct LatentCache {
     pub layers: usize,
     pub max_seq: usize,
-    pub rank: usize,     // kv_lora_rank
-    pub rope: usize,     // qk_rope_head_dim
-    pub data: Vec<f32>,  // [layers, max_seq, rank + rope]
+    pub rank: usize,    // kv_lora_rank
+    pub rope: usize,    // qk_rope_head_dim
+    pub data: Vec<f32>, // [layers, max_seq, rank + rope]
 }
 
 impl LatentCache {

@@ -44,11 +44,14 @@ fn checkpoint_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<HashMap<String, 
     let mut files: Vec<PathBuf> = Vec::new();
     let mut which = HashMap::new();
     for (name, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| Error::format(&index, format!("weight_map['{name}'] is not a file name")))?;
+        let file = file.as_str().ok_or_else(|| {
+            Error::format(&index, format!("weight_map['{name}'] is not a file name"))
+        })?;
         if file.contains('/') || file.contains('\\') || file == ".." {
-            return Err(Error::format(&index, format!("shard name '{file}' must be a plain file name")));
+            return Err(Error::format(
+                &index,
+                format!("shard name '{file}' must be a plain file name"),
+            ));
         }
         let path = dir.join(file);
         let i = match files.iter().position(|p| *p == path) {
@@ -106,17 +109,31 @@ fn to_storage(bytes: &[u8], src: DType, dst: DType, cols: usize) -> Storage {
         return Matrix::from_f32(v.len() / cols, cols, &v, dst).data;
     }
     match (src, dst) {
-        (DType::F16, DType::F16) => {
-            Storage::F16(bytes.par_chunks_exact(2).map(|b| f16::from_bits(bits(b))).collect())
-        }
-        (DType::BF16, DType::BF16) => {
-            Storage::BF16(bytes.par_chunks_exact(2).map(|b| bf16::from_bits(bits(b))).collect())
-        }
+        (DType::F16, DType::F16) => Storage::F16(
+            bytes
+                .par_chunks_exact(2)
+                .map(|b| f16::from_bits(bits(b)))
+                .collect(),
+        ),
+        (DType::BF16, DType::BF16) => Storage::BF16(
+            bytes
+                .par_chunks_exact(2)
+                .map(|b| bf16::from_bits(bits(b)))
+                .collect(),
+        ),
         (_, DType::F32) => Storage::F32(to_f32_vec(bytes, src)),
-        (_, DType::F16) => Storage::F16(to_f32_vec(bytes, src).par_iter().map(|&x| f16::from_f32(x)).collect()),
-        (_, DType::BF16) => {
-            Storage::BF16(to_f32_vec(bytes, src).par_iter().map(|&x| bf16::from_f32(x)).collect())
-        }
+        (_, DType::F16) => Storage::F16(
+            to_f32_vec(bytes, src)
+                .par_iter()
+                .map(|&x| f16::from_f32(x))
+                .collect(),
+        ),
+        (_, DType::BF16) => Storage::BF16(
+            to_f32_vec(bytes, src)
+                .par_iter()
+                .map(|&x| bf16::from_f32(x))
+                .collect(),
+        ),
         (_, DType::Q8_0 | DType::Q4_0) => unreachable!("handled above"),
     }
 }
@@ -125,18 +142,20 @@ fn to_storage(bytes: &[u8], src: DType, dst: DType, cols: usize) -> Storage {
 fn transpose<T: Copy + Default + Send + Sync>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
     const B: usize = 64;
     let mut out = vec![T::default(); rows * cols];
-    out.par_chunks_mut(B * rows).enumerate().for_each(|(bi, blk)| {
-        let c0 = bi * B;
-        let nc = blk.len() / rows;
-        for r0 in (0..rows).step_by(B) {
-            for r in r0..(r0 + B).min(rows) {
-                let src = &v[r * cols + c0..r * cols + c0 + nc];
-                for (j, &x) in src.iter().enumerate() {
-                    blk[j * rows + r] = x;
+    out.par_chunks_mut(B * rows)
+        .enumerate()
+        .for_each(|(bi, blk)| {
+            let c0 = bi * B;
+            let nc = blk.len() / rows;
+            for r0 in (0..rows).step_by(B) {
+                for r in r0..(r0 + B).min(rows) {
+                    let src = &v[r * cols + c0..r * cols + c0 + nc];
+                    for (j, &x) in src.iter().enumerate() {
+                        blk[j * rows + r] = x;
+                    }
                 }
             }
-        }
-    });
+        });
     out
 }
 
@@ -157,12 +176,16 @@ fn release(map: &Mmap, bytes: &[u8]) {
         // 64 KiB: a multiple of every Linux page size (4/16/64 KiB), as madvise needs.
         const ALIGN: usize = 64 << 10;
         let start = bytes.as_ptr() as usize - map.as_ptr() as usize;
-        let (s, e) = (start.div_ceil(ALIGN) * ALIGN, (start + bytes.len()) / ALIGN * ALIGN);
+        let (s, e) = (
+            start.div_ceil(ALIGN) * ALIGN,
+            (start + bytes.len()) / ALIGN * ALIGN,
+        );
         if e > s {
             // SAFETY: a private, read-only file mapping: MADV_DONTNEED drops clean pages that the
             // kernel re-reads from the file if they are touched again, so no byte any Rust
             // reference can observe changes.
-            let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s, e - s) };
+            let _ =
+                unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s, e - s) };
         }
     }
     #[cfg(not(unix))]
@@ -179,11 +202,18 @@ enum Loaded {
 ///
 /// `want`: the storage dtype of weight matrices; `None` keeps the checkpoint's dtype (that of
 /// `model.embed_tokens.weight`). Norm gains are always f32.
-pub fn load_weights(dir: &Path, cfg: &ModelConfig, want: Option<DType>) -> Result<(Weights, DType)> {
+pub fn load_weights(
+    dir: &Path,
+    cfg: &ModelConfig,
+    want: Option<DType>,
+) -> Result<(Weights, DType)> {
     let (files, which) = checkpoint_files(dir)?;
     let maps: Vec<Mmap> = files.iter().map(|p| map_file(p)).collect::<Result<_>>()?;
-    let parsed: Vec<StFile<'_>> =
-        maps.iter().zip(&files).map(|(m, p)| StFile::parse(p, m)).collect::<Result<_>>()?;
+    let parsed: Vec<StFile<'_>> = maps
+        .iter()
+        .zip(&files)
+        .map(|(m, p)| StFile::parse(p, m))
+        .collect::<Result<_>>()?;
 
     let find = |name: &str| -> Result<(&TensorInfo, usize)> {
         let candidates: Vec<usize> = match &which {
@@ -207,7 +237,10 @@ pub fn load_weights(dir: &Path, cfg: &ModelConfig, want: Option<DType>) -> Resul
             Some(w) => files[w[name]].clone(),
             None => files[0].clone(),
         };
-        Err(Error::MissingTensor { path, name: name.into() })
+        Err(Error::MissingTensor {
+            path,
+            name: name.into(),
+        })
     };
 
     // 1. Validate everything before converting anything.
@@ -244,8 +277,16 @@ pub fn load_weights(dir: &Path, cfg: &ModelConfig, want: Option<DType>) -> Resul
             Role::Norm => Loaded::Norm(to_f32_vec(bytes, *dt)),
             Role::Matrix => {
                 let (r, c) = (spec.shape[0], spec.shape[1]);
-                let dst = if out_dtype.is_quantized() && c % QBLOCK != 0 { DType::F32 } else { out_dtype };
-                Loaded::Mat(Matrix { rows: r, cols: c, data: to_storage(bytes, *dt, dst, c) })
+                let dst = if out_dtype.is_quantized() && c % QBLOCK != 0 {
+                    DType::F32
+                } else {
+                    out_dtype
+                };
+                Loaded::Mat(Matrix {
+                    rows: r,
+                    cols: c,
+                    data: to_storage(bytes, *dt, dst, c),
+                })
             }
             Role::MatrixTransposed if out_dtype.is_quantized() => {
                 // Transpose in f32, then quantize along the hidden dimension (rows of W_downᵀ).
@@ -303,7 +344,15 @@ pub fn load_weights(dir: &Path, cfg: &ModelConfig, want: Option<DType>) -> Resul
         Some(Loaded::Mat(m)) => Some(m),
         _ => None,
     };
-    Ok((Weights { embed, layers, norm, lm_head }, out_dtype))
+    Ok((
+        Weights {
+            embed,
+            layers,
+            norm,
+            lm_head,
+        },
+        out_dtype,
+    ))
 }
 
 #[cfg(test)]

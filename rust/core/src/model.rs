@@ -107,11 +107,28 @@ impl Model {
     }
 
     /// Assemble a model from already-built weights (tests, synthetic benchmarks).
-    pub fn from_parts(config: ModelConfig, weights: Weights, dtype: DType, pool: rayon::ThreadPool) -> Model {
-        let (rope_cos, rope_sin) =
-            rope_tables(config.max_position_embeddings, config.qk_rope_head_dim, config.rope_theta);
-        let sparse_mlp = std::env::var("SPARSELM_DENSE_MLP").map_or(true, |v| v.is_empty() || v == "0");
-        Model { config, weights, dtype, rope_cos, rope_sin, pool, sparse_mlp }
+    pub fn from_parts(
+        config: ModelConfig,
+        weights: Weights,
+        dtype: DType,
+        pool: rayon::ThreadPool,
+    ) -> Model {
+        let (rope_cos, rope_sin) = rope_tables(
+            config.max_position_embeddings,
+            config.qk_rope_head_dim,
+            config.rope_theta,
+        );
+        let sparse_mlp =
+            std::env::var("SPARSELM_DENSE_MLP").map_or(true, |v| v.is_empty() || v == "0");
+        Model {
+            config,
+            weights,
+            dtype,
+            rope_cos,
+            rope_sin,
+            pool,
+            sparse_mlp,
+        }
     }
 
     pub fn threads(&self) -> usize {
@@ -126,14 +143,23 @@ impl Model {
     /// A fresh latent cache of `max_seq` positions (0: the model's context length).
     pub fn new_cache(&self, max_seq: usize) -> Result<LatentCache> {
         let c = &self.config;
-        let max_seq = if max_seq == 0 { c.max_position_embeddings } else { max_seq };
+        let max_seq = if max_seq == 0 {
+            c.max_position_embeddings
+        } else {
+            max_seq
+        };
         if max_seq > c.max_position_embeddings {
             return Err(Error::Argument(format!(
                 "max_seq {max_seq} exceeds the model's context length {}",
                 c.max_position_embeddings
             )));
         }
-        Ok(LatentCache::new(c.num_hidden_layers, max_seq, c.kv_lora_rank, c.qk_rope_head_dim))
+        Ok(LatentCache::new(
+            c.num_hidden_layers,
+            max_seq,
+            c.kv_lora_rank,
+            c.qk_rope_head_dim,
+        ))
     }
 
     /// Check token ids and context room for feeding `tokens` at `pos0`.
@@ -141,7 +167,10 @@ impl Model {
         if tokens.is_empty() {
             return Err(Error::Argument("no tokens to process".into()));
         }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+        if let Some(&bad) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
             return Err(Error::Argument(format!(
                 "token id {bad} is out of range for vocab_size {}",
                 self.config.vocab_size
@@ -182,7 +211,9 @@ impl Model {
         self.pool.install(|| {
             // h = E[token]                                               [T, d]
             for (i, &tok) in tokens.iter().enumerate() {
-                self.weights.embed.row_to_f32(tok as usize, &mut st.h[i * d..(i + 1) * d]);
+                self.weights
+                    .embed
+                    .row_to_f32(tok as usize, &mut st.h[i * d..(i + 1) * d]);
             }
             for (l, lw) in self.weights.layers.iter().enumerate() {
                 // a = RMSNorm(h; input_layernorm);  h += Attn(a)
@@ -234,10 +265,14 @@ impl Model {
         // q = W_q a                       [T, H·(dn+dr)]
         lw.q_proj.matmul(&st.a[..t * d], t, &mut st.q[..t * qd]);
         // [c ; k_rope] = W_kva a          [T, r+dr]
-        lw.kv_a.matmul(&st.a[..t * d], t, &mut st.kva[..t * (r + dr)]);
+        lw.kv_a
+            .matmul(&st.a[..t * d], t, &mut st.kva[..t * (r + dr)]);
         for i in 0..t {
             let p = pos0 + i;
-            let (cos, sin) = (&self.rope_cos[p * half..(p + 1) * half], &self.rope_sin[p * half..(p + 1) * half]);
+            let (cos, sin) = (
+                &self.rope_cos[p * half..(p + 1) * half],
+                &self.rope_sin[p * half..(p + 1) * half],
+            );
             // cache[l, p] = [RMSNorm(c; kv_a_layernorm) ; RoPE(k_rope, p)]
             let kva = &st.kva[i * (r + dr)..(i + 1) * (r + dr)];
             let row = cache.row_mut(l, p);
@@ -257,7 +292,8 @@ impl Model {
             self.attend_absorbed(lw, l, t, pos0, cache, st, scale);
         }
         // out = W_o [o_1; …; o_H]         [T, d]
-        lw.o_proj.matmul(&st.o[..t * nh * dv], t, &mut st.proj[..t * d]);
+        lw.o_proj
+            .matmul(&st.o[..t * nh * dv], t, &mut st.proj[..t * d]);
     }
 
     /// Dense attention: k_nope, v = W_kvb c for every cached position, then per-head softmax.
@@ -272,8 +308,13 @@ impl Model {
         scale: f32,
     ) {
         let c = &self.config;
-        let (nh, r, dn, dr, dv) =
-            (c.num_attention_heads, c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim);
+        let (nh, r, dn, dr, dv) = (
+            c.num_attention_heads,
+            c.kv_lora_rank,
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.v_head_dim,
+        );
         let (qd, kvd, rd) = (nh * (dn + dr), nh * (dn + dv), r + dr);
         let n = pos0 + t;
         let layer = cache.layer(l);
@@ -287,24 +328,27 @@ impl Model {
         lw.kv_b.matmul(&lat, n, &mut kv);
         let k = kernels();
         let q = &st.q;
-        st.o[..t * nh * dv].par_chunks_mut(dv).enumerate().for_each(|(idx, o)| {
-            let (i, h) = (idx / nh, idx % nh);
-            let p = pos0 + i;
-            let qh = &q[i * qd + h * (dn + dr)..i * qd + (h + 1) * (dn + dr)];
-            let mut s: Vec<f32> = (0..=p)
-                .map(|u| {
-                    let kn = &kv[u * kvd + h * (dn + dv)..u * kvd + h * (dn + dv) + dn];
-                    let kr = &layer[u * rd + r..(u + 1) * rd];
-                    ((k.dot_f32)(&qh[..dn], kn) + (k.dot_f32)(&qh[dn..], kr)) * scale
-                })
-                .collect();
-            softmax(&mut s);
-            o.fill(0.0);
-            for (u, pu) in s.iter().enumerate() {
-                let vu = &kv[u * kvd + h * (dn + dv) + dn..u * kvd + (h + 1) * (dn + dv)];
-                (k.axpy_f32)(*pu, vu, o);
-            }
-        });
+        st.o[..t * nh * dv]
+            .par_chunks_mut(dv)
+            .enumerate()
+            .for_each(|(idx, o)| {
+                let (i, h) = (idx / nh, idx % nh);
+                let p = pos0 + i;
+                let qh = &q[i * qd + h * (dn + dr)..i * qd + (h + 1) * (dn + dr)];
+                let mut s: Vec<f32> = (0..=p)
+                    .map(|u| {
+                        let kn = &kv[u * kvd + h * (dn + dv)..u * kvd + h * (dn + dv) + dn];
+                        let kr = &layer[u * rd + r..(u + 1) * rd];
+                        ((k.dot_f32)(&qh[..dn], kn) + (k.dot_f32)(&qh[dn..], kr)) * scale
+                    })
+                    .collect();
+                softmax(&mut s);
+                o.fill(0.0);
+                for (u, pu) in s.iter().enumerate() {
+                    let vu = &kv[u * kvd + h * (dn + dv) + dn..u * kvd + (h + 1) * (dn + dv)];
+                    (k.axpy_f32)(*pu, vu, o);
+                }
+            });
     }
 
     /// Weight-absorbed attention: q_lat = W_UKᵀ q_nope, scores against the latents themselves,
@@ -320,8 +364,13 @@ impl Model {
         scale: f32,
     ) {
         let c = &self.config;
-        let (nh, r, dn, dr, dv) =
-            (c.num_attention_heads, c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim);
+        let (nh, r, dn, dr, dv) = (
+            c.num_attention_heads,
+            c.kv_lora_rank,
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.v_head_dim,
+        );
         let (qd, rd, ms) = (nh * (dn + dr), r + dr, cache.max_seq);
         let layer = cache.layer(l);
         let k = kernels();
@@ -346,7 +395,8 @@ impl Model {
                     // s(u) = (q_lat·c(u) + q_rope·k_rope(u)) / sqrt(dn+dr)
                     for u in 0..n {
                         let cu = &layer[u * rd..(u + 1) * rd];
-                        s[u] = ((k.dot_f32)(q_lat, &cu[..r]) + (k.dot_f32)(&qh[dn..], &cu[r..])) * scale;
+                        s[u] = ((k.dot_f32)(q_lat, &cu[..r]) + (k.dot_f32)(&qh[dn..], &cu[r..]))
+                            * scale;
                     }
                     softmax(&mut s[..n]);
                     // ctx = Σ_u P(u) c(u)            [r]
@@ -376,22 +426,32 @@ impl Model {
             if !self.sparse_mlp {
                 // Benchmark baseline: visit every neuron, zeros included.
                 st.active.clear();
-                st.active.extend(st.up[..ni].iter().enumerate().map(|(j, &a)| (j as u32, a)));
+                st.active
+                    .extend(st.up[..ni].iter().enumerate().map(|(j, &a)| (j as u32, a)));
             }
             // y = Σ_{j active} act_j · W_downᵀ[j]     [d], output columns split across threads
             let active = &st.active;
-            st.proj[..d].par_chunks_mut(cw).enumerate().for_each(|(ci, y)| {
-                y.fill(0.0);
-                // Four rows per pass over y: a quarter of the y traffic, four weight streams.
-                let mut quads = active.chunks_exact(4);
-                for q in &mut quads {
-                    let rows = [q[0].0 as usize, q[1].0 as usize, q[2].0 as usize, q[3].0 as usize];
-                    lw.down_t.axpy_rows4(rows, ci * cw, &[q[0].1, q[1].1, q[2].1, q[3].1], y);
-                }
-                for &(j, a) in quads.remainder() {
-                    lw.down_t.axpy_row(j as usize, ci * cw, a, y);
-                }
-            });
+            st.proj[..d]
+                .par_chunks_mut(cw)
+                .enumerate()
+                .for_each(|(ci, y)| {
+                    y.fill(0.0);
+                    // Four rows per pass over y: a quarter of the y traffic, four weight streams.
+                    let mut quads = active.chunks_exact(4);
+                    for q in &mut quads {
+                        let rows = [
+                            q[0].0 as usize,
+                            q[1].0 as usize,
+                            q[2].0 as usize,
+                            q[3].0 as usize,
+                        ];
+                        lw.down_t
+                            .axpy_rows4(rows, ci * cw, &[q[0].1, q[1].1, q[2].1, q[3].1], y);
+                    }
+                    for &(j, a) in quads.remainder() {
+                        lw.down_t.axpy_row(j as usize, ci * cw, a, y);
+                    }
+                });
             return;
         }
         // Several tokens: groups of 4 tokens × tiles of 64 output columns, accumulated in
@@ -422,7 +482,8 @@ impl Model {
                 let mut out = vec![0f32; groups * 4 * TILE]; // [groups·4, 64]
                 if c0 + TILE <= d {
                     for g in 0..groups {
-                        let y: &mut [f32; 256] = (&mut out[g * 256..(g + 1) * 256]).try_into().expect("256");
+                        let y: &mut [f32; 256] =
+                            (&mut out[g * 256..(g + 1) * 256]).try_into().expect("256");
                         lw.down_t.rank4x64(&act[g * 4 * ni..], ni, &js[g], c0, y);
                     }
                 } else {

@@ -75,7 +75,10 @@ mod tests {
         rope_adjacent(&mut x, &c[3 * 2..4 * 2], &s[3 * 2..4 * 2]);
         assert!((x[0] - 3f32.cos()).abs() < 1e-6 && (x[1] - 3f32.sin()).abs() < 1e-6);
         let a = 3.0f64 * 10000f64.powf(-0.5);
-        assert!((x[2] as f64 + 2.0 * a.sin()).abs() < 1e-6 && (x[3] as f64 - 2.0 * a.cos()).abs() < 1e-6);
+        assert!(
+            (x[2] as f64 + 2.0 * a.sin()).abs() < 1e-6
+                && (x[3] as f64 - 2.0 * a.cos()).abs() < 1e-6
+        );
     }
 
     #[test]

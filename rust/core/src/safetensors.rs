@@ -84,7 +84,9 @@ impl<'a> StFile<'a> {
         }
         let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
         if n > MAX_HEADER {
-            return Err(bad(format!("header length {n} is implausible (limit {MAX_HEADER} bytes)")));
+            return Err(bad(format!(
+                "header length {n} is implausible (limit {MAX_HEADER} bytes)"
+            )));
         }
         let header_end = 8usize + n as usize;
         if header_end > bytes.len() {
@@ -97,7 +99,9 @@ impl<'a> StFile<'a> {
             .map_err(|e| bad(format!("header is not UTF-8: {e}")))?;
         let v: Value = serde_json::from_str(text.trim_end_matches(' '))
             .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
-        let obj = v.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| bad("header is not a JSON object".into()))?;
         let data = &bytes[header_end..];
         let mut tensors = HashMap::with_capacity(obj.len());
         for (name, entry) in obj {
@@ -108,15 +112,25 @@ impl<'a> StFile<'a> {
             tensors.insert(name.clone(), t);
         }
         // No two tensors may share bytes.
-        let mut ranges: Vec<(&str, usize, usize)> =
-            tensors.iter().filter(|(_, t)| t.end > t.begin).map(|(k, t)| (k.as_str(), t.begin, t.end)).collect();
+        let mut ranges: Vec<(&str, usize, usize)> = tensors
+            .iter()
+            .filter(|(_, t)| t.end > t.begin)
+            .map(|(k, t)| (k.as_str(), t.begin, t.end))
+            .collect();
         ranges.sort_by_key(|r| (r.1, r.2));
         for w in ranges.windows(2) {
             if w[1].1 < w[0].2 {
-                return Err(bad(format!("tensors '{}' and '{}' overlap in the data section", w[0].0, w[1].0)));
+                return Err(bad(format!(
+                    "tensors '{}' and '{}' overlap in the data section",
+                    w[0].0, w[1].0
+                )));
             }
         }
-        Ok(StFile { path: path.to_path_buf(), data, tensors })
+        Ok(StFile {
+            path: path.to_path_buf(),
+            data,
+            tensors,
+        })
     }
 
     fn entry(path: &Path, name: &str, e: &Value, data_len: usize) -> Result<TensorInfo> {
@@ -133,7 +147,12 @@ impl<'a> StFile<'a> {
             .iter()
             .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
             .collect::<Option<_>>()
-            .ok_or_else(|| bad(format!("shape {} is not a list of non-negative integers", e["shape"])))?;
+            .ok_or_else(|| {
+                bad(format!(
+                    "shape {} is not a list of non-negative integers",
+                    e["shape"]
+                ))
+            })?;
         let offs = e
             .get("data_offsets")
             .and_then(Value::as_array)
@@ -142,7 +161,12 @@ impl<'a> StFile<'a> {
         let off = |i: usize| offs[i].as_u64().and_then(|x| usize::try_from(x).ok());
         let (begin, end) = match (off(0), off(1)) {
             (Some(b), Some(e)) => (b, e),
-            _ => return Err(bad(format!("data_offsets {} are not non-negative integers", e["data_offsets"]))),
+            _ => {
+                return Err(bad(format!(
+                    "data_offsets {} are not non-negative integers",
+                    e["data_offsets"]
+                )))
+            }
         };
         if begin > end || end > data_len {
             return Err(bad(format!(
@@ -161,7 +185,12 @@ impl<'a> StFile<'a> {
                 )));
             }
         }
-        Ok(TensorInfo { dtype, shape, begin, end })
+        Ok(TensorInfo {
+            dtype,
+            shape,
+            begin,
+            end,
+        })
     }
 
     /// The bytes of tensor `t` (validated at parse time to lie inside the data section).
@@ -184,18 +213,45 @@ mod tests {
     #[test]
     fn parses_and_rejects() {
         let p = Path::new("m.safetensors");
-        let ok = file(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"__metadata__":{"format":"pt"}}"#, &[0; 8]);
+        let ok = file(
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"__metadata__":{"format":"pt"}}"#,
+            &[0; 8],
+        );
         let f = StFile::parse(p, &ok).unwrap();
         assert_eq!(f.bytes(&f.tensors["a"]).len(), 8);
         for (bytes, needle) in [
             (ok[..5].to_vec(), "shorter than"),
             (ok[..20].to_vec(), "truncated"),
             (ok[..ok.len() - 1].to_vec(), "'a'"),
-            (file(r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, &[0; 8]), "needs 12 bytes"),
-            (file(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#, &[0; 8]), "overlap"),
+            (
+                file(
+                    r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+                    &[0; 8],
+                ),
+                "needs 12 bytes",
+            ),
+            (
+                file(
+                    r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+                    &[0; 8],
+                ),
+                "overlap",
+            ),
             (file(r#"{"a":"#, &[]), "JSON"),
-            (file(r#"{"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,8]}}"#, &[0; 8]), "shape"),
-            (file(r#"{"a":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,8]}}"#, &[0; 8]), "too many"),
+            (
+                file(
+                    r#"{"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,8]}}"#,
+                    &[0; 8],
+                ),
+                "shape",
+            ),
+            (
+                file(
+                    r#"{"a":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,8]}}"#,
+                    &[0; 8],
+                ),
+                "too many",
+            ),
         ] {
             let e = StFile::parse(p, &bytes).err().expect(needle);
             assert_eq!(e.kind(), "format");

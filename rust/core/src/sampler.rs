@@ -16,7 +16,14 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: None }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            seed: None,
+        }
     }
 }
 
@@ -24,7 +31,10 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Argument(m));
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return bad(format!("temperature must be a finite number >= 0, got {}", self.temperature));
+            return bad(format!(
+                "temperature must be a finite number >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -33,7 +43,10 @@ impl SamplingParams {
             return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return bad(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+            return bad(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
         }
         Ok(())
     }
@@ -101,7 +114,12 @@ impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Sampler> {
         params.validate()?;
         let seed = params.seed.unwrap_or_else(Rng::entropy_seed);
-        Ok(Sampler { params, rng: Rng::new(seed), cand: Vec::new(), seen: Vec::new() })
+        Ok(Sampler {
+            params,
+            rng: Rng::new(seed),
+            cand: Vec::new(),
+            seen: Vec::new(),
+        })
     }
 
     /// Pick the next token from `logits` (modified in place by the penalty), given the ids
@@ -111,12 +129,21 @@ impl Sampler {
         if p.repetition_penalty != 1.0 {
             // Each distinct id once (HF: gather → penalise → scatter).
             self.seen.clear();
-            self.seen.extend(history.iter().copied().filter(|&t| (t as usize) < logits.len()));
+            self.seen.extend(
+                history
+                    .iter()
+                    .copied()
+                    .filter(|&t| (t as usize) < logits.len()),
+            );
             self.seen.sort_unstable();
             self.seen.dedup();
             for &t in &self.seen {
                 let l = &mut logits[t as usize];
-                *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                *l = if *l > 0.0 {
+                    *l / p.repetition_penalty
+                } else {
+                    *l * p.repetition_penalty
+                };
             }
         }
         if p.is_greedy() {
@@ -124,7 +151,12 @@ impl Sampler {
         }
         let inv_t = 1.0 / p.temperature;
         self.cand.clear();
-        self.cand.extend(logits.iter().enumerate().map(|(i, &l)| (l * inv_t, i as u32)));
+        self.cand.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (l * inv_t, i as u32)),
+        );
         let desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         if p.top_k > 0 && p.top_k < self.cand.len() {
             self.cand.select_nth_unstable_by(p.top_k - 1, desc);
@@ -179,13 +211,25 @@ mod tests {
     use super::*;
 
     fn params(t: f32, k: usize, p: f32, m: f32, seed: u64) -> SamplingParams {
-        SamplingParams { temperature: t, top_k: k, top_p: p, min_p: m, repetition_penalty: 1.0, seed: Some(seed) }
+        SamplingParams {
+            temperature: t,
+            top_k: k,
+            top_p: p,
+            min_p: m,
+            repetition_penalty: 1.0,
+            seed: Some(seed),
+        }
     }
 
     #[test]
     fn greedy_forms_agree() {
         let logits = vec![0.1, 2.0, 1.9, -1.0];
-        for pr in [params(0.0, 0, 1.0, 0.0, 1), params(1.0, 1, 1.0, 0.0, 1), params(1.0, 0, 1e-6, 0.0, 1), params(1.0, 0, 1.0, 1.0, 1)] {
+        for pr in [
+            params(0.0, 0, 1.0, 0.0, 1),
+            params(1.0, 1, 1.0, 0.0, 1),
+            params(1.0, 0, 1e-6, 0.0, 1),
+            params(1.0, 0, 1.0, 1.0, 1),
+        ] {
             let mut s = Sampler::new(pr).unwrap();
             for _ in 0..20 {
                 assert_eq!(s.sample(&mut logits.clone(), &[]), 1);
@@ -198,7 +242,9 @@ mod tests {
         let logits = vec![0.0f32, (3f32).ln(), -100.0];
         let draw = |seed| {
             let mut s = Sampler::new(params(1.0, 0, 1.0, 0.0, seed)).unwrap();
-            (0..4000).map(|_| s.sample(&mut logits.clone(), &[])).collect::<Vec<_>>()
+            (0..4000)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
@@ -208,7 +254,11 @@ mod tests {
 
     #[test]
     fn repetition_penalty_applies_once_per_id() {
-        let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..Default::default() }).unwrap();
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        })
+        .unwrap();
         let mut l = vec![4.0f32, 3.0, -1.0];
         assert_eq!(s.sample(&mut l, &[0, 0, 2]), 1);
         assert_eq!(l, vec![2.0, 3.0, -2.0]);
@@ -217,12 +267,30 @@ mod tests {
     #[test]
     fn invalid_parameters_are_rejected() {
         for p in [
-            SamplingParams { temperature: -1.0, ..Default::default() },
-            SamplingParams { temperature: f32::NAN, ..Default::default() },
-            SamplingParams { top_p: 0.0, ..Default::default() },
-            SamplingParams { top_p: 1.5, ..Default::default() },
-            SamplingParams { min_p: -0.1, ..Default::default() },
-            SamplingParams { repetition_penalty: 0.0, ..Default::default() },
+            SamplingParams {
+                temperature: -1.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: f32::NAN,
+                ..Default::default()
+            },
+            SamplingParams {
+                top_p: 0.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                top_p: 1.5,
+                ..Default::default()
+            },
+            SamplingParams {
+                min_p: -0.1,
+                ..Default::default()
+            },
+            SamplingParams {
+                repetition_penalty: 0.0,
+                ..Default::default()
+            },
         ] {
             assert_eq!(Sampler::new(p).unwrap_err().kind(), "argument");
         }

@@ -67,7 +67,15 @@ impl Session {
     pub fn new(model: Arc<Model>, max_seq: usize) -> Result<Session> {
         let cache = model.new_cache(max_seq)?;
         let state = State::new(&model.config, cache.max_seq);
-        Ok(Session { model, cache, state, tokens: Vec::new(), gen: None, finish: None, stats: GenStats::default() })
+        Ok(Session {
+            model,
+            cache,
+            state,
+            tokens: Vec::new(),
+            gen: None,
+            finish: None,
+            stats: GenStats::default(),
+        })
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -115,7 +123,8 @@ impl Session {
     pub fn feed(&mut self, ids: &[u32], mode: AttnMode, all_logits: bool) -> Result<&[f32]> {
         self.gen = None;
         let pos = self.tokens.len();
-        self.model.forward(ids, pos, &mut self.cache, &mut self.state, mode, all_logits)?;
+        self.model
+            .forward(ids, pos, &mut self.cache, &mut self.state, mode, all_logits)?;
         self.tokens.extend_from_slice(ids);
         let v = self.model.config.vocab_size;
         Ok(&self.state.logits[..if all_logits { ids.len() * v } else { v }])
@@ -123,10 +132,18 @@ impl Session {
 
     /// Start generating after `prompt`. The longest common prefix with the cached ids is kept;
     /// the rest of the prompt is fed with dense attention.
-    pub fn start(&mut self, prompt: &[u32], params: SamplingParams, max_new: usize, stop_ids: &[u32]) -> Result<()> {
+    pub fn start(
+        &mut self,
+        prompt: &[u32],
+        params: SamplingParams,
+        max_new: usize,
+        stop_ids: &[u32],
+    ) -> Result<()> {
         let sampler = Sampler::new(params)?;
         if prompt.is_empty() {
-            return Err(Error::Argument("the prompt is empty: at least one token id is needed".into()));
+            return Err(Error::Argument(
+                "the prompt is empty: at least one token id is needed".into(),
+            ));
         }
         if prompt.len() > self.cache.max_seq {
             return Err(Error::Context {
@@ -138,7 +155,12 @@ impl Session {
         self.model.check_tokens(prompt, 0, &self.cache)?;
         // Reuse the common prefix, but always recompute at least the last prompt token so its
         // logits are available.
-        let common = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let common = self
+            .tokens
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
         let keep = common.min(prompt.len() - 1);
         self.truncate(keep);
         self.finish = None;
@@ -183,7 +205,14 @@ impl Session {
                 return Ok(None);
             }
             let pos = self.tokens.len();
-            self.model.forward(&[tok], pos, &mut self.cache, &mut self.state, AttnMode::Auto, false)?;
+            self.model.forward(
+                &[tok],
+                pos,
+                &mut self.cache,
+                &mut self.state,
+                AttnMode::Auto,
+                false,
+            )?;
             self.tokens.push(tok);
             self.stats.decode_tokens += 1;
             g.logits_ready = true;

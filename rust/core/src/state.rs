@@ -5,21 +5,21 @@ use crate::config::ModelConfig;
 
 #[derive(Debug, Default)]
 pub struct State {
-    pub t: usize,                 // rows the buffers below are sized for
-    pub h: Vec<f32>,              // [t, d]           residual stream
-    pub a: Vec<f32>,              // [t, d]           normalised input of a sub-layer
-    pub q: Vec<f32>,              // [t, H·(dn+dr)]   queries (rope part rotated in place)
-    pub kva: Vec<f32>,            // [t, r+dr]        kv_a_proj_with_mqa output
-    pub o: Vec<f32>,              // [t, H·dv]        attention output before o_proj
-    pub proj: Vec<f32>,           // [t, d]           o_proj / down_proj output
-    pub up: Vec<f32>,             // [t, I]           up_proj, then relu² in place
-    pub active: Vec<(u32, f32)>,  // [≤ I]            (neuron, activation) of non-zero neurons
-    pub q_lat: Vec<f32>,          // [H, r]           absorbed query  W_UKᵀ q_nope
-    pub ctx: Vec<f32>,            // [H, r]           Σ_u P(u) c(u)
-    pub scores: Vec<f32>,         // [H, max_seq]     attention weights
-    pub logits: Vec<f32>,         // [t or 1, V]
-    pub zeros: Vec<u64>,          // [layers]         zero ReLU² neurons counted (telemetry)
-    pub neurons: Vec<u64>,        // [layers]         neurons evaluated (telemetry)
+    pub t: usize,                // rows the buffers below are sized for
+    pub h: Vec<f32>,             // [t, d]           residual stream
+    pub a: Vec<f32>,             // [t, d]           normalised input of a sub-layer
+    pub q: Vec<f32>,             // [t, H·(dn+dr)]   queries (rope part rotated in place)
+    pub kva: Vec<f32>,           // [t, r+dr]        kv_a_proj_with_mqa output
+    pub o: Vec<f32>,             // [t, H·dv]        attention output before o_proj
+    pub proj: Vec<f32>,          // [t, d]           o_proj / down_proj output
+    pub up: Vec<f32>,            // [t, I]           up_proj, then relu² in place
+    pub active: Vec<(u32, f32)>, // [≤ I]            (neuron, activation) of non-zero neurons
+    pub q_lat: Vec<f32>,         // [H, r]           absorbed query  W_UKᵀ q_nope
+    pub ctx: Vec<f32>,           // [H, r]           Σ_u P(u) c(u)
+    pub scores: Vec<f32>,        // [H, max_seq]     attention weights
+    pub logits: Vec<f32>,        // [t or 1, V]
+    pub zeros: Vec<u64>,         // [layers]         zero ReLU² neurons counted (telemetry)
+    pub neurons: Vec<u64>,       // [layers]         neurons evaluated (telemetry)
 }
 
 impl State {
@@ -53,7 +53,10 @@ impl State {
         fit(&mut self.o, t * h * c.v_head_dim);
         fit(&mut self.proj, t * c.hidden_size);
         fit(&mut self.up, t * c.intermediate_size);
-        fit(&mut self.logits, if all_logits { t } else { 1 } * c.vocab_size);
+        fit(
+            &mut self.logits,
+            if all_logits { t } else { 1 } * c.vocab_size,
+        );
         self.t = self.t.max(t);
     }
 

@@ -77,7 +77,11 @@ impl Matrix {
     /// row, in parallel). A quantized dtype needs `cols % 32 == 0`; other matrices stay f32.
     pub fn from_f32(rows: usize, cols: usize, v: &[f32], dtype: DType) -> Matrix {
         assert_eq!(v.len(), rows * cols, "Matrix::from_f32 length");
-        let dtype = if dtype.is_quantized() && cols % QBLOCK != 0 { DType::F32 } else { dtype };
+        let dtype = if dtype.is_quantized() && !cols.is_multiple_of(QBLOCK) {
+            DType::F32
+        } else {
+            dtype
+        };
         let nb = cols / QBLOCK;
         let data = match dtype {
             DType::F32 => Storage::F32(v.to_vec()),
@@ -85,16 +89,20 @@ impl Matrix {
             DType::BF16 => Storage::BF16(v.par_iter().map(|&x| bf16::from_f32(x)).collect()),
             DType::Q8_0 => {
                 let mut q = vec![BlockQ8_0::default(); rows * nb];
-                q.par_chunks_mut(nb.max(1)).zip(v.par_chunks(cols.max(1))).for_each(|(o, x)| {
-                    quant::quantize_row_q8_0(x, o).expect("cols is a multiple of 32");
-                });
+                q.par_chunks_mut(nb.max(1))
+                    .zip(v.par_chunks(cols.max(1)))
+                    .for_each(|(o, x)| {
+                        quant::quantize_row_q8_0(x, o).expect("cols is a multiple of 32");
+                    });
                 Storage::Q8_0(q)
             }
             DType::Q4_0 => {
                 let mut q = vec![BlockQ4_0::default(); rows * nb];
-                q.par_chunks_mut(nb.max(1)).zip(v.par_chunks(cols.max(1))).for_each(|(o, x)| {
-                    quant::quantize_row_q4_0(x, o).expect("cols is a multiple of 32");
-                });
+                q.par_chunks_mut(nb.max(1))
+                    .zip(v.par_chunks(cols.max(1)))
+                    .for_each(|(o, x)| {
+                        quant::quantize_row_q4_0(x, o).expect("cols is a multiple of 32");
+                    });
                 Storage::Q4_0(q)
             }
         };
@@ -131,15 +139,18 @@ impl Matrix {
         let k = kernels();
         let c = self.cols;
         match &self.data {
-            Storage::F32(w) => out.iter_mut().enumerate().for_each(|(i, o)| {
-                *o = (k.dot_f32)(&w[(r0 + i) * c..(r0 + i + 1) * c], x)
-            }),
-            Storage::F16(w) => out.iter_mut().enumerate().for_each(|(i, o)| {
-                *o = (k.dot_f16)(&w[(r0 + i) * c..(r0 + i + 1) * c], x)
-            }),
-            Storage::BF16(w) => out.iter_mut().enumerate().for_each(|(i, o)| {
-                *o = (k.dot_bf16)(&w[(r0 + i) * c..(r0 + i + 1) * c], x)
-            }),
+            Storage::F32(w) => out
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, o)| *o = (k.dot_f32)(&w[(r0 + i) * c..(r0 + i + 1) * c], x)),
+            Storage::F16(w) => out
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, o)| *o = (k.dot_f16)(&w[(r0 + i) * c..(r0 + i + 1) * c], x)),
+            Storage::BF16(w) => out
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, o)| *o = (k.dot_bf16)(&w[(r0 + i) * c..(r0 + i + 1) * c], x)),
             Storage::Q8_0(_) | Storage::Q4_0(_) => XQ.with(|cell| {
                 let mut xq = cell.borrow_mut();
                 quantize_input(x, &mut xq);
@@ -254,9 +265,13 @@ impl Matrix {
             // Quantize the input once; every row task reuses the same blocks.
             let mut xq = Vec::new();
             quantize_input(x, &mut xq);
-            y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| self.dot_rows_q(ci * chunk, &xq, ys));
+            y.par_chunks_mut(chunk)
+                .enumerate()
+                .for_each(|(ci, ys)| self.dot_rows_q(ci * chunk, &xq, ys));
         } else {
-            y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| self.dot_rows(ci * chunk, x, ys));
+            y.par_chunks_mut(chunk)
+                .enumerate()
+                .for_each(|(ci, ys)| self.dot_rows(ci * chunk, x, ys));
         }
     }
 
@@ -274,42 +289,47 @@ impl Matrix {
         let chunk = row_chunk(self.rows).div_ceil(4) * 4;
         // yt: [rows, t], filled in parallel over row chunks, then transposed into y.
         let mut yt = vec![0f32; self.rows * t];
-        yt.par_chunks_mut(chunk * t).enumerate().for_each(|(ci, ys)| {
-            let r0 = ci * chunk;
-            let nr = ys.len() / t;
-            let mut scratch = vec![0f32; 4 * cols];
-            let mut tile = [0f32; 16];
-            let mut i = 0;
-            while i < nr {
-                let g = (nr - i).min(4);
-                let w: &[f32] = match &self.data {
-                    Storage::F32(w) if g == 4 => &w[(r0 + i) * cols..(r0 + i + 4) * cols],
-                    _ => {
-                        for q in 0..g {
-                            self.row_to_f32(r0 + i + q, &mut scratch[q * cols..(q + 1) * cols]);
+        yt.par_chunks_mut(chunk * t)
+            .enumerate()
+            .for_each(|(ci, ys)| {
+                let r0 = ci * chunk;
+                let nr = ys.len() / t;
+                let mut scratch = vec![0f32; 4 * cols];
+                let mut tile = [0f32; 16];
+                let mut i = 0;
+                while i < nr {
+                    let g = (nr - i).min(4);
+                    let w: &[f32] = match &self.data {
+                        Storage::F32(w) if g == 4 => &w[(r0 + i) * cols..(r0 + i + 4) * cols],
+                        _ => {
+                            for q in 0..g {
+                                self.row_to_f32(r0 + i + q, &mut scratch[q * cols..(q + 1) * cols]);
+                            }
+                            &scratch[..g * cols]
                         }
-                        &scratch[..g * cols]
-                    }
-                };
-                let mut j = 0;
-                if g == 4 {
-                    while j + 4 <= t {
-                        (k.tile4x4_f32)(w, cols, &x[j * cols..], cols, cols, &mut tile);
-                        for q in 0..4 {
-                            ys[(i + q) * t + j..(i + q) * t + j + 4].copy_from_slice(&tile[4 * q..4 * q + 4]);
+                    };
+                    let mut j = 0;
+                    if g == 4 {
+                        while j + 4 <= t {
+                            (k.tile4x4_f32)(w, cols, &x[j * cols..], cols, cols, &mut tile);
+                            for q in 0..4 {
+                                ys[(i + q) * t + j..(i + q) * t + j + 4]
+                                    .copy_from_slice(&tile[4 * q..4 * q + 4]);
+                            }
+                            j += 4;
                         }
-                        j += 4;
                     }
-                }
-                for q in 0..g {
-                    for jj in j..t {
-                        ys[(i + q) * t + jj] =
-                            (k.dot_f32)(&w[q * cols..(q + 1) * cols], &x[jj * cols..(jj + 1) * cols]);
+                    for q in 0..g {
+                        for jj in j..t {
+                            ys[(i + q) * t + jj] = (k.dot_f32)(
+                                &w[q * cols..(q + 1) * cols],
+                                &x[jj * cols..(jj + 1) * cols],
+                            );
+                        }
                     }
+                    i += g;
                 }
-                i += g;
-            }
-        });
+            });
         for r in 0..self.rows {
             for j in 0..t {
                 y[j * self.rows + r] = yt[r * t + j];
@@ -337,27 +357,44 @@ mod tests {
     #[test]
     fn matvec_and_matmul_agree_with_naive() {
         for (rows, cols, t) in [(37, 53, 5), (8, 64, 8), (13, 16, 3), (4, 20, 4), (9, 96, 6)] {
-        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5).collect();
-        let x: Vec<f32> = (0..t * cols).map(|i| ((i * 31) % 13) as f32 / 13.0 - 0.5).collect();
-        for dt in [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0] {
-            let m = Matrix::from_f32(rows, cols, &w, dt);
-            // Quantized: compare against the dequantized weights with a quantized input
-            // (error ~ |w|·|x| / 127 per term).
-            let tol = match m.dtype() { DType::Q8_0 | DType::Q4_0 => 0.05 * cols as f32 / 64.0, _ => 1e-4 };
-            let mut y = vec![0f32; t * rows];
-            m.matmul(&x, t, &mut y);
-            let mut row = vec![0f32; cols];
-            for j in 0..t {
-                let mut yv = vec![0f32; rows];
-                m.matvec(&x[j * cols..(j + 1) * cols], &mut yv);
-                for r in 0..rows {
-                    m.row_to_f32(r, &mut row);
-                    let naive: f32 = row.iter().zip(&x[j * cols..]).map(|(a, b)| a * b).sum();
-                    assert!((y[j * rows + r] - naive).abs() < 1e-4, "{dt:?} matmul");
-                    assert!((yv[r] - naive).abs() < tol, "{dt:?} matvec {} vs {naive}", yv[r]);
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+                .collect();
+            let x: Vec<f32> = (0..t * cols)
+                .map(|i| ((i * 31) % 13) as f32 / 13.0 - 0.5)
+                .collect();
+            for dt in [
+                DType::F32,
+                DType::F16,
+                DType::BF16,
+                DType::Q8_0,
+                DType::Q4_0,
+            ] {
+                let m = Matrix::from_f32(rows, cols, &w, dt);
+                // Quantized: compare against the dequantized weights with a quantized input
+                // (error ~ |w|·|x| / 127 per term).
+                let tol = match m.dtype() {
+                    DType::Q8_0 | DType::Q4_0 => 0.05 * cols as f32 / 64.0,
+                    _ => 1e-4,
+                };
+                let mut y = vec![0f32; t * rows];
+                m.matmul(&x, t, &mut y);
+                let mut row = vec![0f32; cols];
+                for j in 0..t {
+                    let mut yv = vec![0f32; rows];
+                    m.matvec(&x[j * cols..(j + 1) * cols], &mut yv);
+                    for r in 0..rows {
+                        m.row_to_f32(r, &mut row);
+                        let naive: f32 = row.iter().zip(&x[j * cols..]).map(|(a, b)| a * b).sum();
+                        assert!((y[j * rows + r] - naive).abs() < 1e-4, "{dt:?} matmul");
+                        assert!(
+                            (yv[r] - naive).abs() < tol,
+                            "{dt:?} matvec {} vs {naive}",
+                            yv[r]
+                        );
+                    }
                 }
             }
-        }
         }
     }
 }

@@ -30,26 +30,50 @@ pub struct TensorSpec {
 pub fn tensor_table(c: &ModelConfig) -> Vec<TensorSpec> {
     let (d, h) = (c.hidden_size, c.num_attention_heads);
     let spec = |name: String, shape: Vec<usize>, role| TensorSpec { name, shape, role };
-    let mut t = vec![spec("model.embed_tokens.weight".into(), vec![c.vocab_size, d], Role::Matrix)];
+    let mut t = vec![spec(
+        "model.embed_tokens.weight".into(),
+        vec![c.vocab_size, d],
+        Role::Matrix,
+    )];
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
         t.extend([
             spec(format!("{p}.input_layernorm.weight"), vec![d], Role::Norm),
-            spec(format!("{p}.self_attn.q_proj.weight"), vec![h * c.qk_head_dim(), d], Role::Matrix),
+            spec(
+                format!("{p}.self_attn.q_proj.weight"),
+                vec![h * c.qk_head_dim(), d],
+                Role::Matrix,
+            ),
             spec(
                 format!("{p}.self_attn.kv_a_proj_with_mqa.weight"),
                 vec![c.latent_dim(), d],
                 Role::Matrix,
             ),
-            spec(format!("{p}.self_attn.kv_a_layernorm.weight"), vec![c.kv_lora_rank], Role::Norm),
+            spec(
+                format!("{p}.self_attn.kv_a_layernorm.weight"),
+                vec![c.kv_lora_rank],
+                Role::Norm,
+            ),
             spec(
                 format!("{p}.self_attn.kv_b_proj.weight"),
                 vec![h * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank],
                 Role::Matrix,
             ),
-            spec(format!("{p}.self_attn.o_proj.weight"), vec![d, h * c.v_head_dim], Role::Matrix),
-            spec(format!("{p}.post_attention_layernorm.weight"), vec![d], Role::Norm),
-            spec(format!("{p}.mlp.up_proj.weight"), vec![c.intermediate_size, d], Role::Matrix),
+            spec(
+                format!("{p}.self_attn.o_proj.weight"),
+                vec![d, h * c.v_head_dim],
+                Role::Matrix,
+            ),
+            spec(
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![d],
+                Role::Norm,
+            ),
+            spec(
+                format!("{p}.mlp.up_proj.weight"),
+                vec![c.intermediate_size, d],
+                Role::Matrix,
+            ),
             spec(
                 format!("{p}.mlp.down_proj.weight"),
                 vec![d, c.intermediate_size],
@@ -59,7 +83,11 @@ pub fn tensor_table(c: &ModelConfig) -> Vec<TensorSpec> {
     }
     t.push(spec("model.norm.weight".into(), vec![d], Role::Norm));
     if !c.tie_word_embeddings {
-        t.push(spec("lm_head.weight".into(), vec![c.vocab_size, d], Role::Matrix));
+        t.push(spec(
+            "lm_head.weight".into(),
+            vec![c.vocab_size, d],
+            Role::Matrix,
+        ));
     }
     t
 }
@@ -81,7 +109,7 @@ pub struct LayerWeights {
 /// All weights of a model; immutable after loading and shared by every session.
 #[derive(Debug)]
 pub struct Weights {
-    pub embed: Matrix,           // [V, d]
+    pub embed: Matrix, // [V, d]
     pub layers: Vec<LayerWeights>,
     pub norm: Vec<f32>,          // [d]
     pub lm_head: Option<Matrix>, // [V, d]; None when tied to `embed`
@@ -124,7 +152,10 @@ mod tests {
             Path::new("config.json"),
         )
         .unwrap();
-        let total: usize = tensor_table(&cfg).iter().map(|t| t.shape.iter().product::<usize>()).sum();
+        let total: usize = tensor_table(&cfg)
+            .iter()
+            .map(|t| t.shape.iter().product::<usize>())
+            .sum();
         // plm-architecture.md §2: 1,825,458,176 parameters.
         assert_eq!(total, 1_825_458_176);
     }

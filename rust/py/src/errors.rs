@@ -33,7 +33,11 @@ pub fn nogil<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> + Sen
                 .map(|s| s.to_string())
                 .or_else(|| p.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            Err(raise(py, "format", format!("internal error in sparselm (please report): {what}")))
+            Err(raise(
+                py,
+                "format",
+                format!("internal error in sparselm (please report): {what}"),
+            ))
         }
     }
 }

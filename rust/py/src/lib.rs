@@ -47,7 +47,9 @@ impl Engine {
     fn new(py: Python<'_>, model_dir: PathBuf, dtype: &str, threads: usize) -> PyResult<Engine> {
         let dt = parse_dtype(dtype).map_err(|e| to_pyerr(py, e))?;
         let model = nogil(py, move || Model::load(&model_dir, dt, threads))?;
-        Ok(Engine { model: Arc::new(model) })
+        Ok(Engine {
+            model: Arc::new(model),
+        })
     }
 
     #[getter]
@@ -89,7 +91,9 @@ impl Engine {
         let model = self.model.clone();
         let out = nogil(py, move || {
             if n == 0 {
-                return Err(Error::Argument("logits() needs at least one token id".into()));
+                return Err(Error::Argument(
+                    "logits() needs at least one token id".into(),
+                ));
             }
             let mut s = CoreSession::new(model, 0)?;
             Ok(s.feed(&ids, AttnMode::Auto, true)?.to_vec())
@@ -179,10 +183,23 @@ impl Session {
     ) -> PyResult<()> {
         let v = self.inner.model().config.vocab_size;
         let prompt = ids_u32(py, prompt_ids, v)?;
-        let stop: Vec<u32> = stop_ids.into_iter().filter(|&t| t >= 0).map(|t| t as u32).collect();
-        let params = SamplingParams { temperature, top_k, top_p, min_p, repetition_penalty, seed };
+        let stop: Vec<u32> = stop_ids
+            .into_iter()
+            .filter(|&t| t >= 0)
+            .map(|t| t as u32)
+            .collect();
+        let params = SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            seed,
+        };
         let inner = &mut self.inner;
-        nogil(py, move || inner.start(&prompt, params, max_new_tokens, &stop))
+        nogil(py, move || {
+            inner.start(&prompt, params, max_new_tokens, &stop)
+        })
     }
 
     fn next_token(&mut self, py: Python<'_>) -> PyResult<Option<u32>> {

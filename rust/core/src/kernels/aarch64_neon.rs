@@ -29,20 +29,29 @@ struct F32x8 {
 #[inline]
 #[target_feature(enable = "neon")]
 fn zero8() -> F32x8 {
-    F32x8 { lo: vdupq_n_f32(0.0), hi: vdupq_n_f32(0.0) }
+    F32x8 {
+        lo: vdupq_n_f32(0.0),
+        hi: vdupq_n_f32(0.0),
+    }
 }
 
 /// `acc + a·b` lane-wise, fused (like `_mm256_fmadd_ps`).
 #[inline]
 #[target_feature(enable = "neon")]
 fn fma8(acc: F32x8, a: F32x8, b: F32x8) -> F32x8 {
-    F32x8 { lo: vfmaq_f32(acc.lo, a.lo, b.lo), hi: vfmaq_f32(acc.hi, a.hi, b.hi) }
+    F32x8 {
+        lo: vfmaq_f32(acc.lo, a.lo, b.lo),
+        hi: vfmaq_f32(acc.hi, a.hi, b.hi),
+    }
 }
 
 #[inline]
 #[target_feature(enable = "neon")]
 fn add8(a: F32x8, b: F32x8) -> F32x8 {
-    F32x8 { lo: vaddq_f32(a.lo, b.lo), hi: vaddq_f32(a.hi, b.hi) }
+    F32x8 {
+        lo: vaddq_f32(a.lo, b.lo),
+        hi: vaddq_f32(a.hi, b.hi),
+    }
 }
 
 /// Horizontal sum in the association order of `x86_avx2::hsum256`.
@@ -58,7 +67,12 @@ fn hsum8(v: F32x8) -> f32 {
 #[target_feature(enable = "neon")]
 unsafe fn load_f32(p: *const f32) -> F32x8 {
     // SAFETY: caller guarantees 8 readable f32 at p.
-    unsafe { F32x8 { lo: vld1q_f32(p), hi: vld1q_f32(p.add(4)) } }
+    unsafe {
+        F32x8 {
+            lo: vld1q_f32(p),
+            hi: vld1q_f32(p.add(4)),
+        }
+    }
 }
 
 #[inline]
@@ -146,7 +160,10 @@ macro_rules! axpy_impl {
         unsafe fn $inner(a: f32, w: &[$t], y: &mut [f32]) {
             let n = w.len().min(y.len());
             let (pw, py) = (w.as_ptr(), y.as_mut_ptr());
-            let va = F32x8 { lo: vdupq_n_f32(a), hi: vdupq_n_f32(a) };
+            let va = F32x8 {
+                lo: vdupq_n_f32(a),
+                hi: vdupq_n_f32(a),
+            };
             let mut i = 0;
             // SAFETY: i + 8 <= n bounds every 8-wide load and store.
             while i + 8 <= n {
@@ -169,10 +186,22 @@ macro_rules! axpy_impl {
 
 dot_impl!(dot_f32, dot_f32_i, f32, load_f32, super::scalar::dot_f32);
 dot_impl!(dot_f16, dot_f16_i, f16, load_f16, super::scalar::dot_f16);
-dot_impl!(dot_bf16, dot_bf16_i, bf16, load_bf16, super::scalar::dot_bf16);
+dot_impl!(
+    dot_bf16,
+    dot_bf16_i,
+    bf16,
+    load_bf16,
+    super::scalar::dot_bf16
+);
 axpy_impl!(axpy_f32, axpy_f32_i, f32, load_f32, super::scalar::axpy_f32);
 axpy_impl!(axpy_f16, axpy_f16_i, f16, load_f16, super::scalar::axpy_f16);
-axpy_impl!(axpy_bf16, axpy_bf16_i, bf16, load_bf16, super::scalar::axpy_bf16);
+axpy_impl!(
+    axpy_bf16,
+    axpy_bf16_i,
+    bf16,
+    load_bf16,
+    super::scalar::axpy_bf16
+);
 
 /// Two rows of `w` against four rows of `x` (the `x86_avx2::tile2x4_f32` schedule: one 8-wide
 /// accumulator per output, 16 of the 32 vector registers).
@@ -197,7 +226,8 @@ unsafe fn tile2x4_f32(w: &[f32], ws: usize, x: &[f32], xs: usize, k: usize, out:
     }
     for i in 0..2 {
         for j in 0..4 {
-            let tail = super::scalar::dot_f32(&w[i * ws + p..i * ws + k], &x[j * xs + p..j * xs + k]);
+            let tail =
+                super::scalar::dot_f32(&w[i * ws + p..i * ws + k], &x[j * xs + p..j * xs + k]);
             out[4 * i + j] = hsum8(acc[4 * i + j]) + tail;
         }
     }
@@ -211,6 +241,141 @@ pub fn tile4x4_f32(w: &[f32], ws: usize, x: &[f32], xs: usize, k: usize, out: &m
         tile2x4_f32(&w[2 * ws..], ws, x, xs, k, bottom);
     }
 }
+
+/// All 8 lanes = `a`.
+#[inline]
+#[target_feature(enable = "neon")]
+fn splat8(a: f32) -> F32x8 {
+    F32x8 {
+        lo: vdupq_n_f32(a),
+        hi: vdupq_n_f32(a),
+    }
+}
+
+macro_rules! axpy4_impl {
+    ($name:ident, $inner:ident, $t:ty, $load:ident, $scalar:path) => {
+        // `x86_avx2::axpy4_*` schedule: per element `acc = y; acc = fma(a_r, w_r, acc)` for
+        // r = 0..4, 8 elements per step, the same scalar tail split (bit-identical).
+        #[target_feature(enable = "neon")]
+        unsafe fn $inner(a: &[f32; 4], w: [&[$t]; 4], y: &mut [f32]) {
+            let n = y.len();
+            assert!(w.iter().all(|r| r.len() >= n), "axpy4 row lengths");
+            let p = [w[0].as_ptr(), w[1].as_ptr(), w[2].as_ptr(), w[3].as_ptr()];
+            let va = [splat8(a[0]), splat8(a[1]), splat8(a[2]), splat8(a[3])];
+            let py = y.as_mut_ptr();
+            let mut i = 0;
+            // SAFETY: i + 8 <= n <= every row length bounds all loads and the store.
+            while i + 8 <= n {
+                unsafe {
+                    let mut acc = load_f32(py.add(i));
+                    for r in 0..4 {
+                        acc = fma8(acc, va[r], $load(p[r].add(i)));
+                    }
+                    store_f32(py.add(i), acc);
+                }
+                i += 8;
+            }
+            $scalar(
+                a,
+                [&w[0][i..n], &w[1][i..n], &w[2][i..n], &w[3][i..n]],
+                &mut y[i..],
+            );
+        }
+
+        pub fn $name(a: &[f32; 4], w: [&[$t]; 4], y: &mut [f32]) {
+            // SAFETY: this tier is installed only when neon is detected.
+            unsafe { $inner(a, w, y) }
+        }
+    };
+}
+
+axpy4_impl!(
+    axpy4_f32,
+    axpy4_f32_i,
+    f32,
+    load_f32,
+    super::scalar::axpy4_f32
+);
+axpy4_impl!(
+    axpy4_f16,
+    axpy4_f16_i,
+    f16,
+    load_f16,
+    super::scalar::axpy4_f16
+);
+axpy4_impl!(
+    axpy4_bf16,
+    axpy4_bf16_i,
+    bf16,
+    load_bf16,
+    super::scalar::axpy4_bf16
+);
+
+macro_rules! rank_update_impl {
+    ($name:ident, $inner:ident, $t:ty, $load:ident) => {
+        // Four passes of 16 columns: 4 tokens x 16 columns = 16 accumulator registers plus 4
+        // for the weight row (of 32). Every output gets the same FMA sequence (over `js` in
+        // order, zero activations included) as in `x86_avx2::rank4x64_*`: bit-identical.
+        #[target_feature(enable = "neon")]
+        unsafe fn $inner(
+            act: &[f32],
+            stride: usize,
+            js: &[u32],
+            w: &[$t],
+            ws: usize,
+            y: &mut [f32; 256],
+        ) {
+            for pass in 0..4 {
+                let c0 = pass * 16;
+                // acc[2i + h]: token i, columns c0 + 8h .. c0 + 8h + 8.
+                let mut acc = [zero8(); 8];
+                for i in 0..4 {
+                    for h in 0..2 {
+                        // SAFETY: i·64 + c0 + 8h + 8 <= 256.
+                        acc[2 * i + h] = unsafe { load_f32(y.as_ptr().add(i * 64 + c0 + 8 * h)) };
+                    }
+                }
+                for &j in js {
+                    let j = j as usize;
+                    let row = &w[j * ws + c0..j * ws + c0 + 16];
+                    // SAFETY: row has 16 elements: two 8-wide loads.
+                    let wv = unsafe { [$load(row.as_ptr()), $load(row.as_ptr().add(8))] };
+                    for i in 0..4 {
+                        // Branch-free: a zero activation adds an exact 0.
+                        let va = splat8(act[i * stride + j]);
+                        for h in 0..2 {
+                            acc[2 * i + h] = fma8(acc[2 * i + h], va, wv[h]);
+                        }
+                    }
+                }
+                for i in 0..4 {
+                    for h in 0..2 {
+                        // SAFETY: as above.
+                        unsafe {
+                            store_f32(y.as_mut_ptr().add(i * 64 + c0 + 8 * h), acc[2 * i + h])
+                        };
+                    }
+                }
+            }
+        }
+
+        pub fn $name(
+            act: &[f32],
+            stride: usize,
+            js: &[u32],
+            w: &[$t],
+            ws: usize,
+            y: &mut [f32; 256],
+        ) {
+            // SAFETY: this tier is installed only when neon is detected.
+            unsafe { $inner(act, stride, js, w, ws, y) }
+        }
+    };
+}
+
+rank_update_impl!(rank4x64_f32, rank4x64_f32_i, f32, load_f32);
+rank_update_impl!(rank4x64_f16, rank4x64_f16_i, f16, load_f16);
+rank_update_impl!(rank4x64_bf16, rank4x64_bf16_i, bf16, load_bf16);
 
 #[cfg(test)]
 mod tests {
@@ -247,7 +412,12 @@ mod tests {
             // SAFETY: out has 8 writable f32.
             unsafe { store_f32(out.as_mut_ptr(), v) };
             for (h, f) in c.iter().zip(out) {
-                assert_eq!(f.to_bits(), (h.to_bits() as u32) << 16, "{:#06x}", h.to_bits());
+                assert_eq!(
+                    f.to_bits(),
+                    (h.to_bits() as u32) << 16,
+                    "{:#06x}",
+                    h.to_bits()
+                );
             }
         }
     }

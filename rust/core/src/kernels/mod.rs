@@ -10,15 +10,18 @@
 //!   temporary f32 copies of weight rows on the decode path.
 //! - 4 independent accumulators per dot product hide FMA latency (4 cycles on Zen).
 //! - aarch64 `neon`: 8-wide as two `float32x4_t`, with the same 4-accumulator / 32-8-scalar
-//!   split, tile schedule and reduction order as `avx2`, so the two tiers are bit-identical
+//!   split, tile schedule, per-element FMA order (axpy4, rank4x64: 4 passes of 16 columns to
+//!   fit 32 registers) and reduction order as `avx2`, so the two tiers are bit-identical
 //!   (`.ci/arm64.sh` checks greedy CLI output under qemu-aarch64 == x86_64 with
 //!   `SPARSELM_KERNEL=avx2`). f16 → f32 uses `fcvtl`/`fcvtl2` through `asm!` (base ARMv8.0;
 //!   `vcvt_f32_f16`/`float16x4_t` compile on Debian's rustc 1.96 but are newer than our MSRV);
 //!   bf16 is `vshll_n_u16::<16>`. No ARM timings yet (qemu says nothing about speed): measure
 //!   on a Pi 4 / Pi 5 before tuning (e.g. 8 accumulators for A76's 2 FMA pipes).
 //! - aarch64 `neon-dotprod`: same float kernels; the tier exists for the int8 (Q8_0/Q4_0)
-//!   kernels in `quant/`: `sdot` via `asm!` in `#[target_feature(enable = "neon,dotprod")]`
-//!   (`vdotq_s32` is unstable), `vmull_s8` + `vpadalq_s16` on plain `neon`. Not written yet.
+//!   kernels in `quant/aarch64_neon.rs`: `sdot` via `asm!` in
+//!   `#[target_feature(enable = "neon,dotprod")]` (`vdotq_s32` is unstable), `vmull_s8` +
+//!   `vpadalq_s16` on plain `neon`; both bit-identical to the scalar spec. No i8mm (`smmla`)
+//!   tier yet: it needs a 2-row GEMV layout to pay off.
 
 use std::sync::OnceLock;
 
@@ -26,13 +29,13 @@ use half::{bf16, f16};
 
 use crate::error::{Error, Result};
 
+#[cfg(target_arch = "aarch64")]
+pub mod aarch64_neon;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_avx512;
-#[cfg(target_arch = "aarch64")]
-pub mod aarch64_neon;
 
 /// A SIMD instruction-set tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,7 +126,11 @@ impl Kernels {
             return Err(Error::Argument(format!(
                 "kernel tier '{}' is not supported by this CPU (available: {})",
                 tier.name(),
-                Tier::available().iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
+                Tier::available()
+                    .iter()
+                    .map(|t| t.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         Ok(match tier {
@@ -188,13 +195,12 @@ impl Kernels {
                 axpy_f16: aarch64_neon::axpy_f16,
                 axpy_bf16: aarch64_neon::axpy_bf16,
                 tile4x4_f32: aarch64_neon::tile4x4_f32,
-                // TODO(neon): 4-row AXPY kernels; the scalar twins are correct, not fast.
-                axpy4_f32: scalar::axpy4_f32,
-                axpy4_f16: scalar::axpy4_f16,
-                axpy4_bf16: scalar::axpy4_bf16,
-                rank4x64_f32: scalar::rank4x64_f32,
-                rank4x64_f16: scalar::rank4x64_f16,
-                rank4x64_bf16: scalar::rank4x64_bf16,
+                axpy4_f32: aarch64_neon::axpy4_f32,
+                axpy4_f16: aarch64_neon::axpy4_f16,
+                axpy4_bf16: aarch64_neon::axpy4_bf16,
+                rank4x64_f32: aarch64_neon::rank4x64_f32,
+                rank4x64_f16: aarch64_neon::rank4x64_f16,
+                rank4x64_bf16: aarch64_neon::rank4x64_bf16,
             },
             #[allow(unreachable_patterns)]
             _ => unreachable!("available() only lists tiers compiled for this architecture"),
@@ -215,7 +221,9 @@ fn select() -> Kernels {
             }
         }
     }
-    let best = *Tier::available().last().expect("scalar is always available");
+    let best = *Tier::available()
+        .last()
+        .expect("scalar is always available");
     Kernels::for_tier(best).expect("detected tier is available")
 }
 
@@ -269,9 +277,9 @@ mod tests {
                     assert!(close(y, x, n), "{tier:?} dot_f16 n={n}: {y} vs {x}");
                     let (x, y) = ((s.dot_bf16)(&bh, b), (k.dot_bf16)(&bh, b));
                     assert!(close(y, x, n), "{tier:?} dot_bf16 n={n}: {y} vs {x}");
-                    for (name, f, g) in [
-                        ("f32", s.axpy_f32 as fn(f32, &[f32], &mut [f32]), k.axpy_f32),
-                    ] {
+                    for (name, f, g) in
+                        [("f32", s.axpy_f32 as fn(f32, &[f32], &mut [f32]), k.axpy_f32)]
+                    {
                         let mut y1 = b.to_vec();
                         let mut y2 = b.to_vec();
                         f(0.37, a, &mut y1);
@@ -284,12 +292,18 @@ mod tests {
                     let mut y2 = b.to_vec();
                     (s.axpy_f16)(-1.5, &h, &mut y1);
                     (k.axpy_f16)(-1.5, &h, &mut y2);
-                    assert!(y1.iter().zip(&y2).all(|(p, q)| close(*q, *p, 1)), "{tier:?} axpy_f16 n={n}");
+                    assert!(
+                        y1.iter().zip(&y2).all(|(p, q)| close(*q, *p, 1)),
+                        "{tier:?} axpy_f16 n={n}"
+                    );
                     let mut y1 = b.to_vec();
                     let mut y2 = b.to_vec();
                     (s.axpy_bf16)(2.25, &bh, &mut y1);
                     (k.axpy_bf16)(2.25, &bh, &mut y2);
-                    assert!(y1.iter().zip(&y2).all(|(p, q)| close(*q, *p, 1)), "{tier:?} axpy_bf16 n={n}");
+                    assert!(
+                        y1.iter().zip(&y2).all(|(p, q)| close(*q, *p, 1)),
+                        "{tier:?} axpy_bf16 n={n}"
+                    );
                 }
             }
         }
@@ -309,7 +323,12 @@ mod tests {
                 (s.tile4x4_f32)(&w[1..], ws, &x[1..], xs, n, &mut a);
                 (k.tile4x4_f32)(&w[1..], ws, &x[1..], xs, n, &mut b);
                 for i in 0..16 {
-                    assert!(close(b[i], a[i], n), "{tier:?} tile n={n} i={i}: {} vs {}", b[i], a[i]);
+                    assert!(
+                        close(b[i], a[i], n),
+                        "{tier:?} tile n={n} i={i}: {} vs {}",
+                        b[i],
+                        a[i]
+                    );
                 }
             }
         }
@@ -331,23 +350,46 @@ mod tests {
                 }
                 let mut got = y0.clone();
                 (k.axpy4_f32)(&a, w32, &mut got);
-                assert!(want.iter().zip(&got).all(|(p, q)| close(*q, *p, 4)), "{tier:?} axpy4_f32 n={n}");
-                let h: Vec<Vec<f16>> = rows.iter().map(|r| r.iter().map(|&x| f16::from_f32(x)).collect()).collect();
-                let b: Vec<Vec<bf16>> = rows.iter().map(|r| r.iter().map(|&x| bf16::from_f32(x)).collect()).collect();
+                assert!(
+                    want.iter().zip(&got).all(|(p, q)| close(*q, *p, 4)),
+                    "{tier:?} axpy4_f32 n={n}"
+                );
+                let h: Vec<Vec<f16>> = rows
+                    .iter()
+                    .map(|r| r.iter().map(|&x| f16::from_f32(x)).collect())
+                    .collect();
+                let b: Vec<Vec<bf16>> = rows
+                    .iter()
+                    .map(|r| r.iter().map(|&x| bf16::from_f32(x)).collect())
+                    .collect();
                 let mut want = y0.clone();
                 let mut got = y0.clone();
                 for i in 0..4 {
                     (s.axpy_f16)(a[i], &h[i][1..], &mut want);
                 }
-                (k.axpy4_f16)(&a, [&h[0][1..], &h[1][1..], &h[2][1..], &h[3][1..]], &mut got);
-                assert!(want.iter().zip(&got).all(|(p, q)| close(*q, *p, 4)), "{tier:?} axpy4_f16 n={n}");
+                (k.axpy4_f16)(
+                    &a,
+                    [&h[0][1..], &h[1][1..], &h[2][1..], &h[3][1..]],
+                    &mut got,
+                );
+                assert!(
+                    want.iter().zip(&got).all(|(p, q)| close(*q, *p, 4)),
+                    "{tier:?} axpy4_f16 n={n}"
+                );
                 let mut want = y0.clone();
                 let mut got = y0.clone();
                 for i in 0..4 {
                     (s.axpy_bf16)(a[i], &b[i][1..], &mut want);
                 }
-                (k.axpy4_bf16)(&a, [&b[0][1..], &b[1][1..], &b[2][1..], &b[3][1..]], &mut got);
-                assert!(want.iter().zip(&got).all(|(p, q)| close(*q, *p, 4)), "{tier:?} axpy4_bf16 n={n}");
+                (k.axpy4_bf16)(
+                    &a,
+                    [&b[0][1..], &b[1][1..], &b[2][1..], &b[3][1..]],
+                    &mut got,
+                );
+                assert!(
+                    want.iter().zip(&got).all(|(p, q)| close(*q, *p, 4)),
+                    "{tier:?} axpy4_bf16 n={n}"
+                );
             }
         }
     }
@@ -368,23 +410,37 @@ mod tests {
         }
         for tier in Tier::available() {
             let k = Kernels::for_tier(tier).unwrap();
-            for js in [vec![], vec![3u32], (0..ni as u32).collect::<Vec<_>>(), (0..ni as u32).step_by(5).collect()] {
+            for js in [
+                vec![],
+                vec![3u32],
+                (0..ni as u32).collect::<Vec<_>>(),
+                (0..ni as u32).step_by(5).collect(),
+            ] {
                 let y0: Vec<f32> = data(256, 9);
                 let mut a: [f32; 256] = y0.clone().try_into().unwrap();
                 let mut b = a;
                 (s.rank4x64_f32)(&act, ni, &js, &w[3..], ws, &mut a);
                 (k.rank4x64_f32)(&act, ni, &js, &w[3..], ws, &mut b);
-                assert!(a.iter().zip(&b).all(|(p, q)| close(*q, *p, js.len())), "{tier:?} rank f32");
+                assert!(
+                    a.iter().zip(&b).all(|(p, q)| close(*q, *p, js.len())),
+                    "{tier:?} rank f32"
+                );
                 let mut a: [f32; 256] = y0.clone().try_into().unwrap();
                 let mut b = a;
                 (s.rank4x64_f16)(&act, ni, &js, &wh[3..], ws, &mut a);
                 (k.rank4x64_f16)(&act, ni, &js, &wh[3..], ws, &mut b);
-                assert!(a.iter().zip(&b).all(|(p, q)| close(*q, *p, js.len())), "{tier:?} rank f16");
+                assert!(
+                    a.iter().zip(&b).all(|(p, q)| close(*q, *p, js.len())),
+                    "{tier:?} rank f16"
+                );
                 let mut a: [f32; 256] = y0.clone().try_into().unwrap();
                 let mut b = a;
                 (s.rank4x64_bf16)(&act, ni, &js, &wb[3..], ws, &mut a);
                 (k.rank4x64_bf16)(&act, ni, &js, &wb[3..], ws, &mut b);
-                assert!(a.iter().zip(&b).all(|(p, q)| close(*q, *p, js.len())), "{tier:?} rank bf16");
+                assert!(
+                    a.iter().zip(&b).all(|(p, q)| close(*q, *p, js.len())),
+                    "{tier:?} rank bf16"
+                );
             }
         }
     }
@@ -403,7 +459,10 @@ mod tests {
         assert!(Tier::parse("sse9").is_none());
         // The default table is the fastest available tier unless overridden.
         let chosen = kernels().tier;
-        match std::env::var("SPARSELM_KERNEL").ok().and_then(|s| Tier::parse(&s)) {
+        match std::env::var("SPARSELM_KERNEL")
+            .ok()
+            .and_then(|s| Tier::parse(&s))
+        {
             Some(t) if Tier::available().contains(&t) => assert_eq!(chosen, t),
             _ => assert_eq!(Some(&chosen), Tier::available().last()),
         }
@@ -413,7 +472,10 @@ mod tests {
     /// and sets `SPARSELM_EXPECT_TIER` so the run proves which tier detection chose.
     #[test]
     fn auto_selected_tier_is_the_expected_one() {
-        let Some(want) = std::env::var("SPARSELM_EXPECT_TIER").ok().filter(|s| !s.is_empty()) else {
+        let Some(want) = std::env::var("SPARSELM_EXPECT_TIER")
+            .ok()
+            .filter(|s| !s.is_empty())
+        else {
             return;
         };
         let best = *Tier::available().last().unwrap();
@@ -432,6 +494,7 @@ mod tests {
         assert_eq!(Tier::parse("neon-dotprod"), Some(Tier::NeonDotprod));
         assert_eq!(Tier::Neon.name(), "neon");
         assert_eq!(Tier::NeonDotprod.name(), "neon-dotprod");
-        assert!(Tier::available().contains(&Tier::Neon), "NEON is mandatory on aarch64 Linux");
+        let tiers = Tier::available();
+        assert!(tiers.contains(&Tier::Neon), "NEON is mandatory");
     }
 }

@@ -115,7 +115,14 @@ macro_rules! rank_update_scalar {
         /// Sparse rank update of a 4×64 output tile (prompt-time sparse down projection):
         /// `y[i·64 + c] += Σ_{j ∈ js} act[i·stride + j] · w[j·ws + c]`, i < 4, c < 64.
         /// `w` starts at the tile's first column; `js` lists the rows with any non-zero `act`.
-        pub fn $name(act: &[f32], stride: usize, js: &[u32], w: &[$t], ws: usize, y: &mut [f32; 256]) {
+        pub fn $name(
+            act: &[f32],
+            stride: usize,
+            js: &[u32],
+            w: &[$t],
+            ws: usize,
+            y: &mut [f32; 256],
+        ) {
             let conv = $conv;
             for &j in js {
                 let j = j as usize;

@@ -100,12 +100,54 @@ unsafe fn load_f32(p: *const f32) -> __m256 {
     unsafe { _mm256_loadu_ps(p) }
 }
 
-dot_impl!(dot_f32, dot_f32_i, f32, load_f32, "avx2,fma", super::scalar::dot_f32);
-dot_impl!(dot_f16, dot_f16_i, f16, load_f16, "avx2,fma,f16c", super::scalar::dot_f16);
-dot_impl!(dot_bf16, dot_bf16_i, bf16, load_bf16, "avx2,fma", super::scalar::dot_bf16);
-axpy_impl!(axpy_f32, axpy_f32_i, f32, load_f32, "avx2,fma", super::scalar::axpy_f32);
-axpy_impl!(axpy_f16, axpy_f16_i, f16, load_f16, "avx2,fma,f16c", super::scalar::axpy_f16);
-axpy_impl!(axpy_bf16, axpy_bf16_i, bf16, load_bf16, "avx2,fma", super::scalar::axpy_bf16);
+dot_impl!(
+    dot_f32,
+    dot_f32_i,
+    f32,
+    load_f32,
+    "avx2,fma",
+    super::scalar::dot_f32
+);
+dot_impl!(
+    dot_f16,
+    dot_f16_i,
+    f16,
+    load_f16,
+    "avx2,fma,f16c",
+    super::scalar::dot_f16
+);
+dot_impl!(
+    dot_bf16,
+    dot_bf16_i,
+    bf16,
+    load_bf16,
+    "avx2,fma",
+    super::scalar::dot_bf16
+);
+axpy_impl!(
+    axpy_f32,
+    axpy_f32_i,
+    f32,
+    load_f32,
+    "avx2,fma",
+    super::scalar::axpy_f32
+);
+axpy_impl!(
+    axpy_f16,
+    axpy_f16_i,
+    f16,
+    load_f16,
+    "avx2,fma,f16c",
+    super::scalar::axpy_f16
+);
+axpy_impl!(
+    axpy_bf16,
+    axpy_bf16_i,
+    bf16,
+    load_bf16,
+    "avx2,fma",
+    super::scalar::axpy_bf16
+);
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile2x4_f32(w: &[f32], ws: usize, x: &[f32], xs: usize, k: usize, out: &mut [f32]) {
@@ -128,7 +170,8 @@ unsafe fn tile2x4_f32(w: &[f32], ws: usize, x: &[f32], xs: usize, k: usize, out:
     }
     for i in 0..2 {
         for j in 0..4 {
-            let tail = super::scalar::dot_f32(&w[i * ws + p..i * ws + k], &x[j * xs + p..j * xs + k]);
+            let tail =
+                super::scalar::dot_f32(&w[i * ws + p..i * ws + k], &x[j * xs + p..j * xs + k]);
             out[4 * i + j] = hsum256(acc[4 * i + j]) + tail;
         }
     }
@@ -150,7 +193,12 @@ macro_rules! axpy4_impl {
             let n = y.len();
             assert!(w.iter().all(|r| r.len() >= n), "axpy4 row lengths");
             let p = [w[0].as_ptr(), w[1].as_ptr(), w[2].as_ptr(), w[3].as_ptr()];
-            let va = [_mm256_set1_ps(a[0]), _mm256_set1_ps(a[1]), _mm256_set1_ps(a[2]), _mm256_set1_ps(a[3])];
+            let va = [
+                _mm256_set1_ps(a[0]),
+                _mm256_set1_ps(a[1]),
+                _mm256_set1_ps(a[2]),
+                _mm256_set1_ps(a[3]),
+            ];
             let py = y.as_mut_ptr();
             let mut i = 0;
             // SAFETY: i + 8 <= n <= every row length bounds all loads and the store.
@@ -164,7 +212,11 @@ macro_rules! axpy4_impl {
                 }
                 i += 8;
             }
-            $scalar(a, [&w[0][i..n], &w[1][i..n], &w[2][i..n], &w[3][i..n]], &mut y[i..]);
+            $scalar(
+                a,
+                [&w[0][i..n], &w[1][i..n], &w[2][i..n], &w[3][i..n]],
+                &mut y[i..],
+            );
         }
 
         pub fn $name(a: &[f32; 4], w: [&[$t]; 4], y: &mut [f32]) {
@@ -174,14 +226,42 @@ macro_rules! axpy4_impl {
     };
 }
 
-axpy4_impl!(axpy4_f32, axpy4_f32_i, f32, load_f32, "avx2,fma", super::scalar::axpy4_f32);
-axpy4_impl!(axpy4_f16, axpy4_f16_i, f16, load_f16, "avx2,fma,f16c", super::scalar::axpy4_f16);
-axpy4_impl!(axpy4_bf16, axpy4_bf16_i, bf16, load_bf16, "avx2,fma", super::scalar::axpy4_bf16);
+axpy4_impl!(
+    axpy4_f32,
+    axpy4_f32_i,
+    f32,
+    load_f32,
+    "avx2,fma",
+    super::scalar::axpy4_f32
+);
+axpy4_impl!(
+    axpy4_f16,
+    axpy4_f16_i,
+    f16,
+    load_f16,
+    "avx2,fma,f16c",
+    super::scalar::axpy4_f16
+);
+axpy4_impl!(
+    axpy4_bf16,
+    axpy4_bf16_i,
+    bf16,
+    load_bf16,
+    "avx2,fma",
+    super::scalar::axpy4_bf16
+);
 
 macro_rules! rank_update_impl {
     ($name:ident, $inner:ident, $t:ty, $load:ident, $feat:literal) => {
         #[target_feature(enable = $feat)]
-        unsafe fn $inner(act: &[f32], stride: usize, js: &[u32], w: &[$t], ws: usize, y: &mut [f32; 256]) {
+        unsafe fn $inner(
+            act: &[f32],
+            stride: usize,
+            js: &[u32],
+            w: &[$t],
+            ws: usize,
+            y: &mut [f32; 256],
+        ) {
             // Two passes of 32 columns: 4 tokens × 4 ymm accumulators = 16 registers would spill,
             // so each pass keeps 4 × 4 × 8 = 128 outputs... in 16 ymm; loads stay in L1.
             for half in 0..2 {
@@ -190,7 +270,8 @@ macro_rules! rank_update_impl {
                 for i in 0..4 {
                     for q in 0..4 {
                         // SAFETY: i·64 + c0 + q·8 + 8 <= 256.
-                        acc[i * 4 + q] = unsafe { _mm256_loadu_ps(y.as_ptr().add(i * 64 + c0 + q * 8)) };
+                        acc[i * 4 + q] =
+                            unsafe { _mm256_loadu_ps(y.as_ptr().add(i * 64 + c0 + q * 8)) };
                     }
                 }
                 for &j in js {
@@ -198,7 +279,12 @@ macro_rules! rank_update_impl {
                     let row = &w[j * ws + c0..j * ws + c0 + 32];
                     // SAFETY: row has 32 elements: four 8-wide loads.
                     let wv = unsafe {
-                        [$load(row.as_ptr()), $load(row.as_ptr().add(8)), $load(row.as_ptr().add(16)), $load(row.as_ptr().add(24))]
+                        [
+                            $load(row.as_ptr()),
+                            $load(row.as_ptr().add(8)),
+                            $load(row.as_ptr().add(16)),
+                            $load(row.as_ptr().add(24)),
+                        ]
                     };
                     for i in 0..4 {
                         // Branch-free: a zero activation adds an exact 0.
@@ -211,13 +297,25 @@ macro_rules! rank_update_impl {
                 for i in 0..4 {
                     for q in 0..4 {
                         // SAFETY: as above.
-                        unsafe { _mm256_storeu_ps(y.as_mut_ptr().add(i * 64 + c0 + q * 8), acc[i * 4 + q]) };
+                        unsafe {
+                            _mm256_storeu_ps(
+                                y.as_mut_ptr().add(i * 64 + c0 + q * 8),
+                                acc[i * 4 + q],
+                            )
+                        };
                     }
                 }
             }
         }
 
-        pub fn $name(act: &[f32], stride: usize, js: &[u32], w: &[$t], ws: usize, y: &mut [f32; 256]) {
+        pub fn $name(
+            act: &[f32],
+            stride: usize,
+            js: &[u32],
+            w: &[$t],
+            ws: usize,
+            y: &mut [f32; 256],
+        ) {
             // SAFETY: this tier is installed only when avx2, fma and f16c are detected.
             unsafe { $inner(act, stride, js, w, ws, y) }
         }

@@ -90,14 +90,29 @@ macro_rules! axpy_impl {
 
 dot_impl!(dot_f32, dot_f32_i, f32, load_f32, super::scalar::dot_f32);
 dot_impl!(dot_f16, dot_f16_i, f16, load_f16, super::scalar::dot_f16);
-dot_impl!(dot_bf16, dot_bf16_i, bf16, load_bf16, super::scalar::dot_bf16);
+dot_impl!(
+    dot_bf16,
+    dot_bf16_i,
+    bf16,
+    load_bf16,
+    super::scalar::dot_bf16
+);
 axpy_impl!(axpy_f32, axpy_f32_i, f32, load_f32, super::scalar::axpy_f32);
 axpy_impl!(axpy_f16, axpy_f16_i, f16, load_f16, super::scalar::axpy_f16);
-axpy_impl!(axpy_bf16, axpy_bf16_i, bf16, load_bf16, super::scalar::axpy_bf16);
+axpy_impl!(
+    axpy_bf16,
+    axpy_bf16_i,
+    bf16,
+    load_bf16,
+    super::scalar::axpy_bf16
+);
 
 #[target_feature(enable = "avx512f")]
 unsafe fn tile4x4_f32_i(w: &[f32], ws: usize, x: &[f32], xs: usize, k: usize, out: &mut [f32; 16]) {
-    assert!(w.len() >= 3 * ws + k && x.len() >= 3 * xs + k, "tile4x4 bounds");
+    assert!(
+        w.len() >= 3 * ws + k && x.len() >= 3 * xs + k,
+        "tile4x4 bounds"
+    );
     let (pw, px) = (w.as_ptr(), x.as_ptr());
     let mut acc = [_mm512_setzero_ps(); 16];
     let mut p = 0;
@@ -121,7 +136,8 @@ unsafe fn tile4x4_f32_i(w: &[f32], ws: usize, x: &[f32], xs: usize, k: usize, ou
     }
     for i in 0..4 {
         for j in 0..4 {
-            let tail = super::scalar::dot_f32(&w[i * ws + p..i * ws + k], &x[j * xs + p..j * xs + k]);
+            let tail =
+                super::scalar::dot_f32(&w[i * ws + p..i * ws + k], &x[j * xs + p..j * xs + k]);
             out[4 * i + j] = _mm512_reduce_add_ps(acc[4 * i + j]) + tail;
         }
     }
@@ -139,7 +155,12 @@ macro_rules! axpy4_impl {
             let n = y.len();
             assert!(w.iter().all(|r| r.len() >= n), "axpy4 row lengths");
             let p = [w[0].as_ptr(), w[1].as_ptr(), w[2].as_ptr(), w[3].as_ptr()];
-            let va = [_mm512_set1_ps(a[0]), _mm512_set1_ps(a[1]), _mm512_set1_ps(a[2]), _mm512_set1_ps(a[3])];
+            let va = [
+                _mm512_set1_ps(a[0]),
+                _mm512_set1_ps(a[1]),
+                _mm512_set1_ps(a[2]),
+                _mm512_set1_ps(a[3]),
+            ];
             let py = y.as_mut_ptr();
             let mut i = 0;
             // SAFETY: i + 16 <= n <= every row length bounds all loads and the store.
@@ -153,7 +174,11 @@ macro_rules! axpy4_impl {
                 }
                 i += 16;
             }
-            $scalar(a, [&w[0][i..n], &w[1][i..n], &w[2][i..n], &w[3][i..n]], &mut y[i..]);
+            $scalar(
+                a,
+                [&w[0][i..n], &w[1][i..n], &w[2][i..n], &w[3][i..n]],
+                &mut y[i..],
+            );
         }
 
         pub fn $name(a: &[f32; 4], w: [&[$t]; 4], y: &mut [f32]) {
@@ -163,14 +188,39 @@ macro_rules! axpy4_impl {
     };
 }
 
-axpy4_impl!(axpy4_f32, axpy4_f32_i, f32, load_f32, super::scalar::axpy4_f32);
-axpy4_impl!(axpy4_f16, axpy4_f16_i, f16, load_f16, super::scalar::axpy4_f16);
-axpy4_impl!(axpy4_bf16, axpy4_bf16_i, bf16, load_bf16, super::scalar::axpy4_bf16);
+axpy4_impl!(
+    axpy4_f32,
+    axpy4_f32_i,
+    f32,
+    load_f32,
+    super::scalar::axpy4_f32
+);
+axpy4_impl!(
+    axpy4_f16,
+    axpy4_f16_i,
+    f16,
+    load_f16,
+    super::scalar::axpy4_f16
+);
+axpy4_impl!(
+    axpy4_bf16,
+    axpy4_bf16_i,
+    bf16,
+    load_bf16,
+    super::scalar::axpy4_bf16
+);
 
 macro_rules! rank_update_impl {
     ($name:ident, $inner:ident, $t:ty, $load:ident) => {
         #[target_feature(enable = "avx512f")]
-        unsafe fn $inner(act: &[f32], stride: usize, js: &[u32], w: &[$t], ws: usize, y: &mut [f32; 256]) {
+        unsafe fn $inner(
+            act: &[f32],
+            stride: usize,
+            js: &[u32],
+            w: &[$t],
+            ws: usize,
+            y: &mut [f32; 256],
+        ) {
             let mut acc = [_mm512_setzero_ps(); 16];
             for (k, a) in acc.iter_mut().enumerate() {
                 // SAFETY: y has 256 floats; k·16 + 16 <= 256.
@@ -179,10 +229,20 @@ macro_rules! rank_update_impl {
             for &j in js {
                 let j = j as usize;
                 let row = &w[j * ws..j * ws + 64]; // bounds-checked once per row
-                let a = [act[j], act[stride + j], act[2 * stride + j], act[3 * stride + j]];
+                let a = [
+                    act[j],
+                    act[stride + j],
+                    act[2 * stride + j],
+                    act[3 * stride + j],
+                ];
                 // SAFETY: row has 64 elements: four 16-wide loads.
                 let wv = unsafe {
-                    [$load(row.as_ptr()), $load(row.as_ptr().add(16)), $load(row.as_ptr().add(32)), $load(row.as_ptr().add(48))]
+                    [
+                        $load(row.as_ptr()),
+                        $load(row.as_ptr().add(16)),
+                        $load(row.as_ptr().add(32)),
+                        $load(row.as_ptr().add(48)),
+                    ]
                 };
                 // Branch-free: a zero activation adds an exact 0 (mispredicted branches on random
                 // sparsity patterns cost more than the 4 FMAs they would skip).
@@ -199,8 +259,17 @@ macro_rules! rank_update_impl {
             }
         }
 
-        pub fn $name(act: &[f32], stride: usize, js: &[u32], w: &[$t], ws: usize, y: &mut [f32; 256]) {
-            assert!(act.len() >= 3 * stride + js.iter().map(|&j| j as usize + 1).max().unwrap_or(0));
+        pub fn $name(
+            act: &[f32],
+            stride: usize,
+            js: &[u32],
+            w: &[$t],
+            ws: usize,
+            y: &mut [f32; 256],
+        ) {
+            assert!(
+                act.len() >= 3 * stride + js.iter().map(|&j| j as usize + 1).max().unwrap_or(0)
+            );
             // SAFETY: this tier is installed only when avx512f is detected.
             unsafe { $inner(act, stride, js, w, ws, y) }
         }

@@ -18,6 +18,8 @@
 use std::arch::aarch64::*;
 use std::arch::asm;
 
+use half::f16;
+
 use super::{scalar, BlockQ4_0, BlockQ8_0, QuantKernels, QK8_0};
 
 pub(super) const NEON: QuantKernels = QuantKernels {
@@ -26,6 +28,7 @@ pub(super) const NEON: QuantKernels = QuantKernels {
     vec_dot_q4_0_q8_0: vec_dot_q4_0_q8_0_mull,
     axpy_q8_0,
     axpy_q4_0,
+    quantize_row_q8_0,
 };
 
 pub(super) const DOTPROD: QuantKernels = QuantKernels {
@@ -34,6 +37,7 @@ pub(super) const DOTPROD: QuantKernels = QuantKernels {
     vec_dot_q4_0_q8_0: vec_dot_q4_0_q8_0_sdot,
     axpy_q8_0,
     axpy_q4_0,
+    quantize_row_q8_0,
 };
 
 const G: usize = scalar::LANES;
@@ -243,4 +247,40 @@ fn axpy_q8_0(a: f32, w: &[BlockQ8_0], y: &mut [f32]) {
 fn axpy_q4_0(a: f32, w: &[BlockQ4_0], y: &mut [f32]) {
     // SAFETY: NEON/DOTPROD are handed out only after neon was detected.
     unsafe { axpy_q4_0_i(a, w, y) }
+}
+
+/// `quantize_block_q8_0` per block: `amax` by `vmaxq` (exact and order-free for non-NaN input),
+/// `d = amax / 127`, `id = 1 / d`, then `vcvtaq_s32_f32(x · id)`, which rounds half away from
+/// zero like the spec's `round_half_away` and saturates like its `as i32`, and saturating
+/// narrows to i8 like its `as i8` (so ±inf → ±127/−128, NaN → 0, as in the spec).
+#[target_feature(enable = "neon")]
+fn quantize_q8_0_i(x: &[f32], out: &mut [BlockQ8_0]) {
+    for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK8_0)) {
+        let p = xs.as_ptr();
+        // SAFETY: xs holds 32 f32: eight 4-wide loads.
+        let v: [float32x4_t; 8] = std::array::from_fn(|k| unsafe { vld1q_f32(p.add(4 * k)) });
+        let mut m = vabsq_f32(v[0]);
+        for vk in &v[1..] {
+            m = vmaxq_f32(m, vabsq_f32(*vk));
+        }
+        let amax = vmaxvq_f32(m);
+        let d = amax / 127.0;
+        let id = vdupq_n_f32(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let q: [int32x4_t; 8] = std::array::from_fn(|k| vcvtaq_s32_f32(vmulq_f32(v[k], id)));
+        let h: [int16x8_t; 4] =
+            std::array::from_fn(|k| vcombine_s16(vqmovn_s32(q[2 * k]), vqmovn_s32(q[2 * k + 1])));
+        let lo = vcombine_s8(vqmovn_s16(h[0]), vqmovn_s16(h[1]));
+        let hi = vcombine_s8(vqmovn_s16(h[2]), vqmovn_s16(h[3]));
+        // SAFETY: qs is 32 bytes: two 16-byte stores.
+        unsafe {
+            vst1q_s8(b.qs.as_mut_ptr(), lo);
+            vst1q_s8(b.qs.as_mut_ptr().add(16), hi);
+        }
+        b.d = f16::from_f32(d);
+    }
+}
+
+fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    // SAFETY: NEON/DOTPROD are handed out only after neon was detected.
+    unsafe { quantize_q8_0_i(x, out) }
 }
