@@ -29,6 +29,7 @@ pub(super) const NEON: QuantKernels = QuantKernels {
     axpy_q8_0,
     axpy_q4_0,
     quantize_row_q8_0,
+    axpy4_q8_0: None,
 };
 
 pub(super) const DOTPROD: QuantKernels = QuantKernels {
@@ -38,6 +39,7 @@ pub(super) const DOTPROD: QuantKernels = QuantKernels {
     axpy_q8_0,
     axpy_q4_0,
     quantize_row_q8_0,
+    axpy4_q8_0: None,
 };
 
 const G: usize = scalar::LANES;

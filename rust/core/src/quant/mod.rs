@@ -339,6 +339,10 @@ pub struct QuantKernels {
     /// [`quantize_block_q8_0`] for `b < min(out.len(), x.len() / 32)` (no length check; the
     /// public [`quantize_row_q8_0`] checks). The activation quantizer of every GEMV.
     pub quantize_row_q8_0: fn(&[f32], &mut [BlockQ8_0]),
+    /// `y[32b + j] += Σ_r (a_r · d_{r,b}) · q_{r,j}` over four rows in one pass over `y`
+    /// (the sparse down projection). `None`: callers do four `axpy_q8_0` calls (same math;
+    /// this kernel adds the four products in the same order, so it matches to rounding).
+    pub axpy4_q8_0: Option<fn(&[f32; 4], [&[BlockQ8_0]; 4], &mut [f32])>,
 }
 
 const SCALAR: QuantKernels = QuantKernels {
@@ -348,6 +352,7 @@ const SCALAR: QuantKernels = QuantKernels {
     axpy_q8_0: scalar::axpy_q8_0,
     axpy_q4_0: scalar::axpy_q4_0,
     quantize_row_q8_0: scalar::quantize_row_q8_0,
+    axpy4_q8_0: None,
 };
 
 /// The quantized kernels for `tier`, or `None` if this CPU cannot run `tier`. The AVX-512 tier

@@ -19,6 +19,7 @@ pub(super) const KERNELS: QuantKernels = QuantKernels {
     axpy_q8_0,
     axpy_q4_0,
     quantize_row_q8_0,
+    axpy4_q8_0: None,
 };
 
 const G: usize = scalar::LANES;
