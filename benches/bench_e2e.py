@@ -34,14 +34,14 @@ BANDWIDTH = {1: 15.0, 2: 28.5}
 def run_one(model_dir: str, dtype: str, threads: int, prompt: int, decode: int) -> dict:
     import sparselm
     from sparselm import _native
-    from plm_checkpoint import PLM_1_8B, shapes
+    from plm_checkpoint import shapes
 
     t0 = time.perf_counter()
     eng = _native.Engine(model_dir, dtype, threads)
     load_s = time.perf_counter() - t0
-    cfg = PLM_1_8B
+    cfg = json.load(open(os.path.join(model_dir, "config.json")))
     n_params = sum(int(__import__("math").prod(s)) for _, s in shapes(cfg))
-    ids = [(i * 7919) % 150000 + 100 for i in range(prompt)]
+    ids = [(i * 7919) % (cfg["vocab_size"] - 200) + 100 for i in range(prompt)]
     sess = eng.new_session(prompt + decode + 8)
     t0 = time.perf_counter()
     sess.start(ids, decode)
@@ -83,11 +83,12 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--json", help="write results here")
+    ap.add_argument("--model", help="a model directory instead of the PLM-1.8B-shaped checkpoint")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config as JSON
     a = ap.parse_args()
     from plm_checkpoint import ensure_checkpoint
 
-    model_dir = str(ensure_checkpoint())
+    model_dir = a.model or str(ensure_checkpoint())
     if a.one:
         dtype, threads = a.one.split(":")
         print(json.dumps(run_one(model_dir, dtype, int(threads), a.prompt, a.decode)))
@@ -99,7 +100,7 @@ def main() -> None:
                 env = dict(os.environ, SPARSELM_DENSE_MLP="0" if sparse else "1")
                 out = subprocess.run(
                     [sys.executable, __file__, "--one", f"{dtype}:{threads}", "--prompt", str(a.prompt),
-                     "--decode", str(a.decode)],
+                     "--decode", str(a.decode), "--model", model_dir],
                     env=env, capture_output=True, text=True, check=True,
                 )
                 r = json.loads(out.stdout.strip().splitlines()[-1])

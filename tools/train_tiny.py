@@ -123,7 +123,7 @@ class _RReader:
             n = (hi << 32) + lo
         return n
 
-    def item(self):  # noqa: C901 - one branch per SEXP type, like R's own ReadItem
+    def item(self):  # one branch per SEXP type, like R's own ReadItem
         flags = self._int()
         kind, has_attr, has_tag = flags & 0xFF, flags & (1 << 9), flags & (1 << 10)
         if kind in (254, 253, 252, 251, 250, 242, 241):  # NULL and singleton environments
@@ -212,10 +212,15 @@ def fetch_corpus(cache: Path) -> tuple[dict[str, list[str]], str]:
 def _is_heading(par: str) -> bool:
     """Titles, 'CHAPTER IV', 'VOLUME II', 'By Jane Austen', 'FINIS', 'THE END'."""
     letters = [c for c in par if c.isalpha()]
-    return (len(par) < 60 and letters and all(c.isupper() for c in letters)) or par in (
-        "By Jane Austen",
-        "by Jane Austen",
-    ) or par.lower().startswith("chapter ")
+    return (
+        (len(par) < 60 and letters and all(c.isupper() for c in letters))
+        or par
+        in (
+            "By Jane Austen",
+            "by Jane Austen",
+        )
+        or par.lower().startswith("chapter ")
+    )
 
 
 def clean_novel(lines: list[str]) -> list[str]:
@@ -279,8 +284,16 @@ def split_corpus(
 
 
 def train_tokenizer(texts: list[str], n_regular: int):
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from tokenizers import processors, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
@@ -422,7 +435,12 @@ class PLMAttention(nn.Module):
     def forward(self, a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         c = self.cfg
         B, T, _ = a.shape
-        nh, nope, rope, vd = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        nh, nope, rope, vd = (
+            c.num_attention_heads,
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.v_head_dim,
+        )
         q = self.q_proj(a).view(B, T, nh, nope + rope).transpose(1, 2)  # [B, H, T, nope+rope]
         q_nope, q_rope = q[..., :nope], q[..., nope:]
         ckr = self.kv_a_proj_with_mqa(a)  # [B, T, r + rope]
@@ -472,7 +490,9 @@ class PLMModel(nn.Module):
     def __init__(self, cfg: PLMConfig, dropout: float = 0.0) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(PLMDecoderLayer(cfg, dropout) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            PLMDecoderLayer(cfg, dropout) for _ in range(cfg.num_hidden_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -538,7 +558,9 @@ def evaluate(model: PLMForCausalLM, windows: torch.Tensor, batch: int, sparsity:
     for i in range(0, len(windows), batch):
         w = windows[i : i + batch]
         logits = model(w[:, :-1]).float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="sum")
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="sum"
+        )
         nll += float(loss)
         count += w[:, 1:].numel()
     per_layer = None
@@ -616,14 +638,26 @@ def verify_against_transformers(model: PLMForCausalLM, seed: int) -> float:
 
 def expected_shapes(c: PLMConfig) -> dict[str, tuple[int, ...]]:
     nh = c.num_attention_heads
-    s = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size), "model.norm.weight": (c.hidden_size,)}
+    s = {
+        "model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
+        "model.norm.weight": (c.hidden_size,),
+    }
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
         s[p + "input_layernorm.weight"] = (c.hidden_size,)
-        s[p + "self_attn.q_proj.weight"] = (nh * (c.qk_nope_head_dim + c.qk_rope_head_dim), c.hidden_size)
-        s[p + "self_attn.kv_a_proj_with_mqa.weight"] = (c.kv_lora_rank + c.qk_rope_head_dim, c.hidden_size)
+        s[p + "self_attn.q_proj.weight"] = (
+            nh * (c.qk_nope_head_dim + c.qk_rope_head_dim),
+            c.hidden_size,
+        )
+        s[p + "self_attn.kv_a_proj_with_mqa.weight"] = (
+            c.kv_lora_rank + c.qk_rope_head_dim,
+            c.hidden_size,
+        )
         s[p + "self_attn.kv_a_layernorm.weight"] = (c.kv_lora_rank,)
-        s[p + "self_attn.kv_b_proj.weight"] = (nh * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank)
+        s[p + "self_attn.kv_b_proj.weight"] = (
+            nh * (c.qk_nope_head_dim + c.v_head_dim),
+            c.kv_lora_rank,
+        )
         s[p + "self_attn.o_proj.weight"] = (c.hidden_size, nh * c.v_head_dim)
         s[p + "post_attention_layernorm.weight"] = (c.hidden_size,)
         s[p + "mlp.up_proj.weight"] = (c.intermediate_size, c.hidden_size)
@@ -634,7 +668,9 @@ def expected_shapes(c: PLMConfig) -> dict[str, tuple[int, ...]]:
 def save_weights(model: PLMForCausalLM, path: Path) -> None:
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().to(torch.bfloat16).contiguous().clone() for k, v in model.state_dict().items()}
+    tensors = {
+        k: v.detach().to(torch.bfloat16).contiguous().clone() for k, v in model.state_dict().items()
+    }
     save_file(tensors, str(path), metadata={"format": "pt"})
     os.chmod(path, 0o644)  # save_file creates the file owner-only; it ships in a wheel
 
@@ -648,7 +684,9 @@ def load_and_check_weights(path: Path, cfg: PLMConfig) -> dict[str, torch.Tensor
     with safe_open(str(path), framework="pt") as f:
         names = set(f.keys())
         if names != set(want):
-            raise RuntimeError(f"tensor names differ: extra={names - set(want)} missing={set(want) - names}")
+            raise RuntimeError(
+                f"tensor names differ: extra={names - set(want)} missing={set(want) - names}"
+            )
         for k in sorted(names):
             t = f.get_tensor(k)
             if tuple(t.shape) != want[k] or t.dtype != torch.bfloat16:
@@ -662,7 +700,9 @@ def check_tokenizer(path: Path, sample: str, n_regular: int) -> None:
 
     tok = Tokenizer.from_file(str(path))
     for text in (sample, "Once upon a time, café naïve — “quoted” 1234 \n\n  tabs\tend", ""):
-        if tok.decode(tok.encode(text).ids, skip_special_tokens=False) != unicodedata.normalize("NFC", text):
+        if tok.decode(tok.encode(text).ids, skip_special_tokens=False) != unicodedata.normalize(
+            "NFC", text
+        ):
             raise RuntimeError(f"tokenizer does not round-trip {text[:40]!r}")
     for i, name in enumerate(SPECIAL_TOKENS):
         ids = tok.encode(f"a{name}b").ids
@@ -738,7 +778,9 @@ def main() -> int:
         train_ids.extend(tok.encode(ch).ids)
         train_ids.append(eos)  # one document per chapter
     val_ids = tok.encode(val_text).ids
-    log(f"tokenizer: {tok.get_vocab_size()} tokens; train {len(train_ids):,} tokens, val {len(val_ids):,}")
+    log(
+        f"tokenizer: {tok.get_vocab_size()} tokens; train {len(train_ids):,} tokens, val {len(val_ids):,}"
+    )
 
     # ---- model
     vocab_size = -(-args.vocab // args.vocab_pad) * args.vocab_pad
@@ -761,7 +803,10 @@ def main() -> int:
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=args.lr,
         betas=(0.9, 0.95),
         eps=1e-8,
@@ -793,11 +838,15 @@ def main() -> int:
         if step % args.log_every == 0 or step == args.steps - 1:
             el = time.time() - t_train
             tps = (step + 1) * args.batch * args.seq / el
-            log(f"step {step:5d} | loss {lv:.4f} (ema {ema:.4f}) | lr {lr:.2e} | gnorm {gnorm:.2f} | {tps:,.0f} tok/s | {el / 60:.1f} min")
+            log(
+                f"step {step:5d} | loss {lv:.4f} (ema {ema:.4f}) | lr {lr:.2e} | gnorm {gnorm:.2f} | {tps:,.0f} tok/s | {el / 60:.1f} min"
+            )
             history.append({"step": step, "train_loss": round(lv, 4)})
         if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
             vl, sp = evaluate(model, eval_subset, 8, sparsity=True)
-            log(f"step {step:5d} | val loss {vl:.4f} (ppl {math.exp(vl):.2f}, {len(eval_subset)} windows) | relu2 zeros {sum(sp) / len(sp):.1%}")
+            log(
+                f"step {step:5d} | val loss {vl:.4f} (ppl {math.exp(vl):.2f}, {len(eval_subset)} windows) | relu2 zeros {sum(sp) / len(sp):.1%}"
+            )
             history.append({"step": step, "val_loss": round(vl, 4)})
     train_minutes = (time.time() - t_train) / 60
     tokens_trained = args.steps * args.batch * args.seq
@@ -834,7 +883,9 @@ def main() -> int:
     stop = {eos, tok.token_to_id("<|im_end|>")}
     sample_ids = greedy(shipped, tok.encode(prompt).ids, 40, stop)
     sample = tok.decode(sample_ids, skip_special_tokens=False)
-    log(f"final: val loss {val_loss:.4f}, ppl {math.exp(val_loss):.2f} over {len(windows)} windows of {args.seq + 1}")
+    log(
+        f"final: val loss {val_loss:.4f}, ppl {math.exp(val_loss):.2f} over {len(windows)} windows of {args.seq + 1}"
+    )
     log(f"final: relu2 sparsity mean {mean_sp:.2%}; per layer {[f'{s:.2%}' for s in per_layer]}")
     log(f"sample (greedy, 40 tokens): {prompt!r} -> {sample!r}")
 
@@ -858,23 +909,44 @@ def main() -> int:
             "relu2_sparsity_mean": round(mean_sp, 4),
             "relu2_sparsity_per_layer": [round(s, 4) for s in per_layer],
         },
-        "greedy_sample": {"prompt": prompt, "new_tokens": len(sample_ids), "ids": sample_ids, "text": sample},
+        "greedy_sample": {
+            "prompt": prompt,
+            "new_tokens": len(sample_ids),
+            "ids": sample_ids,
+            "text": sample,
+        },
         "history": history,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    write_card(out, args, cfg, n_params, metrics, copyright_text, len(train_ids), len(train_ch), len(val_ch))
+    write_card(
+        out,
+        args,
+        cfg,
+        n_params,
+        metrics,
+        copyright_text,
+        len(train_ids),
+        len(train_ch),
+        len(val_ch),
+    )
     total = sum(f.stat().st_size for f in out.iterdir())
     log(f"wrote {out} ({total / 1e6:.2f} MB) in {(time.time() - t_start) / 60:.1f} min total")
     return 0
 
 
-def write_card(out, args, cfg, n_params, m, copyright_text, n_train_tokens, n_train_ch, n_val_ch) -> None:
+def write_card(
+    out, args, cfg, n_params, m, copyright_text, n_train_tokens, n_train_ch, n_val_ch
+) -> None:
     v = m["validation"]
     per_layer = ", ".join(f"{s:.1%}" for s in v["relu2_sparsity_per_layer"])
     epochs = m["tokens_trained"] / n_train_tokens
     cmd = "nice -n 10 python tools/train_tiny.py --out python/sparselm/models/plm-tiny"
     defaults = argparse.Namespace(steps=1000, batch=16, seq=256, seed=1234, threads=1)
-    extra = [f"--{k} {getattr(args, k)}" for k in vars(defaults) if getattr(args, k) != getattr(defaults, k)]
+    extra = [
+        f"--{k} {getattr(args, k)}"
+        for k in vars(defaults)
+        if getattr(args, k) != getattr(defaults, k)
+    ]
     if extra:
         cmd += " " + " ".join(extra)
     text = f"""---
@@ -939,24 +1011,24 @@ offline perplexity and sparsity tests.
 AdamW (betas 0.9/0.95, weight decay {args.weight_decay} on matrices), peak lr {args.lr:g}, {args.warmup} warm-up steps,
 cosine decay to 10 %, gradient clipping 1.0, residual dropout {args.dropout:g} (training only; the architecture
 has none), {"float32" if args.no_autocast else "bfloat16 autocast with float32 master weights"}, seed {args.seed}, {args.threads} CPU thread(s).
-{m['steps']} steps × {args.batch} sequences × {args.seq} tokens = **{m['tokens_trained']:,} tokens**
-({epochs:.1f} epochs) in **{m['train_minutes']} minutes** of wall clock.
-Final training loss (EMA) **{m['final_train_loss_ema']:.3f}**. `metrics.json` has the loss curve.
+{m["steps"]} steps × {args.batch} sequences × {args.seq} tokens = **{m["tokens_trained"]:,} tokens**
+({epochs:.1f} epochs) in **{m["train_minutes"]} minutes** of wall clock.
+Final training loss (EMA) **{m["final_train_loss_ema"]:.3f}**. `metrics.json` has the loss curve.
 
 ## Evaluation (torch, float32, on the shipped bf16 weights)
 
 Measured by `tools/train_tiny.py` after re-reading the files it wrote:
 
-* `validation.txt` is encoded in one call (`tokenizer.encode(text)`, {v['tokens']:,} tokens), cut into
-  {v['windows']} non-overlapping windows of {v['window_tokens']} tokens (the tail is dropped); each window
-  predicts its tokens 1..{v['window_tokens'] - 1} from scratch (positions start at 0).
-* validation loss **{v['loss']:.4f}** nats/token, perplexity **{v['perplexity']:.2f}** over {v['predicted_tokens']:,} predictions.
-* ReLU² activation sparsity (fraction of exact zeros in `relu(up_proj x)²`, all positions of those
-  windows): mean **{v['relu2_sparsity_mean']:.1%}**; per layer {per_layer}.
+* `validation.txt` is encoded in one call (`tokenizer.encode(text)`, {v["tokens"]:,} tokens), cut into
+  {v["windows"]} non-overlapping windows of {v["window_tokens"]} tokens (the tail is dropped); each window
+  predicts its tokens 1..{v["window_tokens"] - 1} from scratch (positions start at 0).
+* validation loss **{v["loss"]:.4f}** nats/token, perplexity **{v["perplexity"]:.2f}** over {v["predicted_tokens"]:,} predictions.
+* ReLU² activation sparsity (fraction of exact zeros in `relu(up_proj x)²` over the
+  intermediate units at every input position of those windows): mean **{v["relu2_sparsity_mean"]:.1%}**; per layer {per_layer}.
 
-Greedy sample, prompt `Once upon a time`, {m['greedy_sample']['new_tokens']} new tokens:
+Greedy sample, prompt `Once upon a time`, {m["greedy_sample"]["new_tokens"]} new tokens:
 
-> Once upon a time{m['greedy_sample']['text']}
+> Once upon a time{m["greedy_sample"]["text"]}
 
 ## Reproduce
 
