@@ -5,7 +5,8 @@ qemu-aarch64. The NEON tiers are bit-identical to the AVX2 tier and the quantize
 scalar spec (rust/core/src/kernels/mod.rs, PERF NOTES), so with SPARSELM_KERNEL=avx2 on the host
 every field must match exactly, including the SHA-256 of the float32 logits bytes.
 
-usage: python smoke.py MODEL_DIR [OUT.npz]   (OUT.npz: the logits, to diff on a mismatch)
+usage: python smoke.py MODEL_DIR|bundled [OUT.npz]   (OUT.npz: the logits, to diff on a mismatch)
+("bundled" loads the plm-tiny model shipped inside the wheel.)
 """
 
 import hashlib
@@ -17,13 +18,13 @@ import numpy as np
 
 import sparselm
 
-model_dir = sys.argv[1]
+model_dir = None if sys.argv[1] == "bundled" else sys.argv[1]
 model = sparselm.load(model_dir)
 result = {
     "machine": platform.machine(),
     "tier": sparselm.kernel_tier(),
     "ids": model.generate([1, 2, 3], max_new_tokens=4, temperature=0),
-    "text": model.generate("Hello there", max_new_tokens=12, temperature=0),
+    "text": model.generate("The quick brown fox", max_new_tokens=16, temperature=0),
 }
 prompt = [(7 * i + 3) % 200 + 1 for i in range(40)]
 saved = {}

@@ -105,8 +105,23 @@ fn to_f32_vec(bytes: &[u8], d: DType) -> Vec<f32> {
 fn to_storage(bytes: &[u8], src: DType, dst: DType, cols: usize) -> Storage {
     let bits = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
     if dst.is_quantized() {
-        let v = to_f32_vec(bytes, src);
-        return Matrix::from_f32(v.len() / cols, cols, &v, dst).data;
+        // Row by row (in parallel) so no f32 copy of the whole tensor is ever held.
+        let esz = src.bytes(1);
+        let rows = bytes.len() / esz / cols;
+        let row_bytes = cols * esz;
+        let quantize_rows = |chunk: &[u8]| {
+            let v = to_f32_vec(chunk, src);
+            Matrix::from_f32(chunk.len() / row_bytes, cols, &v, dst).data
+        };
+        let parts: Vec<Storage> = bytes.par_chunks(row_bytes * 256.min(rows.max(1))).map(quantize_rows).collect();
+        return match dst {
+            DType::Q8_0 => Storage::Q8_0(
+                parts.into_iter().flat_map(|p| if let Storage::Q8_0(v) = p { v } else { unreachable!() }).collect(),
+            ),
+            _ => Storage::Q4_0(
+                parts.into_iter().flat_map(|p| if let Storage::Q4_0(v) = p { v } else { unreachable!() }).collect(),
+            ),
+        };
     }
     match (src, dst) {
         (DType::F16, DType::F16) => Storage::F16(

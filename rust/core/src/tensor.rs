@@ -254,13 +254,16 @@ impl Matrix {
                     *o = v.to_f32();
                 }
             }
+            // Dequantize with the dispatched SIMD AXPY: 0 + (1·d)·q is exactly d·q.
             Storage::Q8_0(w) => {
                 let nb = self.cols / QBLOCK;
-                quant::dequantize_row_q8_0(&w[r * nb..(r + 1) * nb], out).expect("row length");
+                out.fill(0.0);
+                (quant_kernels().axpy_q8_0)(1.0, &w[r * nb..(r + 1) * nb], out);
             }
             Storage::Q4_0(w) => {
                 let nb = self.cols / QBLOCK;
-                quant::dequantize_row_q4_0(&w[r * nb..(r + 1) * nb], out).expect("row length");
+                out.fill(0.0);
+                (quant_kernels().axpy_q4_0)(1.0, &w[r * nb..(r + 1) * nb], out);
             }
         }
     }
@@ -362,6 +365,25 @@ fn row_chunk(rows: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantized_rows_widen_exactly() {
+        let w: Vec<f32> = (0..3 * 64).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+        for dt in [DType::Q8_0, DType::Q4_0] {
+            let m = Matrix::from_f32(3, 64, &w, dt);
+            let mut got = vec![0f32; 64];
+            let mut want = vec![0f32; 64];
+            for r in 0..3 {
+                m.row_to_f32(r, &mut got);
+                match &m.data {
+                    Storage::Q8_0(b) => quant::dequantize_row_q8_0(&b[r * 2..r * 2 + 2], &mut want).unwrap(),
+                    Storage::Q4_0(b) => quant::dequantize_row_q4_0(&b[r * 2..r * 2 + 2], &mut want).unwrap(),
+                    _ => unreachable!(),
+                }
+                assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0)), "{dt:?}");
+            }
+        }
+    }
 
     #[test]
     fn matvec_and_matmul_agree_with_naive() {
