@@ -213,6 +213,17 @@ impl ModelConfig {
         self.qk_nope_head_dim + self.qk_rope_head_dim
     }
 
+    /// MLA widths: (heads, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim).
+    pub fn mla_dims(&self) -> (usize, usize, usize, usize, usize) {
+        (
+            self.num_attention_heads,
+            self.kv_lora_rank,
+            self.qk_nope_head_dim,
+            self.qk_rope_head_dim,
+            self.v_head_dim,
+        )
+    }
+
     /// Width of one latent cache row: kv_lora_rank + qk_rope_head_dim.
     pub fn latent_dim(&self) -> usize {
         self.kv_lora_rank + self.qk_rope_head_dim

@@ -113,13 +113,34 @@ fn to_storage(bytes: &[u8], src: DType, dst: DType, cols: usize) -> Storage {
             let v = to_f32_vec(chunk, src);
             Matrix::from_f32(chunk.len() / row_bytes, cols, &v, dst).data
         };
-        let parts: Vec<Storage> = bytes.par_chunks(row_bytes * 256.min(rows.max(1))).map(quantize_rows).collect();
+        let parts: Vec<Storage> = bytes
+            .par_chunks(row_bytes * 256.min(rows.max(1)))
+            .map(quantize_rows)
+            .collect();
         return match dst {
             DType::Q8_0 => Storage::Q8_0(
-                parts.into_iter().flat_map(|p| if let Storage::Q8_0(v) = p { v } else { unreachable!() }).collect(),
+                parts
+                    .into_iter()
+                    .flat_map(|p| {
+                        if let Storage::Q8_0(v) = p {
+                            v
+                        } else {
+                            unreachable!()
+                        }
+                    })
+                    .collect(),
             ),
             _ => Storage::Q4_0(
-                parts.into_iter().flat_map(|p| if let Storage::Q4_0(v) = p { v } else { unreachable!() }).collect(),
+                parts
+                    .into_iter()
+                    .flat_map(|p| {
+                        if let Storage::Q4_0(v) = p {
+                            v
+                        } else {
+                            unreachable!()
+                        }
+                    })
+                    .collect(),
             ),
         };
     }

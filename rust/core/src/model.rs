@@ -251,14 +251,8 @@ impl Model {
         dense: bool,
     ) {
         let c = &self.config;
-        let (d, nh, r, dn, dr, dv) = (
-            c.hidden_size,
-            c.num_attention_heads,
-            c.kv_lora_rank,
-            c.qk_nope_head_dim,
-            c.qk_rope_head_dim,
-            c.v_head_dim,
-        );
+        let d = c.hidden_size;
+        let (nh, r, dn, dr, dv) = c.mla_dims();
         let qd = nh * (dn + dr);
         let half = dr / 2;
         let eps = c.rms_norm_eps as f32;
@@ -307,14 +301,7 @@ impl Model {
         st: &mut State,
         scale: f32,
     ) {
-        let c = &self.config;
-        let (nh, r, dn, dr, dv) = (
-            c.num_attention_heads,
-            c.kv_lora_rank,
-            c.qk_nope_head_dim,
-            c.qk_rope_head_dim,
-            c.v_head_dim,
-        );
+        let (nh, r, dn, dr, dv) = self.config.mla_dims();
         let (qd, kvd, rd) = (nh * (dn + dr), nh * (dn + dv), r + dr);
         let n = pos0 + t;
         let layer = cache.layer(l);
@@ -363,14 +350,7 @@ impl Model {
         st: &mut State,
         scale: f32,
     ) {
-        let c = &self.config;
-        let (nh, r, dn, dr, dv) = (
-            c.num_attention_heads,
-            c.kv_lora_rank,
-            c.qk_nope_head_dim,
-            c.qk_rope_head_dim,
-            c.v_head_dim,
-        );
+        let (nh, r, dn, dr, dv) = self.config.mla_dims();
         let (qd, rd, ms) = (nh * (dn + dr), r + dr, cache.max_seq);
         let layer = cache.layer(l);
         let k = kernels();

@@ -368,7 +368,9 @@ mod tests {
 
     #[test]
     fn quantized_rows_widen_exactly() {
-        let w: Vec<f32> = (0..3 * 64).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+        let w: Vec<f32> = (0..3 * 64)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect();
         for dt in [DType::Q8_0, DType::Q4_0] {
             let m = Matrix::from_f32(3, 64, &w, dt);
             let mut got = vec![0f32; 64];
@@ -376,11 +378,20 @@ mod tests {
             for r in 0..3 {
                 m.row_to_f32(r, &mut got);
                 match &m.data {
-                    Storage::Q8_0(b) => quant::dequantize_row_q8_0(&b[r * 2..r * 2 + 2], &mut want).unwrap(),
-                    Storage::Q4_0(b) => quant::dequantize_row_q4_0(&b[r * 2..r * 2 + 2], &mut want).unwrap(),
+                    Storage::Q8_0(b) => {
+                        quant::dequantize_row_q8_0(&b[r * 2..r * 2 + 2], &mut want).unwrap()
+                    }
+                    Storage::Q4_0(b) => {
+                        quant::dequantize_row_q4_0(&b[r * 2..r * 2 + 2], &mut want).unwrap()
+                    }
                     _ => unreachable!(),
                 }
-                assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0)), "{dt:?}");
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0)),
+                    "{dt:?}"
+                );
             }
         }
     }

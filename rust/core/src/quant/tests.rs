@@ -786,12 +786,16 @@ proptest! {
 fn axpy4_q8_0_equals_four_axpys() {
     // Same operations in the same order as four sequential axpy_q8_0 calls: bit-identical.
     for tier in crate::kernels::Tier::available() {
-        let Some(k) = quant_kernels_for(tier) else { continue };
+        let Some(k) = quant_kernels_for(tier) else {
+            continue;
+        };
         let Some(f) = k.axpy4_q8_0 else { continue };
         for nb in [0usize, 1, 2, 7, 64] {
             let rows: Vec<Vec<BlockQ8_0>> = (0..4)
                 .map(|r| {
-                    let x: Vec<f32> = (0..nb * 32).map(|i| (((i * 37 + r * 11) % 97) as f32 - 48.0) / 17.0).collect();
+                    let x: Vec<f32> = (0..nb * 32)
+                        .map(|i| (((i * 37 + r * 11) % 97) as f32 - 48.0) / 17.0)
+                        .collect();
                     quantize_q8_0(&x).unwrap()
                 })
                 .collect();
@@ -804,7 +808,9 @@ fn axpy4_q8_0_equals_four_axpys() {
             let mut got = y0.clone();
             f(&a, [&rows[0], &rows[1], &rows[2], &rows[3]], &mut got);
             assert!(
-                want.iter().zip(&got).all(|(p, q)| p.to_bits() == q.to_bits()),
+                want.iter()
+                    .zip(&got)
+                    .all(|(p, q)| p.to_bits() == q.to_bits()),
                 "{tier:?} nb={nb}"
             );
         }

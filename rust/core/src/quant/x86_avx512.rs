@@ -210,19 +210,34 @@ fn axpy_q4_0(a: f32, w: &[BlockQ4_0], y: &mut [f32]) {
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn axpy4_q8_0_i(a: &[f32; 4], w: [&[BlockQ8_0]; 4], y: &mut [f32]) {
-    let nb = w.iter().map(|r| r.len()).min().unwrap_or(0).min(y.len() / QK8_0);
+    let nb = w
+        .iter()
+        .map(|r| r.len())
+        .min()
+        .unwrap_or(0)
+        .min(y.len() / QK8_0);
     for (b, ys) in y.chunks_exact_mut(QK8_0).take(nb).enumerate() {
         let (y0, y1) = ys.split_at_mut(16);
         // SAFETY: y0 and y1 have 16 elements each (a 32-chunk split in halves).
-        let (mut acc0, mut acc1) = unsafe { (_mm512_loadu_ps(y0.as_ptr()), _mm512_loadu_ps(y1.as_ptr())) };
+        let (mut acc0, mut acc1) =
+            unsafe { (_mm512_loadu_ps(y0.as_ptr()), _mm512_loadu_ps(y1.as_ptr())) };
         for r in 0..4 {
             let blk = &w[r][b];
-            let s = _mm512_mul_ps(_mm512_set1_ps(a[r]), _mm512_cvtph_ps(_mm256_set1_epi16(blk.d.to_bits() as i16)));
+            let s = _mm512_mul_ps(
+                _mm512_set1_ps(a[r]),
+                _mm512_cvtph_ps(_mm256_set1_epi16(blk.d.to_bits() as i16)),
+            );
             let p = blk.qs.as_ptr() as *const __m128i;
             // SAFETY: qs is 32 bytes: two 16-byte unaligned loads.
             let (q0, q1) = unsafe { (_mm_loadu_si128(p), _mm_loadu_si128(p.add(1))) };
-            acc0 = _mm512_add_ps(acc0, _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0))));
-            acc1 = _mm512_add_ps(acc1, _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1))));
+            acc0 = _mm512_add_ps(
+                acc0,
+                _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0))),
+            );
+            acc1 = _mm512_add_ps(
+                acc1,
+                _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1))),
+            );
         }
         // SAFETY: as above.
         unsafe {
