@@ -4,12 +4,14 @@
 #   1. setup: apt packages, `debian-web` toolchain, arm64 CPython in /opt/pyarm64 (idempotent)
 #   2. sparselm-core unit tests under QEMU_CPU=cortex-a72 (tier must be "neon") and
 #      QEMU_CPU=cortex-a76 (tier must be "neon-dotprod"), asserted by SPARSELM_EXPECT_TIER
-#   3. CLI greedy output on tiny seeded checkpoints (f32, bf16, f16, q8_0, q4_0): aarch64 under
-#      qemu == x86_64 with SPARSELM_KERNEL=avx2 (the NEON tiers are bit-identical to AVX2)
-#   4. the abi3 aarch64 wheel imported by arm64 CPython under qemu: load + generate (ids and text),
-#      compared with the host Python package when it is installed
+#   3. CLI greedy output on tiny seeded checkpoints (f32, bf16, f16 weights; q8_0, q4_0 on load)
+#      and the bundled trained plm-tiny: aarch64 under qemu (A72 and A76) must equal x86_64 with
+#      SPARSELM_KERNEL=avx2 byte for byte (the NEON tiers are bit-identical to AVX2)
+#   4. the abi3 aarch64 wheel imported by arm64 CPython under qemu: load, generate (ids and text)
+#      and the SHA-256 of prompt logits in 5 dtypes, all equal to the x86_64 package with avx2
 # Non-interactive; prints a summary; exits non-zero if any step failed.
-# Env: ARM64_PROFILE (cargo profile of CLI and wheel, default dev-release: no LTO, faster build).
+# Env: ARM64_PROFILE (cargo profile of CLI and wheel, default dev-release: no LTO, faster build);
+# ARM64_CLIPPY=1 also runs Debian's clippy on the aarch64 build (-D warnings).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -66,6 +68,11 @@ core_tests() { # core_tests QEMU_CPU EXPECTED_TIER
 step "core build (aarch64, test profile)" cargo +debian-web test -p sparselm-core --lib --target $TARGET --no-run
 step "core tests, QEMU_CPU=cortex-a72, tier neon" core_tests cortex-a72 neon
 step "core tests, QEMU_CPU=cortex-a76, tier neon-dotprod" core_tests cortex-a76 neon-dotprod
+# Opt-in: Debian's clippy version moves with rustc-web updates and may bring new lints.
+if [ "${ARM64_CLIPPY:-0}" = 1 ]; then
+    step "clippy aarch64 (core, cli; -D warnings)" cargo +debian-web clippy -p sparselm-core \
+        -p sparselm-cli --all-targets --target $TARGET -- -D warnings
+fi
 
 # --- 3. CLI: aarch64 under qemu vs x86_64 ------------------------------------------------------
 step "CLI build aarch64 ($PROFILE)" cargo +debian-web build --profile "$PROFILE" -p sparselm-cli --target $TARGET
@@ -171,5 +178,5 @@ EOF_PY
 step "wheel import + generate in arm64 CPython (qemu cortex-a76)" wheel_generate
 
 echo; echo "arm64 test counts:"; sed 's/^/  /' "$WORK/counts"
-grep -hE "^(equal|DIFFERENT|python )" "$LOG" | sed 's/^/  /'
+grep -ahE "^(equal|DIFFERENT|python )" "$LOG" | sed 's/^/  /'
 finish

@@ -3,14 +3,15 @@
 # shared/docs/arm64-toolchain.md. Idempotent: every step is skipped when already done and
 # `apt-get update` runs at most once per invocation (only when something must be installed).
 #
-# Installs: Debian's rustc-web/cargo-web 1.96 with its aarch64 std, the aarch64 cross gcc and
-# libc, qemu-user; links the Debian compiler into rustup as the `debian-web` toolchain.
+# Installs: Debian's rustc-web/cargo-web 1.96 with its aarch64 std and clippy (lints the
+# aarch64-only code: `cargo +debian-web clippy --target aarch64-unknown-linux-gnu`), the aarch64
+# cross gcc and libc, qemu-user; links the Debian compiler into rustup as the `debian-web` toolchain.
 # With PYARM64=1 (set by .ci/arm64.sh) it also unpacks Debian's arm64 CPython 3.11 into
 # /opt/pyarm64 for importing the aarch64 wheel under qemu.
 set -euo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
-PKGS=(rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu
+PKGS=(rustc-web cargo-web libstd-rust-web-dev:arm64 rust-web-clippy gcc-aarch64-linux-gnu
       libc6-dev-arm64-cross qemu-user)
 PYPKGS=(python3.11-minimal:arm64 libpython3.11-minimal:arm64 libpython3.11-stdlib:arm64
         libexpat1:arm64 libssl3:arm64)

@@ -3,15 +3,16 @@
 //! The `neon-dotprod` tier uses these same float kernels: dotprod only changes int8 kernels.
 //!
 //! Invariants:
-//! - Every kernel works on 8-wide "vectors" held as two `float32x4_t` (lo, hi) with 4
-//!   independent accumulators, and reduces them in the same order as `x86_avx2`
-//!   (`(acc0+acc1)+(acc2+acc3)`, then `lo+hi`, then `(s0+s2)+(s1+s3)`), with the same 32/8/scalar
-//!   tail split. With fused multiply-add on both sides this makes the NEON tier bit-identical to
-//!   the AVX2 tier, so an aarch64 board and an x86_64 machine forced to `SPARSELM_KERNEL=avx2`
-//!   produce the same logits (used by `.ci/arm64.sh` for the greedy-equality check).
+//! - Every kernel mirrors its `x86_avx2` twin operation for operation: 8-wide "vectors" held as
+//!   two `float32x4_t` (lo, hi); dot products with 4 independent accumulators reduced as
+//!   `(acc0+acc1)+(acc2+acc3)`, then `lo+hi`, then `(s0+s2)+(s1+s3)`, with the same 32/8/scalar
+//!   tail split; AXPYs, `axpy4` and `rank4x64` with the same per-element FMA sequence and the
+//!   same scalar tails; `tile4x4` as two 2x4 tiles. With fused multiply-add on both sides the
+//!   NEON tier is bit-identical to the AVX2 tier, so an aarch64 board and an x86_64 machine
+//!   forced to `SPARSELM_KERNEL=avx2` produce the same logits (checked by `.ci/arm64.sh`).
 //! - Only stable, base ARMv8.0 instructions: f16 widening uses `fcvtl`/`fcvtl2` through `asm!`
 //!   (base AdvSIMD; it does not need FEAT_FP16), because `vcvt_f32_f16`/`float16x4_t` were
-//!   only stabilised in recent compilers (they compile on Debian's 1.96, not on our MSRV 1.89).
+//!   stabilised only recently (they compile on Debian's 1.96; our MSRV is 1.89).
 //!   bf16 widening is a 16-bit left shift (`vshll_n_u16::<16>`).
 
 use std::arch::aarch64::*;
