@@ -16,7 +16,13 @@ fn main() {
         let w: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5)
             .collect();
-        for dt in [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0] {
+        for dt in [
+            DType::F32,
+            DType::F16,
+            DType::BF16,
+            DType::Q8_0,
+            DType::Q4_0,
+        ] {
             let m = Matrix::from_f32(rows, cols, &w, dt);
             let x = vec![0.5f32; cols];
             let mut y = vec![0f32; rows];
