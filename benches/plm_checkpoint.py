@@ -11,7 +11,6 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -77,7 +76,7 @@ def _encode(x: np.ndarray, dtype: str) -> bytes:
     return x.astype(np.float32).tobytes()
 
 
-def ensure_checkpoint(root: Optional[str] = None, dtype: str = "BF16", seed: int = 0) -> Path:
+def ensure_checkpoint(root: str | None = None, dtype: str = "BF16", seed: int = 0) -> Path:
     """Return the directory of the cached PLM-1.8B-shaped checkpoint, writing it if absent."""
     base = Path(root or os.environ.get("SPARSELM_BENCH_DIR", Path.home() / ".cache/sparselm/bench"))
     out = base / f"plm-1.8b-random-{dtype.lower()}"

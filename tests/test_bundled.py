@@ -13,7 +13,6 @@ import math
 
 import numpy as np
 import pytest
-
 import sparselm
 
 MODEL = sparselm.bundled_model_path()

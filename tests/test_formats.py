@@ -13,10 +13,10 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-
 import sparselm
 from sparselm.testing import make_tiny_checkpoint
 
@@ -145,7 +145,8 @@ print(json.dumps({"tier": sparselm.kernel_tier(),
 def _tiers() -> list[str]:
     from sparselm import _native  # noqa: F401
 
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    cpuinfo = "/proc/cpuinfo"
+    flags = Path(cpuinfo).read_text() if os.path.exists(cpuinfo) else ""
     tiers = ["scalar"]
     if " avx2 " in flags and " fma " in flags and " f16c " in flags:
         tiers.append("avx2")

@@ -81,7 +81,7 @@ def main() -> None:
     r = evaluate(str(model), text, a.dtypes.split(","), a.window, a.max_tokens)
     print(f"{r['model']}: {r['tokens']} scored tokens, window {r['window']}, tier {r['tier']}")
     for dt, v in r["results"].items():
-        agree = [x for k, x in v.items() if k.startswith("top1")][0]
+        agree = next(x for k, x in v.items() if k.startswith("top1"))
         print(f"  {dt:>5}: perplexity {v['perplexity']:.3f} | top-1 agreement {100 * agree:.2f}% | "
               f"sparsity mean {100 * v['mean_sparsity']:.1f}% per layer "
               + " ".join(f"{100 * s:.1f}" for s in v["layer_sparsity"]))

@@ -9,16 +9,16 @@ is the single place where the Rust error kinds become Python classes.
 from __future__ import annotations
 
 __all__ = [
-    "SparselmError",
-    "ModelIOError",
-    "FormatError",
     "ConfigError",
-    "MissingTensorError",
-    "ShapeError",
-    "DtypeError",
-    "UnsupportedError",
     "ContextLengthError",
+    "DtypeError",
+    "FormatError",
     "InvalidArgumentError",
+    "MissingTensorError",
+    "ModelIOError",
+    "ShapeError",
+    "SparselmError",
+    "UnsupportedError",
 ]
 
 

@@ -1,6 +1,6 @@
 """Type stubs of the native extension (rust/py). Private: use the public API in sparselm."""
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -14,7 +14,7 @@ class Engine:
     def __init__(self, model_dir: str, dtype: str = "auto", threads: int = 0) -> None:
         """Read model_dir/config.json and the safetensors weights (single or sharded).
 
-        dtype: 'auto' (keep the file's dtype), 'f32', 'f16', 'bf16'.
+        dtype: 'auto' (keep the file's dtype), 'f32', 'f16', 'bf16', 'q8_0', 'q4_0'.
         threads: 0 means the number of cores.
         """
     @property
@@ -28,6 +28,9 @@ class Engine:
     def vocab_size(self) -> int: ...
     @property
     def max_position_embeddings(self) -> int: ...
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weight matrices held in memory (norms excluded)."""
     def logits(self, ids: Sequence[int]) -> npt.NDArray[np.float32]:
         """Full-prompt forward on a fresh cache: float32 array [len(ids), vocab_size]."""
     def new_session(self, max_seq: int = 0) -> Session:
@@ -43,7 +46,7 @@ class Session:
     @property
     def tokens(self) -> list[int]: ...
     @property
-    def finish_reason(self) -> Optional[str]:
+    def finish_reason(self) -> str | None:
         """After generation ends: 'stop' (a stop id was sampled), 'length' (max_new_tokens),
         'context' (the cache is full). None while running or before any generation."""
     def reset(self) -> None: ...
@@ -65,15 +68,17 @@ class Session:
         top_p: float = 1.0,
         min_p: float = 0.0,
         repetition_penalty: float = 1.0,
-        seed: Optional[int] = None,
+        seed: int | None = None,
         stop_ids: Sequence[int] = (),
     ) -> None:
         """Begin generating after prompt_ids. The longest common prefix of prompt_ids and the
         cached tokens is reused; the rest of the prompt is fed (dense attention).
         Raises ContextLengthError if the prompt does not fit in max_seq."""
-    def next_token(self) -> Optional[int]:
+    def next_token(self) -> int | None:
         """Sample and return the next token id, or None when generation has finished
         (see finish_reason). A sampled stop id ends generation and is not returned."""
     def stats(self) -> dict[str, float]:
         """Timing and sparsity counters of the last generation: prompt_tokens, prompt_seconds,
-        decode_tokens, decode_seconds, mlp_sparsity (mean fraction of zero ReLU² neurons)."""
+        decode_tokens, decode_seconds, and once a token was processed: mlp_sparsity (mean
+        fraction of zero ReLU² neurons), layer_sparsity (list), down_bytes_skipped_per_token,
+        weight_bytes_per_token_dense."""

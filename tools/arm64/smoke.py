@@ -15,7 +15,6 @@ import platform
 import sys
 
 import numpy as np
-
 import sparselm
 
 model_dir = None if sys.argv[1] == "bundled" else sys.argv[1]
