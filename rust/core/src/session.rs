@@ -214,7 +214,6 @@ impl Session {
                 false,
             )?;
             self.tokens.push(tok);
-            self.stats.decode_tokens += 1;
             g.logits_ready = true;
         }
         debug_assert!(g.logits_ready);
@@ -226,6 +225,8 @@ impl Session {
             return Ok(None);
         }
         g.generated += 1;
+        // Tokens handed out; `decode_seconds` is the time of every next_token call.
+        self.stats.decode_tokens += 1;
         g.pending = Some(tok);
         self.gen = Some(g);
         Ok(Some(tok))
