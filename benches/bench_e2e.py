@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -33,14 +34,14 @@ BANDWIDTH = {1: 15.0, 2: 28.5}
 
 def run_one(model_dir: str, dtype: str, threads: int, prompt: int, decode: int) -> dict:
     import sparselm
-    from plm_checkpoint import shapes
     from sparselm import _native
+    from sparselm.testing import tensor_shapes
 
     t0 = time.perf_counter()
     eng = _native.Engine(model_dir, dtype, threads)
     load_s = time.perf_counter() - t0
     cfg = json.loads(Path(model_dir, "config.json").read_text())
-    n_params = sum(int(__import__("math").prod(s)) for _, s in shapes(cfg))
+    n_params = sum(math.prod(s) for s in tensor_shapes(cfg).values())
     ids = [(i * 7919) % (cfg["vocab_size"] - 200) + 100 for i in range(prompt)]
     sess = eng.new_session(prompt + decode + 8)
     t0 = time.perf_counter()

@@ -13,53 +13,10 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from sparselm.testing import PLM_1_8B_CONFIG, tensor_shapes
 
-PLM_1_8B = {
-    "architectures": ["PLMForCausalLM"],
-    "model_type": "plm",
-    "vocab_size": 151936,
-    "hidden_size": 2048,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 16,
-    "intermediate_size": 8192,
-    "hidden_act": "relu2",
-    "kv_lora_rank": 512,
-    "q_lora_rank": None,
-    "qk_nope_head_dim": 128,
-    "qk_rope_head_dim": 64,
-    "v_head_dim": 128,
-    "rope_theta": 100000.0,
-    "rope_scaling": None,
-    "max_position_embeddings": 4096,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True,
-    "attention_bias": False,
-    "torch_dtype": "bfloat16",
-    "bos_token_id": 151643,
-    "eos_token_id": 151645,
-}
-
-
-def shapes(c: dict) -> list[tuple[str, tuple[int, ...]]]:
-    d, h = c["hidden_size"], c["num_attention_heads"]
-    qk = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
-    out = [("model.embed_tokens.weight", (c["vocab_size"], d))]
-    for i in range(c["num_hidden_layers"]):
-        p = f"model.layers.{i}"
-        out += [
-            (f"{p}.input_layernorm.weight", (d,)),
-            (f"{p}.self_attn.q_proj.weight", (h * qk, d)),
-            (f"{p}.self_attn.kv_a_proj_with_mqa.weight", (c["kv_lora_rank"] + c["qk_rope_head_dim"], d)),
-            (f"{p}.self_attn.kv_a_layernorm.weight", (c["kv_lora_rank"],)),
-            (f"{p}.self_attn.kv_b_proj.weight", (h * (c["qk_nope_head_dim"] + c["v_head_dim"]), c["kv_lora_rank"])),
-            (f"{p}.self_attn.o_proj.weight", (d, h * c["v_head_dim"])),
-            (f"{p}.post_attention_layernorm.weight", (d,)),
-            (f"{p}.mlp.up_proj.weight", (c["intermediate_size"], d)),
-            (f"{p}.mlp.down_proj.weight", (d, c["intermediate_size"])),
-        ]
-    out.append(("model.norm.weight", (d,)))
-    return out
+#: PLM-1.8B's config.json plus the special-token ids of its tokenizer.
+PLM_1_8B = dict(PLM_1_8B_CONFIG, bos_token_id=151643, eos_token_id=151645)
 
 
 def _bf16_bytes(x: np.ndarray) -> bytes:
@@ -86,7 +43,7 @@ def ensure_checkpoint(root: str | None = None, dtype: str = "BF16", seed: int = 
     size = {"BF16": 2, "F16": 2, "F32": 4}[dtype]
     header: dict = {"__metadata__": {"format": "pt"}}
     off = 0
-    table = shapes(PLM_1_8B)
+    table = list(tensor_shapes(PLM_1_8B).items())
     for name, shp in table:
         n = int(np.prod(shp)) * size
         header[name] = {"dtype": dtype, "shape": list(shp), "data_offsets": [off, off + n]}

@@ -47,6 +47,7 @@ from sparselm.generation import (
     StopStringFilter,
     eos_ids_from_hf_dict,
 )
+from sparselm.testing import PLM_1_8B_CONFIG
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
@@ -67,29 +68,7 @@ CORPUS = [
 #: Text with multi-byte characters that the tiny BPE splits across byte tokens.
 UNICODE_TEXT = "naïve café 🙂 — 日本語 ok"
 
-PLM_1_8B = {
-    "architectures": ["PLMForCausalLM"],
-    "model_type": "plm",
-    "vocab_size": 151936,
-    "hidden_size": 2048,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 16,
-    "intermediate_size": 8192,
-    "hidden_act": "relu2",
-    "kv_lora_rank": 512,
-    "q_lora_rank": None,
-    "qk_nope_head_dim": 128,
-    "qk_rope_head_dim": 64,
-    "v_head_dim": 128,
-    "rope_theta": 100000.0,
-    "rope_scaling": None,
-    "max_position_embeddings": 4096,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True,
-    "attention_bias": False,
-    "torch_dtype": "bfloat16",
-}
+PLM_1_8B = PLM_1_8B_CONFIG
 
 
 # ----------------------------------------------------------------------------------------------

@@ -284,6 +284,32 @@ _DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
+#: config.json of PLM-1.8B (docs/plm-architecture.md §1), for shape-exact tests and benchmarks.
+PLM_1_8B_CONFIG: dict[str, Any] = {
+    "architectures": ["PLMForCausalLM"],
+    "model_type": "plm",
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "intermediate_size": 8192,
+    "hidden_act": "relu2",
+    "kv_lora_rank": 512,
+    "q_lora_rank": None,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "rope_theta": 100000.0,
+    "rope_scaling": None,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "torch_dtype": "bfloat16",
+}
+
+
 def random_plm_config(**overrides: Any) -> dict[str, Any]:
     """A PLM config.json dict in the Hugging Face format with small default dimensions.
 
