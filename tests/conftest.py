@@ -165,6 +165,14 @@ def build_checkpoint(root: str, name: str, **extra: Any) -> Checkpoint:
     return Checkpoint(name=name, path=path, config=config, weights=weights, seed=seed)
 
 
+@pytest.fixture
+def exact_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompt products in float32 (``SPARSELM_EXACT_GEMM=1``, read when a model loads): for
+    tests that compare f16/bf16/quantized engines against float arithmetic on rounded weights.
+    The default bf16 prompt GEMM has its own tests and budgets (tests/test_formats.py)."""
+    monkeypatch.setenv("SPARSELM_EXACT_GEMM", "1")
+
+
 @pytest.fixture(scope="session")
 def ckpt_root(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(tmp_path_factory.mktemp("plm-ckpts"))

@@ -282,6 +282,10 @@ class FakeEngine:
         return json.dumps(self._config)
 
     @property
+    def prompt_gemm(self) -> str:
+        return "f32"
+
+    @property
     def dtype(self) -> str:
         return self._dtype
 

@@ -5,6 +5,8 @@
   wide enough (hidden 256) that the block quantizers see realistic rows.
 * Every kernel tier this CPU supports, forced through SPARSELM_KERNEL in a child process (the tier
   is chosen once per process), gives the same logits as the fastest tier.
+* The bf16 prompt GEMM (AVX512_BF16 CPUs; ``Model.prompt_gemm == "bf16"``) against the float32
+  prompt path (``SPARSELM_EXACT_GEMM=1``) on the same weights, with its own budget.
 """
 
 from __future__ import annotations
@@ -51,13 +53,14 @@ def _q4_0_roundtrip(w: np.ndarray) -> np.ndarray:
     return ((q - 8) * d16).reshape(w.shape)
 
 
+@pytest.mark.usefixtures("exact_gemm")
 @pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
 def test_quantized_engine_matches_reference_on_rounded_weights(
     dtype: str, wide_model: str, prompt: list[int]
 ) -> None:
     """The quantized engine equals the NumPy float64 reference run on the same block-rounded
-    weights. The prompt forward widens quantized rows to f32 (no activation quantization), so
-    the only difference left is f32 vs f64 arithmetic."""
+    weights. The f32 prompt forward widens quantized rows to f32 (no activation quantization),
+    so the only difference left is f32 vs f64 arithmetic."""
     from sparselm.reference import load_weights, reference_logits
 
     cfg, w = load_weights(wide_model)
@@ -98,9 +101,11 @@ def f32_logits(wide_model: str, prompt: list[int]) -> np.ndarray:
     return sparselm.load(wide_model, dtype="f32").logits(prompt)
 
 
+@pytest.mark.usefixtures("exact_gemm")
 @pytest.mark.parametrize("dtype", sorted(BUDGET))
 def test_dtype_against_f32(dtype: str, wide_model: str, prompt: list[int], f32_logits: np.ndarray) -> None:
     m = sparselm.load(wide_model, dtype=dtype)
+    assert m.prompt_gemm == "f32"
     assert m.dtype == dtype
     got = m.logits(prompt)
     err = float(np.abs(got - f32_logits).max() / np.abs(f32_logits).max())
@@ -111,6 +116,7 @@ def test_dtype_against_f32(dtype: str, wide_model: str, prompt: list[int], f32_l
     assert agree >= min_agree, f"{dtype}: top-1 agreement {agree:.3f} < {min_agree}"
 
 
+@pytest.mark.usefixtures("exact_gemm")
 @pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "bf16"])
 def test_cached_decode_matches_full_forward(dtype: str, wide_model: str, prompt: list[int]) -> None:
     """Absorbed decode over the latent cache equals the full-prompt forward at every step."""
@@ -159,7 +165,9 @@ def _tiers() -> list[str]:
 def test_every_tier_via_env_override(dtype: str, wide_model: str, prompt: list[int]) -> None:
     out = {}
     for tier in _tiers():
-        env = dict(os.environ, SPARSELM_KERNEL=tier)
+        # f32 prompt products on every tier: the bf16 GEMM exists only on avx512 + BF16 CPUs
+        # and has its own test below.
+        env = dict(os.environ, SPARSELM_KERNEL=tier, SPARSELM_EXACT_GEMM="1")
         r = subprocess.run(
             [sys.executable, "-c", _CHILD, wide_model, dtype, ",".join(map(str, prompt[:16]))],
             env=env, capture_output=True, text=True, check=True,
@@ -171,3 +179,56 @@ def test_every_tier_via_env_override(dtype: str, wide_model: str, prompt: list[i
     for tier, got in out.items():
         err = float(np.abs(got - base).max() / np.abs(base).max())
         assert err <= 1e-4, f"{dtype}: tier {tier} differs from scalar by {err:.2e}"
+
+
+#: format -> (max relative logit error, min top-1 agreement) of the bf16 prompt GEMM vs the
+#: f32 prompt path on the same stored weights. bf16 keeps 8 significant bits: one rounding of
+#: each weight and activation per product, sums in f32.
+FAST_BUDGET = {"f16": (2e-2, 0.90), "bf16": (2e-2, 0.90), "q8_0": (2e-2, 0.90), "q4_0": (2e-2, 0.90)}
+
+
+def _fast_gemm_or_skip(m: sparselm.Model) -> None:
+    if m.prompt_gemm != "bf16":
+        pytest.skip("this CPU has no AVX512_BF16: the bf16 prompt GEMM is not used here")
+
+
+@pytest.mark.parametrize("dtype", sorted(FAST_BUDGET))
+def test_bf16_prompt_gemm_against_f32_prompt_path(
+    dtype: str, wide_model: str, prompt: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fast = sparselm.load(wide_model, dtype=dtype)
+    _fast_gemm_or_skip(fast)
+    monkeypatch.setenv("SPARSELM_EXACT_GEMM", "1")
+    exact = sparselm.load(wide_model, dtype=dtype)
+    assert exact.prompt_gemm == "f32"
+    got, want = fast.logits(prompt), exact.logits(prompt)
+    err = float(np.abs(got - want).max() / np.abs(want).max())
+    agree = float((got.argmax(-1) == want.argmax(-1)).mean())
+    print(f"[formats] bf16 prompt GEMM, {dtype}: rel err {err:.2e}, top-1 agreement {agree:.3f}")
+    max_err, min_agree = FAST_BUDGET[dtype]
+    assert 0 < err <= max_err, f"{dtype}: {err:.3e}"
+    assert agree >= min_agree, f"{dtype}: top-1 agreement {agree:.3f}"
+
+
+def test_bf16_prompt_gemm_never_applies_to_f32(wide_model: str, prompt: list[int], f32_logits: np.ndarray) -> None:
+    m = sparselm.load(wide_model, dtype="f32")
+    assert m.prompt_gemm == "f32"
+    assert np.array_equal(m.logits(prompt), f32_logits)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "q8_0"])
+def test_bf16_prompt_then_decode_tracks_full_forward(dtype: str, wide_model: str, prompt: list[int]) -> None:
+    """A cache filled by the bf16 prompt GEMM feeds absorbed decode steps that stay close to the
+    full forward of the same model, and greedy continuations agree."""
+    m = sparselm.load(wide_model, dtype=dtype)
+    _fast_gemm_or_skip(m)
+    full = m.logits(prompt)
+    s = m.session()
+    s.feed(prompt[:8])
+    scale = float(np.abs(full).max())
+    errs = []
+    for i in range(8, len(prompt)):
+        step = s.feed([prompt[i]])
+        errs.append(float(np.abs(step - full[i]).max()) / scale)
+    print(f"[formats] bf16 prompt + decode, {dtype}: max rel err {max(errs):.2e}")
+    assert max(errs) <= 4e-2, (dtype, max(errs))

@@ -204,6 +204,7 @@ def test_greedy_generation_by_hf_recomputation(
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("exact_gemm")
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 def test_half_precision_files(ckpt: Checkpoint, ckpt_root: str, sl, dtype: str, error_log) -> None:
     path = ckpt.variant(ckpt_root, dtype, dtype=dtype)
@@ -220,6 +221,7 @@ def test_half_precision_files(ckpt: Checkpoint, ckpt_root: str, sl, dtype: str, 
         assert rel_err(want, ckpt.ref_logits(ids)) > 10 * TOL
 
 
+@pytest.mark.usefixtures("exact_gemm")
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 def test_conversion_on_load_rounds_to_nearest_even(
     ckpt: Checkpoint, sl, dtype: str, error_log
@@ -252,6 +254,7 @@ def test_sharded_checkpoint_is_identical(
     assert rel_err(sharded, single) <= 1e-6
 
 
+@pytest.mark.usefixtures("exact_gemm")
 def test_sharded_bf16_checkpoint(small_ckpt: Checkpoint, ckpt_root: str, sl) -> None:
     path = small_ckpt.variant(ckpt_root, "bf16-shards2", dtype="bf16", shards=2)
     rounded = {k: testing.round_to_dtype(v, "bf16") for k, v in small_ckpt.weights.items()}

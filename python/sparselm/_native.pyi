@@ -29,6 +29,9 @@ class Engine:
     @property
     def max_position_embeddings(self) -> int: ...
     @property
+    def prompt_gemm(self) -> str:
+        """Arithmetic of multi-token (prompt) products: "bf16" or "f32"."""
+    @property
     def weight_bytes(self) -> int:
         """Bytes of weight matrices held in memory (norms excluded)."""
     def logits(self, ids: Sequence[int]) -> npt.NDArray[np.float32]:

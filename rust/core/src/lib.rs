@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod error;
+pub mod gemm;
 pub mod kernels;
 pub mod kv_cache;
 pub mod loader;

@@ -12,12 +12,13 @@ use rayon::prelude::*;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::gemm;
 use crate::kernels::kernels;
 use crate::kv_cache::LatentCache;
 use crate::loader::load_weights;
 use crate::ops::{relu2_collect, rmsnorm, rope_adjacent, rope_tables, softmax};
 use crate::state::State;
-use crate::tensor::DType;
+use crate::tensor::{DType, Matrix};
 use crate::weights::{LayerWeights, Weights};
 
 /// Which attention formulation a forward call uses.
@@ -55,6 +56,9 @@ pub struct Model {
     /// Skip the zero ReLU² neurons in the down projection (exact). Off only for benchmarks
     /// (`SPARSELM_DENSE_MLP=1`), to measure what sparsity buys.
     pub sparse_mlp: bool,
+    /// Prompt GEMMs (T > 1) in bf16 × bf16 → f32 (`crate::gemm`): on when the CPU has
+    /// AVX512_BF16 and the weights are not f32. `SPARSELM_EXACT_GEMM=1` keeps the f32 path.
+    pub fast_gemm: bool,
 }
 
 impl std::fmt::Debug for Model {
@@ -120,6 +124,8 @@ impl Model {
         );
         let sparse_mlp =
             std::env::var("SPARSELM_DENSE_MLP").map_or(true, |v| v.is_empty() || v == "0");
+        let exact = std::env::var("SPARSELM_EXACT_GEMM").is_ok_and(|v| !v.is_empty() && v != "0");
+        let fast_gemm = gemm::available() && dtype != DType::F32 && !exact;
         Model {
             config,
             weights,
@@ -128,6 +134,16 @@ impl Model {
             rope_sin,
             pool,
             sparse_mlp,
+            fast_gemm,
+        }
+    }
+
+    /// `Y = X Wᵀ` for `t` tokens: the bf16 GEMM for prompts when enabled, else `Matrix::matmul`.
+    fn matmul(&self, w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
+        if self.fast_gemm && t > 1 {
+            gemm::matmul_nk(w, x, t, y);
+        } else {
+            w.matmul(x, t, y);
         }
     }
 
@@ -229,7 +245,7 @@ impl Model {
             let out = self.weights.output();
             if all_logits {
                 norm_rows(&st.h[..t * d], &self.weights.norm, eps, &mut st.a[..t * d]);
-                out.matmul(&st.a[..t * d], t, &mut st.logits[..t * v]);
+                self.matmul(out, &st.a[..t * d], t, &mut st.logits[..t * v]);
             } else {
                 let last = &st.h[(t - 1) * d..t * d];
                 rmsnorm(last, &self.weights.norm, eps, &mut st.a[..d]);
@@ -257,10 +273,9 @@ impl Model {
         let half = dr / 2;
         let eps = c.rms_norm_eps as f32;
         // q = W_q a                       [T, H·(dn+dr)]
-        lw.q_proj.matmul(&st.a[..t * d], t, &mut st.q[..t * qd]);
+        self.matmul(&lw.q_proj, &st.a[..t * d], t, &mut st.q[..t * qd]);
         // [c ; k_rope] = W_kva a          [T, r+dr]
-        lw.kv_a
-            .matmul(&st.a[..t * d], t, &mut st.kva[..t * (r + dr)]);
+        self.matmul(&lw.kv_a, &st.a[..t * d], t, &mut st.kva[..t * (r + dr)]);
         for i in 0..t {
             let p = pos0 + i;
             let (cos, sin) = (
@@ -286,8 +301,7 @@ impl Model {
             self.attend_absorbed(lw, l, t, pos0, cache, st, scale);
         }
         // out = W_o [o_1; …; o_H]         [T, d]
-        lw.o_proj
-            .matmul(&st.o[..t * nh * dv], t, &mut st.proj[..t * d]);
+        self.matmul(&lw.o_proj, &st.o[..t * nh * dv], t, &mut st.proj[..t * d]);
     }
 
     /// Dense attention: k_nope, v = W_kvb c for every cached position, then per-head softmax.
@@ -312,7 +326,7 @@ impl Model {
         }
         // per head k_nope(u), v(u)          [n, H·(dn+dv)]
         let mut kv = vec![0f32; n * kvd];
-        lw.kv_b.matmul(&lat, n, &mut kv);
+        self.matmul(&lw.kv_b, &lat, n, &mut kv);
         let k = kernels();
         let q = &st.q;
         st.o[..t * nh * dv]
@@ -396,7 +410,7 @@ impl Model {
         let c = &self.config;
         let (d, ni) = (c.hidden_size, c.intermediate_size);
         // u = W_up b                        [T, I]
-        lw.up.matmul(&st.a[..t * d], t, &mut st.up[..t * ni]);
+        self.matmul(&lw.up, &st.a[..t * d], t, &mut st.up[..t * ni]);
         let cw = column_chunk(d);
         if t == 1 {
             // act = relu(u)², active = {j : act_j ≠ 0}
@@ -442,6 +456,17 @@ impl Model {
             relu2_collect(&mut st.up[i * ni..(i + 1) * ni], &mut st.active);
             st.zeros[l] += (ni - st.active.len()) as u64;
             st.neurons[l] += ni as u64;
+        }
+        if self.fast_gemm {
+            // y = act · W_downᵀ, skipping neuron pairs that are zero in a whole 6-token tile
+            gemm::matmul_kn(
+                &lw.down_t,
+                &st.up[..t * ni],
+                t,
+                self.sparse_mlp,
+                &mut st.proj[..t * d],
+            );
+            return;
         }
         let groups = t.div_ceil(4);
         let mut act = vec![0f32; groups * 4 * ni]; // [groups·4, I], zero rows pad the last group

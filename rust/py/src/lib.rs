@@ -78,6 +78,16 @@ impl Engine {
     }
 
     /// Bytes of weight matrices held in memory.
+    /// Arithmetic of multi-token (prompt) products: "bf16" (AVX512_BF16 GEMM) or "f32".
+    #[getter]
+    fn prompt_gemm(&self) -> &'static str {
+        if self.model.fast_gemm {
+            "bf16"
+        } else {
+            "f32"
+        }
+    }
+
     #[getter]
     fn weight_bytes(&self) -> usize {
         self.model.weights.nbytes()

@@ -36,6 +36,8 @@ pub mod scalar;
 pub mod x86_avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_avx512;
+#[cfg(target_arch = "x86_64")]
+pub mod x86_bf16;
 
 /// A SIMD instruction-set tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,430 @@
+//! Prompt GEMMs (several tokens at once) in bf16 × bf16 → f32, on x86-64 CPUs with
+//! AVX512_BF16 (`vdpbf16ps` does twice the multiply-adds of f32 FMA per instruction).
+//!
+//! Owns: the two prompt-time products of the model,
+//! - [`matmul_nk`]: `Y[T, N] = X[T, K] · Wᵀ` for weights stored `[N, K]` (every projection);
+//! - [`matmul_kn`]: `Y[T, N] = A[T, K] · W` for the transposed down projection `[K, N]`,
+//!   visiting per tile of 6 tokens only the neuron pairs that are non-zero in one of them.
+//!
+//! Numerics: weights and activations are rounded to bf16 (nearest even), products are exact
+//! and sums are f32. Weights stored as f16/f32/Q8_0/Q4_0 are widened and rounded per panel,
+//! once per call, so every weight byte is read once per prompt. The decode path (one token)
+//! never comes here. Callers decide whether this precision is acceptable (see
+//! `Model::fast_gemm`); everything here is exact up to those roundings.
+//!
+//! Must not: know about layers or heads; be called when [`available`] is false.
+
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use crate::kernels::{kernels, Tier};
+use crate::quant::quant_kernels;
+use crate::tensor::{Matrix, Storage, QBLOCK};
+
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::x86_bf16 as k;
+
+/// Neuron pairs per packed panel of [`matmul_kn`] (1024 pairs × 64 columns × 4 B = 256 KiB,
+/// half of a Zen 4 L2).
+const KC_PAIRS: usize = 1024;
+
+thread_local! {
+    /// Per-thread packed weight panel (bf16 bits), reused across calls.
+    static PANEL: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread f32 row scratch for dequantizing.
+    static ROWF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// bf16 prompt GEMMs can run here: the dispatched tier is avx512 and the CPU has AVX512_BF16.
+pub fn available() -> bool {
+    static A: OnceLock<bool> = OnceLock::new();
+    *A.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            kernels().tier == Tier::Avx512 && k::supported()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (kernels(), Tier::Scalar);
+            false
+        }
+    })
+}
+
+/// A raw output pointer shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every task writes a disjoint set of elements (distinct output columns).
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Row `r`, columns `c0..c0 + n` of `w`, as bf16 bits into `out[..n]`. Quantized matrices
+/// need `c0` and `n` to be multiples of 32.
+#[cfg(target_arch = "x86_64")]
+fn row_seg_bf16(w: &Matrix, r: usize, c0: usize, n: usize, out: &mut [u16]) {
+    let s = r * w.cols + c0;
+    match &w.data {
+        Storage::F32(v) => k::f32_to_bf16(&v[s..s + n], out),
+        Storage::F16(v) => k::f16_to_bf16(&v[s..s + n], out),
+        Storage::BF16(v) => {
+            for (o, x) in out[..n].iter_mut().zip(&v[s..s + n]) {
+                *o = x.to_bits();
+            }
+        }
+        Storage::Q8_0(_) | Storage::Q4_0(_) => ROWF.with(|t| {
+            let mut t = t.borrow_mut();
+            t.clear();
+            t.resize(n, 0.0);
+            let q = quant_kernels();
+            let (b0, nb) = (s / QBLOCK, n / QBLOCK);
+            // 0 + (1·d)·q is exactly d·q.
+            match &w.data {
+                Storage::Q8_0(b) => (q.axpy_q8_0)(1.0, &b[b0..b0 + nb], &mut t),
+                Storage::Q4_0(b) => (q.axpy_q4_0)(1.0, &b[b0..b0 + nb], &mut t),
+                _ => unreachable!(),
+            }
+            k::f32_to_bf16(&t, out);
+        }),
+    }
+}
+
+/// `Y[T, N] = X[T, K] · Wᵀ` (`w: [N, K]`, `x: [t, K]`, `y: [t, N]`), rows split across the
+/// current rayon pool.
+pub fn matmul_nk(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(available(), "bf16 GEMM unavailable");
+        let (n, kk) = (w.rows, w.cols);
+        assert!(x.len() >= t * kk && y.len() >= t * n, "matmul_nk shapes");
+        let mr = k::MR;
+        let tp = t.div_ceil(mr) * mr;
+        // activations [tp, K] in bf16, zero rows pad the last tile
+        let mut xb = vec![0u16; tp * kk];
+        for i in 0..t {
+            k::f32_to_bf16(&x[i * kk..(i + 1) * kk], &mut xb[i * kk..(i + 1) * kk]);
+        }
+        let threads = rayon::current_num_threads().max(1);
+        // Rows per task: a multiple of 4, at most 64 (a 64 × 2048 bf16 panel is 256 KiB).
+        let chunk = (n.div_ceil(threads * 4).div_ceil(4) * 4).clamp(4, 64);
+        let out = OutPtr(y.as_mut_ptr());
+        let ylen = y.len();
+        (0..n.div_ceil(chunk)).into_par_iter().for_each(|ci| {
+            let (r0, r1) = (ci * chunk, ((ci + 1) * chunk).min(n));
+            let nr = r1 - r0;
+            let nrp = nr.div_ceil(4) * 4;
+            PANEL.with(|pan| {
+                let mut pan = pan.borrow_mut();
+                // bf16 weights with whole groups of 4 are used in place.
+                let direct: Option<&[u16]> = match &w.data {
+                    Storage::BF16(v) if nr == nrp => {
+                        let s = &v[r0 * kk..r1 * kk];
+                        // SAFETY: half::bf16 is #[repr(transparent)] over u16.
+                        Some(unsafe {
+                            std::slice::from_raw_parts(s.as_ptr() as *const u16, s.len())
+                        })
+                    }
+                    _ => None,
+                };
+                let panel: &[u16] = match direct {
+                    Some(p) => p,
+                    None => {
+                        pan.clear();
+                        pan.resize(nrp * kk, 0);
+                        for q in 0..nr {
+                            row_seg_bf16(w, r0 + q, 0, kk, &mut pan[q * kk..(q + 1) * kk]);
+                        }
+                        &pan[..]
+                    }
+                };
+                let mut tile = [[0f32; 4]; k::MR];
+                for ti in (0..tp).step_by(mr) {
+                    let m = mr.min(t - ti);
+                    for g in (0..nr).step_by(4) {
+                        k::tile_nk(&xb[ti * kk..], kk, &panel[g * kk..], kk, kk, &mut tile);
+                        for (i, row) in tile.iter().enumerate().take(m) {
+                            for (j, &v) in row.iter().enumerate().take((nr - g).min(4)) {
+                                let idx = (ti + i) * n + r0 + g + j;
+                                debug_assert!(idx < ylen);
+                                // SAFETY: idx < t·n <= y.len(); column r0+g+j belongs to this
+                                // task alone.
+                                unsafe { *out.get().add(idx) = v };
+                            }
+                        }
+                    }
+                }
+            });
+        });
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (w, x, t, y);
+        unreachable!("bf16 GEMM is x86-64 only; check available()");
+    }
+}
+
+/// `Y[T, N] = A[T, K] · W` (`w: [K, N]`, `a: [t, K]`, `y: [t, N]`). With `sparse`, each tile
+/// of 6 tokens visits only the k-pairs (2p, 2p+1) where one of its tokens is non-zero: exact,
+/// since the skipped products are zero. Column panels of 64 are split across the pool.
+pub fn matmul_kn(w: &Matrix, a: &[f32], t: usize, sparse: bool, y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(available(), "bf16 GEMM unavailable");
+        let (kk, n) = (w.rows, w.cols);
+        assert!(a.len() >= t * kk && y.len() >= t * n, "matmul_kn shapes");
+        let mr = k::MR;
+        let tp = t.div_ceil(mr) * mr;
+        let kp = kk.div_ceil(2);
+        // activations as bf16 pairs [tp, kp] (zero padded)
+        let mut ab = vec![0u32; tp * kp];
+        {
+            let mut row = vec![0u16; 2 * kp];
+            for i in 0..t {
+                k::f32_to_bf16(&a[i * kk..(i + 1) * kk], &mut row);
+                for (p, o) in ab[i * kp..(i + 1) * kp].iter_mut().enumerate() {
+                    *o = row[2 * p] as u32 | (row[2 * p + 1] as u32) << 16;
+                }
+            }
+        }
+        // per token tile: the pairs to visit (sorted)
+        let lists: Vec<Vec<u32>> = (0..tp / mr)
+            .map(|g| {
+                let rows = &ab[g * mr * kp..(g + 1) * mr * kp];
+                (0..kp as u32)
+                    .filter(|&p| !sparse || (0..mr).any(|i| rows[i * kp + p as usize] != 0))
+                    .collect()
+            })
+            .collect();
+        let out = OutPtr(y.as_mut_ptr());
+        let nw = k::NR_KN;
+        (0..n.div_ceil(nw)).into_par_iter().for_each(|ci| {
+            let c0 = ci * nw;
+            let nc = nw.min(n - c0);
+            // columns rounded to what the row converter accepts (quantized: whole blocks)
+            let ncv = if w.dtype().is_quantized() {
+                nc.div_ceil(QBLOCK) * QBLOCK
+            } else {
+                nc
+            };
+            PANEL.with(|pan| {
+                let mut pan = pan.borrow_mut();
+                let mut lo = vec![0u16; nw];
+                let mut hi = vec![0u16; nw];
+                let mut p0 = 0;
+                while p0 < kp {
+                    let p1 = (p0 + KC_PAIRS).min(kp);
+                    pan.clear();
+                    pan.resize(2 * (p1 - p0) * nw, 0);
+                    // SAFETY: u16 → u32 view of a Vec<u16> whose length is even; alignment is
+                    // checked below (Vec<u16> from the global allocator is 4-aligned in
+                    // practice; if not, fall back to an aligned copy).
+                    let panel: &mut [u32] = {
+                        let ptr = pan.as_mut_ptr();
+                        assert!((ptr as usize).is_multiple_of(4), "panel alignment");
+                        unsafe { std::slice::from_raw_parts_mut(ptr as *mut u32, pan.len() / 2) }
+                    };
+                    for p in p0..p1 {
+                        hi.fill(0);
+                        row_seg_bf16(w, 2 * p, c0, ncv, &mut lo);
+                        if 2 * p + 1 < kk {
+                            row_seg_bf16(w, 2 * p + 1, c0, ncv, &mut hi);
+                        }
+                        lo[nc..].fill(0);
+                        hi[nc..].fill(0);
+                        k::interleave(&lo, &hi, &mut panel[(p - p0) * nw..(p - p0 + 1) * nw]);
+                    }
+                    for (g, list) in lists.iter().enumerate() {
+                        let ti = g * mr;
+                        let m = mr.min(t - ti);
+                        let s = list.partition_point(|&p| (p as usize) < p0);
+                        let e = list.partition_point(|&p| (p as usize) < p1);
+                        // SAFETY: rows ti..ti+m, columns c0..c0+nc of y; the columns belong
+                        // to this task alone and (ti+m-1)·n + c0 + nc <= t·n <= y.len().
+                        let c = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                out.get().add(ti * n + c0),
+                                (m - 1) * n + nc,
+                            )
+                        };
+                        k::tile_kn(
+                            &ab[ti * kp..],
+                            kp,
+                            m,
+                            &list[s..e],
+                            p0,
+                            panel,
+                            c,
+                            n,
+                            nc,
+                            p0 > 0,
+                        );
+                    }
+                    p0 = p1;
+                }
+            });
+        });
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (w, a, t, sparse, y);
+        unreachable!("bf16 GEMM is x86-64 only; check available()");
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+    use crate::tensor::DType;
+    use half::bf16;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(7);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn rb(x: f32) -> f64 {
+        bf16::from_f32(x).to_f32() as f64
+    }
+
+    /// Widened weights of `w` (exact).
+    fn dense(w: &Matrix) -> Vec<f32> {
+        let mut v = vec![0f32; w.rows * w.cols];
+        for r in 0..w.rows {
+            w.row_to_f32(r, &mut v[r * w.cols..(r + 1) * w.cols]);
+        }
+        v
+    }
+
+    fn check(got: &[f32], want: &[f64], scale: &[f64], what: &str) {
+        for (i, ((&g, &w), &s)) in got.iter().zip(want).zip(scale).enumerate() {
+            // products exact, f32 sums: error ≤ K·2⁻²⁴·Σ|a·b|; use a looser 1e-5 relative.
+            assert!(
+                (g as f64 - w).abs() <= 1e-5 * s + 1e-30,
+                "{what}: element {i}: got {g}, want {w} (Σ|ab| = {s})"
+            );
+        }
+    }
+
+    #[test]
+    fn matmul_nk_matches_bf16_rounded_reference() {
+        if !available() {
+            eprintln!("bf16 GEMM not available on this CPU; skipping");
+            return;
+        }
+        for &(n, kk) in &[
+            (1, 1),
+            (3, 5),
+            (4, 32),
+            (7, 33),
+            (64, 64),
+            (70, 96),
+            (130, 257),
+            (9, 2048),
+        ] {
+            for dt in [
+                DType::F32,
+                DType::F16,
+                DType::BF16,
+                DType::Q8_0,
+                DType::Q4_0,
+            ] {
+                if dt.is_quantized() && kk % 32 != 0 {
+                    continue;
+                }
+                let w = Matrix::from_f32(n, kk, &data(n * kk, (n * 31 + kk) as u32), dt);
+                let wf = dense(&w);
+                for t in [1usize, 2, 5, 6, 7, 13] {
+                    let x = data(t * kk, (t * 7 + n) as u32);
+                    let mut y = vec![f32::NAN; t * n];
+                    matmul_nk(&w, &x, t, &mut y);
+                    let mut want = vec![0f64; t * n];
+                    let mut scale = vec![0f64; t * n];
+                    for i in 0..t {
+                        for r in 0..n {
+                            for p in 0..kk {
+                                let pr = rb(x[i * kk + p]) * rb(wf[r * kk + p]);
+                                want[i * n + r] += pr;
+                                scale[i * n + r] += pr.abs();
+                            }
+                        }
+                    }
+                    check(&y, &want, &scale, &format!("nk {dt:?} n={n} k={kk} t={t}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_kn_matches_reference_dense_and_sparse() {
+        if !available() {
+            eprintln!("bf16 GEMM not available on this CPU; skipping");
+            return;
+        }
+        for &(kk, n) in &[(1, 1), (3, 16), (64, 32), (97, 64), (256, 96), (2500, 130)] {
+            for dt in [
+                DType::F32,
+                DType::F16,
+                DType::BF16,
+                DType::Q8_0,
+                DType::Q4_0,
+            ] {
+                if dt.is_quantized() && n % 32 != 0 {
+                    continue;
+                }
+                let w = Matrix::from_f32(kk, n, &data(kk * n, (kk * 3 + n) as u32), dt);
+                let wf = dense(&w);
+                for t in [1usize, 4, 6, 11] {
+                    for zero_frac in [0.0f32, 0.1, 0.5, 0.9, 1.0] {
+                        // relu²-like activations with a fraction of exact zeros
+                        let mut a = data(t * kk, (t + kk) as u32);
+                        let u = data(t * kk, 99 + t as u32);
+                        for (v, z) in a.iter_mut().zip(&u) {
+                            if (z + 1.0) / 2.0 < zero_frac {
+                                *v = 0.0;
+                            } else {
+                                *v = *v * *v;
+                            }
+                        }
+                        let mut want = vec![0f64; t * n];
+                        let mut scale = vec![0f64; t * n];
+                        for i in 0..t {
+                            for j in 0..kk {
+                                for c in 0..n {
+                                    let pr = rb(a[i * kk + j]) * rb(wf[j * n + c]);
+                                    want[i * n + c] += pr;
+                                    scale[i * n + c] += pr.abs();
+                                }
+                            }
+                        }
+                        for sparse in [false, true] {
+                            let mut y = vec![f32::NAN; t * n];
+                            matmul_kn(&w, &a, t, sparse, &mut y);
+                            check(
+                                &y,
+                                &want,
+                                &scale,
+                                &format!("kn {dt:?} k={kk} n={n} t={t} z={zero_frac} s={sparse}"),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
