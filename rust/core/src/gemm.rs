@@ -14,6 +14,9 @@
 //!
 //! Must not: know about layers or heads; be called when [`available`] is false.
 
+// Other architectures compile the drivers' shared parts but never reach them.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_imports))]
+
 use std::cell::RefCell;
 use std::sync::OnceLock;
 

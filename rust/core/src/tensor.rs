@@ -209,6 +209,15 @@ impl Matrix {
                 };
                 f(a, [row(0), row(1), row(2), row(3)], y)
             }
+            Storage::Q4_0(w) if quant_kernels().axpy4_q4_0.is_some() => {
+                let f = quant_kernels().axpy4_q4_0.expect("checked");
+                let (b0, nb) = (c0 / QBLOCK, n / QBLOCK);
+                let row = |i: usize| {
+                    let s = r[i] * self.cols / QBLOCK + b0;
+                    &w[s..s + nb]
+                };
+                f(a, [row(0), row(1), row(2), row(3)], y)
+            }
             Storage::Q8_0(_) | Storage::Q4_0(_) => {
                 for i in 0..4 {
                     self.axpy_row(r[i], c0, a[i], y);

@@ -29,7 +29,8 @@ pub(super) const NEON: QuantKernels = QuantKernels {
     axpy_q8_0,
     axpy_q4_0,
     quantize_row_q8_0,
-    axpy4_q8_0: None,
+    axpy4_q8_0: Some(axpy4_q8_0),
+    axpy4_q4_0: Some(axpy4_q4_0),
 };
 
 pub(super) const DOTPROD: QuantKernels = QuantKernels {
@@ -39,7 +40,8 @@ pub(super) const DOTPROD: QuantKernels = QuantKernels {
     axpy_q8_0,
     axpy_q4_0,
     quantize_row_q8_0,
-    axpy4_q8_0: None,
+    axpy4_q8_0: Some(axpy4_q8_0),
+    axpy4_q4_0: Some(axpy4_q4_0),
 };
 
 const G: usize = scalar::LANES;
@@ -240,6 +242,63 @@ fn axpy_q4_0_i(a: f32, w: &[BlockQ4_0], y: &mut [f32]) {
         axpy16(s, hi, &mut ys[16..32]);
     }
 }
+
+/// `acc[4k..4k+4] += s · q[4k..4k+4]` for the 16 codes of `q` (mul then add, as the spec).
+#[inline]
+#[target_feature(enable = "neon")]
+fn acc16(acc: &mut [float32x4_t], s: float32x4_t, q: int8x16_t) {
+    let (h0, h1) = (vmovl_s8(vget_low_s8(q)), vmovl_high_s8(q));
+    let v = [
+        vmovl_s16(vget_low_s16(h0)),
+        vmovl_high_s16(h0),
+        vmovl_s16(vget_low_s16(h1)),
+        vmovl_high_s16(h1),
+    ];
+    for (a, vk) in acc.iter_mut().zip(v) {
+        *a = vaddq_f32(*a, vmulq_f32(s, vcvtq_f32_s32(vk)));
+    }
+}
+
+/// Four rows in one pass over `y`: per 32-chunk, y is loaded once, the rows are added in
+/// order 0..4 exactly as four `axpy` calls would, and y is stored once.
+macro_rules! neon_axpy4 {
+    ($name:ident, $inner:ident, $blk:ty, $codes:ident) => {
+        #[target_feature(enable = "neon")]
+        fn $inner(a: &[f32; 4], w: [&[$blk]; 4], y: &mut [f32]) {
+            let nb = w
+                .iter()
+                .map(|r| r.len())
+                .min()
+                .unwrap_or(0)
+                .min(y.len() / QK8_0);
+            for (b, ys) in y.chunks_exact_mut(QK8_0).take(nb).enumerate() {
+                let p = ys.as_mut_ptr();
+                // SAFETY: ys holds 32 f32: eight 4-wide loads.
+                let mut acc: [float32x4_t; 8] =
+                    std::array::from_fn(|k| unsafe { vld1q_f32(p.add(4 * k)) });
+                for r in 0..4 {
+                    let blk = &w[r][b];
+                    let s = vdupq_n_f32(a[r] * blk.d.to_f32());
+                    let (q0, q1) = $codes(blk);
+                    acc16(&mut acc[0..4], s, q0);
+                    acc16(&mut acc[4..8], s, q1);
+                }
+                for (k, v) in acc.into_iter().enumerate() {
+                    // SAFETY: as above, eight 4-wide stores inside ys.
+                    unsafe { vst1q_f32(p.add(4 * k), v) };
+                }
+            }
+        }
+
+        fn $name(a: &[f32; 4], w: [&[$blk]; 4], y: &mut [f32]) {
+            // SAFETY: NEON/DOTPROD are handed out only after neon was detected.
+            unsafe { $inner(a, w, y) }
+        }
+    };
+}
+
+neon_axpy4!(axpy4_q8_0, axpy4_q8_0_i, BlockQ8_0, q8_codes);
+neon_axpy4!(axpy4_q4_0, axpy4_q4_0_i, BlockQ4_0, q4_codes);
 
 fn axpy_q8_0(a: f32, w: &[BlockQ8_0], y: &mut [f32]) {
     // SAFETY: NEON/DOTPROD are handed out only after neon was detected.

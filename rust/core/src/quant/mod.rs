@@ -343,6 +343,8 @@ pub struct QuantKernels {
     /// (the sparse down projection). `None`: callers do four `axpy_q8_0` calls (same math;
     /// this kernel adds the four products in the same order, so it matches to rounding).
     pub axpy4_q8_0: Option<fn(&[f32; 4], [&[BlockQ8_0]; 4], &mut [f32])>,
+    /// The Q4_0 twin of `axpy4_q8_0` (four `axpy_q4_0` calls, same order, one pass over `y`).
+    pub axpy4_q4_0: Option<fn(&[f32; 4], [&[BlockQ4_0]; 4], &mut [f32])>,
 }
 
 const SCALAR: QuantKernels = QuantKernels {
@@ -353,6 +355,7 @@ const SCALAR: QuantKernels = QuantKernels {
     axpy_q4_0: scalar::axpy_q4_0,
     quantize_row_q8_0: scalar::quantize_row_q8_0,
     axpy4_q8_0: None,
+    axpy4_q4_0: None,
 };
 
 /// The quantized kernels for `tier`, or `None` if this CPU cannot run `tier`. The AVX-512 tier

@@ -816,3 +816,38 @@ fn axpy4_q8_0_equals_four_axpys() {
         }
     }
 }
+
+#[test]
+fn axpy4_q4_0_equals_four_axpys() {
+    // Same operations in the same order as four sequential axpy_q4_0 calls: bit-identical.
+    for tier in crate::kernels::Tier::available() {
+        let Some(k) = quant_kernels_for(tier) else {
+            continue;
+        };
+        let Some(f) = k.axpy4_q4_0 else { continue };
+        for nb in [0usize, 1, 2, 7, 64] {
+            let rows: Vec<Vec<BlockQ4_0>> = (0..4)
+                .map(|r| {
+                    let x: Vec<f32> = (0..nb * 32)
+                        .map(|i| (((i * 37 + r * 11) % 97) as f32 - 48.0) / 17.0)
+                        .collect();
+                    quantize_q4_0(&x).unwrap()
+                })
+                .collect();
+            let a = [0.5f32, -1.5, 0.0, 2.25];
+            let y0: Vec<f32> = (0..nb * 32).map(|i| (i % 13) as f32 * 0.1).collect();
+            let mut want = y0.clone();
+            for r in 0..4 {
+                (k.axpy_q4_0)(a[r], &rows[r], &mut want);
+            }
+            let mut got = y0.clone();
+            f(&a, [&rows[0], &rows[1], &rows[2], &rows[3]], &mut got);
+            assert!(
+                want.iter()
+                    .zip(&got)
+                    .all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{tier:?} nb={nb}"
+            );
+        }
+    }
+}

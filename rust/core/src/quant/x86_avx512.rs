@@ -22,6 +22,7 @@ pub(super) const KERNELS: QuantKernels = QuantKernels {
     // Activation quantization is a small share of a GEMV: the AVX2 version serves this tier.
     quantize_row_q8_0: super::x86_avx2::KERNELS.quantize_row_q8_0,
     axpy4_q8_0: Some(axpy4_q8_0),
+    axpy4_q4_0: Some(axpy4_q4_0),
 };
 
 const G: usize = scalar::LANES;
@@ -172,19 +173,43 @@ fn axpy_q8_0_i(a: f32, w: &[BlockQ8_0], y: &mut [f32]) {
     }
 }
 
+/// `[(q − 8) · s for q in 0..16]`: every product a Q4_0 AXPY can need for one block, made
+/// with the scalar spec's own multiplication `s · (q − 8)`, so a table lookup is bit-identical.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn q4_table(s: __m512) -> __m512 {
+    let codes = _mm512_setr_ps(
+        -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0,
+    );
+    _mm512_mul_ps(s, codes)
+}
+
+/// The 16 code bytes of a Q4_0 block widened to i32 lanes: the low nibble is weight j, bits
+/// 4..8 weight j + 16 (`vpermps` reads only the low 4 bits of each index lane).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn q4_index(b: &BlockQ4_0) -> (__m512i, __m512i) {
+    // SAFETY: qs is exactly 16 bytes.
+    let t = unsafe { _mm_loadu_si128(b.qs.as_ptr() as *const __m128i) };
+    let lo = _mm512_cvtepu8_epi32(t);
+    (lo, _mm512_srli_epi32::<4>(lo))
+}
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn axpy_q4_0_i(a: f32, w: &[BlockQ4_0], y: &mut [f32]) {
     let va = _mm512_set1_ps(a);
-    let (m4, eight) = (_mm_set1_epi8(0x0F), _mm_set1_epi8(8));
     for (b, ys) in w.iter().zip(y.chunks_exact_mut(QK8_0)) {
         let s = _mm512_mul_ps(va, _mm512_cvtph_ps(_mm256_set1_epi16(b.d.to_bits() as i16)));
-        // SAFETY: qs is exactly 16 bytes.
-        let t = unsafe { _mm_loadu_si128(b.qs.as_ptr() as *const __m128i) };
-        let lo = _mm_sub_epi8(_mm_and_si128(t, m4), eight); // weights 0..15 as i8 in -8..7
-        let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(t), m4), eight); // 16..31
+        let tab = q4_table(s);
+        let (lo, hi) = q4_index(b);
         let (y0, y1) = ys.split_at_mut(16);
-        axpy16(s, lo, y0);
-        axpy16(s, hi, y1);
+        // SAFETY: y0 and y1 have 16 elements each (a 32-chunk split in halves).
+        unsafe {
+            let p0 = _mm512_add_ps(_mm512_loadu_ps(y0.as_ptr()), _mm512_permutexvar_ps(lo, tab));
+            let p1 = _mm512_add_ps(_mm512_loadu_ps(y1.as_ptr()), _mm512_permutexvar_ps(hi, tab));
+            _mm512_storeu_ps(y0.as_mut_ptr(), p0);
+            _mm512_storeu_ps(y1.as_mut_ptr(), p1);
+        }
     }
 }
 
@@ -250,4 +275,41 @@ fn axpy4_q8_0_i(a: &[f32; 4], w: [&[BlockQ8_0]; 4], y: &mut [f32]) {
 fn axpy4_q8_0(a: &[f32; 4], w: [&[BlockQ8_0]; 4], y: &mut [f32]) {
     // SAFETY: KERNELS is handed out only when vnni_detected() and the AVX2 tier is available.
     unsafe { axpy4_q8_0_i(a, w, y) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn axpy4_q4_0_i(a: &[f32; 4], w: [&[BlockQ4_0]; 4], y: &mut [f32]) {
+    let nb = w
+        .iter()
+        .map(|r| r.len())
+        .min()
+        .unwrap_or(0)
+        .min(y.len() / QK8_0);
+    for (b, ys) in y.chunks_exact_mut(QK8_0).take(nb).enumerate() {
+        let (y0, y1) = ys.split_at_mut(16);
+        // SAFETY: y0 and y1 have 16 elements each (a 32-chunk split in halves).
+        let (mut acc0, mut acc1) =
+            unsafe { (_mm512_loadu_ps(y0.as_ptr()), _mm512_loadu_ps(y1.as_ptr())) };
+        for r in 0..4 {
+            let blk = &w[r][b];
+            let s = _mm512_mul_ps(
+                _mm512_set1_ps(a[r]),
+                _mm512_cvtph_ps(_mm256_set1_epi16(blk.d.to_bits() as i16)),
+            );
+            let tab = q4_table(s);
+            let (lo, hi) = q4_index(blk);
+            acc0 = _mm512_add_ps(acc0, _mm512_permutexvar_ps(lo, tab));
+            acc1 = _mm512_add_ps(acc1, _mm512_permutexvar_ps(hi, tab));
+        }
+        // SAFETY: as above.
+        unsafe {
+            _mm512_storeu_ps(y0.as_mut_ptr(), acc0);
+            _mm512_storeu_ps(y1.as_mut_ptr(), acc1);
+        }
+    }
+}
+
+fn axpy4_q4_0(a: &[f32; 4], w: [&[BlockQ4_0]; 4], y: &mut [f32]) {
+    // SAFETY: KERNELS is handed out only when vnni_detected() and the AVX2 tier is available.
+    unsafe { axpy4_q4_0_i(a, w, y) }
 }
