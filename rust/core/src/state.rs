@@ -14,6 +14,7 @@ pub struct State {
     pub proj: Vec<f32>,          // [t, d]           o_proj / down_proj output
     pub up: Vec<f32>,            // [t, I]           up_proj, then relu² in place
     pub active: Vec<(u32, f32)>, // [≤ I]            (neuron, activation) of non-zero neurons
+    pub parts: Vec<f32>,         // [threads, d]     per-thread partial sums of the down projection
     pub q_lat: Vec<f32>,         // [H, r]           absorbed query  W_UKᵀ q_nope
     pub ctx: Vec<f32>,           // [H, r]           Σ_u P(u) c(u)
     pub scores: Vec<f32>,        // [H, max_seq]     attention weights
@@ -30,6 +31,7 @@ impl State {
             ctx: vec![0.0; h * c.kv_lora_rank],
             scores: vec![0.0; h * max_seq],
             active: Vec::with_capacity(c.intermediate_size),
+            parts: Vec::new(),
             zeros: vec![0; c.num_hidden_layers],
             neurons: vec![0; c.num_hidden_layers],
             ..State::default()

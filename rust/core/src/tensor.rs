@@ -174,6 +174,46 @@ impl Matrix {
         }
     }
 
+    /// Ask the CPU to start loading row `r` into cache (a hint; no effect on results). Used by
+    /// the sparse down projection, whose scattered rows defeat the hardware prefetcher.
+    #[inline]
+    pub fn prefetch_row(&self, r: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (ptr, len): (*const u8, usize) = match &self.data {
+                Storage::F32(w) => (w[r * self.cols..].as_ptr().cast(), self.cols * 4),
+                Storage::F16(w) => (w[r * self.cols..].as_ptr().cast(), self.cols * 2),
+                Storage::BF16(w) => (w[r * self.cols..].as_ptr().cast(), self.cols * 2),
+                Storage::Q8_0(w) => {
+                    let nb = self.cols / QBLOCK;
+                    (
+                        w[r * nb..].as_ptr().cast(),
+                        nb * std::mem::size_of::<BlockQ8_0>(),
+                    )
+                }
+                Storage::Q4_0(w) => {
+                    let nb = self.cols / QBLOCK;
+                    (
+                        w[r * nb..].as_ptr().cast(),
+                        nb * std::mem::size_of::<BlockQ4_0>(),
+                    )
+                }
+            };
+            let mut off = 0;
+            while off < len {
+                // SAFETY: prefetch is a hint that never faults; the address lies inside the row.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                        ptr.add(off) as *const i8,
+                    )
+                };
+                off += 64;
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = r;
+    }
+
     /// `y += a · row[r][c0 .. c0 + y.len()]` (for quantized rows `c0` and `y.len()` are
     /// multiples of 32).
     #[inline]
