@@ -329,25 +329,72 @@ impl Model {
         self.matmul(&lw.kv_b, &lat, n, &mut kv);
         let k = kernels();
         let q = &st.q;
+        // Blocks of 4 queries (all heads) are the parallel tasks. Per head, scores come from
+        // 4 queries × 4 keys register tiles (k_nope part + k_rope part), and the output from
+        // 4-row AXPYs over the values: one pass over o_h per 4 keys.
+        const QB: usize = 4;
         st.o[..t * nh * dv]
-            .par_chunks_mut(dv)
+            .par_chunks_mut(QB * nh * dv)
             .enumerate()
-            .for_each(|(idx, o)| {
-                let (i, h) = (idx / nh, idx % nh);
-                let p = pos0 + i;
-                let qh = &q[i * qd + h * (dn + dr)..i * qd + (h + 1) * (dn + dr)];
-                let mut s: Vec<f32> = (0..=p)
-                    .map(|u| {
-                        let kn = &kv[u * kvd + h * (dn + dv)..u * kvd + h * (dn + dv) + dn];
-                        let kr = &layer[u * rd + r..(u + 1) * rd];
-                        ((k.dot_f32)(&qh[..dn], kn) + (k.dot_f32)(&qh[dn..], kr)) * scale
-                    })
-                    .collect();
-                softmax(&mut s);
-                o.fill(0.0);
-                for (u, pu) in s.iter().enumerate() {
-                    let vu = &kv[u * kvd + h * (dn + dv) + dn..u * kvd + (h + 1) * (dn + dv)];
-                    (k.axpy_f32)(*pu, vu, o);
+            .for_each(|(qb, ob)| {
+                let i0 = qb * QB;
+                let g = ob.len() / (nh * dv); // queries in this block
+                let nk = pos0 + i0 + g; // keys visible to the last query
+                let mut s = vec![0f32; QB * nk]; // [g, nk] scores, then probabilities
+                let (mut t1, mut t2) = ([0f32; 16], [0f32; 16]);
+                for h in 0..nh {
+                    let qh = |i: usize| i * qd + h * (dn + dr); // start of q_h of query i
+                    let kn = |u: usize| u * kvd + h * (dn + dv); // start of k_nope_h(u)
+                    let mut u0 = 0;
+                    if g == QB {
+                        while u0 + 4 <= nk {
+                            (k.tile4x4_f32)(&kv[kn(u0)..], kvd, &q[qh(i0)..], qd, dn, &mut t1);
+                            (k.tile4x4_f32)(
+                                &layer[u0 * rd + r..],
+                                rd,
+                                &q[qh(i0) + dn..],
+                                qd,
+                                dr,
+                                &mut t2,
+                            );
+                            for j in 0..4 {
+                                for i in 0..QB {
+                                    s[i * nk + u0 + j] = (t1[4 * j + i] + t2[4 * j + i]) * scale;
+                                }
+                            }
+                            u0 += 4;
+                        }
+                    }
+                    for i in 0..g {
+                        let qi = &q[qh(i0 + i)..qh(i0 + i) + dn + dr];
+                        for u in u0..nk {
+                            let kr = &layer[u * rd + r..(u + 1) * rd];
+                            s[i * nk + u] = ((k.dot_f32)(&qi[..dn], &kv[kn(u)..kn(u) + dn])
+                                + (k.dot_f32)(&qi[dn..], kr))
+                                * scale;
+                        }
+                    }
+                    for i in 0..g {
+                        // causal: query i sees keys 0..=pos0+i0+i
+                        let n_i = pos0 + i0 + i + 1;
+                        let p = &mut s[i * nk..i * nk + n_i];
+                        softmax(p);
+                        let o = &mut ob[i * nh * dv + h * dv..i * nh * dv + (h + 1) * dv];
+                        o.fill(0.0);
+                        let v = |u: usize| &kv[kn(u) + dn..kn(u) + dn + dv];
+                        let mut u = 0;
+                        while u + 4 <= n_i {
+                            (k.axpy4_f32)(
+                                &[p[u], p[u + 1], p[u + 2], p[u + 3]],
+                                [v(u), v(u + 1), v(u + 2), v(u + 3)],
+                                o,
+                            );
+                            u += 4;
+                        }
+                        for (uu, &pu) in p.iter().enumerate().skip(u) {
+                            (k.axpy_f32)(pu, v(uu), o);
+                        }
+                    }
                 }
             });
     }
@@ -369,37 +416,92 @@ impl Model {
         let layer = cache.layer(l);
         let k = kernels();
         let kv_b = &lw.kv_b;
+        // Heads in groups of 4 are the parallel tasks; each group reads the latent cache once:
+        // scores from 4 keys × 4 heads register tiles, ctx from 4 heads × 64 columns rank
+        // updates (the cache is shared by all heads: multi-query attention on the latent).
+        const HG: usize = 4;
         for i in 0..t {
             let n = pos0 + i + 1;
             let q = &st.q[i * qd..(i + 1) * qd];
+            let keys: Vec<u32> = (0..n as u32).collect();
             st.o[i * nh * dv..(i + 1) * nh * dv]
-                .par_chunks_mut(dv)
-                .zip(st.q_lat.par_chunks_mut(r))
-                .zip(st.ctx.par_chunks_mut(r))
-                .zip(st.scores.par_chunks_mut(ms))
+                .par_chunks_mut(HG * dv)
+                .zip(st.q_lat.par_chunks_mut(HG * r))
+                .zip(st.ctx.par_chunks_mut(HG * r))
+                .zip(st.scores.par_chunks_mut(HG * ms))
                 .enumerate()
-                .for_each(|(h, (((o, q_lat), ctx), s))| {
-                    let qh = &q[h * (dn + dr)..(h + 1) * (dn + dr)];
-                    let row0 = h * (dn + dv);
-                    // q_lat = W_UK_hᵀ q_nope_h       [r]
-                    q_lat.fill(0.0);
-                    for (j, &qj) in qh[..dn].iter().enumerate() {
-                        kv_b.axpy_row(row0 + j, 0, qj, q_lat);
+                .for_each(|(hg, (((o, q_lat), ctx), s))| {
+                    let h0 = hg * HG;
+                    let g = o.len() / dv; // heads in this group
+                    for hh in 0..g {
+                        // q_lat_h = W_UK_hᵀ q_nope_h       [r]
+                        let qh = &q[(h0 + hh) * (dn + dr)..(h0 + hh + 1) * (dn + dr)];
+                        let row0 = (h0 + hh) * (dn + dv);
+                        let ql = &mut q_lat[hh * r..(hh + 1) * r];
+                        ql.fill(0.0);
+                        for (j, &qj) in qh[..dn].iter().enumerate() {
+                            kv_b.axpy_row(row0 + j, 0, qj, ql);
+                        }
                     }
-                    // s(u) = (q_lat·c(u) + q_rope·k_rope(u)) / sqrt(dn+dr)
-                    for u in 0..n {
-                        let cu = &layer[u * rd..(u + 1) * rd];
-                        s[u] = ((k.dot_f32)(q_lat, &cu[..r]) + (k.dot_f32)(&qh[dn..], &cu[r..]))
-                            * scale;
+                    // s_h(u) = (q_lat_h·c(u) + q_rope_h·k_rope(u)) / sqrt(dn+dr)
+                    let mut u0 = 0;
+                    if g == HG {
+                        let (mut t1, mut t2) = ([0f32; 16], [0f32; 16]);
+                        let qr = &q[h0 * (dn + dr) + dn..];
+                        while u0 + 4 <= n {
+                            (k.tile4x4_f32)(&layer[u0 * rd..], rd, q_lat, r, r, &mut t1);
+                            (k.tile4x4_f32)(&layer[u0 * rd + r..], rd, qr, dn + dr, dr, &mut t2);
+                            for j in 0..4 {
+                                for hh in 0..HG {
+                                    s[hh * ms + u0 + j] = (t1[4 * j + hh] + t2[4 * j + hh]) * scale;
+                                }
+                            }
+                            u0 += 4;
+                        }
                     }
-                    softmax(&mut s[..n]);
-                    // ctx = Σ_u P(u) c(u)            [r]
-                    ctx.fill(0.0);
-                    for u in 0..n {
-                        (k.axpy_f32)(s[u], &layer[u * rd..u * rd + r], ctx);
+                    for hh in 0..g {
+                        let qh = &q[(h0 + hh) * (dn + dr)..(h0 + hh + 1) * (dn + dr)];
+                        let ql = &q_lat[hh * r..(hh + 1) * r];
+                        for u in u0..n {
+                            let cu = &layer[u * rd..(u + 1) * rd];
+                            s[hh * ms + u] = ((k.dot_f32)(ql, &cu[..r])
+                                + (k.dot_f32)(&qh[dn..], &cu[r..]))
+                                * scale;
+                        }
+                        softmax(&mut s[hh * ms..hh * ms + n]);
                     }
-                    // o_h = W_UV_h ctx               [dv]
-                    kv_b.dot_rows(row0 + dn, ctx, o);
+                    // ctx_h = Σ_u P_h(u) c(u)            [r]
+                    ctx[..g * r].fill(0.0);
+                    let mut c0 = 0;
+                    if g == HG {
+                        let mut tile = [0f32; 256];
+                        while c0 + 64 <= r {
+                            tile.fill(0.0);
+                            (k.rank4x64_f32)(s, ms, &keys, &layer[c0..], rd, &mut tile);
+                            for hh in 0..HG {
+                                ctx[hh * r + c0..hh * r + c0 + 64]
+                                    .copy_from_slice(&tile[hh * 64..(hh + 1) * 64]);
+                            }
+                            c0 += 64;
+                        }
+                    }
+                    if c0 < r {
+                        for hh in 0..g {
+                            let cx = &mut ctx[hh * r + c0..(hh + 1) * r];
+                            for u in 0..n {
+                                (k.axpy_f32)(s[hh * ms + u], &layer[u * rd + c0..u * rd + r], cx);
+                            }
+                        }
+                    }
+                    // o_h = W_UV_h ctx_h                 [dv]
+                    for hh in 0..g {
+                        let row0 = (h0 + hh) * (dn + dv);
+                        kv_b.dot_rows(
+                            row0 + dn,
+                            &ctx[hh * r..(hh + 1) * r],
+                            &mut o[hh * dv..(hh + 1) * dv],
+                        );
+                    }
                 });
         }
     }
