@@ -200,7 +200,9 @@ fn transpose_storage(s: Storage, rows: usize, cols: usize) -> Storage {
         Storage::F32(v) => Storage::F32(transpose(&v, rows, cols)),
         Storage::F16(v) => Storage::F16(transpose(&v, rows, cols)),
         Storage::BF16(v) => Storage::BF16(transpose(&v, rows, cols)),
-        Storage::Q8_0(_) | Storage::Q4_0(_) => unreachable!("quantize after transposing"),
+        Storage::Q8_0(_) | Storage::Q4_0(_) | Storage::Q4_0x16(_) => {
+            unreachable!("quantize after transposing")
+        }
     }
 }
 
@@ -360,15 +362,17 @@ pub fn load_weights(
             Loaded::Mat(m) => m,
             Loaded::Norm(_) => unreachable!("tensor_table order: matrix expected"),
         };
+        // GEMV-only matrices may take an interleaved layout (Matrix::into_gemv_layout); kv_b
+        // (AXPY rows in absorbed attention) and down_t (sparse AXPY) keep theirs.
         layers.push(LayerWeights {
             input_norm: norm(next()),
-            q_proj: m(next()),
-            kv_a: m(next()),
+            q_proj: m(next()).into_gemv_layout(),
+            kv_a: m(next()).into_gemv_layout(),
             kv_a_norm: norm(next()),
             kv_b: m(next()),
-            o_proj: m(next()),
+            o_proj: m(next()).into_gemv_layout(),
             post_norm: norm(next()),
-            up: m(next()),
+            up: m(next()).into_gemv_layout(),
             down_t: m(next()),
         });
     }
@@ -380,6 +384,9 @@ pub fn load_weights(
         Some(Loaded::Mat(m)) => Some(m),
         _ => None,
     };
+    // The output projection is a GEMV per token (embedding lookups take single rows out).
+    let embed = embed.into_gemv_layout();
+    let lm_head = lm_head.map(Matrix::into_gemv_layout);
     Ok((
         Weights {
             embed,

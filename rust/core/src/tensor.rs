@@ -6,7 +6,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::kernels::kernels;
-use crate::quant::{self, quant_kernels, BlockQ4_0, BlockQ8_0};
+use crate::quant::{self, quant_kernels, BlockQ4_0, BlockQ4_0x16, BlockQ8_0};
 
 /// Weights per quantization block (Q8_0 and Q4_0).
 pub const QBLOCK: usize = 32;
@@ -14,6 +14,10 @@ pub const QBLOCK: usize = 32;
 thread_local! {
     /// The Q8_0-quantized input vector of the current quantized GEMV (reused, never shrunk).
     static XQ: std::cell::RefCell<Vec<BlockQ8_0>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Blocks of one row taken out of the interleaved Q4_0x16 layout (reused).
+    static ROWQ: std::cell::RefCell<Vec<BlockQ4_0>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// `8 · Σ x` per input block for the 16-row Q4_0 kernel (reused).
+    static XSUM: std::cell::RefCell<Vec<i32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Storage precision of weights.
@@ -62,6 +66,9 @@ pub enum Storage {
     BF16(Vec<bf16>),
     Q8_0(Vec<BlockQ8_0>),
     Q4_0(Vec<BlockQ4_0>),
+    /// Q4_0 rows interleaved 16 at a time for the 16-row GEMV kernel, `[rows/16][cols/32]`
+    /// (see `BlockQ4_0x16`); same values and bytes as `Q4_0`. Only where the kernel exists.
+    Q4_0x16(Vec<BlockQ4_0x16>),
 }
 
 /// Row-major `[rows, cols]` weights.
@@ -115,7 +122,7 @@ impl Matrix {
             Storage::F16(_) => DType::F16,
             Storage::BF16(_) => DType::BF16,
             Storage::Q8_0(_) => DType::Q8_0,
-            Storage::Q4_0(_) => DType::Q4_0,
+            Storage::Q4_0(_) | Storage::Q4_0x16(_) => DType::Q4_0,
         }
     }
 
@@ -151,7 +158,7 @@ impl Matrix {
                 .iter_mut()
                 .enumerate()
                 .for_each(|(i, o)| *o = (k.dot_bf16)(&w[(r0 + i) * c..(r0 + i + 1) * c], x)),
-            Storage::Q8_0(_) | Storage::Q4_0(_) => XQ.with(|cell| {
+            Storage::Q8_0(_) | Storage::Q4_0(_) | Storage::Q4_0x16(_) => XQ.with(|cell| {
                 let mut xq = cell.borrow_mut();
                 quantize_input(x, &mut xq);
                 self.dot_rows_q(r0, &xq, out);
@@ -170,7 +177,86 @@ impl Matrix {
             Storage::Q4_0(w) => out.iter_mut().enumerate().for_each(|(i, o)| {
                 *o = (qk.vec_dot_q4_0_q8_0)(&w[(r0 + i) * nb..(r0 + i + 1) * nb], xq)
             }),
+            Storage::Q4_0x16(w) => XSUM.with(|cell| {
+                let mut xs = cell.borrow_mut();
+                xs.clear();
+                xs.extend(
+                    xq.iter()
+                        .map(|b| 8 * b.qs.iter().map(|&v| v as i32).sum::<i32>()),
+                );
+                let f = qk.gemv16_q4_0.expect("Q4_0x16 exists only with its kernel");
+                let mut i = 0;
+                let mut tile = [0f32; 16];
+                while i < out.len() {
+                    let r = r0 + i;
+                    if r % 16 == 0 && i + 16 <= out.len() {
+                        f(&w[r / 16 * nb..(r / 16 + 1) * nb], xq, &xs, &mut tile);
+                        out[i..i + 16].copy_from_slice(&tile);
+                        i += 16;
+                    } else {
+                        out[i] = self.with_q4x16_row(r, 0, nb, |b| (qk.vec_dot_q4_0_q8_0)(b, xq));
+                        i += 1;
+                    }
+                }
+            }),
             _ => unreachable!("dot_rows_q on a float matrix"),
+        }
+    }
+
+    /// Run `f` on blocks `b0..b0 + nb` of row `r` of an interleaved Q4_0x16 matrix, taken out
+    /// into GGUF layout.
+    fn with_q4x16_row<R>(
+        &self,
+        r: usize,
+        b0: usize,
+        nb: usize,
+        f: impl FnOnce(&[BlockQ4_0]) -> R,
+    ) -> R {
+        let Storage::Q4_0x16(w) = &self.data else {
+            unreachable!("with_q4x16_row on another storage")
+        };
+        let nbr = self.cols / QBLOCK;
+        let g = &w[r / 16 * nbr..(r / 16 + 1) * nbr];
+        ROWQ.with(|cell| {
+            let mut v = cell.borrow_mut();
+            v.clear();
+            v.extend(g[b0..b0 + nb].iter().map(|blk| blk.row(r % 16)));
+            f(&v)
+        })
+    }
+
+    /// Interleave a Q4_0 matrix 16 rows at a time for the 16-row GEMV kernel when this CPU has
+    /// it and `rows % 16 == 0` (in parallel); other matrices are returned unchanged. For
+    /// matrices used by GEMV only (their AXPY and prompt paths take rows out one by one).
+    pub fn into_gemv_layout(self) -> Matrix {
+        match self.data {
+            Storage::Q4_0(w)
+                if quant_kernels().gemv16_q4_0.is_some()
+                    && self.rows.is_multiple_of(16)
+                    && self.rows > 0 =>
+            {
+                let nb = self.cols / QBLOCK;
+                let mut out = vec![BlockQ4_0x16::default(); self.rows / 16 * nb];
+                out.par_chunks_mut(nb.max(1))
+                    .enumerate()
+                    .for_each(|(g, o)| {
+                        for (b, ob) in o.iter_mut().enumerate() {
+                            *ob = BlockQ4_0x16::pack(std::array::from_fn(|i| {
+                                &w[(16 * g + i) * nb + b]
+                            }));
+                        }
+                    });
+                Matrix {
+                    rows: self.rows,
+                    cols: self.cols,
+                    data: Storage::Q4_0x16(out),
+                }
+            }
+            data => Matrix {
+                rows: self.rows,
+                cols: self.cols,
+                data,
+            },
         }
     }
 
@@ -198,6 +284,7 @@ impl Matrix {
                         nb * std::mem::size_of::<BlockQ4_0>(),
                     )
                 }
+                Storage::Q4_0x16(_) => return, // rows are interleaved; not used by AXPY paths
             };
             let mut off = 0;
             while off < len {
@@ -227,6 +314,9 @@ impl Matrix {
             Storage::BF16(w) => (k.axpy_bf16)(a, &w[s..e], y),
             Storage::Q8_0(w) => (quant_kernels().axpy_q8_0)(a, &w[s / QBLOCK..e / QBLOCK], y),
             Storage::Q4_0(w) => (quant_kernels().axpy_q4_0)(a, &w[s / QBLOCK..e / QBLOCK], y),
+            Storage::Q4_0x16(_) => self.with_q4x16_row(r, c0 / QBLOCK, y.len() / QBLOCK, |b| {
+                (quant_kernels().axpy_q4_0)(a, b, y)
+            }),
         }
     }
 
@@ -258,7 +348,7 @@ impl Matrix {
                 };
                 f(a, [row(0), row(1), row(2), row(3)], y)
             }
-            Storage::Q8_0(_) | Storage::Q4_0(_) => {
+            Storage::Q8_0(_) | Storage::Q4_0(_) | Storage::Q4_0x16(_) => {
                 for i in 0..4 {
                     self.axpy_row(r[i], c0, a[i], y);
                 }
@@ -275,7 +365,7 @@ impl Matrix {
             Storage::F32(w) => (k.rank4x64_f32)(act, stride, js, &w[c0..], c, y),
             Storage::F16(w) => (k.rank4x64_f16)(act, stride, js, &w[c0..], c, y),
             Storage::BF16(w) => (k.rank4x64_bf16)(act, stride, js, &w[c0..], c, y),
-            Storage::Q8_0(_) | Storage::Q4_0(_) => {
+            Storage::Q8_0(_) | Storage::Q4_0(_) | Storage::Q4_0x16(_) => {
                 for &j in js {
                     for i in 0..4 {
                         let a = act[i * stride + j as usize];
@@ -314,6 +404,12 @@ impl Matrix {
                 out.fill(0.0);
                 (quant_kernels().axpy_q4_0)(1.0, &w[r * nb..(r + 1) * nb], out);
             }
+            Storage::Q4_0x16(_) => {
+                out.fill(0.0);
+                self.with_q4x16_row(r, 0, self.cols / QBLOCK, |b| {
+                    (quant_kernels().axpy_q4_0)(1.0, b, out)
+                });
+            }
         }
     }
 
@@ -321,7 +417,10 @@ impl Matrix {
     pub fn matvec(&self, x: &[f32], y: &mut [f32]) {
         debug_assert_eq!(x.len(), self.cols);
         debug_assert_eq!(y.len(), self.rows);
-        let chunk = row_chunk(self.rows);
+        let mut chunk = row_chunk(self.rows);
+        if matches!(self.data, Storage::Q4_0x16(_)) {
+            chunk = chunk.div_ceil(16) * 16; // whole interleaved groups per task
+        }
         if self.dtype().is_quantized() {
             // Quantize the input once; every row task reuses the same blocks.
             let mut xq = Vec::new();
@@ -442,6 +541,58 @@ mod tests {
                     "{dt:?}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn gemv_layout_keeps_values_and_results() {
+        // 16-row interleaving (where this CPU has the kernel): same rows, same GEMV results
+        // to rounding, same AXPYs; matrices it does not apply to come back unchanged.
+        for (rows, cols) in [(16usize, 32usize), (48, 96), (20, 64), (64, 2048)] {
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+                .collect();
+            let x: Vec<f32> = (0..cols)
+                .map(|i| ((i * 31) % 13) as f32 / 13.0 - 0.5)
+                .collect();
+            let plain = Matrix::from_f32(rows, cols, &w, DType::Q4_0);
+            let packed = plain.clone().into_gemv_layout();
+            let expect_packed = quant_kernels().gemv16_q4_0.is_some() && rows % 16 == 0;
+            assert_eq!(
+                matches!(packed.data, Storage::Q4_0x16(_)),
+                expect_packed,
+                "{rows}x{cols}"
+            );
+            assert_eq!(packed.dtype(), DType::Q4_0);
+            assert_eq!(packed.nbytes(), plain.nbytes());
+            let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+            for r in 0..rows {
+                plain.row_to_f32(r, &mut a);
+                packed.row_to_f32(r, &mut b);
+                assert_eq!(a, b, "row {r}");
+            }
+            let (mut ya, mut yb) = (vec![0f32; rows], vec![0f32; rows]);
+            plain.matvec(&x, &mut ya);
+            packed.matvec(&x, &mut yb);
+            for r in 0..rows {
+                assert!(
+                    (ya[r] - yb[r]).abs() <= 1e-5 * (1.0 + ya[r].abs()) * cols as f32 / 32.0,
+                    "matvec row {r}"
+                );
+            }
+            // a single row through dot_rows at an offset that is not a multiple of 16
+            let mut one = [0f32; 3];
+            packed.dot_rows(rows - 3, &x, &mut one);
+            for i in 0..3 {
+                assert!(
+                    (one[i] - ya[rows - 3 + i]).abs()
+                        <= 1e-5 * (1.0 + ya[rows - 3 + i].abs()) * cols as f32 / 32.0
+                );
+            }
+            let (mut pa, mut pb) = (vec![0.5f32; 32], vec![0.5f32; 32]);
+            plain.axpy_row(rows - 1, cols - 32, 0.75, &mut pa);
+            packed.axpy_row(rows - 1, cols - 32, 0.75, &mut pb);
+            assert_eq!(pa, pb);
         }
     }
 

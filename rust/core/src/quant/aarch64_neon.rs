@@ -31,6 +31,7 @@ pub(super) const NEON: QuantKernels = QuantKernels {
     quantize_row_q8_0,
     axpy4_q8_0: Some(axpy4_q8_0),
     axpy4_q4_0: Some(axpy4_q4_0),
+    gemv16_q4_0: None,
 };
 
 pub(super) const DOTPROD: QuantKernels = QuantKernels {
@@ -42,6 +43,7 @@ pub(super) const DOTPROD: QuantKernels = QuantKernels {
     quantize_row_q8_0,
     axpy4_q8_0: Some(axpy4_q8_0),
     axpy4_q4_0: Some(axpy4_q4_0),
+    gemv16_q4_0: None,
 };
 
 const G: usize = scalar::LANES;

@@ -120,6 +120,54 @@ pub struct BlockQ4_0 {
     pub qs: [u8; QK4_0 / 2],
 }
 
+/// Block `b` of 16 consecutive Q4_0 rows, interleaved for the 16-row GEMV kernel (an in-memory
+/// layout only; files stay GGUF Q4_0). Same 18 bytes per row-block:
+/// `d[i]` is row i's scale and `qs[g][4i..4i + 4]` are bytes `4g..4g + 4` of row i's codes,
+/// so one 64-byte load holds codes `4g..4g+4` (low nibbles) and `16+4g..16+4g+4` (high
+/// nibbles) of all 16 rows, one row per 32-bit lane (the `vpdpbusd` layout).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ4_0x16 {
+    pub d: [f16; 16],
+    pub qs: [[u8; 64]; 4],
+}
+
+impl Default for BlockQ4_0x16 {
+    fn default() -> Self {
+        BlockQ4_0x16 {
+            d: [f16::ZERO; 16],
+            qs: [[0; 64]; 4],
+        }
+    }
+}
+
+impl BlockQ4_0x16 {
+    /// Interleave block b of 16 rows.
+    pub fn pack(rows: [&BlockQ4_0; 16]) -> BlockQ4_0x16 {
+        let mut out = BlockQ4_0x16::default();
+        for (i, r) in rows.iter().enumerate() {
+            out.d[i] = r.d;
+            for g in 0..4 {
+                out.qs[g][4 * i..4 * i + 4].copy_from_slice(&r.qs[4 * g..4 * g + 4]);
+            }
+        }
+        out
+    }
+
+    /// Row `i`'s block, in GGUF layout.
+    pub fn row(&self, i: usize) -> BlockQ4_0 {
+        let mut b = BlockQ4_0 {
+            d: self.d[i],
+            qs: [0; 16],
+        };
+        for g in 0..4 {
+            b.qs[4 * g..4 * g + 4].copy_from_slice(&self.qs[g][4 * i..4 * i + 4]);
+        }
+        b
+    }
+}
+
+const _: () = assert!(std::mem::size_of::<BlockQ4_0x16>() == 16 * 18);
 const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
 const _: () = assert!(std::mem::align_of::<BlockQ8_0>() == 2);
 const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
@@ -346,6 +394,11 @@ pub struct QuantKernels {
     /// (the sparse down projection). `None`: callers do four `axpy_q8_0` calls (same math;
     /// this kernel adds the four products in the same order, so it matches to rounding).
     pub axpy4_q8_0: Option<fn(&[f32; 4], [&[BlockQ8_0]; 4], &mut [f32])>,
+    /// 16 rows at once from the interleaved layout: `out[i] = Σ_b sumi_b,i · d_w · d_x` over
+    /// `w.len()` blocks, given `xsum8[b] = 8 · Σ_j x_b,j`. Per-row float order differs from
+    /// `vec_dot_q4_0_q8_0` (a running FMA per row), so results agree to rounding, not bits.
+    /// `None`: Q4_0 matrices keep the plain GGUF layout.
+    pub gemv16_q4_0: Option<fn(&[BlockQ4_0x16], &[BlockQ8_0], &[i32], &mut [f32; 16])>,
     /// The Q4_0 twin of `axpy4_q8_0` (four `axpy_q4_0` calls, same order, one pass over `y`).
     pub axpy4_q4_0: Option<fn(&[f32; 4], [&[BlockQ4_0]; 4], &mut [f32])>,
 }
@@ -359,6 +412,7 @@ const SCALAR: QuantKernels = QuantKernels {
     quantize_row_q8_0: scalar::quantize_row_q8_0,
     axpy4_q8_0: None,
     axpy4_q4_0: None,
+    gemv16_q4_0: None,
 };
 
 /// The quantized kernels for `tier`, or `None` if this CPU cannot run `tier`. The AVX-512 tier

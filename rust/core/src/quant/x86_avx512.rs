@@ -11,7 +11,7 @@
 use std::arch::x86_64::*;
 
 use super::x86_avx2::{halves8, lanes, transpose_sum8};
-use super::{scalar, BlockQ4_0, BlockQ8_0, QuantKernels, QK8_0};
+use super::{scalar, BlockQ4_0, BlockQ4_0x16, BlockQ8_0, QuantKernels, QK8_0};
 
 pub(super) const KERNELS: QuantKernels = QuantKernels {
     tier_name: "avx512vnni",
@@ -23,6 +23,7 @@ pub(super) const KERNELS: QuantKernels = QuantKernels {
     quantize_row_q8_0: super::x86_avx2::KERNELS.quantize_row_q8_0,
     axpy4_q8_0: Some(axpy4_q8_0),
     axpy4_q4_0: Some(axpy4_q4_0),
+    gemv16_q4_0: Some(gemv16_q4_0),
 };
 
 const G: usize = scalar::LANES;
@@ -312,4 +313,51 @@ fn axpy4_q4_0_i(a: &[f32; 4], w: [&[BlockQ4_0]; 4], y: &mut [f32]) {
 fn axpy4_q4_0(a: &[f32; 4], w: [&[BlockQ4_0]; 4], y: &mut [f32]) {
     // SAFETY: KERNELS is handed out only when vnni_detected() and the AVX2 tier is available.
     unsafe { axpy4_q4_0_i(a, w, y) }
+}
+
+/// 16 interleaved Q4_0 rows against one Q8_0 input (see `BlockQ4_0x16`): per block, 8
+/// `vpdpbusd` with the input's 4-byte groups broadcast form all 16 rows' exact integer sums in
+/// one register (no horizontal sums), then one FMA per block per 16 rows applies the scales.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn gemv16_q4_0_i(w: &[BlockQ4_0x16], x: &[BlockQ8_0], xsum8: &[i32], out: &mut [f32; 16]) {
+    let nb = w.len();
+    assert!(
+        x.len() >= nb && xsum8.len() >= nb,
+        "gemv16_q4_0 input length"
+    );
+    let m4 = _mm512_set1_epi8(0x0F);
+    let mut acc = _mm512_setzero_ps();
+    for b in 0..nb {
+        let (wb, xb) = (&w[b], &x[b]);
+        let xg = |k: usize| {
+            _mm512_set1_epi32(i32::from_le_bytes([
+                xb.qs[4 * k] as u8,
+                xb.qs[4 * k + 1] as u8,
+                xb.qs[4 * k + 2] as u8,
+                xb.qs[4 * k + 3] as u8,
+            ]))
+        };
+        let mut si = _mm512_setzero_si512();
+        for g in 0..4 {
+            // SAFETY: qs[g] is 64 bytes.
+            let v = unsafe { _mm512_loadu_si512(wb.qs[g].as_ptr() as *const _) };
+            let lo = _mm512_and_si512(v, m4); // codes 4g..4g+4 of each row
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4); // codes 16+4g..
+            si = _mm512_dpbusd_epi32(si, lo, xg(g));
+            si = _mm512_dpbusd_epi32(si, hi, xg(4 + g));
+        }
+        // Σ (q − 8)·x = Σ q·x − 8·Σ x (exact in i32)
+        let si = _mm512_sub_epi32(si, _mm512_set1_epi32(xsum8[b]));
+        // SAFETY: d is 16 f16 = 32 bytes.
+        let dw = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(wb.d.as_ptr() as *const __m256i) });
+        let dd = _mm512_mul_ps(dw, _mm512_set1_ps(xb.d.to_f32()));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), dd, acc);
+    }
+    // SAFETY: out is 16 f32.
+    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
+}
+
+fn gemv16_q4_0(w: &[BlockQ4_0x16], x: &[BlockQ8_0], xsum8: &[i32], out: &mut [f32; 16]) {
+    // SAFETY: KERNELS is handed out only when vnni_detected() and the AVX2 tier is available.
+    unsafe { gemv16_q4_0_i(w, x, xsum8, out) }
 }
