@@ -189,7 +189,7 @@ impl Matrix {
                 let mut tile = [0f32; 16];
                 while i < out.len() {
                     let r = r0 + i;
-                    if r % 16 == 0 && i + 16 <= out.len() {
+                    if r.is_multiple_of(16) && i + 16 <= out.len() {
                         f(&w[r / 16 * nb..(r / 16 + 1) * nb], xq, &xs, &mut tile);
                         out[i..i + 16].copy_from_slice(&tile);
                         i += 16;
