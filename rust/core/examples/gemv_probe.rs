@@ -23,7 +23,7 @@ fn main() {
             DType::Q8_0,
             DType::Q4_0,
         ] {
-            let m = Matrix::from_f32(rows, cols, &w, dt);
+            let m = Matrix::from_f32(rows, cols, &w, dt).into_gemv_layout();
             let x = vec![0.5f32; cols];
             let mut y = vec![0f32; rows];
             pool.install(|| {

@@ -84,7 +84,7 @@ fn row_seg_bf16(w: &Matrix, r: usize, c0: usize, n: usize, out: &mut [u16]) {
                 *o = x.to_bits();
             }
         }
-        Storage::Q4_0x16(_) => {
+        Storage::Q4_0x16(_) | Storage::Q8_0x16(_) => {
             let mut t = vec![0f32; w.cols];
             w.row_to_f32(r, &mut t);
             k::f32_to_bf16(&t[c0..c0 + n], out);

@@ -200,7 +200,7 @@ fn transpose_storage(s: Storage, rows: usize, cols: usize) -> Storage {
         Storage::F32(v) => Storage::F32(transpose(&v, rows, cols)),
         Storage::F16(v) => Storage::F16(transpose(&v, rows, cols)),
         Storage::BF16(v) => Storage::BF16(transpose(&v, rows, cols)),
-        Storage::Q8_0(_) | Storage::Q4_0(_) | Storage::Q4_0x16(_) => {
+        Storage::Q8_0(_) | Storage::Q4_0(_) | Storage::Q4_0x16(_) | Storage::Q8_0x16(_) => {
             unreachable!("quantize after transposing")
         }
     }

@@ -6,7 +6,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::kernels::kernels;
-use crate::quant::{self, quant_kernels, BlockQ4_0, BlockQ4_0x16, BlockQ8_0};
+use crate::quant::{self, quant_kernels, BlockQ4_0, BlockQ4_0x16, BlockQ8_0, BlockQ8_0x16};
 
 /// Weights per quantization block (Q8_0 and Q4_0).
 pub const QBLOCK: usize = 32;
@@ -16,7 +16,9 @@ thread_local! {
     static XQ: std::cell::RefCell<Vec<BlockQ8_0>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Blocks of one row taken out of the interleaved Q4_0x16 layout (reused).
     static ROWQ: std::cell::RefCell<Vec<BlockQ4_0>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// `8 · Σ x` per input block for the 16-row Q4_0 kernel (reused).
+    /// Blocks of one row taken out of the interleaved Q8_0x16 layout (reused).
+    static ROWQ8: std::cell::RefCell<Vec<BlockQ8_0>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// `8 · Σ x` (Q4_0) or `128 · Σ x` (Q8_0) per input block for the 16-row kernels (reused).
     static XSUM: std::cell::RefCell<Vec<i32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -69,6 +71,8 @@ pub enum Storage {
     /// Q4_0 rows interleaved 16 at a time for the 16-row GEMV kernel, `[rows/16][cols/32]`
     /// (see `BlockQ4_0x16`); same values and bytes as `Q4_0`. Only where the kernel exists.
     Q4_0x16(Vec<BlockQ4_0x16>),
+    /// Q8_0 rows interleaved 16 at a time (see `BlockQ8_0x16`); same values as `Q8_0`.
+    Q8_0x16(Vec<BlockQ8_0x16>),
 }
 
 /// Row-major `[rows, cols]` weights.
@@ -121,7 +125,7 @@ impl Matrix {
             Storage::F32(_) => DType::F32,
             Storage::F16(_) => DType::F16,
             Storage::BF16(_) => DType::BF16,
-            Storage::Q8_0(_) => DType::Q8_0,
+            Storage::Q8_0(_) | Storage::Q8_0x16(_) => DType::Q8_0,
             Storage::Q4_0(_) | Storage::Q4_0x16(_) => DType::Q4_0,
         }
     }
@@ -158,11 +162,12 @@ impl Matrix {
                 .iter_mut()
                 .enumerate()
                 .for_each(|(i, o)| *o = (k.dot_bf16)(&w[(r0 + i) * c..(r0 + i + 1) * c], x)),
-            Storage::Q8_0(_) | Storage::Q4_0(_) | Storage::Q4_0x16(_) => XQ.with(|cell| {
-                let mut xq = cell.borrow_mut();
-                quantize_input(x, &mut xq);
-                self.dot_rows_q(r0, &xq, out);
-            }),
+            Storage::Q8_0(_) | Storage::Q4_0(_) | Storage::Q4_0x16(_) | Storage::Q8_0x16(_) => XQ
+                .with(|cell| {
+                    let mut xq = cell.borrow_mut();
+                    quantize_input(x, &mut xq);
+                    self.dot_rows_q(r0, &xq, out);
+                }),
         }
     }
 
@@ -199,6 +204,28 @@ impl Matrix {
                     }
                 }
             }),
+            Storage::Q8_0x16(w) => XSUM.with(|cell| {
+                let mut xs = cell.borrow_mut();
+                xs.clear();
+                xs.extend(
+                    xq.iter()
+                        .map(|b| 128 * b.qs.iter().map(|&v| v as i32).sum::<i32>()),
+                );
+                let f = qk.gemv16_q8_0.expect("Q8_0x16 exists only with its kernel");
+                let mut i = 0;
+                let mut tile = [0f32; 16];
+                while i < out.len() {
+                    let r = r0 + i;
+                    if r.is_multiple_of(16) && i + 16 <= out.len() {
+                        f(&w[r / 16 * nb..(r / 16 + 1) * nb], xq, &xs, &mut tile);
+                        out[i..i + 16].copy_from_slice(&tile);
+                        i += 16;
+                    } else {
+                        out[i] = self.with_q8x16_row(r, 0, nb, |b| (qk.vec_dot_q8_0_q8_0)(b, xq));
+                        i += 1;
+                    }
+                }
+            }),
             _ => unreachable!("dot_rows_q on a float matrix"),
         }
     }
@@ -218,6 +245,27 @@ impl Matrix {
         let nbr = self.cols / QBLOCK;
         let g = &w[r / 16 * nbr..(r / 16 + 1) * nbr];
         ROWQ.with(|cell| {
+            let mut v = cell.borrow_mut();
+            v.clear();
+            v.extend(g[b0..b0 + nb].iter().map(|blk| blk.row(r % 16)));
+            f(&v)
+        })
+    }
+
+    /// [`Self::with_q4x16_row`] for the interleaved Q8_0x16 layout.
+    fn with_q8x16_row<R>(
+        &self,
+        r: usize,
+        b0: usize,
+        nb: usize,
+        f: impl FnOnce(&[BlockQ8_0]) -> R,
+    ) -> R {
+        let Storage::Q8_0x16(w) = &self.data else {
+            unreachable!("with_q8x16_row on another storage")
+        };
+        let nbr = self.cols / QBLOCK;
+        let g = &w[r / 16 * nbr..(r / 16 + 1) * nbr];
+        ROWQ8.with(|cell| {
             let mut v = cell.borrow_mut();
             v.clear();
             v.extend(g[b0..b0 + nb].iter().map(|blk| blk.row(r % 16)));
@@ -252,6 +300,28 @@ impl Matrix {
                     data: Storage::Q4_0x16(out),
                 }
             }
+            Storage::Q8_0(w)
+                if quant_kernels().gemv16_q8_0.is_some()
+                    && self.rows.is_multiple_of(16)
+                    && self.rows > 0 =>
+            {
+                let nb = self.cols / QBLOCK;
+                let mut out = vec![BlockQ8_0x16::default(); self.rows / 16 * nb];
+                out.par_chunks_mut(nb.max(1))
+                    .enumerate()
+                    .for_each(|(g, o)| {
+                        for (b, ob) in o.iter_mut().enumerate() {
+                            *ob = BlockQ8_0x16::pack(std::array::from_fn(|i| {
+                                &w[(16 * g + i) * nb + b]
+                            }));
+                        }
+                    });
+                Matrix {
+                    rows: self.rows,
+                    cols: self.cols,
+                    data: Storage::Q8_0x16(out),
+                }
+            }
             data => Matrix {
                 rows: self.rows,
                 cols: self.cols,
@@ -284,7 +354,8 @@ impl Matrix {
                         nb * std::mem::size_of::<BlockQ4_0>(),
                     )
                 }
-                Storage::Q4_0x16(_) => return, // rows are interleaved; not used by AXPY paths
+                // rows are interleaved; these matrices are not used by AXPY paths
+                Storage::Q4_0x16(_) | Storage::Q8_0x16(_) => return,
             };
             let mut off = 0;
             while off < len {
@@ -317,6 +388,9 @@ impl Matrix {
             Storage::Q4_0x16(_) => self.with_q4x16_row(r, c0 / QBLOCK, y.len() / QBLOCK, |b| {
                 (quant_kernels().axpy_q4_0)(a, b, y)
             }),
+            Storage::Q8_0x16(_) => self.with_q8x16_row(r, c0 / QBLOCK, y.len() / QBLOCK, |b| {
+                (quant_kernels().axpy_q8_0)(a, b, y)
+            }),
         }
     }
 
@@ -348,7 +422,7 @@ impl Matrix {
                 };
                 f(a, [row(0), row(1), row(2), row(3)], y)
             }
-            Storage::Q8_0(_) | Storage::Q4_0(_) | Storage::Q4_0x16(_) => {
+            Storage::Q8_0(_) | Storage::Q4_0(_) | Storage::Q4_0x16(_) | Storage::Q8_0x16(_) => {
                 for i in 0..4 {
                     self.axpy_row(r[i], c0, a[i], y);
                 }
@@ -365,7 +439,7 @@ impl Matrix {
             Storage::F32(w) => (k.rank4x64_f32)(act, stride, js, &w[c0..], c, y),
             Storage::F16(w) => (k.rank4x64_f16)(act, stride, js, &w[c0..], c, y),
             Storage::BF16(w) => (k.rank4x64_bf16)(act, stride, js, &w[c0..], c, y),
-            Storage::Q8_0(_) | Storage::Q4_0(_) | Storage::Q4_0x16(_) => {
+            Storage::Q8_0(_) | Storage::Q4_0(_) | Storage::Q4_0x16(_) | Storage::Q8_0x16(_) => {
                 for &j in js {
                     for i in 0..4 {
                         let a = act[i * stride + j as usize];
@@ -410,6 +484,12 @@ impl Matrix {
                     (quant_kernels().axpy_q4_0)(1.0, b, out)
                 });
             }
+            Storage::Q8_0x16(_) => {
+                out.fill(0.0);
+                self.with_q8x16_row(r, 0, self.cols / QBLOCK, |b| {
+                    (quant_kernels().axpy_q8_0)(1.0, b, out)
+                });
+            }
         }
     }
 
@@ -418,7 +498,7 @@ impl Matrix {
         debug_assert_eq!(x.len(), self.cols);
         debug_assert_eq!(y.len(), self.rows);
         let mut chunk = row_chunk(self.rows);
-        if matches!(self.data, Storage::Q4_0x16(_)) {
+        if matches!(self.data, Storage::Q4_0x16(_) | Storage::Q8_0x16(_)) {
             chunk = chunk.div_ceil(16) * 16; // whole interleaved groups per task
         }
         if self.dtype().is_quantized() {
@@ -555,44 +635,50 @@ mod tests {
             let x: Vec<f32> = (0..cols)
                 .map(|i| ((i * 31) % 13) as f32 / 13.0 - 0.5)
                 .collect();
-            let plain = Matrix::from_f32(rows, cols, &w, DType::Q4_0);
-            let packed = plain.clone().into_gemv_layout();
-            let expect_packed = quant_kernels().gemv16_q4_0.is_some() && rows % 16 == 0;
-            assert_eq!(
-                matches!(packed.data, Storage::Q4_0x16(_)),
-                expect_packed,
-                "{rows}x{cols}"
-            );
-            assert_eq!(packed.dtype(), DType::Q4_0);
-            assert_eq!(packed.nbytes(), plain.nbytes());
-            let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
-            for r in 0..rows {
-                plain.row_to_f32(r, &mut a);
-                packed.row_to_f32(r, &mut b);
-                assert_eq!(a, b, "row {r}");
-            }
-            let (mut ya, mut yb) = (vec![0f32; rows], vec![0f32; rows]);
-            plain.matvec(&x, &mut ya);
-            packed.matvec(&x, &mut yb);
-            for r in 0..rows {
-                assert!(
-                    (ya[r] - yb[r]).abs() <= 1e-5 * (1.0 + ya[r].abs()) * cols as f32 / 32.0,
-                    "matvec row {r}"
+            for dt in [DType::Q4_0, DType::Q8_0] {
+                let plain = Matrix::from_f32(rows, cols, &w, dt);
+                let packed = plain.clone().into_gemv_layout();
+                let has_kernel = match dt {
+                    DType::Q4_0 => quant_kernels().gemv16_q4_0.is_some(),
+                    _ => quant_kernels().gemv16_q8_0.is_some(),
+                };
+                let expect_packed = has_kernel && rows % 16 == 0;
+                assert_eq!(
+                    matches!(packed.data, Storage::Q4_0x16(_) | Storage::Q8_0x16(_)),
+                    expect_packed,
+                    "{dt:?} {rows}x{cols}"
                 );
+                assert_eq!(packed.dtype(), dt);
+                assert_eq!(packed.nbytes(), plain.nbytes());
+                let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+                for r in 0..rows {
+                    plain.row_to_f32(r, &mut a);
+                    packed.row_to_f32(r, &mut b);
+                    assert_eq!(a, b, "row {r}");
+                }
+                let (mut ya, mut yb) = (vec![0f32; rows], vec![0f32; rows]);
+                plain.matvec(&x, &mut ya);
+                packed.matvec(&x, &mut yb);
+                for r in 0..rows {
+                    assert!(
+                        (ya[r] - yb[r]).abs() <= 1e-5 * (1.0 + ya[r].abs()) * cols as f32 / 32.0,
+                        "matvec row {r}"
+                    );
+                }
+                // a single row through dot_rows at an offset that is not a multiple of 16
+                let mut one = [0f32; 3];
+                packed.dot_rows(rows - 3, &x, &mut one);
+                for i in 0..3 {
+                    assert!(
+                        (one[i] - ya[rows - 3 + i]).abs()
+                            <= 1e-5 * (1.0 + ya[rows - 3 + i].abs()) * cols as f32 / 32.0
+                    );
+                }
+                let (mut pa, mut pb) = (vec![0.5f32; 32], vec![0.5f32; 32]);
+                plain.axpy_row(rows - 1, cols - 32, 0.75, &mut pa);
+                packed.axpy_row(rows - 1, cols - 32, 0.75, &mut pb);
+                assert_eq!(pa, pb);
             }
-            // a single row through dot_rows at an offset that is not a multiple of 16
-            let mut one = [0f32; 3];
-            packed.dot_rows(rows - 3, &x, &mut one);
-            for i in 0..3 {
-                assert!(
-                    (one[i] - ya[rows - 3 + i]).abs()
-                        <= 1e-5 * (1.0 + ya[rows - 3 + i].abs()) * cols as f32 / 32.0
-                );
-            }
-            let (mut pa, mut pb) = (vec![0.5f32; 32], vec![0.5f32; 32]);
-            plain.axpy_row(rows - 1, cols - 32, 0.75, &mut pa);
-            packed.axpy_row(rows - 1, cols - 32, 0.75, &mut pb);
-            assert_eq!(pa, pb);
         }
     }
 

@@ -901,3 +901,52 @@ fn gemv16_q4_0_matches_row_dots() {
         }
     }
 }
+
+#[test]
+fn gemv16_q8_0_matches_row_dots() {
+    let s = scalar_k();
+    for tier in crate::kernels::Tier::available() {
+        let Some(k) = quant_kernels_for(tier) else {
+            continue;
+        };
+        let Some(f) = k.gemv16_q8_0 else { continue };
+        for nb in [0usize, 1, 2, 7, 64, 65] {
+            for (pi, &p) in PATTERNS.iter().enumerate() {
+                let rows: Vec<Vec<BlockQ8_0>> = (0..16)
+                    .map(|r| gen_q8(nb, p, (nb * 37 + pi * 16 + r) as u32))
+                    .collect();
+                let x = gen_q8(nb, Pattern::Random, 9 + nb as u32);
+                let packed: Vec<BlockQ8_0x16> = (0..nb)
+                    .map(|b| BlockQ8_0x16::pack(std::array::from_fn(|r| &rows[r][b])))
+                    .collect();
+                for b in 0..nb {
+                    for r in 0..16 {
+                        assert_eq!(packed[b].row(r), rows[r][b], "pack/row round trip");
+                    }
+                }
+                let xsum128: Vec<i32> = x
+                    .iter()
+                    .map(|b| 128 * b.qs.iter().map(|&v| v as i32).sum::<i32>())
+                    .collect();
+                let mut got = [0f32; 16];
+                f(&packed, &x, &xsum128, &mut got);
+                for r in 0..16 {
+                    let want = (s.vec_dot_q8_0_q8_0)(&rows[r], &x);
+                    let mag: f32 = rows[r]
+                        .iter()
+                        .zip(&x)
+                        .map(|(w, xb)| {
+                            (scalar::sumi_q8_0(w, xb) as f32 * scalar::scale(w.d, xb.d)).abs()
+                        })
+                        .sum();
+                    let tol = 4.0 * f32::EPSILON * mag * (nb as f32 + 1.0) + f32::MIN_POSITIVE;
+                    assert!(
+                        (got[r] - want).abs() <= tol || (got[r].is_nan() && want.is_nan()),
+                        "{tier:?} nb={nb} {p:?} row {r}: {} vs {want}",
+                        got[r]
+                    );
+                }
+            }
+        }
+    }
+}

@@ -22,6 +22,7 @@ pub(super) const KERNELS: QuantKernels = QuantKernels {
     axpy4_q8_0: None,
     axpy4_q4_0: None,
     gemv16_q4_0: None,
+    gemv16_q8_0: None,
 };
 
 const G: usize = scalar::LANES;

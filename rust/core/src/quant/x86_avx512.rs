@@ -11,7 +11,7 @@
 use std::arch::x86_64::*;
 
 use super::x86_avx2::{halves8, lanes, transpose_sum8};
-use super::{scalar, BlockQ4_0, BlockQ4_0x16, BlockQ8_0, QuantKernels, QK8_0};
+use super::{scalar, BlockQ4_0, BlockQ4_0x16, BlockQ8_0, BlockQ8_0x16, QuantKernels, QK8_0};
 
 pub(super) const KERNELS: QuantKernels = QuantKernels {
     tier_name: "avx512vnni",
@@ -24,6 +24,7 @@ pub(super) const KERNELS: QuantKernels = QuantKernels {
     axpy4_q8_0: Some(axpy4_q8_0),
     axpy4_q4_0: Some(axpy4_q4_0),
     gemv16_q4_0: Some(gemv16_q4_0),
+    gemv16_q8_0: Some(gemv16_q8_0),
 };
 
 const G: usize = scalar::LANES;
@@ -360,4 +361,43 @@ fn gemv16_q4_0_i(w: &[BlockQ4_0x16], x: &[BlockQ8_0], xsum8: &[i32], out: &mut [
 fn gemv16_q4_0(w: &[BlockQ4_0x16], x: &[BlockQ8_0], xsum8: &[i32], out: &mut [f32; 16]) {
     // SAFETY: KERNELS is handed out only when vnni_detected() and the AVX2 tier is available.
     unsafe { gemv16_q4_0_i(w, x, xsum8, out) }
+}
+
+/// 16 interleaved Q8_0 rows (codes stored + 128) against one Q8_0 input: 8 `vpdpbusd` per
+/// block, then `Σ (w + 128)·x − 128·Σ x = Σ w·x` (exact) and one FMA with the scales.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn gemv16_q8_0_i(w: &[BlockQ8_0x16], x: &[BlockQ8_0], xsum128: &[i32], out: &mut [f32; 16]) {
+    let nb = w.len();
+    assert!(
+        x.len() >= nb && xsum128.len() >= nb,
+        "gemv16_q8_0 input length"
+    );
+    let mut acc = _mm512_setzero_ps();
+    for b in 0..nb {
+        let (wb, xb) = (&w[b], &x[b]);
+        let mut si = _mm512_setzero_si512();
+        for g in 0..8 {
+            // SAFETY: qs[g] is 64 bytes.
+            let v = unsafe { _mm512_loadu_si512(wb.qs[g].as_ptr() as *const _) };
+            let xg = _mm512_set1_epi32(i32::from_le_bytes([
+                xb.qs[4 * g] as u8,
+                xb.qs[4 * g + 1] as u8,
+                xb.qs[4 * g + 2] as u8,
+                xb.qs[4 * g + 3] as u8,
+            ]));
+            si = _mm512_dpbusd_epi32(si, v, xg);
+        }
+        let si = _mm512_sub_epi32(si, _mm512_set1_epi32(xsum128[b]));
+        // SAFETY: d is 16 f16 = 32 bytes.
+        let dw = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(wb.d.as_ptr() as *const __m256i) });
+        let dd = _mm512_mul_ps(dw, _mm512_set1_ps(xb.d.to_f32()));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), dd, acc);
+    }
+    // SAFETY: out is 16 f32.
+    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
+}
+
+fn gemv16_q8_0(w: &[BlockQ8_0x16], x: &[BlockQ8_0], xsum128: &[i32], out: &mut [f32; 16]) {
+    // SAFETY: KERNELS is handed out only when vnni_detected() and the AVX2 tier is available.
+    unsafe { gemv16_q8_0_i(w, x, xsum128, out) }
 }
