@@ -439,10 +439,12 @@ class Model:
     def prompt_gemm(self) -> str:
         """Arithmetic of multi-token (prompt) products.
 
-        ``"bf16"``: weights and activations rounded to bfloat16, exact products, float32 sums
-        (AVX512_BF16 CPUs, weights not f32; about 2.5x faster prompts). ``"f32"``: weights
-        widened to float32. Single-token decoding never uses bf16 arithmetic. Set the
-        environment variable ``SPARSELM_EXACT_GEMM=1`` before loading to force ``"f32"``.
+        ``"bf16"`` (AVX512_BF16 CPUs, weights not f32; 2.5-4x faster prompts): float weights and
+        activations are rounded to bfloat16 with exact products and float32 sums; q8_0/q4_0
+        projections use int8 dot products on inputs quantized to Q8_0 per token, exactly as
+        decoding does (the down projection, stored transposed, goes through bfloat16).
+        ``"f32"``: weights widened to float32. Single-token decoding never uses bf16 arithmetic.
+        Set the environment variable ``SPARSELM_EXACT_GEMM=1`` before loading to force ``"f32"``.
         """
         return str(self._engine.prompt_gemm)
 

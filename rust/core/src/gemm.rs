@@ -23,7 +23,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use crate::kernels::{kernels, Tier};
-use crate::quant::quant_kernels;
+use crate::quant::{self, quant_kernels, BlockQ8_0};
 use crate::tensor::{Matrix, Storage, QBLOCK};
 
 #[cfg(target_arch = "x86_64")]
@@ -36,8 +36,6 @@ const KC_PAIRS: usize = 1024;
 thread_local! {
     /// Per-thread packed weight panel (bf16 bits), reused across calls.
     static PANEL: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
-    /// Per-thread f32 row scratch for dequantizing.
-    static ROWF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// bf16 prompt GEMMs can run here: the dispatched tier is avx512 and the CPU has AVX512_BF16.
@@ -89,20 +87,8 @@ fn row_seg_bf16(w: &Matrix, r: usize, c0: usize, n: usize, out: &mut [u16]) {
             w.row_to_f32(r, &mut t);
             k::f32_to_bf16(&t[c0..c0 + n], out);
         }
-        Storage::Q8_0(_) | Storage::Q4_0(_) => ROWF.with(|t| {
-            let mut t = t.borrow_mut();
-            t.clear();
-            t.resize(n, 0.0);
-            let q = quant_kernels();
-            let (b0, nb) = (s / QBLOCK, n / QBLOCK);
-            // 0 + (1·d)·q is exactly d·q.
-            match &w.data {
-                Storage::Q8_0(b) => (q.axpy_q8_0)(1.0, &b[b0..b0 + nb], &mut t),
-                Storage::Q4_0(b) => (q.axpy_q4_0)(1.0, &b[b0..b0 + nb], &mut t),
-                _ => unreachable!(),
-            }
-            k::f32_to_bf16(&t, out);
-        }),
+        Storage::Q8_0(b) => k::q8_0_to_bf16(&b[s / QBLOCK..(s + n) / QBLOCK], out),
+        Storage::Q4_0(b) => k::q4_0_to_bf16(&b[s / QBLOCK..(s + n) / QBLOCK], out),
     }
 }
 
@@ -288,6 +274,64 @@ pub fn matmul_kn(w: &Matrix, a: &[f32], t: usize, sparse: bool, y: &mut [f32]) {
     }
 }
 
+/// `Y[T, N] = X[T, K] · Wᵀ` for weights in the 16-row interleaved Q4_0/Q8_0 layouts
+/// (`Matrix::into_gemv_layout`): each input row is quantized to Q8_0 as in decoding and the
+/// products are VNNI int8 dot products; every (row, token) result equals what the GEMV of that
+/// token alone gives, bit for bit. Row groups of 16 are split across the current pool.
+pub fn matmul_q16(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
+    let (n, kk) = (w.rows, w.cols);
+    assert!(x.len() >= t * kk && y.len() >= t * n, "matmul_q16 shapes");
+    let nb = kk / QBLOCK;
+    let mut xq = vec![BlockQ8_0::default(); t * nb];
+    for j in 0..t {
+        quant::quantize_row_q8_0(&x[j * kk..(j + 1) * kk], &mut xq[j * nb..(j + 1) * nb])
+            .expect("interleaved matrices have cols % 32 == 0");
+    }
+    let mult = if matches!(w.data, Storage::Q4_0x16(_)) {
+        8
+    } else {
+        128
+    };
+    let xsum: Vec<i32> = xq
+        .iter()
+        .map(|b| mult * b.qs.iter().map(|&v| v as i32).sum::<i32>())
+        .collect();
+    let groups = n / 16;
+    let per = groups
+        .div_ceil(rayon::current_num_threads().max(1) * 4)
+        .max(1);
+    let out = OutPtr(y.as_mut_ptr());
+    let qk = quant_kernels();
+    (0..groups.div_ceil(per)).into_par_iter().for_each(|ci| {
+        let mut tile = vec![0f32; 16 * t];
+        for g in ci * per..((ci + 1) * per).min(groups) {
+            match &w.data {
+                Storage::Q4_0x16(b) => (qk.gemm16_q4_0.expect("layout implies kernel"))(
+                    &b[g * nb..(g + 1) * nb],
+                    &xq,
+                    &xsum,
+                    t,
+                    &mut tile,
+                ),
+                Storage::Q8_0x16(b) => (qk.gemm16_q8_0.expect("layout implies kernel"))(
+                    &b[g * nb..(g + 1) * nb],
+                    &xq,
+                    &xsum,
+                    t,
+                    &mut tile,
+                ),
+                _ => unreachable!("matmul_q16 on a matrix without the interleaved layout"),
+            }
+            for j in 0..t {
+                for i in 0..16 {
+                    // SAFETY: j·n + 16g + i < t·n <= y.len(); row group g belongs to this task.
+                    unsafe { *out.get().add(j * n + 16 * g + i) = tile[16 * j + i] };
+                }
+            }
+        }
+    });
+}
+
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
@@ -373,6 +417,36 @@ mod tests {
                         }
                     }
                     check(&y, &want, &scale, &format!("nk {dt:?} n={n} k={kk} t={t}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_q16_equals_per_token_gemv() {
+        for dt in [DType::Q4_0, DType::Q8_0] {
+            for &(n, kk) in &[(16usize, 32usize), (48, 96), (64, 2048)] {
+                let w =
+                    Matrix::from_f32(n, kk, &data(n * kk, (n + kk) as u32), dt).into_gemv_layout();
+                if !w.is_interleaved() {
+                    eprintln!("no 16-row kernel on this CPU; skipping");
+                    return;
+                }
+                for t in [1usize, 3, 4, 7] {
+                    let x = data(t * kk, (t * 5 + n) as u32);
+                    let mut y = vec![f32::NAN; t * n];
+                    matmul_q16(&w, &x, t, &mut y);
+                    for j in 0..t {
+                        let mut yv = vec![0f32; n];
+                        w.matvec(&x[j * kk..(j + 1) * kk], &mut yv);
+                        for r in 0..n {
+                            assert_eq!(
+                                y[j * n + r].to_bits(),
+                                yv[r].to_bits(),
+                                "{dt:?} n={n} k={kk} t={t}"
+                            );
+                        }
+                    }
                 }
             }
         }

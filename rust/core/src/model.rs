@@ -56,8 +56,9 @@ pub struct Model {
     /// Skip the zero ReLU² neurons in the down projection (exact). Off only for benchmarks
     /// (`SPARSELM_DENSE_MLP=1`), to measure what sparsity buys.
     pub sparse_mlp: bool,
-    /// Prompt GEMMs (T > 1) in bf16 × bf16 → f32 (`crate::gemm`): on when the CPU has
-    /// AVX512_BF16 and the weights are not f32. `SPARSELM_EXACT_GEMM=1` keeps the f32 path.
+    /// Prompt GEMMs (T > 1) in bf16 × bf16 → f32 (`crate::gemm`), and int8 (VNNI) for
+    /// matrices in the interleaved Q8_0/Q4_0 layout: on when the CPU has AVX512_BF16 and the
+    /// weights are not f32. `SPARSELM_EXACT_GEMM=1` keeps the f32 path.
     pub fast_gemm: bool,
 }
 
@@ -141,7 +142,12 @@ impl Model {
     /// `Y = X Wᵀ` for `t` tokens: the bf16 GEMM for prompts when enabled, else `Matrix::matmul`.
     fn matmul(&self, w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
         if self.fast_gemm && t > 1 {
-            gemm::matmul_nk(w, x, t, y);
+            if w.is_interleaved() {
+                // int8 VNNI, inputs quantized to Q8_0 as in decoding
+                gemm::matmul_q16(w, x, t, y);
+            } else {
+                gemm::matmul_nk(w, x, t, y);
+            }
         } else {
             w.matmul(x, t, y);
         }

@@ -130,6 +130,11 @@ impl Matrix {
         }
     }
 
+    /// Whether the rows are in a 16-row interleaved GEMV layout (`into_gemv_layout`).
+    pub fn is_interleaved(&self) -> bool {
+        matches!(self.data, Storage::Q4_0x16(_) | Storage::Q8_0x16(_))
+    }
+
     /// Bytes held by the weights.
     pub fn nbytes(&self) -> usize {
         self.dtype().bytes(self.rows * self.cols)

@@ -102,6 +102,67 @@ pub fn f16_to_bf16(x: &[half::f16], out: &mut [u16]) {
     unsafe { f16_to_bf16_i(x, out) }
 }
 
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn q8_0_to_bf16_i(w: &[crate::quant::BlockQ8_0], out: &mut [u16]) {
+    assert!(out.len() >= 32 * w.len(), "q8_0_to_bf16 output length");
+    let po = out.as_mut_ptr();
+    for (b, blk) in w.iter().enumerate() {
+        let d = _mm512_set1_ps(blk.d.to_f32());
+        let p = blk.qs.as_ptr() as *const __m128i;
+        // SAFETY: qs is 32 bytes (two 16-byte loads); 32·b + 32 <= out.len() (asserted).
+        unsafe {
+            for h in 0..2 {
+                let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(h))));
+                // d·q exactly as the scalar dequantizer, then rounded to bf16
+                let v = _mm512_cvtneps_pbh(_mm512_mul_ps(d, q));
+                _mm256_storeu_si256(
+                    po.add(32 * b + 16 * h) as *mut __m256i,
+                    std::mem::transmute::<__m256bh, __m256i>(v),
+                );
+            }
+        }
+    }
+}
+
+/// Dequantize Q8_0 blocks straight to bf16 bits (`d·q`, then round to nearest even).
+pub fn q8_0_to_bf16(w: &[crate::quant::BlockQ8_0], out: &mut [u16]) {
+    // SAFETY: callers reach this module only after `supported()`.
+    unsafe { q8_0_to_bf16_i(w, out) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn q4_0_to_bf16_i(w: &[crate::quant::BlockQ4_0], out: &mut [u16]) {
+    assert!(out.len() >= 32 * w.len(), "q4_0_to_bf16 output length");
+    let po = out.as_mut_ptr();
+    let codes = _mm512_setr_ps(
+        -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0,
+    );
+    for (b, blk) in w.iter().enumerate() {
+        // every value d·(q − 8) of this block, looked up by code
+        let tab = _mm512_mul_ps(_mm512_set1_ps(blk.d.to_f32()), codes);
+        // SAFETY: qs is 16 bytes; 32·b + 32 <= out.len() (asserted).
+        unsafe {
+            let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.qs.as_ptr() as *const __m128i));
+            let lo = _mm512_cvtneps_pbh(_mm512_permutexvar_ps(idx, tab));
+            let hi = _mm512_cvtneps_pbh(_mm512_permutexvar_ps(_mm512_srli_epi32::<4>(idx), tab));
+            _mm256_storeu_si256(
+                po.add(32 * b) as *mut __m256i,
+                std::mem::transmute::<__m256bh, __m256i>(lo),
+            );
+            _mm256_storeu_si256(
+                po.add(32 * b + 16) as *mut __m256i,
+                std::mem::transmute::<__m256bh, __m256i>(hi),
+            );
+        }
+    }
+}
+
+/// Dequantize Q4_0 blocks straight to bf16 bits (`d·(q − 8)`, then round to nearest even).
+pub fn q4_0_to_bf16(w: &[crate::quant::BlockQ4_0], out: &mut [u16]) {
+    // SAFETY: callers reach this module only after `supported()`.
+    unsafe { q4_0_to_bf16_i(w, out) }
+}
+
 /// Sum each of the four accumulators: `[Σa0, Σa1, Σa2, Σa3]`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512dq")]

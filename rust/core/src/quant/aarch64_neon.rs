@@ -33,6 +33,8 @@ pub(super) const NEON: QuantKernels = QuantKernels {
     axpy4_q4_0: Some(axpy4_q4_0),
     gemv16_q4_0: None,
     gemv16_q8_0: None,
+    gemm16_q4_0: None,
+    gemm16_q8_0: None,
 };
 
 pub(super) const DOTPROD: QuantKernels = QuantKernels {
@@ -46,6 +48,8 @@ pub(super) const DOTPROD: QuantKernels = QuantKernels {
     axpy4_q4_0: Some(axpy4_q4_0),
     gemv16_q4_0: None,
     gemv16_q8_0: None,
+    gemm16_q4_0: None,
+    gemm16_q8_0: None,
 };
 
 const G: usize = scalar::LANES;

@@ -459,6 +459,12 @@ pub struct QuantKernels {
     pub gemv16_q4_0: Option<fn(&[BlockQ4_0x16], &[BlockQ8_0], &[i32], &mut [f32; 16])>,
     /// The Q8_0 twin of `gemv16_q4_0`, given `xsum128[b] = 128 · Σ_j x_b,j`.
     pub gemv16_q8_0: Option<fn(&[BlockQ8_0x16], &[BlockQ8_0], &[i32], &mut [f32; 16])>,
+    /// `gemv16_q4_0` for `t` inputs at once (prompts): `x` is `[t, nb]` blocks, `xsum8` is
+    /// `[t, nb]`, `out` is `[t, 16]`. The weights are unpacked once per block for 4 inputs, and
+    /// each (row, input) result is computed with the same operations as `gemv16_q4_0`.
+    pub gemm16_q4_0: Option<fn(&[BlockQ4_0x16], &[BlockQ8_0], &[i32], usize, &mut [f32])>,
+    /// The Q8_0 twin of `gemm16_q4_0` (`xsum128` instead of `xsum8`).
+    pub gemm16_q8_0: Option<fn(&[BlockQ8_0x16], &[BlockQ8_0], &[i32], usize, &mut [f32])>,
     /// The Q4_0 twin of `axpy4_q8_0` (four `axpy_q4_0` calls, same order, one pass over `y`).
     pub axpy4_q4_0: Option<fn(&[f32; 4], [&[BlockQ4_0]; 4], &mut [f32])>,
 }
@@ -474,6 +480,8 @@ const SCALAR: QuantKernels = QuantKernels {
     axpy4_q4_0: None,
     gemv16_q4_0: None,
     gemv16_q8_0: None,
+    gemm16_q4_0: None,
+    gemm16_q8_0: None,
 };
 
 /// The quantized kernels for `tier`, or `None` if this CPU cannot run `tier`. The AVX-512 tier

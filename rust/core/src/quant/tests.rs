@@ -950,3 +950,63 @@ fn gemv16_q8_0_matches_row_dots() {
         }
     }
 }
+
+#[test]
+fn gemm16_equals_gemv16_per_token() {
+    // Same operations per (row, token): bit-identical to the GEMV kernels.
+    for tier in crate::kernels::Tier::available() {
+        let Some(k) = quant_kernels_for(tier) else {
+            continue;
+        };
+        let (Some(g4), Some(m4), Some(g8), Some(m8)) =
+            (k.gemv16_q4_0, k.gemm16_q4_0, k.gemv16_q8_0, k.gemm16_q8_0)
+        else {
+            continue;
+        };
+        for nb in [1usize, 3, 64] {
+            for t in [1usize, 2, 4, 5, 9] {
+                let r4: Vec<Vec<BlockQ4_0>> = (0..16)
+                    .map(|r| gen_q4(nb, Pattern::Random, (r + 100 * nb) as u32))
+                    .collect();
+                let r8: Vec<Vec<BlockQ8_0>> = (0..16)
+                    .map(|r| gen_q8(nb, Pattern::Random, (r + 300 * nb) as u32))
+                    .collect();
+                let p4: Vec<BlockQ4_0x16> = (0..nb)
+                    .map(|b| BlockQ4_0x16::pack(std::array::from_fn(|r| &r4[r][b])))
+                    .collect();
+                let p8: Vec<BlockQ8_0x16> = (0..nb)
+                    .map(|b| BlockQ8_0x16::pack(std::array::from_fn(|r| &r8[r][b])))
+                    .collect();
+                let x: Vec<BlockQ8_0> = (0..t)
+                    .flat_map(|j| gen_q8(nb, Pattern::Random, (7 * j + nb) as u32))
+                    .collect();
+                let sum = |m: i32| -> Vec<i32> {
+                    x.iter()
+                        .map(|b| m * b.qs.iter().map(|&v| v as i32).sum::<i32>())
+                        .collect()
+                };
+                let (s8, s128) = (sum(8), sum(128));
+                let (mut o4, mut o8) = (vec![0f32; 16 * t], vec![0f32; 16 * t]);
+                m4(&p4, &x, &s8, t, &mut o4);
+                m8(&p8, &x, &s128, t, &mut o8);
+                for j in 0..t {
+                    let (mut w4, mut w8) = ([0f32; 16], [0f32; 16]);
+                    g4(&p4, &x[j * nb..(j + 1) * nb], &s8[j * nb..], &mut w4);
+                    g8(&p8, &x[j * nb..(j + 1) * nb], &s128[j * nb..], &mut w8);
+                    for i in 0..16 {
+                        assert_eq!(
+                            o4[16 * j + i].to_bits(),
+                            w4[i].to_bits(),
+                            "{tier:?} q4 nb={nb} t={t}"
+                        );
+                        assert_eq!(
+                            o8[16 * j + i].to_bits(),
+                            w8[i].to_bits(),
+                            "{tier:?} q8 nb={nb} t={t}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -23,6 +23,8 @@ pub(super) const KERNELS: QuantKernels = QuantKernels {
     axpy4_q4_0: None,
     gemv16_q4_0: None,
     gemv16_q8_0: None,
+    gemm16_q4_0: None,
+    gemm16_q8_0: None,
 };
 
 const G: usize = scalar::LANES;

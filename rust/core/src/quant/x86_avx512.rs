@@ -25,6 +25,8 @@ pub(super) const KERNELS: QuantKernels = QuantKernels {
     axpy4_q4_0: Some(axpy4_q4_0),
     gemv16_q4_0: Some(gemv16_q4_0),
     gemv16_q8_0: Some(gemv16_q8_0),
+    gemm16_q4_0: Some(gemm16_q4_0),
+    gemm16_q8_0: Some(gemm16_q8_0),
 };
 
 const G: usize = scalar::LANES;
@@ -400,4 +402,116 @@ fn gemv16_q8_0_i(w: &[BlockQ8_0x16], x: &[BlockQ8_0], xsum128: &[i32], out: &mut
 fn gemv16_q8_0(w: &[BlockQ8_0x16], x: &[BlockQ8_0], xsum128: &[i32], out: &mut [f32; 16]) {
     // SAFETY: KERNELS is handed out only when vnni_detected() and the AVX2 tier is available.
     unsafe { gemv16_q8_0_i(w, x, xsum128, out) }
+}
+
+/// `xb`'s 4-byte group `k` broadcast to every lane (the signed `vpdpbusd` operand).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn xgroup(xb: &BlockQ8_0, k: usize) -> __m512i {
+    _mm512_set1_epi32(i32::from_le_bytes([
+        xb.qs[4 * k] as u8,
+        xb.qs[4 * k + 1] as u8,
+        xb.qs[4 * k + 2] as u8,
+        xb.qs[4 * k + 3] as u8,
+    ]))
+}
+
+/// Tokens per register tile of the 16-row GEMMs.
+const GT: usize = 4;
+
+/// Prompt version of [`gemv16_q4_0`]: per block, the 16 rows' codes are unpacked once and
+/// reused by up to 4 tokens; per (row, token) the operations equal `gemv16_q4_0`'s.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn gemm16_q4_0_i(w: &[BlockQ4_0x16], x: &[BlockQ8_0], xsum8: &[i32], t: usize, out: &mut [f32]) {
+    let nb = w.len();
+    assert!(
+        x.len() >= t * nb && xsum8.len() >= t * nb && out.len() >= 16 * t,
+        "gemm16_q4_0 shapes"
+    );
+    let m4 = _mm512_set1_epi8(0x0F);
+    let mut t0 = 0;
+    while t0 < t {
+        let m = GT.min(t - t0);
+        let mut acc = [_mm512_setzero_ps(); GT];
+        for b in 0..nb {
+            let wb = &w[b];
+            let mut codes = [_mm512_setzero_si512(); 8];
+            for g in 0..4 {
+                // SAFETY: qs[g] is 64 bytes.
+                let v = unsafe { _mm512_loadu_si512(wb.qs[g].as_ptr() as *const _) };
+                codes[g] = _mm512_and_si512(v, m4);
+                codes[4 + g] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+            }
+            // SAFETY: d is 16 f16 = 32 bytes.
+            let dw =
+                _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(wb.d.as_ptr() as *const __m256i) });
+            for (j, a) in acc.iter_mut().enumerate().take(m) {
+                let xb = &x[(t0 + j) * nb + b];
+                let mut si = _mm512_setzero_si512();
+                for g in 0..4 {
+                    si = _mm512_dpbusd_epi32(si, codes[g], xgroup(xb, g));
+                    si = _mm512_dpbusd_epi32(si, codes[4 + g], xgroup(xb, 4 + g));
+                }
+                let si = _mm512_sub_epi32(si, _mm512_set1_epi32(xsum8[(t0 + j) * nb + b]));
+                let dd = _mm512_mul_ps(dw, _mm512_set1_ps(xb.d.to_f32()));
+                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), dd, *a);
+            }
+        }
+        for (j, a) in acc.iter().enumerate().take(m) {
+            // SAFETY: (t0 + j)·16 + 16 <= 16·t <= out.len().
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add((t0 + j) * 16), *a) };
+        }
+        t0 += m;
+    }
+}
+
+fn gemm16_q4_0(w: &[BlockQ4_0x16], x: &[BlockQ8_0], xsum8: &[i32], t: usize, out: &mut [f32]) {
+    // SAFETY: KERNELS is handed out only when vnni_detected() and the AVX2 tier is available.
+    unsafe { gemm16_q4_0_i(w, x, xsum8, t, out) }
+}
+
+/// Prompt version of [`gemv16_q8_0`] (weights loaded once per block for up to 4 tokens).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn gemm16_q8_0_i(w: &[BlockQ8_0x16], x: &[BlockQ8_0], xsum128: &[i32], t: usize, out: &mut [f32]) {
+    let nb = w.len();
+    assert!(
+        x.len() >= t * nb && xsum128.len() >= t * nb && out.len() >= 16 * t,
+        "gemm16_q8_0 shapes"
+    );
+    let mut t0 = 0;
+    while t0 < t {
+        let m = GT.min(t - t0);
+        let mut acc = [_mm512_setzero_ps(); GT];
+        for b in 0..nb {
+            let wb = &w[b];
+            let mut codes = [_mm512_setzero_si512(); 8];
+            for (g, c) in codes.iter_mut().enumerate() {
+                // SAFETY: qs[g] is 64 bytes.
+                *c = unsafe { _mm512_loadu_si512(wb.qs[g].as_ptr() as *const _) };
+            }
+            // SAFETY: d is 16 f16 = 32 bytes.
+            let dw =
+                _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(wb.d.as_ptr() as *const __m256i) });
+            for (j, a) in acc.iter_mut().enumerate().take(m) {
+                let xb = &x[(t0 + j) * nb + b];
+                let mut si = _mm512_setzero_si512();
+                for (g, c) in codes.iter().enumerate() {
+                    si = _mm512_dpbusd_epi32(si, *c, xgroup(xb, g));
+                }
+                let si = _mm512_sub_epi32(si, _mm512_set1_epi32(xsum128[(t0 + j) * nb + b]));
+                let dd = _mm512_mul_ps(dw, _mm512_set1_ps(xb.d.to_f32()));
+                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), dd, *a);
+            }
+        }
+        for (j, a) in acc.iter().enumerate().take(m) {
+            // SAFETY: (t0 + j)·16 + 16 <= 16·t <= out.len().
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add((t0 + j) * 16), *a) };
+        }
+        t0 += m;
+    }
+}
+
+fn gemm16_q8_0(w: &[BlockQ8_0x16], x: &[BlockQ8_0], xsum128: &[i32], t: usize, out: &mut [f32]) {
+    // SAFETY: KERNELS is handed out only when vnni_detected() and the AVX2 tier is available.
+    unsafe { gemm16_q8_0_i(w, x, xsum128, t, out) }
 }
