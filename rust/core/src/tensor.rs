@@ -282,57 +282,19 @@ impl Matrix {
     /// it and `rows % 16 == 0` (in parallel); other matrices are returned unchanged. For
     /// matrices used by GEMV only (their AXPY and prompt paths take rows out one by one).
     pub fn into_gemv_layout(self) -> Matrix {
-        match self.data {
-            Storage::Q4_0(w)
-                if quant_kernels().gemv16_q4_0.is_some()
-                    && self.rows.is_multiple_of(16)
-                    && self.rows > 0 =>
-            {
-                let nb = self.cols / QBLOCK;
-                let mut out = vec![BlockQ4_0x16::default(); self.rows / 16 * nb];
-                out.par_chunks_mut(nb.max(1))
-                    .enumerate()
-                    .for_each(|(g, o)| {
-                        for (b, ob) in o.iter_mut().enumerate() {
-                            *ob = BlockQ4_0x16::pack(std::array::from_fn(|i| {
-                                &w[(16 * g + i) * nb + b]
-                            }));
-                        }
-                    });
-                Matrix {
-                    rows: self.rows,
-                    cols: self.cols,
-                    data: Storage::Q4_0x16(out),
-                }
+        let (rows, cols) = (self.rows, self.cols);
+        let eligible = rows.is_multiple_of(16) && rows > 0 && cols >= QBLOCK;
+        let nb = cols / QBLOCK;
+        let data = match self.data {
+            Storage::Q4_0(w) if eligible && quant_kernels().gemv16_q4_0.is_some() => {
+                Storage::Q4_0x16(repack_in_place(w, nb, BlockQ4_0x16::pack))
             }
-            Storage::Q8_0(w)
-                if quant_kernels().gemv16_q8_0.is_some()
-                    && self.rows.is_multiple_of(16)
-                    && self.rows > 0 =>
-            {
-                let nb = self.cols / QBLOCK;
-                let mut out = vec![BlockQ8_0x16::default(); self.rows / 16 * nb];
-                out.par_chunks_mut(nb.max(1))
-                    .enumerate()
-                    .for_each(|(g, o)| {
-                        for (b, ob) in o.iter_mut().enumerate() {
-                            *ob = BlockQ8_0x16::pack(std::array::from_fn(|i| {
-                                &w[(16 * g + i) * nb + b]
-                            }));
-                        }
-                    });
-                Matrix {
-                    rows: self.rows,
-                    cols: self.cols,
-                    data: Storage::Q8_0x16(out),
-                }
+            Storage::Q8_0(w) if eligible && quant_kernels().gemv16_q8_0.is_some() => {
+                Storage::Q8_0x16(repack_in_place(w, nb, BlockQ8_0x16::pack))
             }
-            data => Matrix {
-                rows: self.rows,
-                cols: self.cols,
-                data,
-            },
-        }
+            data => data,
+        };
+        Matrix { rows, cols, data }
     }
 
     /// Ask the CPU to start loading row `r` into cache (a hint; no effect on results). Used by
@@ -581,6 +543,41 @@ impl Matrix {
             }
         }
     }
+}
+
+/// Interleave `[rows, nb]` blocks 16 rows at a time into `[rows/16, nb]` packed blocks in the
+/// same allocation (a 16-row group occupies the same bytes before and after), so repacking a
+/// large matrix at load time needs one group of scratch, not a second copy (peak RSS).
+fn repack_in_place<P, Q>(v: Vec<P>, nb: usize, pack: fn([&P; 16]) -> Q) -> Vec<Q>
+where
+    P: Copy + Send + Sync,
+    Q: Copy + Send,
+{
+    assert!(
+        std::mem::size_of::<Q>() == 16 * std::mem::size_of::<P>()
+            && std::mem::align_of::<Q>() == std::mem::align_of::<P>(),
+        "packed block must be 16 plain blocks"
+    );
+    assert!(
+        nb > 0 && v.len().is_multiple_of(16 * nb),
+        "whole 16-row groups"
+    );
+    let mut b = v.into_boxed_slice();
+    b.par_chunks_mut(16 * nb).for_each(|group| {
+        let plain: Vec<P> = group.to_vec();
+        // SAFETY: the chunk holds 16·nb P = nb Q bytes (size asserted), with Q's alignment
+        // (equal to P's); every Q is written before the chunk is read as Q again.
+        let packed: &mut [Q] =
+            unsafe { std::slice::from_raw_parts_mut(group.as_mut_ptr() as *mut Q, nb) };
+        for (bi, o) in packed.iter_mut().enumerate() {
+            *o = pack(std::array::from_fn(|i| &plain[i * nb + bi]));
+        }
+    });
+    let n = b.len() / 16;
+    let ptr = Box::into_raw(b) as *mut P as *mut Q;
+    // SAFETY: the allocation came from a Box<[P]> of 16·n elements: same size as n Q and the
+    // same alignment (asserted), so it is a valid Vec<Q> of length and capacity n.
+    unsafe { Vec::from_raw_parts(ptr, n, n) }
 }
 
 /// Quantize a GEMV input to Q8_0 blocks into `xq` (resized; `x.len()` a multiple of 32).
