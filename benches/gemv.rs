@@ -55,7 +55,8 @@ fn gemv(c: &mut Criterion) {
             if rows == 151936 && dt == DType::F32 {
                 continue; // 1.2 GB: skip to keep the bench's memory and time modest
             }
-            let m = Matrix::from_f32(rows, cols, &w, dt);
+            // the layout the engine loads GEMV matrices into (16-row interleaved where available)
+            let m = Matrix::from_f32(rows, cols, &w, dt).into_gemv_layout();
             g.throughput(Throughput::Bytes(m.nbytes() as u64));
             for threads in thread_counts() {
                 let pool = rayon::ThreadPoolBuilder::new()
@@ -85,9 +86,9 @@ fn sparse_down(c: &mut Criterion) {
         g.sample_size(10);
         for zeros in [0u32, 50, 90, 95, 99] {
             // Active neurons spread uniformly (every k-th row), like a ReLU² mask.
-            let active: Vec<(usize, f32)> = (0..inter)
+            let active: Vec<(u32, f32)> = (0..inter)
                 .filter(|j| (j * 7919 % 100) as u32 >= zeros)
-                .map(|j| (j, 0.5))
+                .map(|j| (j as u32, 0.5))
                 .collect();
             g.throughput(Throughput::Bytes(
                 (active.len() * d * m.nbytes() / (inter * d)) as u64,
@@ -95,25 +96,14 @@ fn sparse_down(c: &mut Criterion) {
             let mut y = vec![0f32; d];
             g.bench_function(BenchmarkId::new("zeros", format!("{zeros}%")), |b| {
                 b.iter(|| {
-                    y.fill(0.0);
-                    let mut quads = active.chunks_exact(4);
-                    for q in &mut quads {
-                        m.axpy_rows4(
-                            [q[0].0, q[1].0, q[2].0, q[3].0],
-                            0,
-                            &[q[0].1, q[1].1, q[2].1, q[3].1],
-                            &mut y,
-                        );
-                    }
-                    for &(j, a) in quads.remainder() {
-                        m.axpy_row(j, 0, a, &mut y);
-                    }
+                    // what one decode thread does with its run of active neurons
+                    m.sparse_axpy(&active, &mut y);
                     black_box(&y);
                 })
             });
         }
         // The dense down projection of the same format: W_down [d, inter] · act.
-        let dense = Matrix::from_f32(d, inter, &w, dt);
+        let dense = Matrix::from_f32(d, inter, &w, dt).into_gemv_layout();
         let act = weights(inter);
         let mut y = vec![0f32; d];
         g.throughput(Throughput::Bytes(dense.nbytes() as u64));

@@ -540,47 +540,14 @@ impl Model {
             let per = st.active.len().div_ceil(threads).max(1);
             let nparts = st.active.len().div_ceil(per).max(1);
             st.parts.resize(nparts * d, 0.0);
-            let quantized = lw.down_t.dtype().is_quantized();
             let active = &st.active;
             st.parts[..nparts * d]
                 .par_chunks_mut(d)
                 .enumerate()
                 .for_each(|(pi, y)| {
-                    y.fill(0.0);
                     let run =
                         &active[(pi * per).min(active.len())..((pi + 1) * per).min(active.len())];
-                    if quantized {
-                        // one row at a time: a single forward stream per thread; the row two
-                        // ahead is prefetched (active rows are scattered, so the hardware
-                        // prefetcher loses the stream at every gap)
-                        for (k, &(j, a)) in run.iter().enumerate() {
-                            if let Some(&(jn, _)) = run.get(k + 2) {
-                                lw.down_t.prefetch_row(jn as usize);
-                            }
-                            lw.down_t.axpy_row(j as usize, 0, a, y);
-                        }
-                        return;
-                    }
-                    // float rows: four per pass over y, the next four prefetched
-                    let mut quads = run.chunks_exact(4);
-                    let mut next = 4;
-                    for q in &mut quads {
-                        for &(jn, _) in run.iter().skip(next).take(4) {
-                            lw.down_t.prefetch_row(jn as usize);
-                        }
-                        next += 4;
-                        let rows = [
-                            q[0].0 as usize,
-                            q[1].0 as usize,
-                            q[2].0 as usize,
-                            q[3].0 as usize,
-                        ];
-                        lw.down_t
-                            .axpy_rows4(rows, 0, &[q[0].1, q[1].1, q[2].1, q[3].1], y);
-                    }
-                    for &(j, a) in quads.remainder() {
-                        lw.down_t.axpy_row(j as usize, 0, a, y);
-                    }
+                    lw.down_t.sparse_axpy(run, y);
                 });
             let (first, rest) = st.parts[..nparts * d].split_at(d);
             st.proj[..d].copy_from_slice(first);

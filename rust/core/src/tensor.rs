@@ -397,6 +397,42 @@ impl Matrix {
         }
     }
 
+    /// `y = Σ_{(j, a) ∈ active} a · row[j]` over whole rows (`y.len() == cols`), in the order
+    /// of `active`: the decode down projection over one thread's run of non-zero neurons.
+    /// Quantized rows go one at a time (a single forward stream) with the row two ahead
+    /// prefetched; float rows four per pass over `y`, the next four prefetched (PERF NOTES in
+    /// kernels/mod.rs).
+    pub fn sparse_axpy(&self, active: &[(u32, f32)], y: &mut [f32]) {
+        y.fill(0.0);
+        if self.dtype().is_quantized() {
+            for (k, &(j, a)) in active.iter().enumerate() {
+                if let Some(&(jn, _)) = active.get(k + 2) {
+                    self.prefetch_row(jn as usize);
+                }
+                self.axpy_row(j as usize, 0, a, y);
+            }
+            return;
+        }
+        let mut quads = active.chunks_exact(4);
+        let mut next = 4;
+        for q in &mut quads {
+            for &(jn, _) in active.iter().skip(next).take(4) {
+                self.prefetch_row(jn as usize);
+            }
+            next += 4;
+            let rows = [
+                q[0].0 as usize,
+                q[1].0 as usize,
+                q[2].0 as usize,
+                q[3].0 as usize,
+            ];
+            self.axpy_rows4(rows, 0, &[q[0].1, q[1].1, q[2].1, q[3].1], y);
+        }
+        for &(j, a) in quads.remainder() {
+            self.axpy_row(j as usize, 0, a, y);
+        }
+    }
+
     /// Sparse rank update of a 4×64 tile of `Y = A · W` (W = this matrix, `[rows, cols]`):
     /// `y[i·64 + c] += Σ_{j ∈ js} act[i·stride + j] · W[j, c0 + c]` for i < 4, c < 64.
     pub fn rank4x64(&self, act: &[f32], stride: usize, js: &[u32], c0: usize, y: &mut [f32; 256]) {
