@@ -287,15 +287,8 @@ pub fn matmul_q16(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
         quant::quantize_row_q8_0(&x[j * kk..(j + 1) * kk], &mut xq[j * nb..(j + 1) * nb])
             .expect("interleaved matrices have cols % 32 == 0");
     }
-    let mult = if matches!(w.data, Storage::Q4_0x16(_)) {
-        8
-    } else {
-        128
-    };
-    let xsum: Vec<i32> = xq
-        .iter()
-        .map(|b| mult * b.qs.iter().map(|&v| v as i32).sum::<i32>())
-        .collect();
+    let mut xsum = Vec::new();
+    w.input_sums(&xq, &mut xsum);
     let groups = n / 16;
     let per = groups
         .div_ceil(rayon::current_num_threads().max(1) * 4)

@@ -6,7 +6,9 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::kernels::kernels;
-use crate::quant::{self, quant_kernels, BlockQ4_0, BlockQ4_0x16, BlockQ8_0, BlockQ8_0x16};
+use crate::quant::{
+    self, quant_kernels, BlockQ4_0, BlockQ4_0x16, BlockQ8_0, BlockQ8_0x16, Interleaved16,
+};
 
 /// Weights per quantization block (Q8_0 and Q4_0).
 pub const QBLOCK: usize = 32;
@@ -18,7 +20,7 @@ thread_local! {
     static ROWQ: std::cell::RefCell<Vec<BlockQ4_0>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Blocks of one row taken out of the interleaved Q8_0x16 layout (reused).
     static ROWQ8: std::cell::RefCell<Vec<BlockQ8_0>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// `8 · Σ x` (Q4_0) or `128 · Σ x` (Q8_0) per input block for the 16-row kernels (reused).
+    /// Input block sums of the current single-call quantized `dot_rows` (reused).
     static XSUM: std::cell::RefCell<Vec<i32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -171,13 +173,18 @@ impl Matrix {
                 .with(|cell| {
                     let mut xq = cell.borrow_mut();
                     quantize_input(x, &mut xq);
-                    self.dot_rows_q(r0, &xq, out);
+                    XSUM.with(|xs| {
+                        let mut xs = xs.borrow_mut();
+                        self.input_sums(&xq, &mut xs);
+                        self.dot_rows_q(r0, &xq, &xs, out);
+                    })
                 }),
         }
     }
 
-    /// `out[i] = row[r0 + i] · xq` for a quantized matrix and a Q8_0 input.
-    fn dot_rows_q(&self, r0: usize, xq: &[BlockQ8_0], out: &mut [f32]) {
+    /// `out[i] = row[r0 + i] · xq` for a quantized matrix and a Q8_0 input; `xs` is
+    /// [`Self::input_sums`] of `xq` (empty unless the layout is interleaved).
+    fn dot_rows_q(&self, r0: usize, xq: &[BlockQ8_0], xs: &[i32], out: &mut [f32]) {
         let qk = quant_kernels();
         let nb = self.cols / QBLOCK;
         match &self.data {
@@ -187,95 +194,43 @@ impl Matrix {
             Storage::Q4_0(w) => out.iter_mut().enumerate().for_each(|(i, o)| {
                 *o = (qk.vec_dot_q4_0_q8_0)(&w[(r0 + i) * nb..(r0 + i + 1) * nb], xq)
             }),
-            Storage::Q4_0x16(w) => XSUM.with(|cell| {
-                let mut xs = cell.borrow_mut();
-                xs.clear();
-                xs.extend(
-                    xq.iter()
-                        .map(|b| 8 * b.qs.iter().map(|&v| v as i32).sum::<i32>()),
-                );
-                let f = qk.gemv16_q4_0.expect("Q4_0x16 exists only with its kernel");
-                let mut i = 0;
-                let mut tile = [0f32; 16];
-                while i < out.len() {
-                    let r = r0 + i;
-                    if r.is_multiple_of(16) && i + 16 <= out.len() {
-                        f(&w[r / 16 * nb..(r / 16 + 1) * nb], xq, &xs, &mut tile);
-                        out[i..i + 16].copy_from_slice(&tile);
-                        i += 16;
-                    } else {
-                        out[i] = self.with_q4x16_row(r, 0, nb, |b| (qk.vec_dot_q4_0_q8_0)(b, xq));
-                        i += 1;
-                    }
-                }
-            }),
-            Storage::Q8_0x16(w) => XSUM.with(|cell| {
-                let mut xs = cell.borrow_mut();
-                xs.clear();
-                xs.extend(
-                    xq.iter()
-                        .map(|b| 128 * b.qs.iter().map(|&v| v as i32).sum::<i32>()),
-                );
-                let f = qk.gemv16_q8_0.expect("Q8_0x16 exists only with its kernel");
-                let mut i = 0;
-                let mut tile = [0f32; 16];
-                while i < out.len() {
-                    let r = r0 + i;
-                    if r.is_multiple_of(16) && i + 16 <= out.len() {
-                        f(&w[r / 16 * nb..(r / 16 + 1) * nb], xq, &xs, &mut tile);
-                        out[i..i + 16].copy_from_slice(&tile);
-                        i += 16;
-                    } else {
-                        out[i] = self.with_q8x16_row(r, 0, nb, |b| (qk.vec_dot_q8_0_q8_0)(b, xq));
-                        i += 1;
-                    }
-                }
-            }),
+            Storage::Q4_0x16(w) => gemv16_rows(
+                w,
+                nb,
+                r0,
+                xq,
+                xs,
+                out,
+                qk.gemv16_q4_0.expect("Q4_0x16 exists only with its kernel"),
+                |r| with_row16(w, nb, r, 0, nb, &ROWQ, |b| (qk.vec_dot_q4_0_q8_0)(b, xq)),
+            ),
+            Storage::Q8_0x16(w) => gemv16_rows(
+                w,
+                nb,
+                r0,
+                xq,
+                xs,
+                out,
+                qk.gemv16_q8_0.expect("Q8_0x16 exists only with its kernel"),
+                |r| with_row16(w, nb, r, 0, nb, &ROWQ8, |b| (qk.vec_dot_q8_0_q8_0)(b, xq)),
+            ),
             _ => unreachable!("dot_rows_q on a float matrix"),
         }
     }
 
-    /// Run `f` on blocks `b0..b0 + nb` of row `r` of an interleaved Q4_0x16 matrix, taken out
-    /// into GGUF layout.
-    fn with_q4x16_row<R>(
-        &self,
-        r: usize,
-        b0: usize,
-        nb: usize,
-        f: impl FnOnce(&[BlockQ4_0]) -> R,
-    ) -> R {
-        let Storage::Q4_0x16(w) = &self.data else {
-            unreachable!("with_q4x16_row on another storage")
+    /// The per-block input terms the 16-row kernels subtract, into `xs` (cleared otherwise):
+    /// `8 · Σ x` for Q4_0x16 (codes offset by 8), `128 · Σ x` for Q8_0x16 (codes stored + 128).
+    pub(crate) fn input_sums(&self, xq: &[BlockQ8_0], xs: &mut Vec<i32>) {
+        xs.clear();
+        let mult = match self.data {
+            Storage::Q4_0x16(_) => 8,
+            Storage::Q8_0x16(_) => 128,
+            _ => return,
         };
-        let nbr = self.cols / QBLOCK;
-        let g = &w[r / 16 * nbr..(r / 16 + 1) * nbr];
-        ROWQ.with(|cell| {
-            let mut v = cell.borrow_mut();
-            v.clear();
-            v.extend(g[b0..b0 + nb].iter().map(|blk| blk.row(r % 16)));
-            f(&v)
-        })
-    }
-
-    /// [`Self::with_q4x16_row`] for the interleaved Q8_0x16 layout.
-    fn with_q8x16_row<R>(
-        &self,
-        r: usize,
-        b0: usize,
-        nb: usize,
-        f: impl FnOnce(&[BlockQ8_0]) -> R,
-    ) -> R {
-        let Storage::Q8_0x16(w) = &self.data else {
-            unreachable!("with_q8x16_row on another storage")
-        };
-        let nbr = self.cols / QBLOCK;
-        let g = &w[r / 16 * nbr..(r / 16 + 1) * nbr];
-        ROWQ8.with(|cell| {
-            let mut v = cell.borrow_mut();
-            v.clear();
-            v.extend(g[b0..b0 + nb].iter().map(|blk| blk.row(r % 16)));
-            f(&v)
-        })
+        xs.extend(
+            xq.iter()
+                .map(|b| mult * b.qs.iter().map(|&v| v as i32).sum::<i32>()),
+        );
     }
 
     /// Interleave a Q4_0 matrix 16 rows at a time for the 16-row GEMV kernel when this CPU has
@@ -352,12 +307,18 @@ impl Matrix {
             Storage::BF16(w) => (k.axpy_bf16)(a, &w[s..e], y),
             Storage::Q8_0(w) => (quant_kernels().axpy_q8_0)(a, &w[s / QBLOCK..e / QBLOCK], y),
             Storage::Q4_0(w) => (quant_kernels().axpy_q4_0)(a, &w[s / QBLOCK..e / QBLOCK], y),
-            Storage::Q4_0x16(_) => self.with_q4x16_row(r, c0 / QBLOCK, y.len() / QBLOCK, |b| {
-                (quant_kernels().axpy_q4_0)(a, b, y)
-            }),
-            Storage::Q8_0x16(_) => self.with_q8x16_row(r, c0 / QBLOCK, y.len() / QBLOCK, |b| {
-                (quant_kernels().axpy_q8_0)(a, b, y)
-            }),
+            Storage::Q4_0x16(w) => {
+                let nbr = self.cols / QBLOCK;
+                with_row16(w, nbr, r, c0 / QBLOCK, y.len() / QBLOCK, &ROWQ, |b| {
+                    (quant_kernels().axpy_q4_0)(a, b, y)
+                })
+            }
+            Storage::Q8_0x16(w) => {
+                let nbr = self.cols / QBLOCK;
+                with_row16(w, nbr, r, c0 / QBLOCK, y.len() / QBLOCK, &ROWQ8, |b| {
+                    (quant_kernels().axpy_q8_0)(a, b, y)
+                })
+            }
         }
     }
 
@@ -477,17 +438,10 @@ impl Matrix {
                 out.fill(0.0);
                 (quant_kernels().axpy_q4_0)(1.0, &w[r * nb..(r + 1) * nb], out);
             }
-            Storage::Q4_0x16(_) => {
+            // Interleaved rows: the AXPY above on the row taken out (0 + (1·d)·q = d·q).
+            Storage::Q4_0x16(_) | Storage::Q8_0x16(_) => {
                 out.fill(0.0);
-                self.with_q4x16_row(r, 0, self.cols / QBLOCK, |b| {
-                    (quant_kernels().axpy_q4_0)(1.0, b, out)
-                });
-            }
-            Storage::Q8_0x16(_) => {
-                out.fill(0.0);
-                self.with_q8x16_row(r, 0, self.cols / QBLOCK, |b| {
-                    (quant_kernels().axpy_q8_0)(1.0, b, out)
-                });
+                self.axpy_row(r, 0, 1.0, out);
             }
         }
     }
@@ -502,11 +456,12 @@ impl Matrix {
         }
         if self.dtype().is_quantized() {
             // Quantize the input once; every row task reuses the same blocks.
-            let mut xq = Vec::new();
+            let (mut xq, mut xs) = (Vec::new(), Vec::new());
             quantize_input(x, &mut xq);
+            self.input_sums(&xq, &mut xs);
             y.par_chunks_mut(chunk)
                 .enumerate()
-                .for_each(|(ci, ys)| self.dot_rows_q(ci * chunk, &xq, ys));
+                .for_each(|(ci, ys)| self.dot_rows_q(ci * chunk, &xq, &xs, ys));
         } else {
             y.par_chunks_mut(chunk)
                 .enumerate()
@@ -610,6 +565,54 @@ where
     // SAFETY: the allocation came from a Box<[P]> of 16·n elements: same size as n Q and the
     // same alignment (asserted), so it is a valid Vec<Q> of length and capacity n.
     unsafe { Vec::from_raw_parts(ptr, n, n) }
+}
+
+/// Run `f` on blocks `b0..b0 + nb` of row `r` of an interleaved matrix (`nbr` blocks per row),
+/// taken out into GGUF layout in the thread-local buffer `buf`.
+fn with_row16<B: Interleaved16, R>(
+    w: &[B],
+    nbr: usize,
+    r: usize,
+    b0: usize,
+    nb: usize,
+    buf: &'static std::thread::LocalKey<std::cell::RefCell<Vec<B::Row>>>,
+    f: impl FnOnce(&[B::Row]) -> R,
+) -> R {
+    let g = &w[r / 16 * nbr..(r / 16 + 1) * nbr];
+    buf.with(|cell| {
+        let mut v = cell.borrow_mut();
+        v.clear();
+        v.extend(g[b0..b0 + nb].iter().map(|blk| blk.row(r % 16)));
+        f(&v)
+    })
+}
+
+/// `out[i] = row[r0 + i] · xq` over an interleaved matrix: whole aligned groups of 16 rows
+/// through the 16-row `kernel`, the others one by one through `row_dot`.
+#[allow(clippy::too_many_arguments)]
+fn gemv16_rows<B>(
+    w: &[B],
+    nb: usize,
+    r0: usize,
+    xq: &[BlockQ8_0],
+    xs: &[i32],
+    out: &mut [f32],
+    kernel: fn(&[B], &[BlockQ8_0], &[i32], &mut [f32; 16]),
+    row_dot: impl Fn(usize) -> f32,
+) {
+    let mut i = 0;
+    let mut tile = [0f32; 16];
+    while i < out.len() {
+        let r = r0 + i;
+        if r.is_multiple_of(16) && i + 16 <= out.len() {
+            kernel(&w[r / 16 * nb..(r / 16 + 1) * nb], xq, xs, &mut tile);
+            out[i..i + 16].copy_from_slice(&tile);
+            i += 16;
+        } else {
+            out[i] = row_dot(r);
+            i += 1;
+        }
+    }
 }
 
 /// Quantize a GEMV input to Q8_0 blocks into `xq` (resized; `x.len()` a multiple of 32).

@@ -174,6 +174,26 @@ impl BlockQ4_0x16 {
     }
 }
 
+/// A block of 16 interleaved rows that can give back one row's block in GGUF layout.
+pub trait Interleaved16: Copy {
+    type Row: Copy;
+    fn row(&self, i: usize) -> Self::Row;
+}
+
+impl Interleaved16 for BlockQ4_0x16 {
+    type Row = BlockQ4_0;
+    fn row(&self, i: usize) -> BlockQ4_0 {
+        BlockQ4_0x16::row(self, i)
+    }
+}
+
+impl Interleaved16 for BlockQ8_0x16 {
+    type Row = BlockQ8_0;
+    fn row(&self, i: usize) -> BlockQ8_0 {
+        BlockQ8_0x16::row(self, i)
+    }
+}
+
 const _: () = assert!(std::mem::size_of::<BlockQ4_0x16>() == 16 * 18);
 
 /// Block `b` of 16 consecutive Q8_0 rows interleaved for the 16-row GEMV kernel, like
