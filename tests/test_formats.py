@@ -232,3 +232,25 @@ def test_bf16_prompt_then_decode_tracks_full_forward(dtype: str, wide_model: str
         errs.append(float(np.abs(step - full[i]).max()) / scale)
     print(f"[formats] bf16 prompt + decode, {dtype}: max rel err {max(errs):.2e}")
     assert max(errs) <= 4e-2, (dtype, max(errs))
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "f16"])
+def test_sparse_decode_equals_dense_decode(
+    dtype: str, wide_model: str, prompt: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Skipping the zero ReLU² neurons in decode changes nothing: with one thread (one float
+    summation order) the quantized engines give the same bits with SPARSELM_DENSE_MLP=1 (every
+    neuron visited) as without, and the float engines the same values to rounding."""
+
+    def decode(dense: bool) -> np.ndarray:
+        monkeypatch.setenv("SPARSELM_DENSE_MLP", "1" if dense else "0")
+        s = sparselm.load(wide_model, dtype=dtype, threads=1).session()
+        s.feed(prompt[:4])
+        return np.stack([s.feed([t], attention="absorbed") for t in prompt[4:12]])
+
+    sparse, dense = decode(False), decode(True)
+    if dtype == "f16":
+        scale = float(np.abs(dense).max())
+        assert float(np.abs(sparse - dense).max()) <= 1e-5 * scale
+    else:
+        assert np.array_equal(sparse.view(np.uint32), dense.view(np.uint32)), dtype

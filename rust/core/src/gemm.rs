@@ -24,6 +24,8 @@ use rayon::prelude::*;
 
 use crate::kernels::{kernels, Tier};
 use crate::quant::{self, quant_kernels, BlockQ8_0};
+#[cfg(target_arch = "x86_64")]
+use crate::quant::{Planar, PlanarBlock};
 use crate::tensor::{Matrix, Storage, QBLOCK};
 
 #[cfg(target_arch = "x86_64")]
@@ -82,6 +84,23 @@ fn row_seg_bf16(w: &Matrix, r: usize, c0: usize, n: usize, out: &mut [u16]) {
                 *o = x.to_bits();
             }
         }
+        // planar rows: blocks joined back 8 at a time, then the GGUF converters
+        Storage::Q4_0P(p) => planar_seg_bf16(
+            p,
+            r,
+            s / QBLOCK - r * p.nb,
+            n / QBLOCK,
+            out,
+            k::q4_0_to_bf16,
+        ),
+        Storage::Q8_0P(p) => planar_seg_bf16(
+            p,
+            r,
+            s / QBLOCK - r * p.nb,
+            n / QBLOCK,
+            out,
+            k::q8_0_to_bf16,
+        ),
         Storage::Q4_0x16(_) | Storage::Q8_0x16(_) => {
             let mut t = vec![0f32; w.cols];
             w.row_to_f32(r, &mut t);
@@ -89,6 +108,26 @@ fn row_seg_bf16(w: &Matrix, r: usize, c0: usize, n: usize, out: &mut [u16]) {
         }
         Storage::Q8_0(b) => k::q8_0_to_bf16(&b[s / QBLOCK..(s + n) / QBLOCK], out),
         Storage::Q4_0(b) => k::q4_0_to_bf16(&b[s / QBLOCK..(s + n) / QBLOCK], out),
+    }
+}
+
+/// Blocks `b0..b0 + nb` of planar row `r` as bf16 through the GGUF block converter `conv`.
+#[cfg(target_arch = "x86_64")]
+fn planar_seg_bf16<B: PlanarBlock + Default>(
+    p: &Planar<B::Codes>,
+    r: usize,
+    b0: usize,
+    nb: usize,
+    out: &mut [u16],
+    conv: fn(&[B], &mut [u16]),
+) {
+    let mut tmp = [B::default(); 8];
+    for c in (0..nb).step_by(8) {
+        let m = 8.min(nb - c);
+        for (i, t) in tmp[..m].iter_mut().enumerate() {
+            *t = p.block(r, b0 + c + i);
+        }
+        conv(&tmp[..m], &mut out[c * QBLOCK..(c + m) * QBLOCK]);
     }
 }
 

@@ -200,7 +200,12 @@ fn transpose_storage(s: Storage, rows: usize, cols: usize) -> Storage {
         Storage::F32(v) => Storage::F32(transpose(&v, rows, cols)),
         Storage::F16(v) => Storage::F16(transpose(&v, rows, cols)),
         Storage::BF16(v) => Storage::BF16(transpose(&v, rows, cols)),
-        Storage::Q8_0(_) | Storage::Q4_0(_) | Storage::Q4_0x16(_) | Storage::Q8_0x16(_) => {
+        Storage::Q8_0(_)
+        | Storage::Q4_0(_)
+        | Storage::Q4_0x16(_)
+        | Storage::Q8_0x16(_)
+        | Storage::Q4_0P(_)
+        | Storage::Q8_0P(_) => {
             unreachable!("quantize after transposing")
         }
     }
@@ -362,8 +367,9 @@ pub fn load_weights(
             Loaded::Mat(m) => m,
             Loaded::Norm(_) => unreachable!("tensor_table order: matrix expected"),
         };
-        // GEMV-only matrices may take an interleaved layout (Matrix::into_gemv_layout); kv_b
-        // (AXPY rows in absorbed attention) and down_t (sparse AXPY) keep theirs.
+        // GEMV-only matrices may take an interleaved layout (Matrix::into_gemv_layout), down_t
+        // the planar layout of the int8 down kernel (Matrix::into_down_layout); kv_b (AXPY
+        // rows in absorbed attention) keeps its own.
         layers.push(LayerWeights {
             input_norm: norm(next()),
             q_proj: m(next()).into_gemv_layout(),
@@ -373,7 +379,7 @@ pub fn load_weights(
             o_proj: m(next()).into_gemv_layout(),
             post_norm: norm(next()),
             up: m(next()).into_gemv_layout(),
-            down_t: m(next()),
+            down_t: m(next()).into_down_layout(),
         });
     }
     let norm = match it.next() {

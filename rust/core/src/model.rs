@@ -536,19 +536,28 @@ impl Model {
             // added. Whole rows read front to back keep the hardware prefetcher streaming;
             // splitting columns instead (each thread reading half of every row) measured
             // 1.3-1.8x slower from DRAM (PERF NOTES in kernels/mod.rs).
+            // With the planar int8 kernel, runs are cut between groups of its rows so each
+            // group is summed in one call (then sparse on and off give the same bits).
             let threads = rayon::current_num_threads().max(1);
-            let per = st.active.len().div_ceil(threads).max(1);
-            let nparts = st.active.len().div_ceil(per).max(1);
-            st.parts.resize(nparts * d, 0.0);
             let active = &st.active;
+            let per = active.len().div_ceil(threads).max(1);
+            let group = lw.down_t.down_group_rows();
+            let cut = |i: usize| {
+                let k = (i * per).min(active.len());
+                match group {
+                    Some(g) if k > 0 && k < active.len() => {
+                        let gk = active[k - 1].0 as usize / g;
+                        k + active[k..].partition_point(|&(j, _)| j as usize / g == gk)
+                    }
+                    _ => k,
+                }
+            };
+            let nparts = active.len().div_ceil(per).max(1);
+            st.parts.resize(nparts * d, 0.0);
             st.parts[..nparts * d]
                 .par_chunks_mut(d)
                 .enumerate()
-                .for_each(|(pi, y)| {
-                    let run =
-                        &active[(pi * per).min(active.len())..((pi + 1) * per).min(active.len())];
-                    lw.down_t.sparse_axpy(run, y);
-                });
+                .for_each(|(pi, y)| lw.down_t.sparse_axpy(&active[cut(pi)..cut(pi + 1)], y));
             let (first, rest) = st.parts[..nparts * d].split_at(d);
             st.proj[..d].copy_from_slice(first);
             for part in rest.chunks(d) {

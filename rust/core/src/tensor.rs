@@ -7,7 +7,8 @@ use rayon::prelude::*;
 
 use crate::kernels::kernels;
 use crate::quant::{
-    self, quant_kernels, BlockQ4_0, BlockQ4_0x16, BlockQ8_0, BlockQ8_0x16, Interleaved16,
+    self, quant_kernels, BlockQ4_0, BlockQ4_0x16, BlockQ8_0, BlockQ8_0x16, Interleaved16, Planar,
+    PlanarBlock,
 };
 
 /// Weights per quantization block (Q8_0 and Q4_0).
@@ -75,6 +76,11 @@ pub enum Storage {
     Q4_0x16(Vec<BlockQ4_0x16>),
     /// Q8_0 rows interleaved 16 at a time (see `BlockQ8_0x16`); same values as `Q8_0`.
     Q8_0x16(Vec<BlockQ8_0x16>),
+    /// Q4_0 rows with scales and codes in separate arrays (`quant::Planar`), for the int8
+    /// down-projection kernel (`Matrix::into_down_layout`); same bytes as `Q4_0`.
+    Q4_0P(Planar<[u8; 16]>),
+    /// Planar Q8_0 (codes stored + 128); same values as `Q8_0`.
+    Q8_0P(Planar<[u8; 32]>),
 }
 
 /// Row-major `[rows, cols]` weights.
@@ -127,8 +133,8 @@ impl Matrix {
             Storage::F32(_) => DType::F32,
             Storage::F16(_) => DType::F16,
             Storage::BF16(_) => DType::BF16,
-            Storage::Q8_0(_) | Storage::Q8_0x16(_) => DType::Q8_0,
-            Storage::Q4_0(_) | Storage::Q4_0x16(_) => DType::Q4_0,
+            Storage::Q8_0(_) | Storage::Q8_0x16(_) | Storage::Q8_0P(_) => DType::Q8_0,
+            Storage::Q4_0(_) | Storage::Q4_0x16(_) | Storage::Q4_0P(_) => DType::Q4_0,
         }
     }
 
@@ -169,16 +175,20 @@ impl Matrix {
                 .iter_mut()
                 .enumerate()
                 .for_each(|(i, o)| *o = (k.dot_bf16)(&w[(r0 + i) * c..(r0 + i + 1) * c], x)),
-            Storage::Q8_0(_) | Storage::Q4_0(_) | Storage::Q4_0x16(_) | Storage::Q8_0x16(_) => XQ
-                .with(|cell| {
-                    let mut xq = cell.borrow_mut();
-                    quantize_input(x, &mut xq);
-                    XSUM.with(|xs| {
-                        let mut xs = xs.borrow_mut();
-                        self.input_sums(&xq, &mut xs);
-                        self.dot_rows_q(r0, &xq, &xs, out);
-                    })
-                }),
+            Storage::Q8_0(_)
+            | Storage::Q4_0(_)
+            | Storage::Q4_0x16(_)
+            | Storage::Q8_0x16(_)
+            | Storage::Q4_0P(_)
+            | Storage::Q8_0P(_) => XQ.with(|cell| {
+                let mut xq = cell.borrow_mut();
+                quantize_input(x, &mut xq);
+                XSUM.with(|xs| {
+                    let mut xs = xs.borrow_mut();
+                    self.input_sums(&xq, &mut xs);
+                    self.dot_rows_q(r0, &xq, &xs, out);
+                })
+            }),
         }
     }
 
@@ -214,6 +224,16 @@ impl Matrix {
                 qk.gemv16_q8_0.expect("Q8_0x16 exists only with its kernel"),
                 |r| with_row16(w, nb, r, 0, nb, &ROWQ8, |b| (qk.vec_dot_q8_0_q8_0)(b, xq)),
             ),
+            Storage::Q4_0P(p) => out.iter_mut().enumerate().for_each(|(i, o)| {
+                *o = with_planar_row(p, nb, r0 + i, 0, nb, &ROWQ, |b| {
+                    (qk.vec_dot_q4_0_q8_0)(b, xq)
+                })
+            }),
+            Storage::Q8_0P(p) => out.iter_mut().enumerate().for_each(|(i, o)| {
+                *o = with_planar_row(p, nb, r0 + i, 0, nb, &ROWQ8, |b| {
+                    (qk.vec_dot_q8_0_q8_0)(b, xq)
+                })
+            }),
             _ => unreachable!("dot_rows_q on a float matrix"),
         }
     }
@@ -252,6 +272,31 @@ impl Matrix {
         Matrix { rows, cols, data }
     }
 
+    /// Split a Q4_0 / Q8_0 matrix into the planar layout of the int8 down-projection kernel
+    /// (`quant::Planar`) when this CPU has that kernel; other matrices are returned unchanged.
+    /// For the transposed down projection, whose decode path is [`Self::sparse_axpy`].
+    pub fn into_down_layout(self) -> Matrix {
+        let (rows, cols) = (self.rows, self.cols);
+        let data = match self.data {
+            Storage::Q4_0(w) if quant_kernels().down_q4_0.is_some() => {
+                Storage::Q4_0P(Planar::from_blocks(&w, rows, cols / QBLOCK))
+            }
+            Storage::Q8_0(w) if quant_kernels().down_q8_0.is_some() => {
+                Storage::Q8_0P(Planar::from_blocks(&w, rows, cols / QBLOCK))
+            }
+            data => data,
+        };
+        Matrix { rows, cols, data }
+    }
+
+    /// Rows per coefficient group of the planar down kernel (`Some(32)`), `None` for other
+    /// layouts. [`Self::sparse_axpy`] gives the same bits for any subset of a group's zero
+    /// activations only if each group is summed in one call: callers that split the active
+    /// list across threads cut it at multiples of this.
+    pub fn down_group_rows(&self) -> Option<usize> {
+        matches!(self.data, Storage::Q4_0P(_) | Storage::Q8_0P(_)).then_some(DOWN_GROUP)
+    }
+
     /// Ask the CPU to start loading row `r` into cache (a hint; no effect on results). Used by
     /// the sparse down projection, whose scattered rows defeat the hardware prefetcher.
     #[inline]
@@ -278,6 +323,8 @@ impl Matrix {
                 }
                 // rows are interleaved; these matrices are not used by AXPY paths
                 Storage::Q4_0x16(_) | Storage::Q8_0x16(_) => return,
+                // planar groups are read front to back (hardware prefetch)
+                Storage::Q4_0P(_) | Storage::Q8_0P(_) => return,
             };
             let mut off = 0;
             while off < len {
@@ -319,6 +366,18 @@ impl Matrix {
                     (quant_kernels().axpy_q8_0)(a, b, y)
                 })
             }
+            Storage::Q4_0P(p) => {
+                let nbr = self.cols / QBLOCK;
+                with_planar_row(p, nbr, r, c0 / QBLOCK, y.len() / QBLOCK, &ROWQ, |b| {
+                    (quant_kernels().axpy_q4_0)(a, b, y)
+                })
+            }
+            Storage::Q8_0P(p) => {
+                let nbr = self.cols / QBLOCK;
+                with_planar_row(p, nbr, r, c0 / QBLOCK, y.len() / QBLOCK, &ROWQ8, |b| {
+                    (quant_kernels().axpy_q8_0)(a, b, y)
+                })
+            }
         }
     }
 
@@ -350,7 +409,12 @@ impl Matrix {
                 };
                 f(a, [row(0), row(1), row(2), row(3)], y)
             }
-            Storage::Q8_0(_) | Storage::Q4_0(_) | Storage::Q4_0x16(_) | Storage::Q8_0x16(_) => {
+            Storage::Q8_0(_)
+            | Storage::Q4_0(_)
+            | Storage::Q4_0x16(_)
+            | Storage::Q8_0x16(_)
+            | Storage::Q4_0P(_)
+            | Storage::Q8_0P(_) => {
                 for i in 0..4 {
                     self.axpy_row(r[i], c0, a[i], y);
                 }
@@ -364,6 +428,11 @@ impl Matrix {
     /// prefetched; float rows four per pass over `y` (PERF NOTES in kernels/mod.rs).
     pub fn sparse_axpy(&self, active: &[(u32, f32)], y: &mut [f32]) {
         y.fill(0.0);
+        match &self.data {
+            Storage::Q4_0P(p) => return self.planar_down(p, quant_kernels().down_q4_0, active, y),
+            Storage::Q8_0P(p) => return self.planar_down(p, quant_kernels().down_q8_0, active, y),
+            _ => {}
+        }
         if self.dtype().is_quantized() {
             for (k, &(j, a)) in active.iter().enumerate() {
                 if let Some(&(jn, _)) = active.get(k + 2) {
@@ -390,6 +459,61 @@ impl Matrix {
         }
     }
 
+    /// `y += Σ_{(j, a) ∈ active} a · row[j]` through the planar int8 kernel: the (sorted)
+    /// active list is cut into the groups of [`DOWN_GROUP`] consecutive rows and each group
+    /// goes to the kernel in one call, either whole or as its active rows (padded to a
+    /// multiple of 4 with zero coefficients; see [`DOWN_DENSE_AT`]): the same bits either way.
+    fn planar_down<Q: quant::Pod>(
+        &self,
+        p: &Planar<Q>,
+        kernel: Option<quant::DownKernel<Q>>,
+        active: &[(u32, f32)],
+        y: &mut [f32],
+    ) {
+        let kernel = kernel.expect("the planar layout exists only with its kernel");
+        let group = |j: u32| j as usize / DOWN_GROUP;
+        let (mut rows, mut a) = ([0u32; DOWN_GROUP], [0f32; DOWN_GROUP]);
+        let mut s = 0;
+        while s < active.len() {
+            let g = group(active[s].0);
+            let e = s + active[s..].partition_point(|&(j, _)| group(j) == g);
+            let (d, qs, gr) = p.group(g);
+            let n = if e - s >= DOWN_DENSE_AT {
+                // dense group: all rows, zeros included (same bits), read front to back
+                rows[..gr]
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, r)| *r = i as u32);
+                a[..gr].fill(0.0);
+                for &(j, v) in &active[s..e] {
+                    a[j as usize % DOWN_GROUP] = v;
+                }
+                gr
+            } else {
+                for (i, &(j, v)) in active[s..e].iter().enumerate() {
+                    (rows[i], a[i]) = (j % DOWN_GROUP as u32, v);
+                }
+                e - s
+            };
+            let n4 = n.div_ceil(4) * 4;
+            for i in n..n4 {
+                (rows[i], a[i]) = (rows[0], 0.0);
+            }
+            // the next group's active rows start loading now, unless it will be read densely
+            let ne = match active.get(e) {
+                Some(&(jn, _)) => e + active[e..].partition_point(|&(j, _)| group(j) == group(jn)),
+                None => e,
+            };
+            if ne - e < DOWN_DENSE_AT {
+                for &(j, _) in &active[e..ne] {
+                    p.prefetch_row(j as usize);
+                }
+            }
+            kernel(d, qs, gr, p.nb, &rows[..n4], &a[..n4], y);
+            s = e;
+        }
+    }
+
     /// Sparse rank update of a 4×64 tile of `Y = A · W` (W = this matrix, `[rows, cols]`):
     /// `y[i·64 + c] += Σ_{j ∈ js} act[i·stride + j] · W[j, c0 + c]` for i < 4, c < 64.
     pub fn rank4x64(&self, act: &[f32], stride: usize, js: &[u32], c0: usize, y: &mut [f32; 256]) {
@@ -399,7 +523,12 @@ impl Matrix {
             Storage::F32(w) => (k.rank4x64_f32)(act, stride, js, &w[c0..], c, y),
             Storage::F16(w) => (k.rank4x64_f16)(act, stride, js, &w[c0..], c, y),
             Storage::BF16(w) => (k.rank4x64_bf16)(act, stride, js, &w[c0..], c, y),
-            Storage::Q8_0(_) | Storage::Q4_0(_) | Storage::Q4_0x16(_) | Storage::Q8_0x16(_) => {
+            Storage::Q8_0(_)
+            | Storage::Q4_0(_)
+            | Storage::Q4_0x16(_)
+            | Storage::Q8_0x16(_)
+            | Storage::Q4_0P(_)
+            | Storage::Q8_0P(_) => {
                 for &j in js {
                     for i in 0..4 {
                         let a = act[i * stride + j as usize];
@@ -438,8 +567,8 @@ impl Matrix {
                 out.fill(0.0);
                 (quant_kernels().axpy_q4_0)(1.0, &w[r * nb..(r + 1) * nb], out);
             }
-            // Interleaved rows: the AXPY above on the row taken out (0 + (1·d)·q = d·q).
-            Storage::Q4_0x16(_) | Storage::Q8_0x16(_) => {
+            // Interleaved / planar rows: the AXPY above on the row taken out (0 + (1·d)·q = d·q).
+            Storage::Q4_0x16(_) | Storage::Q8_0x16(_) | Storage::Q4_0P(_) | Storage::Q8_0P(_) => {
                 out.fill(0.0);
                 self.axpy_row(r, 0, 1.0, out);
             }
@@ -587,6 +716,35 @@ fn with_row16<B: Interleaved16, R>(
     })
 }
 
+/// Rows per coefficient group of the planar down kernel (one kernel call per group).
+pub const DOWN_GROUP: usize = quant::PLANAR_GROUP;
+/// A planar group with at least this many active rows is read whole, front to back (zero
+/// rows included: same bits, and the hardware prefetcher streams it); sparser groups read
+/// only their active rows, prefetched one group ahead. Measured on W_downᵀ 8192×2048 from
+/// DRAM, 2 threads (`examples/down_probe`): reading every group whole is best at 0 % zeros
+/// and worst at 90 %; prefetching dense groups cost up to 40 %; 12 was best at 50 % zeros.
+pub const DOWN_DENSE_AT: usize = 12;
+
+/// Run `f` on blocks `b0..b0 + nb` of row `r` of a planar matrix (`nbr` blocks per row),
+/// joined back into GGUF blocks in the thread-local buffer `buf`.
+fn with_planar_row<B: PlanarBlock, R>(
+    p: &Planar<B::Codes>,
+    nbr: usize,
+    r: usize,
+    b0: usize,
+    nb: usize,
+    buf: &'static std::thread::LocalKey<std::cell::RefCell<Vec<B>>>,
+    f: impl FnOnce(&[B]) -> R,
+) -> R {
+    buf.with(|cell| {
+        let mut v = cell.borrow_mut();
+        v.clear();
+        debug_assert_eq!(nbr, p.nb);
+        v.extend((b0..b0 + nb).map(|b| p.block::<B>(r, b)));
+        f(&v)
+    })
+}
+
 /// `out[i] = row[r0 + i] · xq` over an interleaved matrix: whole aligned groups of 16 rows
 /// through the 16-row `kernel`, the others one by one through `row_dot`.
 #[allow(clippy::too_many_arguments)]
@@ -630,6 +788,78 @@ fn row_chunk(rows: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The planar down layout (where this CPU has its kernel): same rows as the GGUF layout,
+    /// `sparse_axpy` equal to the f32 AXPY within the int8 coefficient rounding, and the same
+    /// bits whether a group is read whole or as its active rows only (zeros are free).
+    #[test]
+    fn planar_down_layout_matches_rows_and_ignores_zeros() {
+        // 80 rows: groups of 32, 32, 16; 20 blocks per row: Q4_0 chunks 8, 8, 4; scale tiles 16, 4
+        let (rows, cols) = (80usize, 640usize);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 2654435761usize) % 1999) as f32 / 999.5 - 1.0)
+            .collect();
+        for dt in [DType::Q8_0, DType::Q4_0] {
+            let plain = Matrix::from_f32(rows, cols, &w, dt);
+            let planar = plain.clone().into_down_layout();
+            if planar.down_group_rows().is_none() {
+                assert!(
+                    quant_kernels().down_q4_0.is_none(),
+                    "kernel present but layout unused"
+                );
+                continue;
+            }
+            assert_eq!(planar.dtype(), dt);
+            let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+            for r in [0, 31, 32, 63, 64, 79] {
+                plain.row_to_f32(r, &mut a);
+                planar.row_to_f32(r, &mut b);
+                assert_eq!(a, b, "{dt:?} row {r}");
+            }
+            // activations: ~60 % zeros, group 1 dense enough to be read whole, group 2 sparse
+            let act: Vec<f32> = (0..rows)
+                .map(|j| {
+                    if (j * 7 + 3) % 5 < 3 && !(32..50).contains(&j) {
+                        0.0
+                    } else {
+                        (j % 9) as f32 * 0.37 + 0.1
+                    }
+                })
+                .collect();
+            let active: Vec<(u32, f32)> = act
+                .iter()
+                .enumerate()
+                .filter(|(_, &v)| v != 0.0)
+                .map(|(j, &v)| (j as u32, v))
+                .collect();
+            let all: Vec<(u32, f32)> = act
+                .iter()
+                .enumerate()
+                .map(|(j, &v)| (j as u32, v))
+                .collect();
+            let (mut y_sparse, mut y_all, mut y_rows) =
+                (vec![0f32; cols], vec![0f32; cols], vec![0f32; cols]);
+            planar.sparse_axpy(&active, &mut y_sparse);
+            planar.sparse_axpy(&all, &mut y_all);
+            plain.sparse_axpy(&active, &mut y_rows);
+            assert!(
+                y_sparse
+                    .iter()
+                    .zip(&y_all)
+                    .all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{dt:?}: zeros changed the planar result"
+            );
+            let scale = y_rows.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = y_sparse
+                .iter()
+                .zip(&y_rows)
+                .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(
+                err <= 2e-2 * scale,
+                "{dt:?}: planar vs rows AXPY {err} (scale {scale})"
+            );
+        }
+    }
 
     #[test]
     fn quantized_rows_widen_exactly() {

@@ -35,6 +35,8 @@ pub(super) const NEON: QuantKernels = QuantKernels {
     gemv16_q8_0: None,
     gemm16_q4_0: None,
     gemm16_q8_0: None,
+    down_q4_0: None,
+    down_q8_0: None,
 };
 
 pub(super) const DOTPROD: QuantKernels = QuantKernels {
@@ -50,6 +52,8 @@ pub(super) const DOTPROD: QuantKernels = QuantKernels {
     gemv16_q8_0: None,
     gemm16_q4_0: None,
     gemm16_q8_0: None,
+    down_q4_0: None,
+    down_q8_0: None,
 };
 
 const G: usize = scalar::LANES;

@@ -7,7 +7,10 @@
 
 use half::f16;
 
-use super::{quantize_block_q8_0, BlockQ4_0, BlockQ8_0, QK4_0, QK8_0};
+use super::{
+    planar_chunk, planar_index, quantize_block_q8_0, BlockQ4_0, BlockQ8_0, PLANAR_TILE, QK4_0,
+    QK8_0,
+};
 
 /// Number of interleaved f32 partial sums of the dot kernels (one per `__m256` lane).
 pub const LANES: usize = 8;
@@ -114,4 +117,85 @@ pub fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
     for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK8_0)) {
         *b = quantize_block_q8_0(xs.try_into().expect("chunks_exact(32)"));
     }
+}
+
+/// Block scale and the row's code for column `j` of a planar Q4_0 block (`q − 8`).
+#[inline]
+fn code_q4_0(qs: &[u8; 16], j: usize) -> i32 {
+    let byte = qs[j % 16];
+    (if j < 16 { byte & 0x0F } else { byte >> 4 }) as i32 - 8
+}
+
+/// The specification of the int8 down-projection kernel over one group of `gr` planar rows
+/// (`super::Planar::group`), generic over the code format through `code(block, j)`.
+///
+/// For each block `b < nb` (columns `32b..32b + 32`), with `p_i = a[i] · d_{rows[i], b}`:
+/// - `m = max_i |p_i|`; if `m == 0` the block is skipped (`y` unchanged);
+/// - `inv = 127 / m`, `s = m / 127`, `c_i = round_ties_even(p_i · inv)` (in −127..=127);
+/// - `acc_j = Σ_i c_i · code_{rows[i], b, j}` in i32 (exact);
+/// - `y[32b + j] = fma(s, acc_j as f32, y[32b + j])`.
+///
+/// Entries with `a[i] == 0` contribute exactly nothing (they change neither `m` nor `acc`), so
+/// visiting only the non-zero activations gives the bits of visiting all of them.
+#[inline]
+#[allow(clippy::too_many_arguments)]
+fn down_group<Q>(
+    d: &[f16],
+    qs: &[Q],
+    gr: usize,
+    nb: usize,
+    rows: &[u32],
+    a: &[f32],
+    y: &mut [f32],
+    code: impl Fn(&Q, usize) -> i32,
+) {
+    let n = rows.len().min(a.len());
+    for (b, yb) in y.chunks_exact_mut(32).take(nb).enumerate() {
+        let p =
+            |i: usize| a[i] * d[planar_index(gr, nb, PLANAR_TILE, rows[i] as usize, b)].to_f32();
+        let m = (0..n).fold(0f32, |m, i| m.max(p(i).abs()));
+        if m == 0.0 {
+            continue;
+        }
+        let (inv, s) = (127.0 / m, m / 127.0);
+        let mut acc = [0i32; 32];
+        for i in 0..n {
+            let c = (p(i) * inv).round_ties_even() as i32;
+            let blk = &qs[planar_index(gr, nb, planar_chunk::<Q>(), rows[i] as usize, b)];
+            for (j, v) in acc.iter_mut().enumerate() {
+                *v += c * code(blk, j);
+            }
+        }
+        for (yv, &v) in yb.iter_mut().zip(&acc) {
+            *yv = s.mul_add(v as f32, *yv);
+        }
+    }
+}
+
+/// [`down_group`] over planar Q4_0 rows: `y += Σ_i a[i] · row[rows[i]]` with int8 coefficients.
+#[allow(clippy::too_many_arguments)]
+pub fn down_q4_0(
+    d: &[f16],
+    qs: &[[u8; 16]],
+    gr: usize,
+    nb: usize,
+    rows: &[u32],
+    a: &[f32],
+    y: &mut [f32],
+) {
+    down_group(d, qs, gr, nb, rows, a, y, code_q4_0);
+}
+
+/// [`down_group`] over planar Q8_0 rows (codes stored `+ 128`).
+#[allow(clippy::too_many_arguments)]
+pub fn down_q8_0(
+    d: &[f16],
+    qs: &[[u8; 32]],
+    gr: usize,
+    nb: usize,
+    rows: &[u32],
+    a: &[f32],
+    y: &mut [f32],
+) {
+    down_group(d, qs, gr, nb, rows, a, y, |q, j| q[j] as i32 - 128);
 }

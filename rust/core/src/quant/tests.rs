@@ -1010,3 +1010,242 @@ fn gemm16_equals_gemv16_per_token() {
         }
     }
 }
+
+/// Planar rows for the down kernels: `n_rows` rows of `nb` blocks in pattern `p`.
+fn gen_planar(
+    n_rows: usize,
+    nb: usize,
+    p: Pattern,
+    seed: u32,
+) -> (Planar<[u8; 16]>, Planar<[u8; 32]>) {
+    let w4 = gen_q4(n_rows * nb, p, seed);
+    let w8 = gen_q8(n_rows * nb, p, seed + 1);
+    (
+        Planar::from_blocks(&w4, n_rows, nb),
+        Planar::from_blocks(&w8, n_rows, nb),
+    )
+}
+
+/// Row lists and coefficients as the decode loop passes them: up to 32 rows (repeats allowed),
+/// zeros among the coefficients, padded to a multiple of 4 with zero coefficients.
+fn gen_rows(n_rows: usize, n: usize, zeros_pct: u32, r: &mut Rng) -> (Vec<u32>, Vec<f32>) {
+    let mut rows: Vec<u32> = (0..n).map(|_| r.below(n_rows as u32)).collect();
+    let mut a: Vec<f32> = (0..n)
+        .map(|_| {
+            if r.below(100) < zeros_pct {
+                0.0
+            } else {
+                // ReLU²-like: non-negative, heavy tailed; a few negatives for generality
+                let v = r.unit() * 3.0;
+                if r.below(10) == 0 {
+                    -v * v
+                } else {
+                    v * v
+                }
+            }
+        })
+        .collect();
+    while rows.len() % 4 != 0 {
+        rows.push(rows.first().copied().unwrap_or(0));
+        a.push(0.0);
+    }
+    (rows, a)
+}
+
+#[test]
+fn planar_round_trips_gguf_blocks() {
+    // 70 rows: two full groups and a group of 6; 19 blocks: Q4_0 chunks of 8, 8, 3, Q8_0
+    // chunks of 4 × 4 and 3; scale tiles of 16 and 3
+    let (rows, nb) = (70, 19);
+    let w4 = gen_q4(rows * nb, Pattern::Random, 11);
+    let w8 = gen_q8(rows * nb, Pattern::Extreme, 12);
+    let (p4, p8) = (
+        Planar::from_blocks(&w4, rows, nb),
+        Planar::from_blocks(&w8, rows, nb),
+    );
+    let mut seen4 = std::collections::HashSet::new();
+    for r in 0..rows {
+        for b in 0..nb {
+            assert_eq!(
+                p4.block::<BlockQ4_0>(r, b),
+                w4[r * nb + b],
+                "row {r} block {b}"
+            );
+            assert_eq!(
+                p8.block::<BlockQ8_0>(r, b),
+                w8[r * nb + b],
+                "row {r} block {b}"
+            );
+            let (_, _, gr) = p4.group(r / PLANAR_GROUP);
+            let i = r / PLANAR_GROUP * PLANAR_GROUP * nb
+                + planar_index(gr, nb, planar_chunk::<[u8; 16]>(), r % PLANAR_GROUP, b);
+            assert!(seen4.insert(i), "two blocks share code slot {i}");
+        }
+    }
+    // a group's chunk is one contiguous, line-aligned 128-byte piece per row
+    let (_, qs, gr) = p4.group(1);
+    assert_eq!(gr, 32);
+    let li = 5;
+    for k in 0..8 {
+        assert_eq!(qs[li * 8 + k], w4[(32 + li) * nb + k].qs);
+    }
+    assert_eq!(qs[li * 8..].as_ptr() as usize % 64, 0);
+    let (_, qs8, _) = p8.group(1);
+    assert_eq!(qs8[li * 4..].as_ptr() as usize % 64, 0);
+    assert_eq!(p4.group(2).2, 6);
+}
+
+#[test]
+fn every_down_kernel_is_bit_identical_to_scalar() {
+    let mut tested = 0;
+    for k in tiers() {
+        let (Some(d4), Some(d8)) = (k.down_q4_0, k.down_q8_0) else {
+            continue;
+        };
+        tested += 1;
+        for (pi, &p) in PATTERNS.iter().enumerate() {
+            for nb in [0usize, 1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 64, 65] {
+                let seed = (pi * 100 + nb) as u32 + 900_000;
+                // 40 rows: a group of 32 and a group of 8
+                let (p4, p8) = gen_planar(40, nb, p, seed);
+                let mut r = Rng::new(seed + 7);
+                for (n, g) in [(1usize, 0), (4, 1), (5, 0), (16, 0), (29, 1), (32, 0)] {
+                    let ((d4s, q4s, gr), (d8s, q8s, _)) = (p4.group(g), p8.group(g));
+                    for zeros in [0u32, 50, 90, 100] {
+                        let (rows, a) = gen_rows(gr, n, zeros, &mut r);
+                        // y with one float in front (misaligned) and 3 behind (untouched)
+                        let y0: Vec<f32> = (0..nb * 32 + 4).map(|_| r.unit()).collect();
+                        let mut want4 = y0.clone();
+                        scalar::down_q4_0(d4s, q4s, gr, nb, &rows, &a, &mut want4[1..nb * 32 + 1]);
+                        let mut got4 = y0.clone();
+                        d4(d4s, q4s, gr, nb, &rows, &a, &mut got4[1..]);
+                        let same = got4
+                            .iter()
+                            .zip(&want4)
+                            .all(|(x, y)| x.to_bits() == y.to_bits());
+                        assert!(
+                            same,
+                            "{} down_q4_0 {p:?} nb={nb} n={n} zeros={zeros}",
+                            k.tier_name
+                        );
+                        let mut want8 = y0.clone();
+                        scalar::down_q8_0(d8s, q8s, gr, nb, &rows, &a, &mut want8[1..nb * 32 + 1]);
+                        let mut got8 = y0.clone();
+                        d8(d8s, q8s, gr, nb, &rows, &a, &mut got8[1..]);
+                        let same = got8
+                            .iter()
+                            .zip(&want8)
+                            .all(|(x, y)| x.to_bits() == y.to_bits());
+                        assert!(
+                            same,
+                            "{} down_q8_0 {p:?} nb={nb} n={n} zeros={zeros}",
+                            k.tier_name
+                        );
+                    }
+                }
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512vbmi") && std::is_x86_feature_detected!("avx512vnni") {
+        assert!(
+            tested > 0,
+            "this CPU has the planar down kernels; they must be tested"
+        );
+    }
+}
+
+/// The spec against the exact sum of the dequantized rows: each int8 coefficient is off by at
+/// most half a step `s/2`, so `|err_j| ≤ s/2 · Σ_i |code_ij|` per block, plus f32 rounding.
+/// Zero coefficients change nothing, bit for bit.
+#[test]
+fn down_spec_is_the_axpy_sum_within_coefficient_rounding() {
+    let (n_rows, nb) = (32, 9); // one group: local row = row
+    let mut r = Rng::new(4242);
+    let w4 = gen_q4(n_rows * nb, Pattern::Random, 1);
+    let w8 = gen_q8(n_rows * nb, Pattern::Random, 2);
+    // finite, moderate scales so f32 rounding stays far below the coefficient bound
+    let fix = |d: f16| f16::from_f32(d.to_f32().clamp(-4.0, 4.0));
+    let w4: Vec<BlockQ4_0> = w4
+        .into_iter()
+        .map(|b| BlockQ4_0 { d: fix(b.d), ..b })
+        .collect();
+    let w8: Vec<BlockQ8_0> = w8
+        .into_iter()
+        .map(|b| BlockQ8_0 { d: fix(b.d), ..b })
+        .collect();
+    let (p4, p8) = (
+        Planar::from_blocks(&w4, n_rows, nb),
+        Planar::from_blocks(&w8, n_rows, nb),
+    );
+    for trial in 0..20 {
+        let (rows, a) = gen_rows(n_rows, 32, 30, &mut r);
+        for fmt in 0..2 {
+            let mut y = vec![0f32; nb * 32];
+            let mut exact = vec![0f64; nb * 32];
+            let mut bound = vec![0f64; nb * 32];
+            for b in 0..nb {
+                let m = rows
+                    .iter()
+                    .zip(&a)
+                    .map(|(&row, &ai)| {
+                        let d = if fmt == 0 {
+                            w4[row as usize * nb + b].d
+                        } else {
+                            w8[row as usize * nb + b].d
+                        };
+                        (ai * d.to_f32()).abs()
+                    })
+                    .fold(0f32, f32::max) as f64;
+                for (&row, &ai) in rows.iter().zip(&a) {
+                    let mut vals = [0f32; 32];
+                    let blk = row as usize * nb + b;
+                    if fmt == 0 {
+                        dequantize_row_q4_0(&w4[blk..blk + 1], &mut vals).unwrap();
+                    } else {
+                        dequantize_row_q8_0(&w8[blk..blk + 1], &mut vals).unwrap();
+                    }
+                    let d = if fmt == 0 { w4[blk].d } else { w8[blk].d }.to_f32() as f64;
+                    for j in 0..32 {
+                        exact[32 * b + j] += ai as f64 * vals[j] as f64;
+                        let code = if d != 0.0 {
+                            (vals[j] as f64 / d).abs()
+                        } else {
+                            0.0
+                        };
+                        bound[32 * b + j] += (m / 127.0) * 0.5 * code;
+                    }
+                }
+            }
+            if fmt == 0 {
+                scalar::down_q4_0(&p4.d, &p4.qs, n_rows, nb, &rows, &a, &mut y);
+            } else {
+                scalar::down_q8_0(&p8.d, &p8.qs, n_rows, nb, &rows, &a, &mut y);
+            }
+            for j in 0..nb * 32 {
+                let err = (y[j] as f64 - exact[j]).abs();
+                let tol = bound[j] * 1.0001 + 1e-5 * exact[j].abs() + 1e-6;
+                assert!(
+                    err <= tol,
+                    "trial {trial} fmt {fmt} col {j}: {} vs {} (bound {tol})",
+                    y[j],
+                    exact[j]
+                );
+            }
+            // zero-coefficient entries are free: dropping them gives the same bits
+            let keep: Vec<usize> = (0..rows.len()).filter(|&i| a[i] != 0.0).collect();
+            let rows2: Vec<u32> = keep.iter().map(|&i| rows[i]).collect();
+            let a2: Vec<f32> = keep.iter().map(|&i| a[i]).collect();
+            let mut y2 = vec![0f32; nb * 32];
+            if fmt == 0 {
+                scalar::down_q4_0(&p4.d, &p4.qs, n_rows, nb, &rows2, &a2, &mut y2);
+            } else {
+                scalar::down_q8_0(&p8.d, &p8.qs, n_rows, nb, &rows2, &a2, &mut y2);
+            }
+            assert!(
+                y.iter().zip(&y2).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "zeros changed the result"
+            );
+        }
+    }
+}

@@ -25,6 +25,8 @@ pub(super) const KERNELS: QuantKernels = QuantKernels {
     gemv16_q8_0: None,
     gemm16_q4_0: None,
     gemm16_q8_0: None,
+    down_q4_0: None,
+    down_q8_0: None,
 };
 
 const G: usize = scalar::LANES;

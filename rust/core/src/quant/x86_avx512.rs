@@ -11,7 +11,12 @@
 use std::arch::x86_64::*;
 
 use super::x86_avx2::{halves8, lanes, transpose_sum8};
-use super::{scalar, BlockQ4_0, BlockQ4_0x16, BlockQ8_0, BlockQ8_0x16, QuantKernels, QK8_0};
+use half::f16;
+
+use super::{
+    planar_chunk, scalar, BlockQ4_0, BlockQ4_0x16, BlockQ8_0, BlockQ8_0x16, QuantKernels,
+    PLANAR_TILE, QK8_0,
+};
 
 pub(super) const KERNELS: QuantKernels = QuantKernels {
     tier_name: "avx512vnni",
@@ -27,6 +32,8 @@ pub(super) const KERNELS: QuantKernels = QuantKernels {
     gemv16_q8_0: Some(gemv16_q8_0),
     gemm16_q4_0: Some(gemm16_q4_0),
     gemm16_q8_0: Some(gemm16_q8_0),
+    down_q4_0: Some(down_q4_0),
+    down_q8_0: Some(down_q8_0),
 };
 
 const G: usize = scalar::LANES;
@@ -514,4 +521,409 @@ fn gemm16_q8_0_i(w: &[BlockQ8_0x16], x: &[BlockQ8_0], xsum128: &[i32], t: usize,
 fn gemm16_q8_0(w: &[BlockQ8_0x16], x: &[BlockQ8_0], xsum128: &[i32], t: usize, out: &mut [f32]) {
     // SAFETY: KERNELS is handed out only when vnni_detected() and the AVX2 tier is available.
     unsafe { gemm16_q8_0_i(w, x, xsum128, t, out) }
+}
+
+/// Whether this CPU also has avx512vbmi (byte permutes), which the planar down kernels use to
+/// interleave four rows' codes into `vpdpbusd` groups.
+pub(super) fn vbmi_detected() -> bool {
+    vnni_detected() && std::is_x86_feature_detected!("avx512vbmi")
+}
+
+/// Bounds of a down-kernel call, checked once so the loops can use raw loads.
+fn check_down<Q>(d: &[f16], qs: &[Q], gr: usize, nb: usize, rows: &[u32], a: &[f32], y: &[f32]) {
+    assert!(
+        rows.len() == a.len() && rows.len().is_multiple_of(4) && rows.len() <= 32,
+        "down kernel: rows/coefficients must be a multiple of 4, at most 32"
+    );
+    assert!(y.len() >= 32 * nb, "down kernel: y shorter than 32·nb");
+    assert!(
+        d.len() >= gr * nb && qs.len() >= gr * nb,
+        "down kernel: group shorter than gr·nb"
+    );
+    assert!(
+        rows.iter().all(|&r| (r as usize) < gr),
+        "down kernel: row out of range"
+    );
+}
+
+/// Pass 1 of a planar down kernel for scale tile `t` (blocks `16t..16t + wt`, lanes beyond
+/// `wt` are zero): per block the int8 coefficients of each row, packed four rows per 32-bit
+/// group into `cq[q]`, the coefficient sums times `-offset` into `corr`, and the scales `s`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn down_coefficients(
+    d: *const f16,
+    gr: usize,
+    t: usize,
+    wt: usize,
+    rows: &[u32],
+    a: &[f32],
+    offset: i32,
+    cq: &mut [[i32; 16]; 8],
+    corr: &mut [i32; 16],
+    s: &mut [f32; 16],
+) {
+    let mask = (((1u32 << wt) - 1) & 0xFFFF) as __mmask16;
+    let base = gr * PLANAR_TILE * t;
+    let p = |i: usize| {
+        // SAFETY (caller): the tile of row rows[i] has wt scales; lanes past wt are masked.
+        let dv = unsafe {
+            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                mask,
+                d.add(base + rows[i] as usize * wt) as *const i16,
+            ))
+        };
+        _mm512_mul_ps(_mm512_set1_ps(a[i]), dv)
+    };
+    let mut m = _mm512_setzero_ps();
+    for i in 0..rows.len() {
+        m = _mm512_max_ps(m, _mm512_abs_ps(p(i)));
+    }
+    let c127 = _mm512_set1_ps(127.0);
+    let nz = _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(m, _mm512_setzero_ps());
+    let inv = _mm512_maskz_div_ps(nz, c127, m);
+    let mut sum = _mm512_setzero_si512();
+    let lo8 = _mm512_set1_epi32(0xFF);
+    for (q, cq) in cq.iter_mut().enumerate().take(rows.len() / 4) {
+        let mut packed = _mm512_setzero_si512();
+        for kk in 0..4 {
+            let c = _mm512_cvtps_epi32(_mm512_mul_ps(p(4 * q + kk), inv));
+            sum = _mm512_add_epi32(sum, c);
+            let byte = _mm512_and_si512(c, lo8);
+            packed = _mm512_or_si512(
+                packed,
+                _mm512_sllv_epi32(byte, _mm512_set1_epi32(8 * kk as i32)),
+            );
+        }
+        // SAFETY: cq is 16 i32.
+        unsafe { _mm512_storeu_si512(cq.as_mut_ptr() as *mut _, packed) };
+    }
+    let corr_v = _mm512_mullo_epi32(sum, _mm512_set1_epi32(-offset));
+    // SAFETY: corr and s are 16 lanes.
+    unsafe {
+        _mm512_storeu_si512(corr.as_mut_ptr() as *mut _, corr_v);
+        _mm512_storeu_ps(s.as_mut_ptr(), _mm512_div_ps(m, c127));
+    }
+}
+
+/// `y[32b..32b+32] = fma(s, acc, y)` for one block's two accumulators.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn down_finish(y: *mut f32, s: f32, acc0: __m512i, acc1: __m512i) {
+    let sv = _mm512_set1_ps(s);
+    // SAFETY (caller): y points at 32 floats.
+    unsafe {
+        _mm512_storeu_ps(
+            y,
+            _mm512_fmadd_ps(sv, _mm512_cvtepi32_ps(acc0), _mm512_loadu_ps(y)),
+        );
+        let y1 = y.add(16);
+        _mm512_storeu_ps(
+            y1,
+            _mm512_fmadd_ps(sv, _mm512_cvtepi32_ps(acc1), _mm512_loadu_ps(y1)),
+        );
+    }
+}
+
+/// Four rows' 64-byte loads, each four 16-byte lanes, regrouped so that output `k` holds lane
+/// `k` of all four rows with byte `j` of row `i` at byte `4j + i` (`vpdpbusd` groups of four
+/// rows): two 128-bit shuffles per pair of rows and one `vpermt2b` per output.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+fn regroup4(r: [__m512i; 4], idx_even: __m512i, idx_odd: __m512i) -> [__m512i; 4] {
+    let a = _mm512_shuffle_i64x2::<0b01_00_01_00>(r[0], r[1]); // r0.L0 r0.L1 r1.L0 r1.L1
+    let b = _mm512_shuffle_i64x2::<0b11_10_11_10>(r[0], r[1]); // r0.L2 r0.L3 r1.L2 r1.L3
+    let c = _mm512_shuffle_i64x2::<0b01_00_01_00>(r[2], r[3]);
+    let d = _mm512_shuffle_i64x2::<0b11_10_11_10>(r[2], r[3]);
+    [
+        _mm512_permutex2var_epi8(a, idx_even, c),
+        _mm512_permutex2var_epi8(a, idx_odd, c),
+        _mm512_permutex2var_epi8(b, idx_even, d),
+        _mm512_permutex2var_epi8(b, idx_odd, d),
+    ]
+}
+
+/// `vpermt2b` indices taking byte `j` of 16-byte lane `lane` (0 or 1) of row `i` from byte
+/// `32·i + 16·lane + j` of two tables to byte `4j + i`. Both users put row `i` at `32·i` of the
+/// 128 bytes: [`regroup4`] (`[r0.L0 r0.L1 r1.L0 r1.L1]`, `[r2.. r3..]`) and a single Q8_0 block
+/// of four rows (`[r0 | r1]`, `[r2 | r3]`, 32 bytes each).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn regroup_index(lane: usize) -> __m512i {
+    let mut t = [0u8; 64];
+    for (p, v) in t.iter_mut().enumerate() {
+        *v = (32 * (p % 4) + 16 * lane + p / 4) as u8;
+    }
+    // SAFETY: 64 bytes.
+    unsafe { _mm512_loadu_si512(t.as_ptr() as *const _) }
+}
+
+/// Planar Q4_0 down kernel (`scalar::down_q4_0`, bit for bit). Four rows at a time and, where
+/// a chunk allows, four blocks at a time: one 64-byte load per row holds its codes of blocks
+/// b..b+4, [`regroup4`] turns four rows' loads into one register per block with byte j of the
+/// four rows in 32-bit group j, and two `vpdpbusd` per block (low / high nibbles = columns j,
+/// 16 + j) add `Σ c_i · q_i` with the four int8 coefficients broadcast. Eight independent
+/// accumulators hide `vpdpbusd`'s latency.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+fn down_q4_0_i(
+    d: &[f16],
+    qs: &[[u8; 16]],
+    gr: usize,
+    nb: usize,
+    rows: &[u32],
+    a: &[f32],
+    y: &mut [f32],
+) {
+    check_down(d, qs, gr, nb, rows, a, y);
+    let nq = rows.len() / 4;
+    let ch = planar_chunk::<[u8; 16]>();
+    let (ie, io) = (regroup_index(0), regroup_index(1));
+    // one block of four rows as [r0 | r1 | r2 | r3] → groups of four rows (vpermb)
+    let single = {
+        let mut t = [0u8; 64];
+        for (p, v) in t.iter_mut().enumerate() {
+            *v = (16 * (p % 4) + p / 4) as u8;
+        }
+        // SAFETY: 64 bytes.
+        unsafe { _mm512_loadu_si512(t.as_ptr() as *const _) }
+    };
+    let m4 = _mm512_set1_epi8(0x0F);
+    let qp = qs.as_ptr();
+    let yp = y.as_mut_ptr();
+    let (mut cq, mut corr, mut s) = ([[0i32; 16]; 8], [0i32; 16], [0f32; 16]);
+    for t in 0..nb.div_ceil(PLANAR_TILE) {
+        let b0 = t * PLANAR_TILE;
+        let wt = PLANAR_TILE.min(nb - b0);
+        // SAFETY: bounds checked by check_down.
+        unsafe {
+            down_coefficients(
+                d.as_ptr(),
+                gr,
+                t,
+                wt,
+                rows,
+                a,
+                8,
+                &mut cq,
+                &mut corr,
+                &mut s,
+            )
+        };
+        let mut b = b0;
+        while b < b0 + wt {
+            let wc = ch.min(nb - b);
+            let cbase = gr * ch * (b / ch);
+            let mut k = 0;
+            while k + 4 <= wc {
+                let bb = b - b0 + k;
+                let mut acc: [__m512i; 8] =
+                    std::array::from_fn(|i| _mm512_set1_epi32(corr[bb + i / 2]));
+                for (q, cq) in cq.iter().enumerate().take(nq) {
+                    // SAFETY: blocks k..k+4 of the row's chunk are 64 contiguous bytes.
+                    let r: [__m512i; 4] = std::array::from_fn(|i| unsafe {
+                        _mm512_loadu_si512(
+                            qp.add(cbase + rows[4 * q + i] as usize * wc + k) as *const _
+                        )
+                    });
+                    let v = regroup4(r, ie, io);
+                    for j in 0..4 {
+                        let c = _mm512_set1_epi32(cq[bb + j]);
+                        acc[2 * j] = _mm512_dpbusd_epi32(acc[2 * j], _mm512_and_si512(v[j], m4), c);
+                        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v[j]), m4);
+                        acc[2 * j + 1] = _mm512_dpbusd_epi32(acc[2 * j + 1], hi, c);
+                    }
+                }
+                for j in 0..4 {
+                    if s[bb + j] != 0.0 {
+                        // SAFETY: y holds 32·nb floats (check_down).
+                        unsafe {
+                            down_finish(
+                                yp.add(32 * (b0 + bb + j)),
+                                s[bb + j],
+                                acc[2 * j],
+                                acc[2 * j + 1],
+                            )
+                        };
+                    }
+                }
+                k += 4;
+            }
+            // the last 1-3 blocks of a narrower chunk, one at a time
+            for k in k..wc {
+                let bb = b - b0 + k;
+                if s[bb] == 0.0 {
+                    continue;
+                }
+                let mut acc0 = _mm512_set1_epi32(corr[bb]);
+                let mut acc1 = acc0;
+                for (q, cq) in cq.iter().enumerate().take(nq) {
+                    // SAFETY: inside the chunk (check_down): local row < gr, k < wc.
+                    let at = |i: usize| unsafe {
+                        qp.add(cbase + rows[4 * q + i] as usize * wc + k) as *const __m128i
+                    };
+                    // SAFETY: each row block is 16 bytes.
+                    let z = unsafe {
+                        let z = _mm512_castsi128_si512(_mm_loadu_si128(at(0)));
+                        let z = _mm512_inserti32x4::<1>(z, _mm_loadu_si128(at(1)));
+                        let z = _mm512_inserti32x4::<2>(z, _mm_loadu_si128(at(2)));
+                        _mm512_inserti32x4::<3>(z, _mm_loadu_si128(at(3)))
+                    };
+                    let v = _mm512_permutexvar_epi8(single, z);
+                    let c = _mm512_set1_epi32(cq[bb]);
+                    acc0 = _mm512_dpbusd_epi32(acc0, _mm512_and_si512(v, m4), c);
+                    acc1 = _mm512_dpbusd_epi32(
+                        acc1,
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4),
+                        c,
+                    );
+                }
+                // SAFETY: y holds 32·nb floats (check_down).
+                unsafe { down_finish(yp.add(32 * (b0 + bb)), s[bb], acc0, acc1) };
+            }
+            b += wc;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn down_q4_0(
+    d: &[f16],
+    qs: &[[u8; 16]],
+    gr: usize,
+    nb: usize,
+    rows: &[u32],
+    a: &[f32],
+    y: &mut [f32],
+) {
+    // SAFETY: handed out only when vbmi_detected() (which implies vnni_detected()).
+    unsafe { down_q4_0_i(d, qs, gr, nb, rows, a, y) }
+}
+
+/// Planar Q8_0 down kernel (`scalar::down_q8_0`, bit for bit). Codes are stored `+ 128`. Four
+/// rows at a time and, in whole chunks, four blocks at a time: two 64-byte loads per row
+/// (blocks b, b+1 and b+2, b+3), each set of four rows regrouped by [`regroup4`] into columns
+/// 0..16 / 16..32 of two blocks, one `vpdpbusd` per register; eight independent accumulators.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+fn down_q8_0_i(
+    d: &[f16],
+    qs: &[[u8; 32]],
+    gr: usize,
+    nb: usize,
+    rows: &[u32],
+    a: &[f32],
+    y: &mut [f32],
+) {
+    check_down(d, qs, gr, nb, rows, a, y);
+    let nq = rows.len() / 4;
+    let ch = planar_chunk::<[u8; 32]>();
+    let (ie, io) = (regroup_index(0), regroup_index(1));
+    let qp = qs.as_ptr();
+    let yp = y.as_mut_ptr();
+    let (mut cq, mut corr, mut s) = ([[0i32; 16]; 8], [0i32; 16], [0f32; 16]);
+    for t in 0..nb.div_ceil(PLANAR_TILE) {
+        let b0 = t * PLANAR_TILE;
+        let wt = PLANAR_TILE.min(nb - b0);
+        // SAFETY: bounds checked by check_down.
+        unsafe {
+            down_coefficients(
+                d.as_ptr(),
+                gr,
+                t,
+                wt,
+                rows,
+                a,
+                128,
+                &mut cq,
+                &mut corr,
+                &mut s,
+            )
+        };
+        let mut b = b0;
+        while b < b0 + wt {
+            let wc = ch.min(nb - b);
+            let cbase = gr * ch * (b / ch);
+            let bb = b - b0;
+            if wc == 4 {
+                // acc[2j], acc[2j+1]: columns 0..16, 16..32 of block b + j
+                let mut acc: [__m512i; 8] =
+                    std::array::from_fn(|i| _mm512_set1_epi32(corr[bb + i / 2]));
+                for (q, cq) in cq.iter().enumerate().take(nq) {
+                    for h in 0..2 {
+                        // SAFETY: blocks 2h, 2h+1 of the row's chunk are 64 contiguous bytes.
+                        let r: [__m512i; 4] = std::array::from_fn(|i| unsafe {
+                            _mm512_loadu_si512(
+                                qp.add(cbase + rows[4 * q + i] as usize * 4 + 2 * h) as *const _
+                            )
+                        });
+                        let v = regroup4(r, ie, io);
+                        for (j, v) in v.iter().enumerate() {
+                            let blk = 2 * h + j / 2;
+                            let c = _mm512_set1_epi32(cq[bb + blk]);
+                            acc[2 * blk + j % 2] = _mm512_dpbusd_epi32(acc[2 * blk + j % 2], *v, c);
+                        }
+                    }
+                }
+                for j in 0..4 {
+                    if s[bb + j] != 0.0 {
+                        // SAFETY: y holds 32·nb floats (check_down).
+                        unsafe {
+                            down_finish(yp.add(32 * (b + j)), s[bb + j], acc[2 * j], acc[2 * j + 1])
+                        };
+                    }
+                }
+                b += wc;
+                continue;
+            }
+            // a narrower last chunk: one block at a time
+            for k in 0..wc {
+                if s[bb + k] == 0.0 {
+                    continue;
+                }
+                let mut acc0 = _mm512_set1_epi32(corr[bb + k]);
+                let mut acc1 = acc0;
+                for (q, cq) in cq.iter().enumerate().take(nq) {
+                    // SAFETY: inside the chunk (check_down): local row < gr, k < wc.
+                    let at = |i: usize| unsafe {
+                        qp.add(cbase + rows[4 * q + i] as usize * wc + k) as *const __m256i
+                    };
+                    // SAFETY: each row block is 32 bytes.
+                    let (z1, z2) = unsafe {
+                        (
+                            _mm512_inserti64x4::<1>(
+                                _mm512_castsi256_si512(_mm256_loadu_si256(at(0))),
+                                _mm256_loadu_si256(at(1)),
+                            ),
+                            _mm512_inserti64x4::<1>(
+                                _mm512_castsi256_si512(_mm256_loadu_si256(at(2))),
+                                _mm256_loadu_si256(at(3)),
+                            ),
+                        )
+                    };
+                    let c = _mm512_set1_epi32(cq[bb + k]);
+                    acc0 = _mm512_dpbusd_epi32(acc0, _mm512_permutex2var_epi8(z1, ie, z2), c);
+                    acc1 = _mm512_dpbusd_epi32(acc1, _mm512_permutex2var_epi8(z1, io, z2), c);
+                }
+                // SAFETY: y holds 32·nb floats (check_down).
+                unsafe { down_finish(yp.add(32 * (b + k)), s[bb + k], acc0, acc1) };
+            }
+            b += wc;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn down_q8_0(
+    d: &[f16],
+    qs: &[[u8; 32]],
+    gr: usize,
+    nb: usize,
+    rows: &[u32],
+    a: &[f32],
+    y: &mut [f32],
+) {
+    // SAFETY: handed out only when vbmi_detected() (which implies vnni_detected()).
+    unsafe { down_q8_0_i(d, qs, gr, nb, rows, a, y) }
 }
