@@ -659,6 +659,57 @@ fn regroup_index(lane: usize) -> __m512i {
     unsafe { _mm512_loadu_si512(t.as_ptr() as *const _) }
 }
 
+/// `4·H` consecutive blocks of a planar Q4_0 chunk for every row in `rows` (four at a time):
+/// `chunk` points at the first block of local row 0's piece (rows are `wc` blocks apart),
+/// `bb` is the first block's index in the coefficient tile, `y` its first output column.
+///
+/// # Safety
+/// Blocks `0..4H` of each listed row's piece and 32·4H floats of `y` must be in bounds.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q4_blocks<const H: usize>(
+    chunk: *const [u8; 16],
+    wc: usize,
+    rows: &[u32],
+    cq: &[[i32; 16]; 8],
+    corr: &[i32; 16],
+    s: &[f32; 16],
+    bb: usize,
+    y: *mut f32,
+    ie: __m512i,
+    io: __m512i,
+) {
+    let m4 = _mm512_set1_epi8(0x0F);
+    // acc[2j], acc[2j + 1]: columns 0..16, 16..32 of block j (at most 8 blocks)
+    let mut acc = [_mm512_setzero_si512(); 16];
+    for (j, a) in acc.iter_mut().enumerate().take(8 * H) {
+        *a = _mm512_set1_epi32(corr[bb + j / 2]);
+    }
+    for (q, cq) in cq.iter().enumerate().take(rows.len() / 4) {
+        for h in 0..H {
+            // SAFETY (caller): blocks 4h..4h+4 of the row's piece are 64 contiguous bytes.
+            let r: [__m512i; 4] = std::array::from_fn(|i| unsafe {
+                _mm512_loadu_si512(chunk.add(rows[4 * q + i] as usize * wc + 4 * h) as *const _)
+            });
+            let v = regroup4(r, ie, io);
+            for (j, v) in v.iter().enumerate() {
+                let blk = 4 * h + j;
+                let c = _mm512_set1_epi32(cq[bb + blk]);
+                acc[2 * blk] = _mm512_dpbusd_epi32(acc[2 * blk], _mm512_and_si512(*v, m4), c);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(*v), m4);
+                acc[2 * blk + 1] = _mm512_dpbusd_epi32(acc[2 * blk + 1], hi, c);
+            }
+        }
+    }
+    for j in 0..4 * H {
+        if s[bb + j] != 0.0 {
+            // SAFETY (caller): y holds 32·4H floats.
+            unsafe { down_finish(y.add(32 * j), s[bb + j], acc[2 * j], acc[2 * j + 1]) };
+        }
+    }
+}
+
 /// Planar Q4_0 down kernel (`scalar::down_q4_0`, bit for bit). Four rows at a time and, where
 /// a chunk allows, four blocks at a time: one 64-byte load per row holds its codes of blocks
 /// b..b+4, [`regroup4`] turns four rows' loads into one register per block with byte j of the
@@ -716,38 +767,41 @@ fn down_q4_0_i(
             let wc = ch.min(nb - b);
             let cbase = gr * ch * (b / ch);
             let mut k = 0;
+            // a whole chunk (both lines of each row's piece in one pass), then 4 blocks at a time
+            if wc == 8 {
+                // SAFETY: as for q4_blocks: blocks 0..8 of each row's chunk are inside qs.
+                unsafe {
+                    q4_blocks::<2>(
+                        qp.add(cbase),
+                        wc,
+                        rows,
+                        &cq,
+                        &corr,
+                        &s,
+                        b - b0,
+                        yp.add(32 * b),
+                        ie,
+                        io,
+                    )
+                };
+                k = 8;
+            }
             while k + 4 <= wc {
-                let bb = b - b0 + k;
-                let mut acc: [__m512i; 8] =
-                    std::array::from_fn(|i| _mm512_set1_epi32(corr[bb + i / 2]));
-                for (q, cq) in cq.iter().enumerate().take(nq) {
-                    // SAFETY: blocks k..k+4 of the row's chunk are 64 contiguous bytes.
-                    let r: [__m512i; 4] = std::array::from_fn(|i| unsafe {
-                        _mm512_loadu_si512(
-                            qp.add(cbase + rows[4 * q + i] as usize * wc + k) as *const _
-                        )
-                    });
-                    let v = regroup4(r, ie, io);
-                    for j in 0..4 {
-                        let c = _mm512_set1_epi32(cq[bb + j]);
-                        acc[2 * j] = _mm512_dpbusd_epi32(acc[2 * j], _mm512_and_si512(v[j], m4), c);
-                        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v[j]), m4);
-                        acc[2 * j + 1] = _mm512_dpbusd_epi32(acc[2 * j + 1], hi, c);
-                    }
-                }
-                for j in 0..4 {
-                    if s[bb + j] != 0.0 {
-                        // SAFETY: y holds 32·nb floats (check_down).
-                        unsafe {
-                            down_finish(
-                                yp.add(32 * (b0 + bb + j)),
-                                s[bb + j],
-                                acc[2 * j],
-                                acc[2 * j + 1],
-                            )
-                        };
-                    }
-                }
+                // SAFETY: blocks k..k+4 of each row's chunk are inside qs (check_down).
+                unsafe {
+                    q4_blocks::<1>(
+                        qp.add(cbase + k),
+                        wc,
+                        rows,
+                        &cq,
+                        &corr,
+                        &s,
+                        b - b0 + k,
+                        yp.add(32 * (b + k)),
+                        ie,
+                        io,
+                    )
+                };
                 k += 4;
             }
             // the last 1-3 blocks of a narrower chunk, one at a time
