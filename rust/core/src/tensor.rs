@@ -21,6 +21,9 @@ thread_local! {
     static ROWQ: std::cell::RefCell<Vec<BlockQ4_0>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Blocks of one row taken out of the interleaved Q8_0x16 layout (reused).
     static ROWQ8: std::cell::RefCell<Vec<BlockQ8_0>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The planar down projection's dense groups (active-list ranges) and pooled sparse rows.
+    static DOWN_LISTS: std::cell::RefCell<(Vec<(u32, u32)>, Vec<(u32, f32)>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
     /// Input block sums of the current single-call quantized `dot_rows` (reused).
     static XSUM: std::cell::RefCell<Vec<i32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -289,10 +292,9 @@ impl Matrix {
         Matrix { rows, cols, data }
     }
 
-    /// Rows per coefficient group of the planar down kernel (`Some(32)`), `None` for other
-    /// layouts. [`Self::sparse_axpy`] gives the same bits for any subset of a group's zero
-    /// activations only if each group is summed in one call: callers that split the active
-    /// list across threads cut it at multiples of this.
+    /// Rows per group of the planar down layout (`Some(32)`), `None` for other layouts.
+    /// Callers that split the active list across threads cut it at multiples of this, so
+    /// that every group is read (whole or sparsely) by one thread.
     pub fn down_group_rows(&self) -> Option<usize> {
         matches!(self.data, Storage::Q4_0P(_) | Storage::Q8_0P(_)).then_some(DOWN_GROUP)
     }
@@ -459,10 +461,12 @@ impl Matrix {
         }
     }
 
-    /// `y += Σ_{(j, a) ∈ active} a · row[j]` through the planar int8 kernel: the (sorted)
-    /// active list is cut into the groups of [`DOWN_GROUP`] consecutive rows and each group
-    /// goes to the kernel in one call, either whole or as its active rows (padded to a
-    /// multiple of 4 with zero coefficients; see [`DOWN_DENSE_AT`]): the same bits either way.
+    /// `y += Σ_{(j, a) ∈ active} a · row[j]` through the planar int8 kernel. The (sorted)
+    /// active list is cut into the groups of [`DOWN_GROUP`] consecutive rows: a group with at
+    /// least [`DOWN_DENSE_AT`] active rows goes to the kernel whole (zero rows included: they
+    /// add nothing, and the group is read front to back); the active rows of sparser groups are
+    /// pooled 32 per kernel call, each call's rows prefetched one call ahead. Calls get
+    /// multiples of 4 rows (padded with zero coefficients).
     fn planar_down<Q: quant::Pod>(
         &self,
         p: &Planar<Q>,
@@ -471,47 +475,70 @@ impl Matrix {
         y: &mut [f32],
     ) {
         let kernel = kernel.expect("the planar layout exists only with its kernel");
+        let (nrows, nb) = (p.rows, p.nb);
         let group = |j: u32| j as usize / DOWN_GROUP;
-        let (mut rows, mut a) = ([0u32; DOWN_GROUP], [0f32; DOWN_GROUP]);
-        let mut s = 0;
-        while s < active.len() {
-            let g = group(active[s].0);
-            let e = s + active[s..].partition_point(|&(j, _)| group(j) == g);
-            let (d, qs, gr) = p.group(g);
-            let n = if e - s >= DOWN_DENSE_AT {
-                // dense group: all rows, zeros included (same bits), read front to back
-                rows[..gr]
-                    .iter_mut()
-                    .enumerate()
-                    .for_each(|(i, r)| *r = i as u32);
-                a[..gr].fill(0.0);
-                for &(j, v) in &active[s..e] {
-                    a[j as usize % DOWN_GROUP] = v;
-                }
-                gr
-            } else {
-                for (i, &(j, v)) in active[s..e].iter().enumerate() {
-                    (rows[i], a[i]) = (j % DOWN_GROUP as u32, v);
-                }
-                e - s
-            };
+        let call = |list: &mut dyn Iterator<Item = (u32, f32)>, y: &mut [f32]| {
+            let (mut rows, mut a) = ([0u32; DOWN_GROUP], [0f32; DOWN_GROUP]);
+            let mut n = 0;
+            for (j, v) in list {
+                (rows[n], a[n]) = (j, v);
+                n += 1;
+            }
+            if n == 0 {
+                return;
+            }
             let n4 = n.div_ceil(4) * 4;
             for i in n..n4 {
                 (rows[i], a[i]) = (rows[0], 0.0);
             }
-            // the next group's active rows start loading now, unless it will be read densely
-            let ne = match active.get(e) {
-                Some(&(jn, _)) => e + active[e..].partition_point(|&(j, _)| group(j) == group(jn)),
-                None => e,
-            };
-            if ne - e < DOWN_DENSE_AT {
-                for &(j, _) in &active[e..ne] {
+            kernel(&p.d, &p.qs, nrows, nb, &rows[..n4], &a[..n4], y);
+        };
+        DOWN_LISTS.with(|cell| {
+            let (dense, sparse) = &mut *cell.borrow_mut();
+            dense.clear();
+            sparse.clear();
+            let mut s = 0;
+            while s < active.len() {
+                let g = group(active[s].0);
+                let e = s + active[s..].partition_point(|&(j, _)| group(j) == g);
+                if e - s >= DOWN_DENSE_AT {
+                    dense.push((s as u32, e as u32));
+                } else {
+                    sparse.extend_from_slice(&active[s..e]);
+                }
+                s = e;
+            }
+            // sparse rows of full groups, then those of a partial last group (a call takes rows
+            // from groups of one size)
+            let split = sparse.partition_point(|&(j, _)| group(j) < nrows / DOWN_GROUP);
+            let calls: Vec<&[(u32, f32)]> = sparse[..split]
+                .chunks(DOWN_GROUP)
+                .chain(sparse[split..].chunks(DOWN_GROUP))
+                .collect();
+            let prefetch = |c: Option<&&[(u32, f32)]>| {
+                for &(j, _) in c.into_iter().flat_map(|c| c.iter()) {
                     p.prefetch_row(j as usize);
                 }
+            };
+            prefetch(calls.first());
+            for &(s, e) in dense.iter() {
+                let (s, e) = (s as usize, e as usize);
+                let g = group(active[s].0);
+                let (r0, gr) = (
+                    g * DOWN_GROUP,
+                    quant::planar_group_rows(nrows, g * DOWN_GROUP),
+                );
+                let mut a = [0f32; DOWN_GROUP];
+                for &(j, v) in &active[s..e] {
+                    a[j as usize - r0] = v;
+                }
+                call(&mut (0..gr).map(|i| ((r0 + i) as u32, a[i])), y);
             }
-            kernel(d, qs, gr, p.nb, &rows[..n4], &a[..n4], y);
-            s = e;
-        }
+            for (k, c) in calls.iter().enumerate() {
+                prefetch(calls.get(k + 1));
+                call(&mut c.iter().copied(), y);
+            }
+        });
     }
 
     /// Sparse rank update of a 4×64 tile of `Y = A · W` (W = this matrix, `[rows, cols]`):
@@ -719,10 +746,13 @@ fn with_row16<B: Interleaved16, R>(
 /// Rows per coefficient group of the planar down kernel (one kernel call per group).
 pub const DOWN_GROUP: usize = quant::PLANAR_GROUP;
 /// A planar group with at least this many active rows is read whole, front to back (zero
-/// rows included: same bits, and the hardware prefetcher streams it); sparser groups read
-/// only their active rows, prefetched one group ahead. Measured on W_downᵀ 8192×2048 from
-/// DRAM, 2 threads (`examples/down_probe`): reading every group whole is best at 0 % zeros
-/// and worst at 90 %; prefetching dense groups cost up to 40 %; 12 was best at 50 % zeros.
+/// rows included: they add nothing, and the hardware prefetcher streams the group); the
+/// active rows of sparser groups are pooled 32 per kernel call and prefetched into L2 one call
+/// ahead. Measured on W_downᵀ 8192×2048 from DRAM, 2 threads (`examples/down_probe`): reading
+/// every group whole is best at 0 % zeros and worst at 90 %; prefetching dense groups cost up
+/// to 40 %; 12 was best at 50 % zeros. One call per sparse group (instead of pooling) made
+/// 90-99 % zeros 1.5-2.5× slower: per call, the coefficient pass and the y updates of all
+/// blocks cost as much as a few rows.
 pub const DOWN_DENSE_AT: usize = 12;
 
 /// Run `f` on blocks `b0..b0 + nb` of row `r` of a planar matrix (`nbr` blocks per row),
@@ -790,12 +820,13 @@ mod tests {
     use super::*;
 
     /// The planar down layout (where this CPU has its kernel): same rows as the GGUF layout,
-    /// `sparse_axpy` equal to the f32 AXPY within the int8 coefficient rounding, and the same
-    /// bits whether a group is read whole or as its active rows only (zeros are free).
+    /// and `sparse_axpy` equal to the f32 AXPY of the rows within the int8 coefficient
+    /// rounding at every sparsity (dense groups, pooled sparse rows, a partial last group).
     #[test]
-    fn planar_down_layout_matches_rows_and_ignores_zeros() {
-        // 80 rows: groups of 32, 32, 16; 20 blocks per row: Q4_0 chunks 8, 8, 4; scale tiles 16, 4
-        let (rows, cols) = (80usize, 640usize);
+    fn planar_down_layout_matches_rows() {
+        // 200 rows: six groups of 32 and one of 8; 20 blocks per row: Q4_0 chunks 8, 8, 4,
+        // Q8_0 chunks of 4; scale tiles 16 and 4
+        let (rows, cols) = (200usize, 640usize);
         let w: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 2654435761usize) % 1999) as f32 / 999.5 - 1.0)
             .collect();
@@ -811,53 +842,32 @@ mod tests {
             }
             assert_eq!(planar.dtype(), dt);
             let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
-            for r in [0, 31, 32, 63, 64, 79] {
+            for r in [0, 31, 32, 63, 64, 191, 192, 199] {
                 plain.row_to_f32(r, &mut a);
                 planar.row_to_f32(r, &mut b);
                 assert_eq!(a, b, "{dt:?} row {r}");
             }
-            // activations: ~60 % zeros, group 1 dense enough to be read whole, group 2 sparse
-            let act: Vec<f32> = (0..rows)
-                .map(|j| {
-                    if (j * 7 + 3) % 5 < 3 && !(32..50).contains(&j) {
-                        0.0
-                    } else {
-                        (j % 9) as f32 * 0.37 + 0.1
-                    }
-                })
-                .collect();
-            let active: Vec<(u32, f32)> = act
-                .iter()
-                .enumerate()
-                .filter(|(_, &v)| v != 0.0)
-                .map(|(j, &v)| (j as u32, v))
-                .collect();
-            let all: Vec<(u32, f32)> = act
-                .iter()
-                .enumerate()
-                .map(|(j, &v)| (j as u32, v))
-                .collect();
-            let (mut y_sparse, mut y_all, mut y_rows) =
-                (vec![0f32; cols], vec![0f32; cols], vec![0f32; cols]);
-            planar.sparse_axpy(&active, &mut y_sparse);
-            planar.sparse_axpy(&all, &mut y_all);
-            plain.sparse_axpy(&active, &mut y_rows);
-            assert!(
-                y_sparse
+            for zeros in [0usize, 50, 80, 95, 100] {
+                let active: Vec<(u32, f32)> = (0..rows)
+                    .filter(|j| (j * 7919 + 13) % 100 >= zeros)
+                    .map(|j| (j as u32, (j % 9) as f32 * 0.37 + 0.1))
+                    .collect();
+                let (mut yp, mut yr) = (vec![0f32; cols], vec![0f32; cols]);
+                planar.sparse_axpy(&active, &mut yp);
+                plain.sparse_axpy(&active, &mut yr);
+                let scale = yr.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let err = yp
                     .iter()
-                    .zip(&y_all)
-                    .all(|(p, q)| p.to_bits() == q.to_bits()),
-                "{dt:?}: zeros changed the planar result"
-            );
-            let scale = y_rows.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let err = y_sparse
-                .iter()
-                .zip(&y_rows)
-                .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
-            assert!(
-                err <= 2e-2 * scale,
-                "{dt:?}: planar vs rows AXPY {err} (scale {scale})"
-            );
+                    .zip(&yr)
+                    .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+                assert!(
+                    err <= 2e-2 * scale,
+                    "{dt:?} {zeros}% zeros: {err} (scale {scale})"
+                );
+                if active.is_empty() {
+                    assert!(yp.iter().all(|&v| v == 0.0));
+                }
+            }
         }
     }
 

@@ -405,6 +405,21 @@ pub fn planar_index(gr: usize, nb: usize, tile: usize, li: usize, b: usize) -> u
     gr * tile * c + li * w + b % tile
 }
 
+/// Index of (row `r`, block `b`) in the planar arrays of a matrix with `rows` rows and `nb`
+/// blocks per row, for pieces of `tile` blocks (see [`Planar`]).
+#[inline]
+pub fn planar_pos(rows: usize, nb: usize, tile: usize, r: usize, b: usize) -> usize {
+    let g = r / PLANAR_GROUP;
+    let gr = PLANAR_GROUP.min(rows - g * PLANAR_GROUP);
+    g * PLANAR_GROUP * nb + planar_index(gr, nb, tile, r % PLANAR_GROUP, b)
+}
+
+/// Rows in the group of row `r` (32, or fewer in a partial last group).
+#[inline]
+pub fn planar_group_rows(rows: usize, r: usize) -> usize {
+    PLANAR_GROUP.min(rows - r / PLANAR_GROUP * PLANAR_GROUP)
+}
+
 impl<Q: Pod> Planar<Q> {
     /// Split `[rows, nb]` GGUF blocks (row-major) into the planar form.
     pub fn from_blocks<B: PlanarBlock<Codes = Q>>(
@@ -727,18 +742,18 @@ pub struct QuantKernels {
     pub gemm16_q8_0: Option<fn(&[BlockQ8_0x16], &[BlockQ8_0], &[i32], usize, &mut [f32])>,
     /// The Q4_0 twin of `axpy4_q8_0` (four `axpy_q4_0` calls, same order, one pass over `y`).
     pub axpy4_q4_0: Option<fn(&[f32; 4], [&[BlockQ4_0]; 4], &mut [f32])>,
-    /// `y += Σ_i a[i] · row[rows[i]]` over one planar Q4_0 group `(d, qs, gr)` of `nb` blocks
-    /// per row (`Planar::group`; `rows` are local indices `< gr`), with the coefficients of
-    /// each block quantized to int8 as specified by `scalar::down_q4_0`, bit for bit.
-    /// `rows.len() == a.len()`, a multiple of 4, at most 32 (pad with any row and a zero
-    /// coefficient); `y.len() >= 32·nb`. `None`: down projections keep the GGUF layout and the
-    /// f32 AXPY.
+    /// `y += Σ_i a[i] · row[rows[i]]` over planar Q4_0 rows `(d, qs)` of a matrix with `nrows`
+    /// rows of `nb` blocks (`Planar`), with the coefficients of each block quantized to int8 as
+    /// specified by `scalar::down_q4_0`, bit for bit. `rows.len() == a.len()`, a multiple of 4,
+    /// at most 32 (pad with any listed row and a zero coefficient); the rows lie in groups of
+    /// the same size (all in full groups of 32, or all in the partial last group);
+    /// `y.len() >= 32·nb`. `None`: down projections keep the GGUF layout and the f32 AXPY.
     pub down_q4_0: Option<DownKernel<[u8; 16]>>,
     /// The Q8_0 twin of `down_q4_0` (`scalar::down_q8_0`).
     pub down_q8_0: Option<DownKernel<[u8; 32]>>,
 }
 
-/// Signature of the planar int8 down-projection kernels: `(d, qs, gr, nb, rows, a, y)`.
+/// Signature of the planar int8 down-projection kernels: `(d, qs, nrows, nb, rows, a, y)`.
 pub type DownKernel<Q> = fn(&[f16], &[Q], usize, usize, &[u32], &[f32], &mut [f32]);
 
 const SCALAR: QuantKernels = QuantKernels {

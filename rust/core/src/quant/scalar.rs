@@ -8,8 +8,7 @@
 use half::f16;
 
 use super::{
-    planar_chunk, planar_index, quantize_block_q8_0, BlockQ4_0, BlockQ8_0, PLANAR_TILE, QK4_0,
-    QK8_0,
+    planar_chunk, planar_pos, quantize_block_q8_0, BlockQ4_0, BlockQ8_0, PLANAR_TILE, QK4_0, QK8_0,
 };
 
 /// Number of interleaved f32 partial sums of the dot kernels (one per `__m256` lane).
@@ -126,8 +125,8 @@ fn code_q4_0(qs: &[u8; 16], j: usize) -> i32 {
     (if j < 16 { byte & 0x0F } else { byte >> 4 }) as i32 - 8
 }
 
-/// The specification of the int8 down-projection kernel over one group of `gr` planar rows
-/// (`super::Planar::group`), generic over the code format through `code(block, j)`.
+/// The specification of the int8 down-projection kernel over a set of planar rows of a matrix
+/// with `nrows` rows (`super::Planar`), generic over the code format through `code(block, j)`.
 ///
 /// For each block `b < nb` (columns `32b..32b + 32`), with `p_i = a[i] · d_{rows[i], b}`:
 /// - `m = max_i |p_i|`; if `m == 0` the block is skipped (`y` unchanged);
@@ -142,7 +141,7 @@ fn code_q4_0(qs: &[u8; 16], j: usize) -> i32 {
 fn down_group<Q>(
     d: &[f16],
     qs: &[Q],
-    gr: usize,
+    nrows: usize,
     nb: usize,
     rows: &[u32],
     a: &[f32],
@@ -152,7 +151,7 @@ fn down_group<Q>(
     let n = rows.len().min(a.len());
     for (b, yb) in y.chunks_exact_mut(32).take(nb).enumerate() {
         let p =
-            |i: usize| a[i] * d[planar_index(gr, nb, PLANAR_TILE, rows[i] as usize, b)].to_f32();
+            |i: usize| a[i] * d[planar_pos(nrows, nb, PLANAR_TILE, rows[i] as usize, b)].to_f32();
         let m = (0..n).fold(0f32, |m, i| m.max(p(i).abs()));
         if m == 0.0 {
             continue;
@@ -161,7 +160,7 @@ fn down_group<Q>(
         let mut acc = [0i32; 32];
         for i in 0..n {
             let c = (p(i) * inv).round_ties_even() as i32;
-            let blk = &qs[planar_index(gr, nb, planar_chunk::<Q>(), rows[i] as usize, b)];
+            let blk = &qs[planar_pos(nrows, nb, planar_chunk::<Q>(), rows[i] as usize, b)];
             for (j, v) in acc.iter_mut().enumerate() {
                 *v += c * code(blk, j);
             }
@@ -177,13 +176,13 @@ fn down_group<Q>(
 pub fn down_q4_0(
     d: &[f16],
     qs: &[[u8; 16]],
-    gr: usize,
+    nrows: usize,
     nb: usize,
     rows: &[u32],
     a: &[f32],
     y: &mut [f32],
 ) {
-    down_group(d, qs, gr, nb, rows, a, y, code_q4_0);
+    down_group(d, qs, nrows, nb, rows, a, y, code_q4_0);
 }
 
 /// [`down_group`] over planar Q8_0 rows (codes stored `+ 128`).
@@ -191,11 +190,11 @@ pub fn down_q4_0(
 pub fn down_q8_0(
     d: &[f16],
     qs: &[[u8; 32]],
-    gr: usize,
+    nrows: usize,
     nb: usize,
     rows: &[u32],
     a: &[f32],
     y: &mut [f32],
 ) {
-    down_group(d, qs, gr, nb, rows, a, y, |q, j| q[j] as i32 - 128);
+    down_group(d, qs, nrows, nb, rows, a, y, |q, j| q[j] as i32 - 128);
 }

@@ -1106,19 +1106,40 @@ fn every_down_kernel_is_bit_identical_to_scalar() {
         for (pi, &p) in PATTERNS.iter().enumerate() {
             for nb in [0usize, 1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 64, 65] {
                 let seed = (pi * 100 + nb) as u32 + 900_000;
-                // 40 rows: a group of 32 and a group of 8
-                let (p4, p8) = gen_planar(40, nb, p, seed);
+                // 104 rows: three full groups and a partial group of 8 (rows 96..104); a call
+                // takes rows from any full groups, or from the partial one only
+                let nrows = 104;
+                let (p4, p8) = gen_planar(nrows, nb, p, seed);
                 let mut r = Rng::new(seed + 7);
-                for (n, g) in [(1usize, 0), (4, 1), (5, 0), (16, 0), (29, 1), (32, 0)] {
-                    let ((d4s, q4s, gr), (d8s, q8s, _)) = (p4.group(g), p8.group(g));
+                for (n, partial) in [
+                    (1usize, false),
+                    (4, true),
+                    (5, false),
+                    (16, false),
+                    (29, true),
+                    (32, false),
+                ] {
+                    let (d4s, q4s, d8s, q8s) = (&p4.d[..], &p4.qs[..], &p8.d[..], &p8.qs[..]);
                     for zeros in [0u32, 50, 90, 100] {
-                        let (rows, a) = gen_rows(gr, n, zeros, &mut r);
+                        let (mut rows, a) =
+                            gen_rows(if partial { 8 } else { 96 }, n, zeros, &mut r);
+                        if partial {
+                            rows.iter_mut().for_each(|x| *x += 96);
+                        }
                         // y with one float in front (misaligned) and 3 behind (untouched)
                         let y0: Vec<f32> = (0..nb * 32 + 4).map(|_| r.unit()).collect();
                         let mut want4 = y0.clone();
-                        scalar::down_q4_0(d4s, q4s, gr, nb, &rows, &a, &mut want4[1..nb * 32 + 1]);
+                        scalar::down_q4_0(
+                            d4s,
+                            q4s,
+                            nrows,
+                            nb,
+                            &rows,
+                            &a,
+                            &mut want4[1..nb * 32 + 1],
+                        );
                         let mut got4 = y0.clone();
-                        d4(d4s, q4s, gr, nb, &rows, &a, &mut got4[1..]);
+                        d4(d4s, q4s, nrows, nb, &rows, &a, &mut got4[1..]);
                         let same = got4
                             .iter()
                             .zip(&want4)
@@ -1129,9 +1150,17 @@ fn every_down_kernel_is_bit_identical_to_scalar() {
                             k.tier_name
                         );
                         let mut want8 = y0.clone();
-                        scalar::down_q8_0(d8s, q8s, gr, nb, &rows, &a, &mut want8[1..nb * 32 + 1]);
+                        scalar::down_q8_0(
+                            d8s,
+                            q8s,
+                            nrows,
+                            nb,
+                            &rows,
+                            &a,
+                            &mut want8[1..nb * 32 + 1],
+                        );
                         let mut got8 = y0.clone();
-                        d8(d8s, q8s, gr, nb, &rows, &a, &mut got8[1..]);
+                        d8(d8s, q8s, nrows, nb, &rows, &a, &mut got8[1..]);
                         let same = got8
                             .iter()
                             .zip(&want8)

@@ -14,8 +14,8 @@ use super::x86_avx2::{halves8, lanes, transpose_sum8};
 use half::f16;
 
 use super::{
-    planar_chunk, scalar, BlockQ4_0, BlockQ4_0x16, BlockQ8_0, BlockQ8_0x16, QuantKernels,
-    PLANAR_TILE, QK8_0,
+    planar_chunk, planar_group_rows, scalar, BlockQ4_0, BlockQ4_0x16, BlockQ8_0, BlockQ8_0x16,
+    QuantKernels, PLANAR_GROUP, PLANAR_TILE, QK8_0,
 };
 
 pub(super) const KERNELS: QuantKernels = QuantKernels {
@@ -529,35 +529,70 @@ pub(super) fn vbmi_detected() -> bool {
     vnni_detected() && std::is_x86_feature_detected!("avx512vbmi")
 }
 
-/// Bounds of a down-kernel call, checked once so the loops can use raw loads.
-fn check_down<Q>(d: &[f16], qs: &[Q], gr: usize, nb: usize, rows: &[u32], a: &[f32], y: &[f32]) {
+/// Bounds of a down-kernel call, checked once so the loops can use raw loads; returns the
+/// rows' common group size.
+fn check_down<Q>(
+    d: &[f16],
+    qs: &[Q],
+    nrows: usize,
+    nb: usize,
+    rows: &[u32],
+    a: &[f32],
+    y: &[f32],
+) -> usize {
     assert!(
         rows.len() == a.len() && rows.len().is_multiple_of(4) && rows.len() <= 32,
         "down kernel: rows/coefficients must be a multiple of 4, at most 32"
     );
     assert!(y.len() >= 32 * nb, "down kernel: y shorter than 32·nb");
     assert!(
-        d.len() >= gr * nb && qs.len() >= gr * nb,
-        "down kernel: group shorter than gr·nb"
+        d.len() >= nrows * nb && qs.len() >= nrows * nb,
+        "down kernel: arrays shorter than nrows·nb"
     );
     assert!(
-        rows.iter().all(|&r| (r as usize) < gr),
+        rows.iter().all(|&r| (r as usize) < nrows),
         "down kernel: row out of range"
     );
+    let gr = rows
+        .first()
+        .map_or(PLANAR_GROUP, |&r| planar_group_rows(nrows, r as usize));
+    assert!(
+        rows.iter()
+            .all(|&r| planar_group_rows(nrows, r as usize) == gr),
+        "down kernel: rows from groups of different sizes"
+    );
+    gr
 }
 
-/// Pass 1 of a planar down kernel for scale tile `t` (blocks `16t..16t + wt`, lanes beyond
-/// `wt` are zero): per block the int8 coefficients of each row, packed four rows per 32-bit
-/// group into `cq[q]`, the coefficient sums times `-offset` into `corr`, and the scales `s`.
+/// Per listed row, the index of its piece of tile/chunk `c` (of `tile` blocks, width `w`) in
+/// the planar arrays: group base + `gr·tile·c + li·w`.
+#[inline]
+fn piece_offsets(
+    rows: &[u32],
+    nb: usize,
+    gr: usize,
+    tile: usize,
+    c: usize,
+    w: usize,
+    out: &mut [usize; 32],
+) {
+    for (o, &r) in out.iter_mut().zip(rows) {
+        let r = r as usize;
+        *o = r / PLANAR_GROUP * PLANAR_GROUP * nb + gr * tile * c + r % PLANAR_GROUP * w;
+    }
+}
+
+/// Pass 1 of a planar down kernel for one scale tile (`wt` blocks; lanes beyond are zero):
+/// row `i`'s scales start at `d + so[i]`. Per block the int8 coefficients of each row, packed
+/// four rows per 32-bit group into `cq[q]`, the coefficient sums times `-offset` into `corr`,
+/// and the scales `s`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn down_coefficients(
     d: *const f16,
-    gr: usize,
-    t: usize,
+    so: &[usize; 32],
     wt: usize,
-    rows: &[u32],
     a: &[f32],
     offset: i32,
     cq: &mut [[i32; 16]; 8],
@@ -565,19 +600,14 @@ unsafe fn down_coefficients(
     s: &mut [f32; 16],
 ) {
     let mask = (((1u32 << wt) - 1) & 0xFFFF) as __mmask16;
-    let base = gr * PLANAR_TILE * t;
     let p = |i: usize| {
-        // SAFETY (caller): the tile of row rows[i] has wt scales; lanes past wt are masked.
-        let dv = unsafe {
-            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-                mask,
-                d.add(base + rows[i] as usize * wt) as *const i16,
-            ))
-        };
+        // SAFETY (caller): row i's tile has wt scales at so[i]; lanes past wt are masked.
+        let dv =
+            unsafe { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, d.add(so[i]) as *const i16)) };
         _mm512_mul_ps(_mm512_set1_ps(a[i]), dv)
     };
     let mut m = _mm512_setzero_ps();
-    for i in 0..rows.len() {
+    for i in 0..a.len() {
         m = _mm512_max_ps(m, _mm512_abs_ps(p(i)));
     }
     let c127 = _mm512_set1_ps(127.0);
@@ -585,7 +615,7 @@ unsafe fn down_coefficients(
     let inv = _mm512_maskz_div_ps(nz, c127, m);
     let mut sum = _mm512_setzero_si512();
     let lo8 = _mm512_set1_epi32(0xFF);
-    for (q, cq) in cq.iter_mut().enumerate().take(rows.len() / 4) {
+    for (q, cq) in cq.iter_mut().enumerate().take(a.len() / 4) {
         let mut packed = _mm512_setzero_si512();
         for kk in 0..4 {
             let c = _mm512_cvtps_epi32(_mm512_mul_ps(p(4 * q + kk), inv));
@@ -659,19 +689,19 @@ fn regroup_index(lane: usize) -> __m512i {
     unsafe { _mm512_loadu_si512(t.as_ptr() as *const _) }
 }
 
-/// `4·H` consecutive blocks of a planar Q4_0 chunk for every row in `rows` (four at a time):
-/// `chunk` points at the first block of local row 0's piece (rows are `wc` blocks apart),
-/// `bb` is the first block's index in the coefficient tile, `y` its first output column.
+/// `4·H` consecutive blocks of planar Q4_0 pieces for every row (four at a time): row `i`'s
+/// first block is at `qp + ro[i]`; `bb` is the first block's index in the coefficient tile,
+/// `y` its first output column.
 ///
 /// # Safety
-/// Blocks `0..4H` of each listed row's piece and 32·4H floats of `y` must be in bounds.
+/// Blocks `0..4H` from each `ro[i]` and 32·4H floats of `y` must be in bounds.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn q4_blocks<const H: usize>(
-    chunk: *const [u8; 16],
-    wc: usize,
-    rows: &[u32],
+    qp: *const [u8; 16],
+    ro: &[usize; 32],
+    n: usize,
     cq: &[[i32; 16]; 8],
     corr: &[i32; 16],
     s: &[f32; 16],
@@ -686,11 +716,11 @@ unsafe fn q4_blocks<const H: usize>(
     for (j, a) in acc.iter_mut().enumerate().take(8 * H) {
         *a = _mm512_set1_epi32(corr[bb + j / 2]);
     }
-    for (q, cq) in cq.iter().enumerate().take(rows.len() / 4) {
+    for (q, cq) in cq.iter().enumerate().take(n / 4) {
         for h in 0..H {
             // SAFETY (caller): blocks 4h..4h+4 of the row's piece are 64 contiguous bytes.
             let r: [__m512i; 4] = std::array::from_fn(|i| unsafe {
-                _mm512_loadu_si512(chunk.add(rows[4 * q + i] as usize * wc + 4 * h) as *const _)
+                _mm512_loadu_si512(qp.add(ro[4 * q + i] + 4 * h) as *const _)
             });
             let v = regroup4(r, ie, io);
             for (j, v) in v.iter().enumerate() {
@@ -710,25 +740,26 @@ unsafe fn q4_blocks<const H: usize>(
     }
 }
 
-/// Planar Q4_0 down kernel (`scalar::down_q4_0`, bit for bit). Four rows at a time and, where
-/// a chunk allows, four blocks at a time: one 64-byte load per row holds its codes of blocks
-/// b..b+4, [`regroup4`] turns four rows' loads into one register per block with byte j of the
-/// four rows in 32-bit group j, and two `vpdpbusd` per block (low / high nibbles = columns j,
-/// 16 + j) add `Σ c_i · q_i` with the four int8 coefficients broadcast. Eight independent
-/// accumulators hide `vpdpbusd`'s latency.
+/// Planar Q4_0 down kernel (`scalar::down_q4_0`, bit for bit). Four rows at a time and, where a
+/// chunk allows, 8 or 4 blocks at a time: one 64-byte load per row and 4 blocks, [`regroup4`]
+/// turns four rows' loads into one register per block with byte j of the four rows in 32-bit
+/// group j, and two `vpdpbusd` per block (low / high nibbles = columns j, 16 + j) add
+/// `Σ c_i · q_i` with the four int8 coefficients broadcast. Up to 16 independent accumulators
+/// hide `vpdpbusd`'s latency; a whole 8-block chunk reads both cache lines of each row's piece
+/// in one pass.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 fn down_q4_0_i(
     d: &[f16],
     qs: &[[u8; 16]],
-    gr: usize,
+    nrows: usize,
     nb: usize,
     rows: &[u32],
     a: &[f32],
     y: &mut [f32],
 ) {
-    check_down(d, qs, gr, nb, rows, a, y);
-    let nq = rows.len() / 4;
+    let gr = check_down(d, qs, nrows, nb, rows, a, y);
+    let n = rows.len();
     let ch = planar_chunk::<[u8; 16]>();
     let (ie, io) = (regroup_index(0), regroup_index(1));
     // one block of four rows as [r0 | r1 | r2 | r3] → groups of four rows (vpermb)
@@ -744,55 +775,34 @@ fn down_q4_0_i(
     let qp = qs.as_ptr();
     let yp = y.as_mut_ptr();
     let (mut cq, mut corr, mut s) = ([[0i32; 16]; 8], [0i32; 16], [0f32; 16]);
+    let (mut so, mut ro) = ([0usize; 32], [0usize; 32]);
     for t in 0..nb.div_ceil(PLANAR_TILE) {
         let b0 = t * PLANAR_TILE;
         let wt = PLANAR_TILE.min(nb - b0);
+        piece_offsets(rows, nb, gr, PLANAR_TILE, t, wt, &mut so);
         // SAFETY: bounds checked by check_down.
-        unsafe {
-            down_coefficients(
-                d.as_ptr(),
-                gr,
-                t,
-                wt,
-                rows,
-                a,
-                8,
-                &mut cq,
-                &mut corr,
-                &mut s,
-            )
-        };
+        unsafe { down_coefficients(d.as_ptr(), &so, wt, a, 8, &mut cq, &mut corr, &mut s) };
         let mut b = b0;
         while b < b0 + wt {
             let wc = ch.min(nb - b);
-            let cbase = gr * ch * (b / ch);
+            piece_offsets(rows, nb, gr, ch, b / ch, wc, &mut ro);
             let mut k = 0;
             // a whole chunk (both lines of each row's piece in one pass), then 4 blocks at a time
             if wc == 8 {
-                // SAFETY: as for q4_blocks: blocks 0..8 of each row's chunk are inside qs.
+                // SAFETY: blocks 0..8 of each row's piece are inside qs (check_down).
                 unsafe {
-                    q4_blocks::<2>(
-                        qp.add(cbase),
-                        wc,
-                        rows,
-                        &cq,
-                        &corr,
-                        &s,
-                        b - b0,
-                        yp.add(32 * b),
-                        ie,
-                        io,
-                    )
+                    q4_blocks::<2>(qp, &ro, n, &cq, &corr, &s, b - b0, yp.add(32 * b), ie, io)
                 };
                 k = 8;
             }
             while k + 4 <= wc {
-                // SAFETY: blocks k..k+4 of each row's chunk are inside qs (check_down).
+                let rk: [usize; 32] = std::array::from_fn(|i| ro[i] + k);
+                // SAFETY: blocks k..k+4 of each row's piece are inside qs (check_down).
                 unsafe {
                     q4_blocks::<1>(
-                        qp.add(cbase + k),
-                        wc,
-                        rows,
+                        qp,
+                        &rk,
+                        n,
                         &cq,
                         &corr,
                         &s,
@@ -812,11 +822,9 @@ fn down_q4_0_i(
                 }
                 let mut acc0 = _mm512_set1_epi32(corr[bb]);
                 let mut acc1 = acc0;
-                for (q, cq) in cq.iter().enumerate().take(nq) {
-                    // SAFETY: inside the chunk (check_down): local row < gr, k < wc.
-                    let at = |i: usize| unsafe {
-                        qp.add(cbase + rows[4 * q + i] as usize * wc + k) as *const __m128i
-                    };
+                for (q, cq) in cq.iter().enumerate().take(n / 4) {
+                    // SAFETY: inside the row's piece (check_down), k < wc.
+                    let at = |i: usize| unsafe { qp.add(ro[4 * q + i] + k) as *const __m128i };
                     // SAFETY: each row block is 16 bytes.
                     let z = unsafe {
                         let z = _mm512_castsi128_si512(_mm_loadu_si128(at(0)));
@@ -834,7 +842,7 @@ fn down_q4_0_i(
                     );
                 }
                 // SAFETY: y holds 32·nb floats (check_down).
-                unsafe { down_finish(yp.add(32 * (b0 + bb)), s[bb], acc0, acc1) };
+                unsafe { down_finish(yp.add(32 * (b + k)), s[bb], acc0, acc1) };
             }
             b += wc;
         }
@@ -845,14 +853,14 @@ fn down_q4_0_i(
 fn down_q4_0(
     d: &[f16],
     qs: &[[u8; 16]],
-    gr: usize,
+    nrows: usize,
     nb: usize,
     rows: &[u32],
     a: &[f32],
     y: &mut [f32],
 ) {
     // SAFETY: handed out only when vbmi_detected() (which implies vnni_detected()).
-    unsafe { down_q4_0_i(d, qs, gr, nb, rows, a, y) }
+    unsafe { down_q4_0_i(d, qs, nrows, nb, rows, a, y) }
 }
 
 /// Planar Q8_0 down kernel (`scalar::down_q8_0`, bit for bit). Codes are stored `+ 128`. Four
@@ -864,53 +872,40 @@ fn down_q4_0(
 fn down_q8_0_i(
     d: &[f16],
     qs: &[[u8; 32]],
-    gr: usize,
+    nrows: usize,
     nb: usize,
     rows: &[u32],
     a: &[f32],
     y: &mut [f32],
 ) {
-    check_down(d, qs, gr, nb, rows, a, y);
-    let nq = rows.len() / 4;
+    let gr = check_down(d, qs, nrows, nb, rows, a, y);
+    let n = rows.len();
     let ch = planar_chunk::<[u8; 32]>();
     let (ie, io) = (regroup_index(0), regroup_index(1));
     let qp = qs.as_ptr();
     let yp = y.as_mut_ptr();
     let (mut cq, mut corr, mut s) = ([[0i32; 16]; 8], [0i32; 16], [0f32; 16]);
+    let (mut so, mut ro) = ([0usize; 32], [0usize; 32]);
     for t in 0..nb.div_ceil(PLANAR_TILE) {
         let b0 = t * PLANAR_TILE;
         let wt = PLANAR_TILE.min(nb - b0);
+        piece_offsets(rows, nb, gr, PLANAR_TILE, t, wt, &mut so);
         // SAFETY: bounds checked by check_down.
-        unsafe {
-            down_coefficients(
-                d.as_ptr(),
-                gr,
-                t,
-                wt,
-                rows,
-                a,
-                128,
-                &mut cq,
-                &mut corr,
-                &mut s,
-            )
-        };
+        unsafe { down_coefficients(d.as_ptr(), &so, wt, a, 128, &mut cq, &mut corr, &mut s) };
         let mut b = b0;
         while b < b0 + wt {
             let wc = ch.min(nb - b);
-            let cbase = gr * ch * (b / ch);
+            piece_offsets(rows, nb, gr, ch, b / ch, wc, &mut ro);
             let bb = b - b0;
             if wc == 4 {
                 // acc[2j], acc[2j+1]: columns 0..16, 16..32 of block b + j
                 let mut acc: [__m512i; 8] =
                     std::array::from_fn(|i| _mm512_set1_epi32(corr[bb + i / 2]));
-                for (q, cq) in cq.iter().enumerate().take(nq) {
+                for (q, cq) in cq.iter().enumerate().take(n / 4) {
                     for h in 0..2 {
-                        // SAFETY: blocks 2h, 2h+1 of the row's chunk are 64 contiguous bytes.
+                        // SAFETY: blocks 2h, 2h+1 of the row's piece are 64 contiguous bytes.
                         let r: [__m512i; 4] = std::array::from_fn(|i| unsafe {
-                            _mm512_loadu_si512(
-                                qp.add(cbase + rows[4 * q + i] as usize * 4 + 2 * h) as *const _
-                            )
+                            _mm512_loadu_si512(qp.add(ro[4 * q + i] + 2 * h) as *const _)
                         });
                         let v = regroup4(r, ie, io);
                         for (j, v) in v.iter().enumerate() {
@@ -938,11 +933,9 @@ fn down_q8_0_i(
                 }
                 let mut acc0 = _mm512_set1_epi32(corr[bb + k]);
                 let mut acc1 = acc0;
-                for (q, cq) in cq.iter().enumerate().take(nq) {
-                    // SAFETY: inside the chunk (check_down): local row < gr, k < wc.
-                    let at = |i: usize| unsafe {
-                        qp.add(cbase + rows[4 * q + i] as usize * wc + k) as *const __m256i
-                    };
+                for (q, cq) in cq.iter().enumerate().take(n / 4) {
+                    // SAFETY: inside the row's piece (check_down), k < wc.
+                    let at = |i: usize| unsafe { qp.add(ro[4 * q + i] + k) as *const __m256i };
                     // SAFETY: each row block is 32 bytes.
                     let (z1, z2) = unsafe {
                         (
@@ -972,12 +965,12 @@ fn down_q8_0_i(
 fn down_q8_0(
     d: &[f16],
     qs: &[[u8; 32]],
-    gr: usize,
+    nrows: usize,
     nb: usize,
     rows: &[u32],
     a: &[f32],
     y: &mut [f32],
 ) {
     // SAFETY: handed out only when vbmi_detected() (which implies vnni_detected()).
-    unsafe { down_q8_0_i(d, qs, gr, nb, rows, a, y) }
+    unsafe { down_q8_0_i(d, qs, nrows, nb, rows, a, y) }
 }
