@@ -367,15 +367,30 @@ pub fn load_weights(
             Loaded::Mat(m) => m,
             Loaded::Norm(_) => unreachable!("tensor_table order: matrix expected"),
         };
-        // GEMV-only matrices may take an interleaved layout (Matrix::into_gemv_layout), down_t
-        // the planar layout of the int8 down kernel (Matrix::into_down_layout); kv_b (AXPY
-        // rows in absorbed attention) keeps its own.
+        // GEMV-only matrices may take an interleaved layout (Matrix::into_gemv_layout), AXPY
+        // ones the planar layout of the int8 AXPY kernel (Matrix::into_down_layout). kv_b_proj
+        // is split into its k_nope rows (W_UK, summed as rows in absorbed decode) and v rows
+        // (W_UV, a GEMV) so each half takes its layout.
+        let input_norm = norm(next());
+        let q_proj = m(next()).into_gemv_layout();
+        let kv_a = m(next()).into_gemv_layout();
+        let kv_a_norm = norm(next());
+        let (nh, dn, dv) = (
+            cfg.num_attention_heads,
+            cfg.qk_nope_head_dim,
+            cfg.v_head_dim,
+        );
+        let kv_b = m(next());
+        let kv_bk = kv_b.select_rows((0..nh).flat_map(|h| h * (dn + dv)..h * (dn + dv) + dn));
+        let kv_bv = kv_b.select_rows((0..nh).flat_map(|h| h * (dn + dv) + dn..(h + 1) * (dn + dv)));
+        drop(kv_b);
         layers.push(LayerWeights {
-            input_norm: norm(next()),
-            q_proj: m(next()).into_gemv_layout(),
-            kv_a: m(next()).into_gemv_layout(),
-            kv_a_norm: norm(next()),
-            kv_b: m(next()),
+            input_norm,
+            q_proj,
+            kv_a,
+            kv_a_norm,
+            kv_bk: kv_bk.into_down_layout(),
+            kv_bv: kv_bv.into_gemv_layout(),
             o_proj: m(next()).into_gemv_layout(),
             post_norm: norm(next()),
             up: m(next()).into_gemv_layout(),

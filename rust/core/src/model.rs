@@ -331,8 +331,18 @@ impl Model {
             lat[u * r..(u + 1) * r].copy_from_slice(&layer[u * rd..u * rd + r]);
         }
         // per head k_nope(u), v(u)          [n, H·(dn+dv)]
+        let (mut kk, mut vv) = (vec![0f32; n * nh * dn], vec![0f32; n * nh * dv]);
+        self.matmul(&lw.kv_bk, &lat, n, &mut kk);
+        self.matmul(&lw.kv_bv, &lat, n, &mut vv);
         let mut kv = vec![0f32; n * kvd];
-        self.matmul(&lw.kv_b, &lat, n, &mut kv);
+        for u in 0..n {
+            for h in 0..nh {
+                let o = u * kvd + h * (dn + dv);
+                kv[o..o + dn].copy_from_slice(&kk[(u * nh + h) * dn..(u * nh + h + 1) * dn]);
+                kv[o + dn..o + dn + dv]
+                    .copy_from_slice(&vv[(u * nh + h) * dv..(u * nh + h + 1) * dv]);
+            }
+        }
         let k = kernels();
         let q = &st.q;
         // Blocks of 4 queries (all heads) are the parallel tasks. Per head, scores come from
@@ -421,7 +431,7 @@ impl Model {
         let (qd, rd, ms) = (nh * (dn + dr), r + dr, cache.max_seq);
         let layer = cache.layer(l);
         let k = kernels();
-        let kv_b = &lw.kv_b;
+        let (kv_bk, kv_bv) = (&lw.kv_bk, &lw.kv_bv);
         // Heads in groups of 4 are the parallel tasks; each group reads the latent cache once:
         // scores from 4 keys × 4 heads register tiles, ctx from 4 heads × 64 columns rank
         // updates (the cache is shared by all heads: multi-query attention on the latent).
@@ -439,15 +449,19 @@ impl Model {
                 .for_each(|(hg, (((o, q_lat), ctx), s))| {
                     let h0 = hg * HG;
                     let g = o.len() / dv; // heads in this group
+                    let mut terms = Vec::with_capacity(dn);
                     for hh in 0..g {
-                        // q_lat_h = W_UK_hᵀ q_nope_h       [r]
+                        // q_lat_h = W_UK_hᵀ q_nope_h = Σ_j q_nope_h[j] · W_UK_h[j]     [r]
                         let qh = &q[(h0 + hh) * (dn + dr)..(h0 + hh + 1) * (dn + dr)];
-                        let row0 = (h0 + hh) * (dn + dv);
-                        let ql = &mut q_lat[hh * r..(hh + 1) * r];
-                        ql.fill(0.0);
-                        for (j, &qj) in qh[..dn].iter().enumerate() {
-                            kv_b.axpy_row(row0 + j, 0, qj, ql);
-                        }
+                        let row0 = (h0 + hh) * dn;
+                        terms.clear();
+                        terms.extend(
+                            qh[..dn]
+                                .iter()
+                                .enumerate()
+                                .map(|(j, &qj)| ((row0 + j) as u32, qj)),
+                        );
+                        kv_bk.sparse_axpy(&terms, &mut q_lat[hh * r..(hh + 1) * r]);
                     }
                     // s_h(u) = (q_lat_h·c(u) + q_rope_h·k_rope(u)) / sqrt(dn+dr)
                     let mut u0 = 0;
@@ -501,9 +515,8 @@ impl Model {
                     }
                     // o_h = W_UV_h ctx_h                 [dv]
                     for hh in 0..g {
-                        let row0 = (h0 + hh) * (dn + dv);
-                        kv_b.dot_rows(
-                            row0 + dn,
+                        kv_bv.dot_rows(
+                            (h0 + hh) * dv,
                             &ctx[hh * r..(hh + 1) * r],
                             &mut o[hh * dv..(hh + 1) * dv],
                         );
@@ -536,8 +549,9 @@ impl Model {
             // added. Whole rows read front to back keep the hardware prefetcher streaming;
             // splitting columns instead (each thread reading half of every row) measured
             // 1.3-1.8x slower from DRAM (PERF NOTES in kernels/mod.rs).
-            // With the planar int8 kernel, runs are cut between groups of its rows so each
-            // group is summed in one call (then sparse on and off give the same bits).
+            // Quantized W_downᵀ on AVX-512 VNNI + VBMI is planar (Matrix::into_down_layout):
+            // runs are cut between its groups of 32 rows, so each group is read (whole or
+            // sparsely) by one thread; its int8 kernel is in quant/x86_avx512.rs.
             let threads = rayon::current_num_threads().max(1);
             let active = &st.active;
             let per = active.len().div_ceil(threads).max(1);

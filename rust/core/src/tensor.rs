@@ -275,6 +275,31 @@ impl Matrix {
         Matrix { rows, cols, data }
     }
 
+    /// A new matrix of the listed rows (in that order), for the plain layouts (before
+    /// `into_gemv_layout` / `into_down_layout`).
+    pub fn select_rows(&self, rows: impl Iterator<Item = usize> + Clone) -> Matrix {
+        let n = rows.clone().count();
+        let c = self.cols;
+        let nb = c / QBLOCK;
+        fn pick<T: Copy>(v: &[T], w: usize, rows: impl Iterator<Item = usize>) -> Vec<T> {
+            rows.flat_map(|r| v[r * w..(r + 1) * w].iter().copied())
+                .collect()
+        }
+        let data = match &self.data {
+            Storage::F32(v) => Storage::F32(pick(v, c, rows)),
+            Storage::F16(v) => Storage::F16(pick(v, c, rows)),
+            Storage::BF16(v) => Storage::BF16(pick(v, c, rows)),
+            Storage::Q8_0(v) => Storage::Q8_0(pick(v, nb, rows)),
+            Storage::Q4_0(v) => Storage::Q4_0(pick(v, nb, rows)),
+            _ => unreachable!("select_rows on a repacked layout"),
+        };
+        Matrix {
+            rows: n,
+            cols: c,
+            data,
+        }
+    }
+
     /// Split a Q4_0 / Q8_0 matrix into the planar layout of the int8 down-projection kernel
     /// (`quant::Planar`) when this CPU has that kernel; other matrices are returned unchanged.
     /// For the transposed down projection, whose decode path is [`Self::sparse_axpy`].

@@ -99,7 +99,8 @@ pub struct LayerWeights {
     pub q_proj: Matrix,       //  [H·(dn+dr), d]
     pub kv_a: Matrix,         //  [r+dr, d]       rows 0..r latent c, r.. shared rope key
     pub kv_a_norm: Vec<f32>,  //  [r]
-    pub kv_b: Matrix,         //  [H·(dn+dv), r]  per head: dn rows k_nope, then dv rows v
+    pub kv_bk: Matrix,        //  [H·dn, r]       W_UK: kv_b_proj's k_nope rows, head by head
+    pub kv_bv: Matrix,        //  [H·dv, r]       W_UV: kv_b_proj's v rows, head by head
     pub o_proj: Matrix,       //  [d, H·dv]
     pub post_norm: Vec<f32>,  //  [d]
     pub up: Matrix,           //  [I, d]
@@ -127,7 +128,8 @@ impl Weights {
         for l in &self.layers {
             n += l.q_proj.nbytes()
                 + l.kv_a.nbytes()
-                + l.kv_b.nbytes()
+                + l.kv_bk.nbytes()
+                + l.kv_bv.nbytes()
                 + l.o_proj.nbytes()
                 + l.up.nbytes()
                 + l.down_t.nbytes();
