@@ -61,7 +61,12 @@ def run_one(model_dir: str, dtype: str, threads: int, prompt: int, decode: int) 
     bpw = wbytes / n_params
     sparsity = st.get("mlp_sparsity", 0.0)
     sparse_on = os.environ.get("SPARSELM_DENSE_MLP", "0") in ("", "0")
-    read = wbytes - (sparsity * layers * ni * d * bpw if sparse_on else 0.0)
+    # Bytes read per generated token: the engine counts the W_down rows its decode skipped
+    # (the planar int8 layout reads groups of 32 rows with many active neurons whole).
+    skipped = st.get("down_bytes_skipped_per_token")
+    if skipped is None:
+        skipped = sparsity * layers * ni * d * bpw if sparse_on else 0.0
+    read = wbytes - skipped
     tok_s = n / decode_s if decode_s > 0 else 0.0
     return {
         "dtype": eng.dtype,

@@ -113,3 +113,34 @@ def test_chat_template_and_stop_tokens(model: sparselm.Model) -> None:
     out = model.chat([{"role": "user", "content": "Who is Mr. Darcy?"}], max_new_tokens=16)
     assert isinstance(out, str)
     assert "<|im_end|>" not in out
+
+
+@pytest.mark.parametrize("dtype", ["f16", "q8_0", "q4_0"])
+def test_decode_reports_down_bytes_it_skipped(model: sparselm.Model, dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``down_bytes_skipped_per_token`` counts the W_down rows decode did not read: every zero
+    neuron's row for the GGUF-row layouts, fewer for the planar int8 layout (a group of 32
+    rows with many active neurons is read whole), none with sparsity switched off."""
+    from sparselm import _native
+
+    c = model.config
+    layers, ni, d = c["num_hidden_layers"], c["intermediate_size"], c["hidden_size"]
+    row_bytes = {"f16": 2 * d, "q8_0": d // 32 * 34, "q4_0": d // 32 * 18}[dtype]
+    ids = model.tokenizer.encode("Once upon a time there was a little girl who liked to read.")[:12]
+
+    def decode(dense: bool) -> dict:
+        monkeypatch.setenv("SPARSELM_DENSE_MLP", "1" if dense else "0")
+        sess = _native.Engine(str(MODEL), dtype, 0).new_session(len(ids))
+        for t in ids:  # one token at a time: every step is a decode step
+            sess.feed([t], "absorbed", False)
+        return sess.stats()
+
+    st = decode(False)
+    zero_bytes = st["mlp_sparsity"] * layers * ni * row_bytes  # per token
+    skipped = st["down_bytes_skipped_per_token"]
+    print(f"[bundled] {dtype}: down bytes skipped {skipped:.0f} of {layers * ni * row_bytes} per token "
+          f"(zero rows {zero_bytes:.0f})")
+    if dtype == "f16":
+        assert skipped == pytest.approx(zero_bytes, rel=1e-9)
+    else:
+        assert 0 < skipped <= zero_bytes * (1 + 1e-9)
+    assert decode(True)["down_bytes_skipped_per_token"] == 0

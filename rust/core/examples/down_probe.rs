@@ -26,7 +26,9 @@ fn run(ms: &[Matrix], acts: &[Vec<(u32, f32)>], threads: usize, parts: &mut [f32
             parts[..threads * d]
                 .par_chunks_mut(d)
                 .enumerate()
-                .for_each(|(pi, y)| m.sparse_axpy(&act[cut(pi)..cut(pi + 1)], y));
+                .for_each(|(pi, y)| {
+                    m.sparse_axpy(&act[cut(pi)..cut(pi + 1)], y);
+                });
         }
     }
     t.elapsed().as_secs_f64() / (reps * ms.len()) as f64

@@ -568,10 +568,13 @@ impl Model {
             };
             let nparts = active.len().div_ceil(per).max(1);
             st.parts.resize(nparts * d, 0.0);
-            st.parts[..nparts * d]
+            let read: usize = st.parts[..nparts * d]
                 .par_chunks_mut(d)
                 .enumerate()
-                .for_each(|(pi, y)| lw.down_t.sparse_axpy(&active[cut(pi)..cut(pi + 1)], y));
+                .map(|(pi, y)| lw.down_t.sparse_axpy(&active[cut(pi)..cut(pi + 1)], y))
+                .sum();
+            st.down_rows[l] += ni as u64;
+            st.down_read[l] += read as u64;
             let (first, rest) = st.parts[..nparts * d].split_at(d);
             st.proj[..d].copy_from_slice(first);
             for part in rest.chunks(d) {

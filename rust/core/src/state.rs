@@ -21,6 +21,8 @@ pub struct State {
     pub logits: Vec<f32>,        // [t or 1, V]
     pub zeros: Vec<u64>,         // [layers]         zero ReLU² neurons counted (telemetry)
     pub neurons: Vec<u64>,       // [layers]         neurons evaluated (telemetry)
+    pub down_rows: Vec<u64>, // [layers]         W_downᵀ rows a dense decode would read (telemetry)
+    pub down_read: Vec<u64>, // [layers]         W_downᵀ rows decode read (telemetry)
 }
 
 impl State {
@@ -34,6 +36,8 @@ impl State {
             parts: Vec::new(),
             zeros: vec![0; c.num_hidden_layers],
             neurons: vec![0; c.num_hidden_layers],
+            down_rows: vec![0; c.num_hidden_layers],
+            down_read: vec![0; c.num_hidden_layers],
             ..State::default()
         };
         s.ensure(c, 1, false);
@@ -78,7 +82,13 @@ impl State {
     }
 
     pub fn reset_counters(&mut self) {
-        self.zeros.iter_mut().for_each(|z| *z = 0);
-        self.neurons.iter_mut().for_each(|n| *n = 0);
+        for v in [
+            &mut self.zeros,
+            &mut self.neurons,
+            &mut self.down_rows,
+            &mut self.down_read,
+        ] {
+            v.iter_mut().for_each(|z| *z = 0);
+        }
     }
 }

@@ -453,7 +453,9 @@ impl Matrix {
     /// of `active`: the decode down projection over one thread's run of non-zero neurons.
     /// Quantized rows go one at a time (a single forward stream) with the row two ahead
     /// prefetched; float rows four per pass over `y` (PERF NOTES in kernels/mod.rs).
-    pub fn sparse_axpy(&self, active: &[(u32, f32)], y: &mut [f32]) {
+    /// Returns the number of rows read (the active ones; for the planar layout also the zero
+    /// rows of groups read whole).
+    pub fn sparse_axpy(&self, active: &[(u32, f32)], y: &mut [f32]) -> usize {
         y.fill(0.0);
         match &self.data {
             Storage::Q4_0P(p) => return self.planar_down(p, quant_kernels().down_q4_0, active, y),
@@ -467,7 +469,7 @@ impl Matrix {
                 }
                 self.axpy_row(j as usize, 0, a, y);
             }
-            return;
+            return active.len();
         }
         // Float rows: no software prefetch (it cost 8-45 %: bf16 0 % / 50 % / 90 % zeros
         // 1.88 / 1.12 ms / 82 µs with it, 1.73 / 0.63 ms / 65 µs without).
@@ -484,6 +486,7 @@ impl Matrix {
         for &(j, a) in quads.remainder() {
             self.axpy_row(j as usize, 0, a, y);
         }
+        active.len()
     }
 
     /// `y += Σ_{(j, a) ∈ active} a · row[j]` through the planar int8 kernel. The (sorted)
@@ -498,7 +501,7 @@ impl Matrix {
         kernel: Option<quant::DownKernel<Q>>,
         active: &[(u32, f32)],
         y: &mut [f32],
-    ) {
+    ) -> usize {
         let kernel = kernel.expect("the planar layout exists only with its kernel");
         let (nrows, nb) = (p.rows, p.nb);
         let group = |j: u32| j as usize / DOWN_GROUP;
@@ -563,7 +566,12 @@ impl Matrix {
                 prefetch(calls.get(k + 1));
                 call(&mut c.iter().copied(), y);
             }
-        });
+            let dense_rows: usize = dense
+                .iter()
+                .map(|&(s, _)| quant::planar_group_rows(nrows, active[s as usize].0 as usize))
+                .sum();
+            dense_rows + sparse.len()
+        })
     }
 
     /// Sparse rank update of a 4×64 tile of `Y = A · W` (W = this matrix, `[rows, cols]`):
