@@ -256,3 +256,18 @@ def test_sparse_decode_equals_dense_decode(
     print(f"[formats] sparse vs dense decode, {dtype}: rel err {err:.2e}")
     assert err <= (1e-5 if dtype == "f16" else 3e-2), (dtype, err)
     assert (sparse.argmax(-1) == dense.argmax(-1)).mean() >= 0.85
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+def test_quantized_decode_does_not_depend_on_threads(dtype: str, wide_model: str, prompt: list[int]) -> None:
+    """The int8 down kernel's calls are planned from the active neurons alone, so one or two
+    threads differ only in the order partial sums are added."""
+
+    def decode(threads: int) -> np.ndarray:
+        s = sparselm.load(wide_model, dtype=dtype, threads=threads).session()
+        s.feed(prompt[:4])
+        return np.stack([s.feed([t], attention="absorbed") for t in prompt[4:12]])
+
+    one, two = decode(1), decode(2)
+    err = float(np.abs(one - two).max() / np.abs(one).max())
+    assert err <= 1e-5, (dtype, err)

@@ -550,29 +550,57 @@ impl Model {
             // splitting columns instead (each thread reading half of every row) measured
             // 1.3-1.8x slower from DRAM (PERF NOTES in kernels/mod.rs).
             // Quantized W_downᵀ on AVX-512 VNNI + VBMI is planar (Matrix::into_down_layout):
-            // runs are cut between its groups of 32 rows, so each group is read (whole or
-            // sparsely) by one thread; its int8 kernel is in quant/x86_avx512.rs.
+            // its kernel calls (tensor::DownPlan) depend only on the active list and are split
+            // across threads by rows read, so the result does not depend on the thread count
+            // beyond the order of adding the partials.
             let threads = rayon::current_num_threads().max(1);
-            let active = &st.active;
-            let per = active.len().div_ceil(threads).max(1);
-            let group = lw.down_t.down_group_rows();
-            let cut = |i: usize| {
-                let k = (i * per).min(active.len());
-                match group {
-                    Some(g) if k > 0 && k < active.len() => {
-                        let gk = active[k - 1].0 as usize / g;
-                        k + active[k..].partition_point(|&(j, _)| j as usize / g == gk)
+            let read: usize;
+            let nparts;
+            if lw.down_t.down_plan(&st.active, &mut st.plan) {
+                let plan = &st.plan;
+                let nu = plan.units.len();
+                let total = plan.rows(0..nu).max(1);
+                // unit boundaries nearest to equal shares of rows
+                let mut cuts = vec![0usize];
+                let mut acc = 0usize;
+                for (k, u) in plan.units.iter().enumerate() {
+                    acc += u.1 as usize;
+                    if cuts.len() < threads && acc * threads >= total * cuts.len() {
+                        cuts.push(k + 1);
                     }
-                    _ => k,
                 }
-            };
-            let nparts = active.len().div_ceil(per).max(1);
-            st.parts.resize(nparts * d, 0.0);
-            let read: usize = st.parts[..nparts * d]
-                .par_chunks_mut(d)
-                .enumerate()
-                .map(|(pi, y)| lw.down_t.sparse_axpy(&active[cut(pi)..cut(pi + 1)], y))
-                .sum();
+                cuts.push(nu);
+                cuts.dedup();
+                nparts = (cuts.len() - 1).max(1);
+                st.parts.resize(nparts * d, 0.0);
+                read = st.parts[..nparts * d]
+                    .par_chunks_mut(d)
+                    .enumerate()
+                    .map(|(pi, y)| match (cuts.get(pi), cuts.get(pi + 1)) {
+                        (Some(&a), Some(&b)) => lw.down_t.down_plan_run(plan, a..b, y),
+                        _ => {
+                            y.fill(0.0);
+                            0
+                        }
+                    })
+                    .sum();
+            } else {
+                let active = &st.active;
+                let per = active.len().div_ceil(threads).max(1);
+                nparts = active.len().div_ceil(per).max(1);
+                st.parts.resize(nparts * d, 0.0);
+                read = st.parts[..nparts * d]
+                    .par_chunks_mut(d)
+                    .enumerate()
+                    .map(|(pi, y)| {
+                        let (a, b) = (
+                            (pi * per).min(active.len()),
+                            ((pi + 1) * per).min(active.len()),
+                        );
+                        lw.down_t.sparse_axpy(&active[a..b], y)
+                    })
+                    .sum();
+            }
             st.down_rows[l] += ni as u64;
             st.down_read[l] += read as u64;
             let (first, rest) = st.parts[..nparts * d].split_at(d);

@@ -5,22 +5,23 @@ use crate::config::ModelConfig;
 
 #[derive(Debug, Default)]
 pub struct State {
-    pub t: usize,                // rows the buffers below are sized for
-    pub h: Vec<f32>,             // [t, d]           residual stream
-    pub a: Vec<f32>,             // [t, d]           normalised input of a sub-layer
-    pub q: Vec<f32>,             // [t, H·(dn+dr)]   queries (rope part rotated in place)
-    pub kva: Vec<f32>,           // [t, r+dr]        kv_a_proj_with_mqa output
-    pub o: Vec<f32>,             // [t, H·dv]        attention output before o_proj
-    pub proj: Vec<f32>,          // [t, d]           o_proj / down_proj output
-    pub up: Vec<f32>,            // [t, I]           up_proj, then relu² in place
-    pub active: Vec<(u32, f32)>, // [≤ I]            (neuron, activation) of non-zero neurons
-    pub parts: Vec<f32>,         // [threads, d]     per-thread partial sums of the down projection
-    pub q_lat: Vec<f32>,         // [H, r]           absorbed query  W_UKᵀ q_nope
-    pub ctx: Vec<f32>,           // [H, r]           Σ_u P(u) c(u)
-    pub scores: Vec<f32>,        // [H, max_seq]     attention weights
-    pub logits: Vec<f32>,        // [t or 1, V]
-    pub zeros: Vec<u64>,         // [layers]         zero ReLU² neurons counted (telemetry)
-    pub neurons: Vec<u64>,       // [layers]         neurons evaluated (telemetry)
+    pub t: usize,                      // rows the buffers below are sized for
+    pub h: Vec<f32>,                   // [t, d]           residual stream
+    pub a: Vec<f32>,                   // [t, d]           normalised input of a sub-layer
+    pub q: Vec<f32>,                   // [t, H·(dn+dr)]   queries (rope part rotated in place)
+    pub kva: Vec<f32>,                 // [t, r+dr]        kv_a_proj_with_mqa output
+    pub o: Vec<f32>,                   // [t, H·dv]        attention output before o_proj
+    pub proj: Vec<f32>,                // [t, d]           o_proj / down_proj output
+    pub up: Vec<f32>,                  // [t, I]           up_proj, then relu² in place
+    pub active: Vec<(u32, f32)>,       // [≤ I]            (neuron, activation) of non-zero neurons
+    pub parts: Vec<f32>, // [threads, d]     per-thread partial sums of the down projection
+    pub plan: crate::tensor::DownPlan, //            kernel calls of a planar down projection
+    pub q_lat: Vec<f32>, // [H, r]           absorbed query  W_UKᵀ q_nope
+    pub ctx: Vec<f32>,   // [H, r]           Σ_u P(u) c(u)
+    pub scores: Vec<f32>, // [H, max_seq]     attention weights
+    pub logits: Vec<f32>, // [t or 1, V]
+    pub zeros: Vec<u64>, // [layers]         zero ReLU² neurons counted (telemetry)
+    pub neurons: Vec<u64>, // [layers]         neurons evaluated (telemetry)
     pub down_rows: Vec<u64>, // [layers]         W_downᵀ rows a dense decode would read (telemetry)
     pub down_read: Vec<u64>, // [layers]         W_downᵀ rows decode read (telemetry)
 }

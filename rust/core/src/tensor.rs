@@ -21,9 +21,8 @@ thread_local! {
     static ROWQ: std::cell::RefCell<Vec<BlockQ4_0>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Blocks of one row taken out of the interleaved Q8_0x16 layout (reused).
     static ROWQ8: std::cell::RefCell<Vec<BlockQ8_0>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// The planar down projection's dense groups (active-list ranges) and pooled sparse rows.
-    static DOWN_LISTS: std::cell::RefCell<(Vec<(u32, u32)>, Vec<(u32, f32)>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// The plan of the current single-call planar `sparse_axpy` (reused).
+    static DOWN_PLAN: std::cell::RefCell<DownPlan> = const { std::cell::RefCell::new(DownPlan::new()) };
     /// Input block sums of the current single-call quantized `dot_rows` (reused).
     static XSUM: std::cell::RefCell<Vec<i32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -489,12 +488,8 @@ impl Matrix {
         active.len()
     }
 
-    /// `y += Σ_{(j, a) ∈ active} a · row[j]` through the planar int8 kernel. The (sorted)
-    /// active list is cut into the groups of [`DOWN_GROUP`] consecutive rows: a group with at
-    /// least [`DOWN_DENSE_AT`] active rows goes to the kernel whole (zero rows included: they
-    /// add nothing, and the group is read front to back); the active rows of sparser groups are
-    /// pooled 32 per kernel call, each call's rows prefetched one call ahead. Calls get
-    /// multiples of 4 rows (padded with zero coefficients).
+    /// `y += Σ_{(j, a) ∈ active} a · row[j]` through the planar int8 kernel: the
+    /// [`DownPlan`] of `active`, run whole.
     fn planar_down<Q: quant::Pod>(
         &self,
         p: &Planar<Q>,
@@ -502,76 +497,38 @@ impl Matrix {
         active: &[(u32, f32)],
         y: &mut [f32],
     ) -> usize {
-        let kernel = kernel.expect("the planar layout exists only with its kernel");
-        let (nrows, nb) = (p.rows, p.nb);
-        let group = |j: u32| j as usize / DOWN_GROUP;
-        let call = |list: &mut dyn Iterator<Item = (u32, f32)>, y: &mut [f32]| {
-            let (mut rows, mut a) = ([0u32; DOWN_GROUP], [0f32; DOWN_GROUP]);
-            let mut n = 0;
-            for (j, v) in list {
-                (rows[n], a[n]) = (j, v);
-                n += 1;
-            }
-            if n == 0 {
-                return;
-            }
-            let n4 = n.div_ceil(4) * 4;
-            for i in n..n4 {
-                (rows[i], a[i]) = (rows[0], 0.0);
-            }
-            kernel(&p.d, &p.qs, nrows, nb, &rows[..n4], &a[..n4], y);
-        };
-        DOWN_LISTS.with(|cell| {
-            let (dense, sparse) = &mut *cell.borrow_mut();
-            dense.clear();
-            sparse.clear();
-            let mut s = 0;
-            while s < active.len() {
-                let g = group(active[s].0);
-                let e = s + active[s..].partition_point(|&(j, _)| group(j) == g);
-                if e - s >= DOWN_DENSE_AT {
-                    dense.push((s as u32, e as u32));
-                } else {
-                    sparse.extend_from_slice(&active[s..e]);
-                }
-                s = e;
-            }
-            // sparse rows of full groups, then those of a partial last group (a call takes rows
-            // from groups of one size)
-            let split = sparse.partition_point(|&(j, _)| group(j) < nrows / DOWN_GROUP);
-            let calls: Vec<&[(u32, f32)]> = sparse[..split]
-                .chunks(DOWN_GROUP)
-                .chain(sparse[split..].chunks(DOWN_GROUP))
-                .collect();
-            let prefetch = |c: Option<&&[(u32, f32)]>| {
-                for &(j, _) in c.into_iter().flat_map(|c| c.iter()) {
-                    p.prefetch_row(j as usize);
-                }
-            };
-            prefetch(calls.first());
-            for &(s, e) in dense.iter() {
-                let (s, e) = (s as usize, e as usize);
-                let g = group(active[s].0);
-                let (r0, gr) = (
-                    g * DOWN_GROUP,
-                    quant::planar_group_rows(nrows, g * DOWN_GROUP),
-                );
-                let mut a = [0f32; DOWN_GROUP];
-                for &(j, v) in &active[s..e] {
-                    a[j as usize - r0] = v;
-                }
-                call(&mut (0..gr).map(|i| ((r0 + i) as u32, a[i])), y);
-            }
-            for (k, c) in calls.iter().enumerate() {
-                prefetch(calls.get(k + 1));
-                call(&mut c.iter().copied(), y);
-            }
-            let dense_rows: usize = dense
-                .iter()
-                .map(|&(s, _)| quant::planar_group_rows(nrows, active[s as usize].0 as usize))
-                .sum();
-            dense_rows + sparse.len()
+        DOWN_PLAN.with(|cell| {
+            let plan = &mut *cell.borrow_mut();
+            plan.build(p.rows, active);
+            plan_run(p, kernel, plan, 0..plan.units.len(), y)
         })
+    }
+
+    /// The kernel calls of the planar down projection for `active` into `plan` (see
+    /// [`DownPlan`]); `false` (plan untouched) for other layouts.
+    pub fn down_plan(&self, active: &[(u32, f32)], plan: &mut DownPlan) -> bool {
+        if self.down_group_rows().is_none() {
+            return false;
+        }
+        plan.build(self.rows, active);
+        true
+    }
+
+    /// `y = Σ` over the units `units` of `plan` (built by [`Self::down_plan`] for this matrix);
+    /// returns the rows read. Each unit is summed the same way whichever thread runs it, so
+    /// splitting the units across threads changes only the order in which partials are added.
+    pub fn down_plan_run(
+        &self,
+        plan: &DownPlan,
+        units: std::ops::Range<usize>,
+        y: &mut [f32],
+    ) -> usize {
+        y.fill(0.0);
+        match &self.data {
+            Storage::Q4_0P(p) => plan_run(p, quant_kernels().down_q4_0, plan, units, y),
+            Storage::Q8_0P(p) => plan_run(p, quant_kernels().down_q8_0, plan, units, y),
+            _ => panic!("down_plan_run on a matrix without the planar layout"),
+        }
     }
 
     /// Sparse rank update of a 4×64 tile of `Y = A · W` (W = this matrix, `[rows, cols]`):
@@ -788,6 +745,124 @@ pub const DOWN_GROUP: usize = quant::PLANAR_GROUP;
 /// blocks cost as much as a few rows.
 pub const DOWN_DENSE_AT: usize = 12;
 
+/// The kernel calls ("units") of one planar down projection. The sorted active list is cut
+/// into the groups of [`DOWN_GROUP`] consecutive rows: a group with at least
+/// [`DOWN_DENSE_AT`] active rows is one unit with all its rows (zero rows included: they add
+/// nothing, and the group is read front to back); the active rows of sparser groups are
+/// pooled, in order, 32 per unit (rows of a partial last group in their own units). The units
+/// depend only on the active list, so a projection gives the same bits for any split of its
+/// units across threads up to the order of adding the partial sums.
+#[derive(Debug, Default)]
+pub struct DownPlan {
+    /// The units' entries `(row, coefficient)`, unit after unit.
+    pub entries: Vec<(u32, f32)>,
+    /// Per unit: `(first entry, entries, whole group?)`.
+    pub units: Vec<(u32, u32, bool)>,
+}
+
+impl DownPlan {
+    pub const fn new() -> DownPlan {
+        DownPlan {
+            entries: Vec::new(),
+            units: Vec::new(),
+        }
+    }
+
+    fn build(&mut self, nrows: usize, active: &[(u32, f32)]) {
+        self.entries.clear();
+        self.units.clear();
+        let group = |j: u32| j as usize / DOWN_GROUP;
+        let full = nrows / DOWN_GROUP; // groups below this index have 32 rows
+        let mut pool_start = 0usize; // first entry of the open pool
+        let mut pool_partial = false;
+        let flush =
+            |entries: &Vec<(u32, f32)>, units: &mut Vec<(u32, u32, bool)>, start: &mut usize| {
+                if entries.len() > *start {
+                    units.push((*start as u32, (entries.len() - *start) as u32, false));
+                }
+                *start = entries.len();
+            };
+        let mut s = 0;
+        while s < active.len() {
+            let g = group(active[s].0);
+            let e = s + active[s..].partition_point(|&(j, _)| group(j) == g);
+            if e - s >= DOWN_DENSE_AT {
+                // a dense unit never splits an open pool's entries: park them after it
+                let pool: Vec<(u32, f32)> = self.entries.drain(pool_start..).collect();
+                let (r0, gr) = (
+                    g * DOWN_GROUP,
+                    quant::planar_group_rows(nrows, g * DOWN_GROUP),
+                );
+                let start = self.entries.len();
+                self.entries.extend((r0..r0 + gr).map(|r| (r as u32, 0.0)));
+                for &(j, v) in &active[s..e] {
+                    self.entries[start + j as usize - r0].1 = v;
+                }
+                self.units.push((start as u32, gr as u32, true));
+                pool_start = self.entries.len();
+                self.entries.extend(pool);
+            } else {
+                if (g >= full) != pool_partial {
+                    flush(&self.entries, &mut self.units, &mut pool_start);
+                    pool_partial = g >= full;
+                }
+                for &entry in &active[s..e] {
+                    self.entries.push(entry);
+                    if self.entries.len() - pool_start == DOWN_GROUP {
+                        flush(&self.entries, &mut self.units, &mut pool_start);
+                    }
+                }
+            }
+            s = e;
+        }
+        flush(&self.entries, &mut self.units, &mut pool_start);
+    }
+
+    /// Rows read by units `units`.
+    pub fn rows(&self, units: std::ops::Range<usize>) -> usize {
+        self.units[units].iter().map(|u| u.1 as usize).sum()
+    }
+}
+
+/// Run units `units` of `plan` through `kernel` into `y` (accumulating); rows read. The next
+/// pooled unit's rows are prefetched while one unit is computed.
+fn plan_run<Q: quant::Pod>(
+    p: &Planar<Q>,
+    kernel: Option<quant::DownKernel<Q>>,
+    plan: &DownPlan,
+    units: std::ops::Range<usize>,
+    y: &mut [f32],
+) -> usize {
+    let kernel = kernel.expect("the planar layout exists only with its kernel");
+    let us = &plan.units[units];
+    let entries = |u: &(u32, u32, bool)| &plan.entries[u.0 as usize..(u.0 + u.1) as usize];
+    let prefetch = |u: Option<&(u32, u32, bool)>| {
+        if let Some(u) = u.filter(|u| !u.2) {
+            for &(j, _) in entries(u) {
+                p.prefetch_row(j as usize);
+            }
+        }
+    };
+    prefetch(us.first());
+    let (mut rows, mut a) = ([0u32; DOWN_GROUP], [0f32; DOWN_GROUP]);
+    let mut read = 0;
+    for (k, u) in us.iter().enumerate() {
+        prefetch(us.get(k + 1));
+        let es = entries(u);
+        let n = es.len();
+        for (i, &(j, v)) in es.iter().enumerate() {
+            (rows[i], a[i]) = (j, v);
+        }
+        let n4 = n.div_ceil(4) * 4;
+        for i in n..n4 {
+            (rows[i], a[i]) = (rows[0], 0.0);
+        }
+        kernel(&p.d, &p.qs, p.rows, p.nb, &rows[..n4], &a[..n4], y);
+        read += n;
+    }
+    read
+}
+
 /// Run `f` on blocks `b0..b0 + nb` of row `r` of a planar matrix (`nbr` blocks per row),
 /// joined back into GGUF blocks in the thread-local buffer `buf`.
 fn with_planar_row<B: PlanarBlock, R>(
@@ -900,6 +975,68 @@ mod tests {
                 if active.is_empty() {
                     assert!(yp.iter().all(|&v| v == 0.0));
                 }
+            }
+        }
+    }
+
+    /// A DownPlan covers every active entry once (plus the zero rows of groups taken whole),
+    /// keeps units within 32 rows and within one group size, and summing its units split
+    /// across "threads" equals summing them in one pass up to the order of adding partials.
+    #[test]
+    fn down_plan_units_and_thread_splits() {
+        let (rows, cols) = (200usize, 128usize); // groups: six of 32, one of 8
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 2654435761usize) % 997) as f32 / 498.5 - 1.0)
+            .collect();
+        let m = Matrix::from_f32(rows, cols, &w, DType::Q4_0).into_down_layout();
+        let mut plan = DownPlan::new();
+        // group 1 dense (rows 32..64 all active), others sparse, the partial group too
+        let active: Vec<(u32, f32)> = (0..rows as u32)
+            .filter(|&j| (32..64).contains(&j) || j % 5 == 0)
+            .map(|j| (j, 0.25 + (j % 7) as f32))
+            .collect();
+        if !m.down_plan(&active, &mut plan) {
+            assert!(quant_kernels().down_q4_0.is_none());
+            return;
+        }
+        let mut seen = std::collections::HashMap::new();
+        for &(s, n, whole) in &plan.units {
+            let es = &plan.entries[s as usize..(s + n) as usize];
+            assert!(n as usize <= DOWN_GROUP && n > 0);
+            let partial = |j: u32| j as usize >= rows / DOWN_GROUP * DOWN_GROUP;
+            assert!(
+                es.iter().all(|&(j, _)| partial(j) == partial(es[0].0)),
+                "mixed group sizes"
+            );
+            if whole {
+                let g = es[0].0 as usize / DOWN_GROUP;
+                assert!(es
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &(j, _))| j as usize == g * DOWN_GROUP + i));
+            }
+            for &(j, v) in es {
+                if v != 0.0 {
+                    assert!(seen.insert(j, v).is_none(), "row {j} twice");
+                }
+            }
+        }
+        assert_eq!(seen.len(), active.len());
+        assert!(active.iter().all(|&(j, v)| seen[&j] == v));
+        assert!(plan.units.iter().any(|u| u.2) && plan.units.iter().any(|u| !u.2));
+        let nu = plan.units.len();
+        let mut whole = vec![0f32; cols];
+        assert_eq!(m.down_plan_run(&plan, 0..nu, &mut whole), plan.rows(0..nu));
+        for cut in 1..nu {
+            let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+            m.down_plan_run(&plan, 0..cut, &mut a);
+            m.down_plan_run(&plan, cut..nu, &mut b);
+            let scale = whole.iter().fold(0f32, |x, v| x.max(v.abs()));
+            for c in 0..cols {
+                assert!(
+                    (a[c] + b[c] - whole[c]).abs() <= 1e-5 * scale,
+                    "cut {cut} col {c}"
+                );
             }
         }
     }
