@@ -94,9 +94,11 @@ fn to_f32_vec(bytes: &[u8], d: DType) -> Vec<f32> {
             .par_chunks_exact(2)
             .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
             .collect(),
+        // bf16 is the top half of an f32: a shift, exact for every value (NaN stays NaN),
+        // and it vectorizes (`bf16::to_f32` quiets NaNs with a branch per element).
         DType::BF16 => bytes
             .par_chunks_exact(2)
-            .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+            .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
             .collect(),
         DType::Q8_0 | DType::Q4_0 => unreachable!("safetensors tensors are float (file_dtype)"),
     }
@@ -176,18 +178,30 @@ fn to_storage(bytes: &[u8], src: DType, dst: DType, cols: usize) -> Storage {
 
 /// `[rows, cols]` → `[cols, rows]`, in parallel over blocks of output rows.
 fn transpose<T: Copy + Default + Send + Sync>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
+    // Output rows in parallel bands of B; inside, T×T tiles go through a local buffer so the
+    // strided side touches each cache line once. (Writing column by column straight into the
+    // output put 64 lines 8 KiB apart in one L1 set: 30 % of a PLM-1.8B q4_0 load.)
     const B: usize = 64;
+    const T: usize = 16;
     let mut out = vec![T::default(); rows * cols];
     out.par_chunks_mut(B * rows)
         .enumerate()
         .for_each(|(bi, blk)| {
             let c0 = bi * B;
             let nc = blk.len() / rows;
-            for r0 in (0..rows).step_by(B) {
-                for r in r0..(r0 + B).min(rows) {
-                    let src = &v[r * cols + c0..r * cols + c0 + nc];
-                    for (j, &x) in src.iter().enumerate() {
-                        blk[j * rows + r] = x;
+            let mut tile = [T::default(); T * T];
+            for r0 in (0..rows).step_by(T) {
+                let nr = T.min(rows - r0);
+                for j0 in (0..nc).step_by(T) {
+                    let nj = T.min(nc - j0);
+                    for r in 0..nr {
+                        let src = &v[(r0 + r) * cols + c0 + j0..][..nj];
+                        for (j, &x) in src.iter().enumerate() {
+                            tile[j * T + r] = x;
+                        }
+                    }
+                    for j in 0..nj {
+                        blk[(j0 + j) * rows + r0..][..nr].copy_from_slice(&tile[j * T..j * T + nr]);
                     }
                 }
             }
@@ -422,6 +436,56 @@ pub fn load_weights(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transpose_any_shape() {
+        for (rows, cols) in [
+            (1, 1),
+            (1, 5),
+            (5, 1),
+            (16, 16),
+            (37, 53),
+            (64, 130),
+            (130, 64),
+            (17, 200),
+        ] {
+            let v: Vec<u32> = (0..rows * cols).map(|i| i as u32).collect();
+            let t = transpose(&v, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        t[c * rows + r],
+                        v[r * cols + c],
+                        "{rows}x{cols} at ({r}, {c})"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_widening_is_exact() {
+        let vals = [
+            0.0f32,
+            -0.0,
+            1.0,
+            -2.5,
+            3.0e38,
+            1.0e-40,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+        ];
+        let bytes: Vec<u8> = vals
+            .iter()
+            .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+            .collect();
+        let got = to_f32_vec(&bytes, DType::BF16);
+        for (g, &x) in got.iter().zip(&vals) {
+            assert_eq!(g.to_bits(), bf16::from_f32(x).to_f32().to_bits());
+        }
+        let nan = to_f32_vec(&bf16::NAN.to_le_bytes(), DType::BF16);
+        assert!(nan[0].is_nan());
+    }
 
     #[test]
     fn transpose_matches_definition() {
