@@ -733,7 +733,7 @@ fn with_row16<B: Interleaved16, R>(
     })
 }
 
-/// Rows per coefficient group of the planar down kernel (one kernel call per group).
+/// Rows per group of the planar layout, and at most per call of its down kernel.
 pub const DOWN_GROUP: usize = quant::PLANAR_GROUP;
 /// A planar group with at least this many active rows is read whole, front to back (zero
 /// rows included: they add nothing, and the hardware prefetcher streams the group); the
