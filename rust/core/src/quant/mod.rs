@@ -666,11 +666,11 @@ pub fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) -> Result<()> {
 }
 
 /// Quantize a row to Q4_0 (`x.len() == 32 · out.len()`).
+/// Runs the dispatched tier's quantizer; every tier produces the bytes of
+/// [`quantize_block_q4_0`].
 pub fn quantize_row_q4_0(x: &[f32], out: &mut [BlockQ4_0]) -> Result<()> {
     check_len("quantize_row_q4_0", x.len(), out.len(), QK4_0)?;
-    for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK4_0)) {
-        *b = quantize_block_q4_0(xs.try_into().expect("chunks_exact(32)"));
-    }
+    (quant_kernels().quantize_row_q4_0)(x, out);
     Ok(())
 }
 
@@ -731,6 +731,9 @@ pub struct QuantKernels {
     /// [`quantize_block_q8_0`] for `b < min(out.len(), x.len() / 32)` (no length check; the
     /// public [`quantize_row_q8_0`] checks). The activation quantizer of every GEMV.
     pub quantize_row_q8_0: fn(&[f32], &mut [BlockQ8_0]),
+    /// [`quantize_block_q4_0`] for `b < min(out.len(), x.len() / 32)` (no length check): the
+    /// weight quantizer of `dtype="q4_0"` loads.
+    pub quantize_row_q4_0: fn(&[f32], &mut [BlockQ4_0]),
     /// `y[32b + j] += Σ_r (a_r · d_{r,b}) · q_{r,j}` over four rows in one pass over `y`
     /// (the sparse down projection). `None`: callers do four `axpy_q8_0` calls (same math;
     /// this kernel adds the four products in the same order, so it matches to rounding).
@@ -771,6 +774,7 @@ const SCALAR: QuantKernels = QuantKernels {
     axpy_q8_0: scalar::axpy_q8_0,
     axpy_q4_0: scalar::axpy_q4_0,
     quantize_row_q8_0: scalar::quantize_row_q8_0,
+    quantize_row_q4_0: scalar::quantize_row_q4_0,
     axpy4_q8_0: None,
     axpy4_q4_0: None,
     gemv16_q4_0: None,

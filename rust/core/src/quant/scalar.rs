@@ -111,6 +111,13 @@ pub fn axpy_q4_0(a: f32, w: &[BlockQ4_0], y: &mut [f32]) {
     }
 }
 
+/// `out[b] = quantize_block_q4_0(x[32b..32b + 32])`, for `b < min(out.len(), x.len() / 32)`.
+pub fn quantize_row_q4_0(x: &[f32], out: &mut [BlockQ4_0]) {
+    for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK4_0)) {
+        *b = super::quantize_block_q4_0(xs.try_into().expect("chunks_exact(32)"));
+    }
+}
+
 /// `out[b] = quantize_block_q8_0(x[32b..32b + 32])`, for `b < min(out.len(), x.len() / 32)`.
 pub fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
     for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK8_0)) {

@@ -277,6 +277,43 @@ fn quantizer_inputs(nb: usize, seed: u32) -> Vec<f32> {
 }
 
 #[test]
+fn every_tier_q4_0_quantizer_gives_the_scalar_bytes() {
+    // quantizer_inputs plus ties in |x| (the first one decides the sign of d), tiny values
+    // (1/d overflows to inf), ±inf and NaN
+    let mut extra: Vec<f32> = vec![0.0; 32];
+    extra.extend((0..32).map(|j| if j % 2 == 0 { -3.0 } else { 3.0 }));
+    extra.extend((0..32).map(|j| if j == 5 { 1e-44 } else { 0.0 }));
+    extra.extend((0..32).map(|j| [1.0, f32::INFINITY, -2.0, f32::NAN][j % 4]));
+    extra.extend((0..32).map(|j| -(j as f32) * 0.25));
+    for nb in block_counts() {
+        let mut x = quantizer_inputs(nb + 1, nb as u32 + 77);
+        x.extend(&extra);
+        let nbx = nb + 5;
+        for off in [0usize, 1] {
+            let xs = &x[off..off + nbx * 32];
+            let mut want = vec![BlockQ4_0::default(); nbx];
+            scalar::quantize_row_q4_0(xs, &mut want);
+            for k in tiers() {
+                let mut got = vec![BlockQ4_0::default(); nbx + 1];
+                (k.quantize_row_q4_0)(xs, &mut got);
+                assert_eq!(
+                    blocks_as_bytes(&got[..nbx]),
+                    blocks_as_bytes(&want),
+                    "{} nb={nb} off={off}",
+                    k.tier_name
+                );
+                assert_eq!(
+                    got[nbx],
+                    BlockQ4_0::default(),
+                    "{} wrote past the blocks",
+                    k.tier_name
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn every_tier_quantizer_gives_the_scalar_bytes() {
     for nb in block_counts() {
         let x = quantizer_inputs(nb + 1, nb as u32);

@@ -19,6 +19,7 @@ pub(super) const KERNELS: QuantKernels = QuantKernels {
     axpy_q8_0,
     axpy_q4_0,
     quantize_row_q8_0,
+    quantize_row_q4_0,
     axpy4_q8_0: None,
     axpy4_q4_0: None,
     gemv16_q4_0: None,
@@ -255,6 +256,80 @@ fn quantize_q8_0_i(x: &[f32], out: &mut [BlockQ8_0]) {
         unsafe { _mm256_storeu_si256(b.qs.as_mut_ptr() as *mut __m256i, r) };
         b.d = f16::from_f32(d);
     }
+}
+
+/// `quantize_block_q4_0` in 8 lanes: `max` = the first element of largest |x| (found from a
+/// lane mask), `d = max / −8`, `id = 1/d`, codes `trunc(x · id + 8.5)` clamped to 0..=15 —
+/// clamping in float before truncating gives the integer clamp of the scalar code for every
+/// input (±inf and NaN included), so the bytes are the scalar ones.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quantize_q4_0_i(x: &[f32], out: &mut [BlockQ4_0]) {
+    let sign = _mm256_set1_ps(-0.0);
+    let (c85, zero, c15) = (
+        _mm256_set1_ps(8.5),
+        _mm256_setzero_ps(),
+        _mm256_set1_ps(15.0),
+    );
+    for (b, xs) in out.iter_mut().zip(x.chunks_exact(32)) {
+        let p = xs.as_ptr();
+        // SAFETY: xs holds 32 f32: four 8-wide unaligned loads.
+        let v = unsafe {
+            [
+                _mm256_loadu_ps(p),
+                _mm256_loadu_ps(p.add(8)),
+                _mm256_loadu_ps(p.add(16)),
+                _mm256_loadu_ps(p.add(24)),
+            ]
+        };
+        let a = v.map(|vk| _mm256_andnot_ps(sign, vk));
+        // max_ps returns its second operand when either is NaN: NaNs never win, as in the
+        // scalar `amax < |x|`
+        let mut m = _mm256_setzero_ps();
+        for ak in &a {
+            m = _mm256_max_ps(*ak, m);
+        }
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<0b01>(m, m)));
+        // the scalar loop keeps max = 0.0 unless some |x| > 0, then the first |x| == amax
+        let max = if amax > 0.0 {
+            let am = _mm256_set1_ps(amax);
+            let mut bits = 0u32;
+            for (k, ak) in a.iter().enumerate() {
+                let eq = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(*ak, am)) as u32;
+                bits |= eq << (8 * k);
+            }
+            xs[bits.trailing_zeros() as usize]
+        } else {
+            0.0
+        };
+        let d = max / -8.0;
+        let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let q = v.map(|vk| {
+            let t = _mm256_add_ps(_mm256_mul_ps(vk, id), c85);
+            // max_ps returns its second operand for NaN: NaN → 0, like `NaN as i8`
+            _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(t, zero), c15))
+        });
+        // byte j = code j | code (16 + j) << 4
+        let c0 = _mm256_or_si256(q[0], _mm256_slli_epi32::<4>(q[2]));
+        let c1 = _mm256_or_si256(q[1], _mm256_slli_epi32::<4>(q[3]));
+        // packs work per 128-bit half: [c0 0-3, c1 0-3 | c0 4-7, c1 4-7] → reorder quarters
+        let w = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(c0, c1));
+        let bytes = _mm256_permute4x64_epi64::<0b00_00_10_00>(_mm256_packus_epi16(w, w));
+        // SAFETY: qs is 16 bytes.
+        unsafe {
+            _mm_storeu_si128(
+                b.qs.as_mut_ptr() as *mut __m128i,
+                _mm256_castsi256_si128(bytes),
+            )
+        };
+        b.d = f16::from_f32(d);
+    }
+}
+
+fn quantize_row_q4_0(x: &[f32], out: &mut [BlockQ4_0]) {
+    // SAFETY: KERNELS is handed out only after avx2, fma and f16c were detected.
+    unsafe { quantize_q4_0_i(x, out) }
 }
 
 fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {

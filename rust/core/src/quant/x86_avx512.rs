@@ -26,6 +26,7 @@ pub(super) const KERNELS: QuantKernels = QuantKernels {
     axpy_q4_0,
     // Activation quantization is a small share of a GEMV: the AVX2 version serves this tier.
     quantize_row_q8_0: super::x86_avx2::KERNELS.quantize_row_q8_0,
+    quantize_row_q4_0: super::x86_avx2::KERNELS.quantize_row_q4_0,
     axpy4_q8_0: Some(axpy4_q8_0),
     axpy4_q4_0: Some(axpy4_q4_0),
     gemv16_q4_0: Some(gemv16_q4_0),
