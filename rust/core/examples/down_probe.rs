@@ -1,34 +1,16 @@
 //! Decode down-projection probe: the GGUF-row f32 AXPY against the planar int8 kernel, over
 //! 32 layers of W_downᵀ 8192×2048 (from DRAM) at several sparsities, with the model's split
 //! into one run per thread. `cargo run --release --example down_probe -p sparselm-core [threads]`
-use rayon::prelude::*;
-use sparselm_core::tensor::{DType, Matrix};
+use sparselm_core::tensor::{DType, DownPlan, Matrix};
 use std::time::Instant;
 
-fn run(ms: &[Matrix], acts: &[Vec<(u32, f32)>], threads: usize, parts: &mut [f32]) -> f64 {
-    let d = ms[0].cols;
+fn run(ms: &[Matrix], acts: &[Vec<(u32, f32)>], plan: &mut DownPlan, parts: &mut Vec<f32>) -> f64 {
     let t = Instant::now();
     let reps = 3;
     for _ in 0..reps {
         for (m, act) in ms.iter().zip(acts.iter().cycle()) {
-            let per = act.len().div_ceil(threads).max(1);
-            let g = m.down_group_rows();
-            let cut = |i: usize| {
-                let k = (i * per).min(act.len());
-                match g {
-                    Some(g) if k > 0 && k < act.len() => {
-                        let gk = act[k - 1].0 as usize / g;
-                        k + act[k..].partition_point(|&(j, _)| j as usize / g == gk)
-                    }
-                    _ => k,
-                }
-            };
-            parts[..threads * d]
-                .par_chunks_mut(d)
-                .enumerate()
-                .for_each(|(pi, y)| {
-                    m.sparse_axpy(&act[cut(pi)..cut(pi + 1)], y);
-                });
+            // what one decode step does: per-thread partials (their final sum is left out)
+            m.sparse_axpy_par(act, plan, parts);
         }
     }
     t.elapsed().as_secs_f64() / (reps * ms.len()) as f64
@@ -45,7 +27,7 @@ fn main() {
     let w: Vec<f32> = (0..rows * cols)
         .map(|i| ((i * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5)
         .collect();
-    let mut parts = vec![0f32; threads * cols];
+    let (mut parts, mut plan) = (Vec::new(), DownPlan::new());
     for dt in [DType::Q8_0, DType::Q4_0] {
         let plain: Vec<Matrix> = (0..layers)
             .map(|_| Matrix::from_f32(rows, cols, &w, dt))
@@ -64,10 +46,10 @@ fn main() {
                 .collect();
             let bytes = plain[0].nbytes() as f64 * (100 - zeros) as f64 / 100.0;
             pool.install(|| {
-                run(&plain, &acts, threads, &mut parts);
-                let a = run(&plain, &acts, threads, &mut parts);
-                run(&planar, &acts, threads, &mut parts);
-                let b = run(&planar, &acts, threads, &mut parts);
+                run(&plain, &acts, &mut plan, &mut parts);
+                let a = run(&plain, &acts, &mut plan, &mut parts);
+                run(&planar, &acts, &mut plan, &mut parts);
+                let b = run(&planar, &acts, &mut plan, &mut parts);
                 println!(
                     "{dt:?} {zeros:>2}% zeros: rows AXPY {:.3} ms ({:.1} GB/s), planar int8 {:.3} ms ({:.1} GB/s), {:.2}x",
                     a * 1e3,

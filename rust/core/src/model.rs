@@ -544,63 +544,10 @@ impl Model {
                     .extend(st.up[..ni].iter().enumerate().map(|(j, &a)| (j as u32, a)));
             }
             // y = Σ_{j active} act_j · W_downᵀ[j]     [d]
-            // The active list is split into one contiguous run per thread; each thread sums
-            // whole rows into its own partial y (8 KiB, stays in L1), then the partials are
-            // added. Whole rows read front to back keep the hardware prefetcher streaming;
-            // splitting columns instead (each thread reading half of every row) measured
-            // 1.3-1.8x slower from DRAM (PERF NOTES in kernels/mod.rs).
-            // Quantized W_downᵀ on AVX-512 VNNI + VBMI is planar (Matrix::into_down_layout):
-            // its kernel calls (tensor::DownPlan) depend only on the active list and are split
-            // across threads by rows read, so the result does not depend on the thread count
-            // beyond the order of adding the partials.
-            let threads = rayon::current_num_threads().max(1);
-            let read: usize;
-            let nparts;
-            if lw.down_t.down_plan(&st.active, &mut st.plan) {
-                let plan = &st.plan;
-                let nu = plan.units.len();
-                let total = plan.rows(0..nu).max(1);
-                // unit boundaries nearest to equal shares of rows
-                let mut cuts = vec![0usize];
-                let mut acc = 0usize;
-                for (k, u) in plan.units.iter().enumerate() {
-                    acc += u.1 as usize;
-                    if cuts.len() < threads && acc * threads >= total * cuts.len() {
-                        cuts.push(k + 1);
-                    }
-                }
-                cuts.push(nu);
-                cuts.dedup();
-                nparts = (cuts.len() - 1).max(1);
-                st.parts.resize(nparts * d, 0.0);
-                read = st.parts[..nparts * d]
-                    .par_chunks_mut(d)
-                    .enumerate()
-                    .map(|(pi, y)| match (cuts.get(pi), cuts.get(pi + 1)) {
-                        (Some(&a), Some(&b)) => lw.down_t.down_plan_run(plan, a..b, y),
-                        _ => {
-                            y.fill(0.0);
-                            0
-                        }
-                    })
-                    .sum();
-            } else {
-                let active = &st.active;
-                let per = active.len().div_ceil(threads).max(1);
-                nparts = active.len().div_ceil(per).max(1);
-                st.parts.resize(nparts * d, 0.0);
-                read = st.parts[..nparts * d]
-                    .par_chunks_mut(d)
-                    .enumerate()
-                    .map(|(pi, y)| {
-                        let (a, b) = (
-                            (pi * per).min(active.len()),
-                            ((pi + 1) * per).min(active.len()),
-                        );
-                        lw.down_t.sparse_axpy(&active[a..b], y)
-                    })
-                    .sum();
-            }
+            // One partial y per thread (Matrix::sparse_axpy_par), then the partials are added.
+            let (nparts, read) = lw
+                .down_t
+                .sparse_axpy_par(&st.active, &mut st.plan, &mut st.parts);
             st.down_rows[l] += ni as u64;
             st.down_read[l] += read as u64;
             let (first, rest) = st.parts[..nparts * d].split_at(d);

@@ -316,11 +316,10 @@ impl Matrix {
         Matrix { rows, cols, data }
     }
 
-    /// Rows per group of the planar down layout (`Some(32)`), `None` for other layouts.
-    /// Callers that split the active list across threads cut it at multiples of this, so
-    /// that every group is read (whole or sparsely) by one thread.
-    pub fn down_group_rows(&self) -> Option<usize> {
-        matches!(self.data, Storage::Q4_0P(_) | Storage::Q8_0P(_)).then_some(DOWN_GROUP)
+    /// Whether the rows are in the planar layout of the int8 down kernel
+    /// (`into_down_layout`); its sums go through [`DownPlan`]s.
+    pub fn is_planar(&self) -> bool {
+        matches!(self.data, Storage::Q4_0P(_) | Storage::Q8_0P(_))
     }
 
     /// Ask the CPU to start loading row `r` into cache (a hint; no effect on results). Used by
@@ -455,12 +454,14 @@ impl Matrix {
     /// Returns the number of rows read (the active ones; for the planar layout also the zero
     /// rows of groups read whole).
     pub fn sparse_axpy(&self, active: &[(u32, f32)], y: &mut [f32]) -> usize {
-        y.fill(0.0);
-        match &self.data {
-            Storage::Q4_0P(p) => return self.planar_down(p, quant_kernels().down_q4_0, active, y),
-            Storage::Q8_0P(p) => return self.planar_down(p, quant_kernels().down_q8_0, active, y),
-            _ => {}
+        if self.is_planar() {
+            return DOWN_PLAN.with(|cell| {
+                let plan = &mut *cell.borrow_mut();
+                self.down_plan(active, plan);
+                self.down_plan_run(plan, 0..plan.units.len(), y)
+            });
         }
+        y.fill(0.0);
         if self.dtype().is_quantized() {
             for (k, &(j, a)) in active.iter().enumerate() {
                 if let Some(&(jn, _)) = active.get(k + 2) {
@@ -488,26 +489,62 @@ impl Matrix {
         active.len()
     }
 
-    /// `y += Σ_{(j, a) ∈ active} a · row[j]` through the planar int8 kernel: the
-    /// [`DownPlan`] of `active`, run whole.
-    fn planar_down<Q: quant::Pod>(
+    /// `Σ_{(j, a) ∈ active} a · row[j]` over the current rayon pool, as partial sums: part `i`
+    /// of `parts` (resized to `n · cols`) is thread `i`'s share; returns `(n, rows read)`.
+    /// The active list (or, for the planar layout, its [`DownPlan`] in `plan`) is split into
+    /// one contiguous run per thread, and each thread sums its rows into its own partial
+    /// (8 KiB at PLM-1.8B's width, it stays in L1). Whole rows read front to back keep the
+    /// hardware prefetcher streaming; splitting columns instead (each thread reading half of
+    /// every row) measured 1.3-1.8x slower from DRAM (PERF NOTES in kernels/mod.rs). A planar
+    /// plan depends only on the active list and is split at unit boundaries by rows read, so
+    /// the result depends on the thread count only through the order of adding the partials.
+    pub fn sparse_axpy_par(
         &self,
-        p: &Planar<Q>,
-        kernel: Option<quant::DownKernel<Q>>,
         active: &[(u32, f32)],
-        y: &mut [f32],
-    ) -> usize {
-        DOWN_PLAN.with(|cell| {
-            let plan = &mut *cell.borrow_mut();
-            plan.build(p.rows, active);
-            plan_run(p, kernel, plan, 0..plan.units.len(), y)
-        })
+        plan: &mut DownPlan,
+        parts: &mut Vec<f32>,
+    ) -> (usize, usize) {
+        let d = self.cols;
+        let threads = rayon::current_num_threads().max(1);
+        if self.down_plan(active, plan) {
+            let plan = &*plan;
+            let cuts = plan.split(threads);
+            let n = (cuts.len() - 1).max(1);
+            parts.resize(n * d, 0.0);
+            let read = parts[..n * d]
+                .par_chunks_mut(d)
+                .enumerate()
+                .map(|(pi, y)| match (cuts.get(pi), cuts.get(pi + 1)) {
+                    (Some(&a), Some(&b)) => self.down_plan_run(plan, a..b, y),
+                    _ => {
+                        y.fill(0.0);
+                        0
+                    }
+                })
+                .sum();
+            return (n, read);
+        }
+        let per = active.len().div_ceil(threads).max(1);
+        let n = active.len().div_ceil(per).max(1);
+        parts.resize(n * d, 0.0);
+        let read = parts[..n * d]
+            .par_chunks_mut(d)
+            .enumerate()
+            .map(|(pi, y)| {
+                let (a, b) = (
+                    (pi * per).min(active.len()),
+                    ((pi + 1) * per).min(active.len()),
+                );
+                self.sparse_axpy(&active[a..b], y)
+            })
+            .sum();
+        (n, read)
     }
 
     /// The kernel calls of the planar down projection for `active` into `plan` (see
     /// [`DownPlan`]); `false` (plan untouched) for other layouts.
     pub fn down_plan(&self, active: &[(u32, f32)], plan: &mut DownPlan) -> bool {
-        if self.down_group_rows().is_none() {
+        if !self.is_planar() {
             return false;
         }
         plan.build(self.rows, active);
@@ -773,49 +810,65 @@ impl DownPlan {
         self.units.clear();
         let group = |j: u32| j as usize / DOWN_GROUP;
         let full = nrows / DOWN_GROUP; // groups below this index have 32 rows
-        let mut pool_start = 0usize; // first entry of the open pool
-        let mut pool_partial = false;
-        let flush =
-            |entries: &Vec<(u32, f32)>, units: &mut Vec<(u32, u32, bool)>, start: &mut usize| {
-                if entries.len() > *start {
-                    units.push((*start as u32, (entries.len() - *start) as u32, false));
-                }
-                *start = entries.len();
-            };
+                                       // the open pool of sparse rows (all from full groups, or all from the partial one)
+        let (mut pool, mut np, mut pool_partial) = ([(0u32, 0f32); DOWN_GROUP], 0, false);
         let mut s = 0;
         while s < active.len() {
             let g = group(active[s].0);
             let e = s + active[s..].partition_point(|&(j, _)| group(j) == g);
             if e - s >= DOWN_DENSE_AT {
-                // a dense unit never splits an open pool's entries: park them after it
-                let pool: Vec<(u32, f32)> = self.entries.drain(pool_start..).collect();
-                let (r0, gr) = (
-                    g * DOWN_GROUP,
-                    quant::planar_group_rows(nrows, g * DOWN_GROUP),
-                );
-                let start = self.entries.len();
-                self.entries.extend((r0..r0 + gr).map(|r| (r as u32, 0.0)));
-                for &(j, v) in &active[s..e] {
-                    self.entries[start + j as usize - r0].1 = v;
+                let r0 = g * DOWN_GROUP;
+                let mut rows = [(0u32, 0f32); DOWN_GROUP];
+                let gr = quant::planar_group_rows(nrows, r0);
+                for (i, r) in rows[..gr].iter_mut().enumerate() {
+                    r.0 = (r0 + i) as u32;
                 }
-                self.units.push((start as u32, gr as u32, true));
-                pool_start = self.entries.len();
-                self.entries.extend(pool);
+                for &(j, v) in &active[s..e] {
+                    rows[j as usize - r0].1 = v;
+                }
+                self.push_unit(&rows[..gr], true);
             } else {
                 if (g >= full) != pool_partial {
-                    flush(&self.entries, &mut self.units, &mut pool_start);
-                    pool_partial = g >= full;
+                    self.push_unit(&pool[..np], false);
+                    (np, pool_partial) = (0, g >= full);
                 }
                 for &entry in &active[s..e] {
-                    self.entries.push(entry);
-                    if self.entries.len() - pool_start == DOWN_GROUP {
-                        flush(&self.entries, &mut self.units, &mut pool_start);
+                    pool[np] = entry;
+                    np += 1;
+                    if np == DOWN_GROUP {
+                        self.push_unit(&pool, false);
+                        np = 0;
                     }
                 }
             }
             s = e;
         }
-        flush(&self.entries, &mut self.units, &mut pool_start);
+        self.push_unit(&pool[..np], false);
+    }
+
+    fn push_unit(&mut self, entries: &[(u32, f32)], whole: bool) {
+        if !entries.is_empty() {
+            let start = self.entries.len() as u32;
+            self.entries.extend_from_slice(entries);
+            self.units.push((start, entries.len() as u32, whole));
+        }
+    }
+
+    /// Unit boundaries `cuts` (`cuts[0] = 0`, last = all units) that split the units into at
+    /// most `parts` consecutive runs of about equal rows read: one run per thread.
+    pub fn split(&self, parts: usize) -> Vec<usize> {
+        let total = self.rows(0..self.units.len()).max(1);
+        let mut cuts = vec![0usize];
+        let mut acc = 0usize;
+        for (k, u) in self.units.iter().enumerate() {
+            acc += u.1 as usize;
+            if cuts.len() < parts && acc * parts >= total * cuts.len() {
+                cuts.push(k + 1);
+            }
+        }
+        cuts.push(self.units.len());
+        cuts.dedup();
+        cuts
     }
 
     /// Rows read by units `units`.
@@ -941,7 +994,7 @@ mod tests {
         for dt in [DType::Q8_0, DType::Q4_0] {
             let plain = Matrix::from_f32(rows, cols, &w, dt);
             let planar = plain.clone().into_down_layout();
-            if planar.down_group_rows().is_none() {
+            if !planar.is_planar() {
                 assert!(
                     quant_kernels().down_q4_0.is_none(),
                     "kernel present but layout unused"
