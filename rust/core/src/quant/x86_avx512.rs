@@ -690,6 +690,54 @@ fn regroup_index(lane: usize) -> __m512i {
     unsafe { _mm512_loadu_si512(t.as_ptr() as *const _) }
 }
 
+/// The int8 coefficients of one scale tile (see [`down_coefficients`]).
+struct Tile {
+    cq: [[i32; 16]; 8],
+    corr: [i32; 16],
+    s: [f32; 16],
+}
+
+/// The loop both planar down kernels share: per scale tile of 16 blocks the coefficient pass
+/// (scales at `d`, code offset `offset`), then per code chunk of `ch` blocks (`wc` in a row's
+/// last, narrower chunk) the rows' piece offsets `ro`, handed to `chunk(tile, ro, wc, bb, b)`,
+/// which adds the chunk's blocks into y (`bb`: its first block in the tile, `b`: in the row).
+///
+/// # Safety
+/// The call's bounds must have been checked by [`check_down`] (`gr` is its result).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn down_tiles(
+    d: *const f16,
+    gr: usize,
+    nb: usize,
+    rows: &[u32],
+    a: &[f32],
+    offset: i32,
+    ch: usize,
+    mut chunk: impl FnMut(&Tile, &[usize; 32], usize, usize, usize),
+) {
+    let mut t = Tile {
+        cq: [[0; 16]; 8],
+        corr: [0; 16],
+        s: [0.0; 16],
+    };
+    let (mut so, mut ro) = ([0usize; 32], [0usize; 32]);
+    for ti in 0..nb.div_ceil(PLANAR_TILE) {
+        let b0 = ti * PLANAR_TILE;
+        let wt = PLANAR_TILE.min(nb - b0);
+        piece_offsets(rows, nb, gr, PLANAR_TILE, ti, wt, &mut so);
+        // SAFETY (caller): bounds checked by check_down.
+        unsafe { down_coefficients(d, &so, wt, a, offset, &mut t.cq, &mut t.corr, &mut t.s) };
+        let mut b = b0;
+        while b < b0 + wt {
+            let wc = ch.min(nb - b);
+            piece_offsets(rows, nb, gr, ch, b / ch, wc, &mut ro);
+            chunk(&t, &ro, wc, b - b0, b);
+            b += wc;
+        }
+    }
+}
+
 /// `4·H` consecutive blocks of planar Q4_0 pieces for every row (four at a time): row `i`'s
 /// first block is at `qp + ro[i]`; `bb` is the first block's index in the coefficient tile,
 /// `y` its first output column.
@@ -761,7 +809,6 @@ fn down_q4_0_i(
 ) {
     let gr = check_down(d, qs, nrows, nb, rows, a, y);
     let n = rows.len();
-    let ch = planar_chunk::<[u8; 16]>();
     let (ie, io) = (regroup_index(0), regroup_index(1));
     // one block of four rows as [r0 | r1 | r2 | r3] → groups of four rows (vpermb)
     let single = {
@@ -775,78 +822,73 @@ fn down_q4_0_i(
     let m4 = _mm512_set1_epi8(0x0F);
     let qp = qs.as_ptr();
     let yp = y.as_mut_ptr();
-    let (mut cq, mut corr, mut s) = ([[0i32; 16]; 8], [0i32; 16], [0f32; 16]);
-    let (mut so, mut ro) = ([0usize; 32], [0usize; 32]);
-    for t in 0..nb.div_ceil(PLANAR_TILE) {
-        let b0 = t * PLANAR_TILE;
-        let wt = PLANAR_TILE.min(nb - b0);
-        piece_offsets(rows, nb, gr, PLANAR_TILE, t, wt, &mut so);
-        // SAFETY: bounds checked by check_down.
-        unsafe { down_coefficients(d.as_ptr(), &so, wt, a, 8, &mut cq, &mut corr, &mut s) };
-        let mut b = b0;
-        while b < b0 + wt {
-            let wc = ch.min(nb - b);
-            piece_offsets(rows, nb, gr, ch, b / ch, wc, &mut ro);
-            let mut k = 0;
-            // a whole chunk (both lines of each row's piece in one pass), then 4 blocks at a time
-            if wc == 8 {
-                // SAFETY: blocks 0..8 of each row's piece are inside qs (check_down).
-                unsafe {
-                    q4_blocks::<2>(qp, &ro, n, &cq, &corr, &s, b - b0, yp.add(32 * b), ie, io)
-                };
-                k = 8;
-            }
-            while k + 4 <= wc {
-                let rk: [usize; 32] = std::array::from_fn(|i| ro[i] + k);
-                // SAFETY: blocks k..k+4 of each row's piece are inside qs (check_down).
-                unsafe {
-                    q4_blocks::<1>(
-                        qp,
-                        &rk,
-                        n,
-                        &cq,
-                        &corr,
-                        &s,
-                        b - b0 + k,
-                        yp.add(32 * (b + k)),
-                        ie,
-                        io,
-                    )
-                };
-                k += 4;
-            }
-            // the last 1-3 blocks of a narrower chunk, one at a time
-            for k in k..wc {
-                let bb = b - b0 + k;
-                if s[bb] == 0.0 {
-                    continue;
-                }
-                let mut acc0 = _mm512_set1_epi32(corr[bb]);
-                let mut acc1 = acc0;
-                for (q, cq) in cq.iter().enumerate().take(n / 4) {
-                    // SAFETY: inside the row's piece (check_down), k < wc.
-                    let at = |i: usize| unsafe { qp.add(ro[4 * q + i] + k) as *const __m128i };
-                    // SAFETY: each row block is 16 bytes.
-                    let z = unsafe {
-                        let z = _mm512_castsi128_si512(_mm_loadu_si128(at(0)));
-                        let z = _mm512_inserti32x4::<1>(z, _mm_loadu_si128(at(1)));
-                        let z = _mm512_inserti32x4::<2>(z, _mm_loadu_si128(at(2)));
-                        _mm512_inserti32x4::<3>(z, _mm_loadu_si128(at(3)))
-                    };
-                    let v = _mm512_permutexvar_epi8(single, z);
-                    let c = _mm512_set1_epi32(cq[bb]);
-                    acc0 = _mm512_dpbusd_epi32(acc0, _mm512_and_si512(v, m4), c);
-                    acc1 = _mm512_dpbusd_epi32(
-                        acc1,
-                        _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4),
-                        c,
-                    );
-                }
-                // SAFETY: y holds 32·nb floats (check_down).
-                unsafe { down_finish(yp.add(32 * (b + k)), s[bb], acc0, acc1) };
-            }
-            b += wc;
+    let chunk = |t: &Tile, ro: &[usize; 32], wc: usize, bb: usize, b: usize| {
+        let (cq, corr, s) = (&t.cq, &t.corr, &t.s);
+        let mut k = 0;
+        // a whole chunk (both lines of each row's piece in one pass), then 4 blocks at a time
+        if wc == 8 {
+            // SAFETY: blocks 0..8 of each row's piece are inside qs (check_down).
+            unsafe { q4_blocks::<2>(qp, ro, n, cq, corr, s, bb, yp.add(32 * b), ie, io) };
+            k = 8;
         }
+        while k + 4 <= wc {
+            let rk: [usize; 32] = std::array::from_fn(|i| ro[i] + k);
+            // SAFETY: blocks k..k+4 of each row's piece are inside qs (check_down).
+            unsafe {
+                q4_blocks::<1>(
+                    qp,
+                    &rk,
+                    n,
+                    cq,
+                    corr,
+                    s,
+                    bb + k,
+                    yp.add(32 * (b + k)),
+                    ie,
+                    io,
+                )
+            };
+            k += 4;
+        }
+        // the last 1-3 blocks of a narrower chunk, one at a time
+        for k in k..wc {
+            if s[bb + k] == 0.0 {
+                continue;
+            }
+            let mut acc0 = _mm512_set1_epi32(corr[bb + k]);
+            let mut acc1 = acc0;
+            for (q, cq) in cq.iter().enumerate().take(n / 4) {
+                // SAFETY: inside the row's piece (check_down), k < wc.
+                let at = |i: usize| unsafe { qp.add(ro[4 * q + i] + k) as *const __m128i };
+                // SAFETY: each row block is 16 bytes.
+                let z = unsafe {
+                    let z = _mm512_castsi128_si512(_mm_loadu_si128(at(0)));
+                    let z = _mm512_inserti32x4::<1>(z, _mm_loadu_si128(at(1)));
+                    let z = _mm512_inserti32x4::<2>(z, _mm_loadu_si128(at(2)));
+                    _mm512_inserti32x4::<3>(z, _mm_loadu_si128(at(3)))
+                };
+                let v = _mm512_permutexvar_epi8(single, z);
+                let c = _mm512_set1_epi32(cq[bb + k]);
+                acc0 = _mm512_dpbusd_epi32(acc0, _mm512_and_si512(v, m4), c);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+                acc1 = _mm512_dpbusd_epi32(acc1, hi, c);
+            }
+            // SAFETY: y holds 32·nb floats (check_down).
+            unsafe { down_finish(yp.add(32 * (b + k)), s[bb + k], acc0, acc1) };
+        }
+    };
+    // SAFETY: bounds checked by check_down.
+    unsafe {
+        down_tiles(
+            d.as_ptr(),
+            gr,
+            nb,
+            rows,
+            a,
+            8,
+            planar_chunk::<[u8; 16]>(),
+            chunk,
+        )
     }
 }
 
@@ -881,84 +923,82 @@ fn down_q8_0_i(
 ) {
     let gr = check_down(d, qs, nrows, nb, rows, a, y);
     let n = rows.len();
-    let ch = planar_chunk::<[u8; 32]>();
     let (ie, io) = (regroup_index(0), regroup_index(1));
     let qp = qs.as_ptr();
     let yp = y.as_mut_ptr();
-    let (mut cq, mut corr, mut s) = ([[0i32; 16]; 8], [0i32; 16], [0f32; 16]);
-    let (mut so, mut ro) = ([0usize; 32], [0usize; 32]);
-    for t in 0..nb.div_ceil(PLANAR_TILE) {
-        let b0 = t * PLANAR_TILE;
-        let wt = PLANAR_TILE.min(nb - b0);
-        piece_offsets(rows, nb, gr, PLANAR_TILE, t, wt, &mut so);
-        // SAFETY: bounds checked by check_down.
-        unsafe { down_coefficients(d.as_ptr(), &so, wt, a, 128, &mut cq, &mut corr, &mut s) };
-        let mut b = b0;
-        while b < b0 + wt {
-            let wc = ch.min(nb - b);
-            piece_offsets(rows, nb, gr, ch, b / ch, wc, &mut ro);
-            let bb = b - b0;
-            if wc == 4 {
-                // acc[2j], acc[2j+1]: columns 0..16, 16..32 of block b + j
-                let mut acc: [__m512i; 8] =
-                    std::array::from_fn(|i| _mm512_set1_epi32(corr[bb + i / 2]));
-                for (q, cq) in cq.iter().enumerate().take(n / 4) {
-                    for h in 0..2 {
-                        // SAFETY: blocks 2h, 2h+1 of the row's piece are 64 contiguous bytes.
-                        let r: [__m512i; 4] = std::array::from_fn(|i| unsafe {
-                            _mm512_loadu_si512(qp.add(ro[4 * q + i] + 2 * h) as *const _)
-                        });
-                        let v = regroup4(r, ie, io);
-                        for (j, v) in v.iter().enumerate() {
-                            let blk = 2 * h + j / 2;
-                            let c = _mm512_set1_epi32(cq[bb + blk]);
-                            acc[2 * blk + j % 2] = _mm512_dpbusd_epi32(acc[2 * blk + j % 2], *v, c);
-                        }
+    let chunk = |t: &Tile, ro: &[usize; 32], wc: usize, bb: usize, b: usize| {
+        let (cq, corr, s) = (&t.cq, &t.corr, &t.s);
+        if wc == 4 {
+            // acc[2j], acc[2j+1]: columns 0..16, 16..32 of block b + j
+            let mut acc: [__m512i; 8] =
+                std::array::from_fn(|i| _mm512_set1_epi32(corr[bb + i / 2]));
+            for (q, cq) in cq.iter().enumerate().take(n / 4) {
+                for h in 0..2 {
+                    // SAFETY: blocks 2h, 2h+1 of the row's piece are 64 contiguous bytes.
+                    let r: [__m512i; 4] = std::array::from_fn(|i| unsafe {
+                        _mm512_loadu_si512(qp.add(ro[4 * q + i] + 2 * h) as *const _)
+                    });
+                    let v = regroup4(r, ie, io);
+                    for (j, v) in v.iter().enumerate() {
+                        let blk = 2 * h + j / 2;
+                        let c = _mm512_set1_epi32(cq[bb + blk]);
+                        acc[2 * blk + j % 2] = _mm512_dpbusd_epi32(acc[2 * blk + j % 2], *v, c);
                     }
                 }
-                for j in 0..4 {
-                    if s[bb + j] != 0.0 {
-                        // SAFETY: y holds 32·nb floats (check_down).
-                        unsafe {
-                            down_finish(yp.add(32 * (b + j)), s[bb + j], acc[2 * j], acc[2 * j + 1])
-                        };
-                    }
+            }
+            for j in 0..4 {
+                if s[bb + j] != 0.0 {
+                    // SAFETY: y holds 32·nb floats (check_down).
+                    unsafe {
+                        down_finish(yp.add(32 * (b + j)), s[bb + j], acc[2 * j], acc[2 * j + 1])
+                    };
                 }
-                b += wc;
+            }
+            return;
+        }
+        // a narrower last chunk: one block at a time
+        for k in 0..wc {
+            if s[bb + k] == 0.0 {
                 continue;
             }
-            // a narrower last chunk: one block at a time
-            for k in 0..wc {
-                if s[bb + k] == 0.0 {
-                    continue;
-                }
-                let mut acc0 = _mm512_set1_epi32(corr[bb + k]);
-                let mut acc1 = acc0;
-                for (q, cq) in cq.iter().enumerate().take(n / 4) {
-                    // SAFETY: inside the row's piece (check_down), k < wc.
-                    let at = |i: usize| unsafe { qp.add(ro[4 * q + i] + k) as *const __m256i };
-                    // SAFETY: each row block is 32 bytes.
-                    let (z1, z2) = unsafe {
-                        (
-                            _mm512_inserti64x4::<1>(
-                                _mm512_castsi256_si512(_mm256_loadu_si256(at(0))),
-                                _mm256_loadu_si256(at(1)),
-                            ),
-                            _mm512_inserti64x4::<1>(
-                                _mm512_castsi256_si512(_mm256_loadu_si256(at(2))),
-                                _mm256_loadu_si256(at(3)),
-                            ),
-                        )
-                    };
-                    let c = _mm512_set1_epi32(cq[bb + k]);
-                    acc0 = _mm512_dpbusd_epi32(acc0, _mm512_permutex2var_epi8(z1, ie, z2), c);
-                    acc1 = _mm512_dpbusd_epi32(acc1, _mm512_permutex2var_epi8(z1, io, z2), c);
-                }
-                // SAFETY: y holds 32·nb floats (check_down).
-                unsafe { down_finish(yp.add(32 * (b + k)), s[bb + k], acc0, acc1) };
+            let mut acc0 = _mm512_set1_epi32(corr[bb + k]);
+            let mut acc1 = acc0;
+            for (q, cq) in cq.iter().enumerate().take(n / 4) {
+                // SAFETY: inside the row's piece (check_down), k < wc.
+                let at = |i: usize| unsafe { qp.add(ro[4 * q + i] + k) as *const __m256i };
+                // SAFETY: each row block is 32 bytes.
+                let (z1, z2) = unsafe {
+                    (
+                        _mm512_inserti64x4::<1>(
+                            _mm512_castsi256_si512(_mm256_loadu_si256(at(0))),
+                            _mm256_loadu_si256(at(1)),
+                        ),
+                        _mm512_inserti64x4::<1>(
+                            _mm512_castsi256_si512(_mm256_loadu_si256(at(2))),
+                            _mm256_loadu_si256(at(3)),
+                        ),
+                    )
+                };
+                let c = _mm512_set1_epi32(cq[bb + k]);
+                acc0 = _mm512_dpbusd_epi32(acc0, _mm512_permutex2var_epi8(z1, ie, z2), c);
+                acc1 = _mm512_dpbusd_epi32(acc1, _mm512_permutex2var_epi8(z1, io, z2), c);
             }
-            b += wc;
+            // SAFETY: y holds 32·nb floats (check_down).
+            unsafe { down_finish(yp.add(32 * (b + k)), s[bb + k], acc0, acc1) };
         }
+    };
+    // SAFETY: bounds checked by check_down.
+    unsafe {
+        down_tiles(
+            d.as_ptr(),
+            gr,
+            nb,
+            rows,
+            a,
+            128,
+            planar_chunk::<[u8; 32]>(),
+            chunk,
+        )
     }
 }
 
