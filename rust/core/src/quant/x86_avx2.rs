@@ -208,6 +208,32 @@ fn axpy_q4_0_i(a: f32, w: &[BlockQ4_0], y: &mut [f32]) {
     }
 }
 
+/// The 32 values of one quantization block (`xs.len() >= 32`) in four registers.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn load_block(xs: &[f32]) -> [__m256; 4] {
+    assert!(xs.len() >= 32);
+    let p = xs.as_ptr();
+    // SAFETY: 32 f32 (checked): four 8-wide unaligned loads.
+    unsafe {
+        [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ]
+    }
+}
+
+/// The largest of the 8 lanes (exact: max is order-free for non-NaN values).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hmax(m: __m256) -> f32 {
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<0b01>(m, m)))
+}
+
 /// `quantize_block_q8_0` in 8 lanes: the same f32 operations (max of |x|, `amax / 127`,
 /// `1 / d`, `x · id`, truncate, compare the exact remainder with ±0.5), so the same bytes.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -216,23 +242,12 @@ fn quantize_q8_0_i(x: &[f32], out: &mut [BlockQ8_0]) {
     let (half, mhalf) = (_mm256_set1_ps(0.5), _mm256_set1_ps(-0.5));
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK8_0)) {
-        let p = xs.as_ptr();
-        // SAFETY: xs holds 32 f32: four 8-wide unaligned loads.
-        let v = unsafe {
-            [
-                _mm256_loadu_ps(p),
-                _mm256_loadu_ps(p.add(8)),
-                _mm256_loadu_ps(p.add(16)),
-                _mm256_loadu_ps(p.add(24)),
-            ]
-        };
+        let v = load_block(xs);
         let mut m = _mm256_andnot_ps(sign, v[0]);
         for vk in &v[1..] {
             m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vk));
         }
-        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
-        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<0b01>(m, m)));
+        let amax = hmax(m);
         let d = amax / 127.0;
         let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
         let mut q = [_mm256_setzero_si256(); 4];
@@ -271,16 +286,7 @@ fn quantize_q4_0_i(x: &[f32], out: &mut [BlockQ4_0]) {
         _mm256_set1_ps(15.0),
     );
     for (b, xs) in out.iter_mut().zip(x.chunks_exact(32)) {
-        let p = xs.as_ptr();
-        // SAFETY: xs holds 32 f32: four 8-wide unaligned loads.
-        let v = unsafe {
-            [
-                _mm256_loadu_ps(p),
-                _mm256_loadu_ps(p.add(8)),
-                _mm256_loadu_ps(p.add(16)),
-                _mm256_loadu_ps(p.add(24)),
-            ]
-        };
+        let v = load_block(xs);
         let a = v.map(|vk| _mm256_andnot_ps(sign, vk));
         // max_ps returns its second operand when either is NaN: NaNs never win, as in the
         // scalar `amax < |x|`
@@ -288,9 +294,7 @@ fn quantize_q4_0_i(x: &[f32], out: &mut [BlockQ4_0]) {
         for ak in &a {
             m = _mm256_max_ps(*ak, m);
         }
-        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
-        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<0b01>(m, m)));
+        let amax = hmax(m);
         // the scalar loop keeps max = 0.0 unless some |x| > 0, then the first |x| == amax
         let max = if amax > 0.0 {
             let am = _mm256_set1_ps(amax);
