@@ -322,7 +322,7 @@ impl Model {
         scale: f32,
     ) {
         let (nh, r, dn, dr, dv) = self.config.mla_dims();
-        let (qd, kvd, rd) = (nh * (dn + dr), nh * (dn + dv), r + dr);
+        let (qd, kd, vd, rd) = (nh * (dn + dr), nh * dn, nh * dv, r + dr);
         let n = pos0 + t;
         let layer = cache.layer(l);
         // latents c(u), u < n               [n, r]
@@ -330,19 +330,10 @@ impl Model {
         for u in 0..n {
             lat[u * r..(u + 1) * r].copy_from_slice(&layer[u * rd..u * rd + r]);
         }
-        // per head k_nope(u), v(u)          [n, H·(dn+dv)]
-        let (mut kk, mut vv) = (vec![0f32; n * nh * dn], vec![0f32; n * nh * dv]);
+        // per head k_nope(u) [n, H·dn] and v(u) [n, H·dv]
+        let (mut kk, mut vv) = (vec![0f32; n * kd], vec![0f32; n * vd]);
         self.matmul(&lw.kv_bk, &lat, n, &mut kk);
         self.matmul(&lw.kv_bv, &lat, n, &mut vv);
-        let mut kv = vec![0f32; n * kvd];
-        for u in 0..n {
-            for h in 0..nh {
-                let o = u * kvd + h * (dn + dv);
-                kv[o..o + dn].copy_from_slice(&kk[(u * nh + h) * dn..(u * nh + h + 1) * dn]);
-                kv[o + dn..o + dn + dv]
-                    .copy_from_slice(&vv[(u * nh + h) * dv..(u * nh + h + 1) * dv]);
-            }
-        }
         let k = kernels();
         let q = &st.q;
         // Blocks of 4 queries (all heads) are the parallel tasks. Per head, scores come from
@@ -360,11 +351,11 @@ impl Model {
                 let (mut t1, mut t2) = ([0f32; 16], [0f32; 16]);
                 for h in 0..nh {
                     let qh = |i: usize| i * qd + h * (dn + dr); // start of q_h of query i
-                    let kn = |u: usize| u * kvd + h * (dn + dv); // start of k_nope_h(u)
+                    let kn = |u: usize| u * kd + h * dn; // start of k_nope_h(u)
                     let mut u0 = 0;
                     if g == QB {
                         while u0 + 4 <= nk {
-                            (k.tile4x4_f32)(&kv[kn(u0)..], kvd, &q[qh(i0)..], qd, dn, &mut t1);
+                            (k.tile4x4_f32)(&kk[kn(u0)..], kd, &q[qh(i0)..], qd, dn, &mut t1);
                             (k.tile4x4_f32)(
                                 &layer[u0 * rd + r..],
                                 rd,
@@ -385,7 +376,7 @@ impl Model {
                         let qi = &q[qh(i0 + i)..qh(i0 + i) + dn + dr];
                         for u in u0..nk {
                             let kr = &layer[u * rd + r..(u + 1) * rd];
-                            s[i * nk + u] = ((k.dot_f32)(&qi[..dn], &kv[kn(u)..kn(u) + dn])
+                            s[i * nk + u] = ((k.dot_f32)(&qi[..dn], &kk[kn(u)..kn(u) + dn])
                                 + (k.dot_f32)(&qi[dn..], kr))
                                 * scale;
                         }
@@ -397,7 +388,7 @@ impl Model {
                         softmax(p);
                         let o = &mut ob[i * nh * dv + h * dv..i * nh * dv + (h + 1) * dv];
                         o.fill(0.0);
-                        let v = |u: usize| &kv[kn(u) + dn..kn(u) + dn + dv];
+                        let v = |u: usize| &vv[u * vd + h * dv..u * vd + (h + 1) * dv];
                         let mut u = 0;
                         while u + 4 <= n_i {
                             (k.axpy4_f32)(
