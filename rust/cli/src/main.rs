@@ -19,6 +19,10 @@ use std::process::ExitCode;
 use args::{Command, PROG};
 use error::CliError;
 
+/// Weights and the KV cache on transparent huge pages (see `sparselm_core::alloc`).
+#[global_allocator]
+static ALLOC: sparselm_core::alloc::HugePageAlloc = sparselm_core::alloc::HugePageAlloc;
+
 fn run(argv: Vec<String>) -> Result<(), CliError> {
     match args::parse(&argv)? {
         Command::Help(text) => {

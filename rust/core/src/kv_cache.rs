@@ -24,13 +24,16 @@ pub struct LatentCache {
 
 impl LatentCache {
     pub fn new(layers: usize, max_seq: usize, rank: usize, rope: usize) -> LatentCache {
+        // Zeroed allocation: pages are only touched as positions are written, and on base
+        // pages, so a short context commits only what it writes.
+        let data = vec![0f32; layers * max_seq * (rank + rope)];
+        crate::alloc::no_huge_pages(&data);
         LatentCache {
             layers,
             max_seq,
             rank,
             rope,
-            // Zeroed allocation: pages are only touched as positions are written.
-            data: vec![0f32; layers * max_seq * (rank + rope)],
+            data,
         }
     }
 

@@ -2,6 +2,7 @@
 //!
 //! Layers call downward only: `session` → `model` → `tensor`/`ops` → `kernels`.
 
+pub mod alloc;
 pub mod config;
 pub mod error;
 pub mod gemm;
@@ -24,3 +25,8 @@ pub use model::{parse_dtype, AttnMode, Model};
 pub use sampler::SamplingParams;
 pub use session::{FinishReason, Session};
 pub use tensor::DType;
+
+/// The core's own tests run on the allocator the frontends install.
+#[cfg(test)]
+#[global_allocator]
+static TEST_ALLOC: alloc::HugePageAlloc = alloc::HugePageAlloc;

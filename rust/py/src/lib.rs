@@ -13,6 +13,11 @@ use sparselm_core::{parse_dtype, AttnMode, Error, Model, SamplingParams, Session
 
 use errors::{nogil, to_pyerr};
 
+/// Weights and the KV cache on transparent huge pages (see `sparselm_core::alloc`). A global
+/// allocator of this extension module serves the Rust code in it only, not Python's objects.
+#[global_allocator]
+static ALLOC: sparselm_core::alloc::HugePageAlloc = sparselm_core::alloc::HugePageAlloc;
+
 /// The SIMD tier chosen at start-up.
 #[pyfunction]
 fn kernel_tier() -> &'static str {
