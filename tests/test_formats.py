@@ -271,3 +271,26 @@ def test_quantized_decode_does_not_depend_on_threads(dtype: str, wide_model: str
     one, two = decode(1), decode(2)
     err = float(np.abs(one - two).max() / np.abs(one).max())
     assert err <= 1e-5, (dtype, err)
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+def test_quantized_load_with_intermediate_not_multiple_of_32(dtype: str, tmp_path: Path) -> None:
+    """80 neurons cannot be cut into 32-value blocks: the matrices with 80-wide rows stay f32
+    while the others are quantized, and prompt and decode still track f32."""
+    d = make_tiny_checkpoint(
+        tmp_path / "m", seed=9, hidden_size=64, intermediate_size=80, num_attention_heads=2,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, kv_lora_rank=32,
+        vocab_size=300, num_hidden_layers=2, max_position_embeddings=64,
+    )
+    ids = [1, 5, 9, 200, 33, 7, 150, 2]
+    want = sparselm.load(d, dtype="f32").logits(ids)
+    m = sparselm.load(d, dtype=dtype)
+    assert m.dtype == dtype
+    got = m.logits(ids)
+    err = float(np.abs(got - want).max() / np.abs(want).max())
+    assert err <= BUDGET[dtype][0], (dtype, err)
+    s = m.session()
+    s.feed(ids[:4])
+    for t in ids[4:]:
+        step = s.feed([t])
+    assert float(np.abs(step - want[-1]).max() / np.abs(want).max()) <= BUDGET[dtype][0]

@@ -4,6 +4,9 @@
 use sparselm_core::tensor::{DType, DownPlan, Matrix};
 use std::time::Instant;
 
+#[global_allocator]
+static ALLOC: sparselm_core::alloc::HugePageAlloc = sparselm_core::alloc::HugePageAlloc;
+
 fn run(ms: &[Matrix], acts: &[Vec<(u32, f32)>], plan: &mut DownPlan, parts: &mut Vec<f32>) -> f64 {
     let t = Instant::now();
     let reps = 3;

@@ -1,18 +1,25 @@
 //! Quick GEMV throughput probe: `cargo run --release --example gemv_probe -p sparselm-core`.
 use sparselm_core::tensor::{DType, Matrix};
 use std::time::Instant;
+
+#[global_allocator]
+static ALLOC: sparselm_core::alloc::HugePageAlloc = sparselm_core::alloc::HugePageAlloc;
 fn main() {
     let threads: usize = std::env::args().nth(1).map_or(2, |s| s.parse().unwrap());
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
         .unwrap();
+    let only: Option<usize> = std::env::var("ROWS").ok().map(|s| s.parse().unwrap());
     for (rows, cols) in [
         (8192usize, 2048usize),
         (2048, 8192),
         (151936, 2048),
         (3072, 2048),
     ] {
+        if only.is_some_and(|r| r != rows) {
+            continue;
+        }
         let w: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5)
             .collect();

@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::quant;
 use crate::safetensors::{StDtype, StFile, TensorInfo};
 use crate::tensor::{DType, Matrix, Storage, QBLOCK};
 use crate::weights::{tensor_table, LayerWeights, Role, Weights};
@@ -104,48 +105,44 @@ fn to_f32_vec(bytes: &[u8], d: DType) -> Vec<f32> {
     }
 }
 
+/// The rows of a float tensor (`bytes` in `src`) quantized into blocks, in parallel over
+/// chunks of 256 rows: each chunk is widened to f32 and quantized straight into its place in
+/// the one output buffer, so no f32 copy of the whole tensor, and no second copy of the
+/// blocks, is ever held.
+fn quantize_rows<B: Default + Clone + Send>(
+    bytes: &[u8],
+    src: DType,
+    cols: usize,
+    quantize: impl Fn(&[f32], &mut [B]) -> Result<()> + Sync,
+) -> Vec<B> {
+    let row_bytes = cols * src.bytes(1);
+    let (rows, nb) = (bytes.len() / row_bytes.max(1), cols / QBLOCK);
+    let chunk = 256.min(rows.max(1));
+    let mut q = vec![B::default(); rows * nb];
+    q.par_chunks_mut((chunk * nb).max(1))
+        .zip(bytes.par_chunks(chunk * row_bytes))
+        .for_each(|(o, b)| {
+            let v = to_f32_vec(b, src);
+            for (o, x) in o.chunks_mut(nb).zip(v.chunks(cols)) {
+                quantize(x, o).expect("cols is a multiple of 32");
+            }
+        });
+    q
+}
+
 fn to_storage(bytes: &[u8], src: DType, dst: DType, cols: usize) -> Storage {
     let bits = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
-    if dst.is_quantized() {
-        // Row by row (in parallel) so no f32 copy of the whole tensor is ever held.
-        let esz = src.bytes(1);
-        let rows = bytes.len() / esz / cols;
-        let row_bytes = cols * esz;
-        let quantize_rows = |chunk: &[u8]| {
-            let v = to_f32_vec(chunk, src);
-            Matrix::from_f32(chunk.len() / row_bytes, cols, &v, dst).data
-        };
-        let parts: Vec<Storage> = bytes
-            .par_chunks(row_bytes * 256.min(rows.max(1)))
-            .map(quantize_rows)
-            .collect();
+    if dst.is_quantized() && cols.is_multiple_of(QBLOCK) {
         return match dst {
-            DType::Q8_0 => Storage::Q8_0(
-                parts
-                    .into_iter()
-                    .flat_map(|p| {
-                        if let Storage::Q8_0(v) = p {
-                            v
-                        } else {
-                            unreachable!()
-                        }
-                    })
-                    .collect(),
-            ),
-            _ => Storage::Q4_0(
-                parts
-                    .into_iter()
-                    .flat_map(|p| {
-                        if let Storage::Q4_0(v) = p {
-                            v
-                        } else {
-                            unreachable!()
-                        }
-                    })
-                    .collect(),
-            ),
+            DType::Q8_0 => Storage::Q8_0(quantize_rows(bytes, src, cols, |x, o| {
+                quant::quantize_row_q8_0(x, o)
+            })),
+            _ => Storage::Q4_0(quantize_rows(bytes, src, cols, |x, o| {
+                quant::quantize_row_q4_0(x, o)
+            })),
         };
     }
+    let dst = if dst.is_quantized() { DType::F32 } else { dst }; // cols % 32 ≠ 0
     match (src, dst) {
         (DType::F16, DType::F16) => Storage::F16(
             bytes
