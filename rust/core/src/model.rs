@@ -423,26 +423,32 @@ impl Model {
         let layer = cache.layer(l);
         let k = kernels();
         let (kv_bk, kv_bv) = (&lw.kv_bk, &lw.kv_bv);
-        // Heads in groups of 4 are the parallel tasks; each group reads the latent cache once:
-        // scores from 4 keys × 4 heads register tiles, ctx from 4 heads × 64 columns rank
-        // updates (the cache is shared by all heads: multi-query attention on the latent).
-        const HG: usize = 4;
+        // Heads in groups are the parallel tasks, one group per thread (PLM-1.8B, 2 threads:
+        // 8 heads each), and each task reads the layer's latent cache once: scores from
+        // 4 keys × 4 heads register tiles, sub-group after sub-group of 4 heads while the 4 keys
+        // are in L1; ctx from 4 heads × 64 columns rank updates, sub-group after sub-group per
+        // 64-column strip (the cache is shared by all heads: multi-query attention on the
+        // latent). At 900 cached positions the cache of a layer is 2 MB, read once per task.
+        let hg = 4 * nh.div_ceil(4 * rayon::current_num_threads().max(1));
         for i in 0..t {
             let n = pos0 + i + 1;
             let q = &st.q[i * qd..(i + 1) * qd];
             let keys: Vec<u32> = (0..n as u32).collect();
             st.o[i * nh * dv..(i + 1) * nh * dv]
-                .par_chunks_mut(HG * dv)
-                .zip(st.q_lat.par_chunks_mut(HG * r))
-                .zip(st.ctx.par_chunks_mut(HG * r))
-                .zip(st.scores.par_chunks_mut(HG * ms))
+                .par_chunks_mut(hg * dv)
+                .zip(st.q_lat.par_chunks_mut(hg * rd))
+                .zip(st.ctx.par_chunks_mut(hg * r))
+                .zip(st.scores.par_chunks_mut(hg * ms))
                 .enumerate()
-                .for_each(|(hg, (((o, q_lat), ctx), s))| {
-                    let h0 = hg * HG;
+                .for_each(|(gi, (((o, q_lat), ctx), s))| {
+                    let h0 = gi * hg;
                     let g = o.len() / dv; // heads in this group
+                    let g4 = g / 4 * 4; // of which in whole sub-groups of 4
                     let mut terms = Vec::with_capacity(dn);
                     for hh in 0..g {
-                        // q_lat_h = W_UK_hᵀ q_nope_h = Σ_j q_nope_h[j] · W_UK_h[j]     [r]
+                        // q_lat_h = [W_UK_hᵀ q_nope_h ; q_rope_h]     [r + dr]
+                        // (W_UK_hᵀ q_nope_h = Σ_j q_nope_h[j] · W_UK_h[j]), so one dot with a
+                        // cache row [c(u) ; k_rope(u)] gives both terms of the score
                         let qh = &q[(h0 + hh) * (dn + dr)..(h0 + hh + 1) * (dn + dr)];
                         let row0 = (h0 + hh) * dn;
                         terms.clear();
@@ -452,55 +458,61 @@ impl Model {
                                 .enumerate()
                                 .map(|(j, &qj)| ((row0 + j) as u32, qj)),
                         );
-                        kv_bk.sparse_axpy(&terms, &mut q_lat[hh * r..(hh + 1) * r]);
+                        let ql = &mut q_lat[hh * rd..(hh + 1) * rd];
+                        kv_bk.sparse_axpy(&terms, &mut ql[..r]);
+                        ql[r..].copy_from_slice(&qh[dn..]);
                     }
-                    // s_h(u) = (q_lat_h·c(u) + q_rope_h·k_rope(u)) / sqrt(dn+dr)
+                    // s_h(u) = q_lat_h·[c(u) ; k_rope(u)] / sqrt(dn+dr)
                     let mut u0 = 0;
-                    if g == HG {
-                        let (mut t1, mut t2) = ([0f32; 16], [0f32; 16]);
-                        let qr = &q[h0 * (dn + dr) + dn..];
+                    if g4 > 0 {
+                        let mut tile = [0f32; 16];
                         while u0 + 4 <= n {
-                            (k.tile4x4_f32)(&layer[u0 * rd..], rd, q_lat, r, r, &mut t1);
-                            (k.tile4x4_f32)(&layer[u0 * rd + r..], rd, qr, dn + dr, dr, &mut t2);
-                            for j in 0..4 {
-                                for hh in 0..HG {
-                                    s[hh * ms + u0 + j] = (t1[4 * j + hh] + t2[4 * j + hh]) * scale;
+                            for sg in (0..g4).step_by(4) {
+                                let qs = &q_lat[sg * rd..];
+                                (k.tile4x4_f32)(&layer[u0 * rd..], rd, qs, rd, rd, &mut tile);
+                                for j in 0..4 {
+                                    for hh in 0..4 {
+                                        s[(sg + hh) * ms + u0 + j] = tile[4 * j + hh] * scale;
+                                    }
                                 }
                             }
                             u0 += 4;
                         }
                     }
                     for hh in 0..g {
-                        let qh = &q[(h0 + hh) * (dn + dr)..(h0 + hh + 1) * (dn + dr)];
-                        let ql = &q_lat[hh * r..(hh + 1) * r];
-                        for u in u0..n {
-                            let cu = &layer[u * rd..(u + 1) * rd];
-                            s[hh * ms + u] = ((k.dot_f32)(ql, &cu[..r])
-                                + (k.dot_f32)(&qh[dn..], &cu[r..]))
-                                * scale;
+                        let ql = &q_lat[hh * rd..(hh + 1) * rd];
+                        let from = if hh < g4 { u0 } else { 0 };
+                        for u in from..n {
+                            s[hh * ms + u] = (k.dot_f32)(ql, &layer[u * rd..(u + 1) * rd]) * scale;
                         }
                         softmax(&mut s[hh * ms..hh * ms + n]);
                     }
                     // ctx_h = Σ_u P_h(u) c(u)            [r]
                     ctx[..g * r].fill(0.0);
                     let mut c0 = 0;
-                    if g == HG {
+                    if g4 > 0 {
                         let mut tile = [0f32; 256];
                         while c0 + 64 <= r {
-                            tile.fill(0.0);
-                            (k.rank4x64_f32)(s, ms, &keys, &layer[c0..], rd, &mut tile);
-                            for hh in 0..HG {
-                                ctx[hh * r + c0..hh * r + c0 + 64]
-                                    .copy_from_slice(&tile[hh * 64..(hh + 1) * 64]);
+                            for sg in (0..g4).step_by(4) {
+                                tile.fill(0.0);
+                                let ss = &s[sg * ms..];
+                                (k.rank4x64_f32)(ss, ms, &keys, &layer[c0..], rd, &mut tile);
+                                for hh in 0..4 {
+                                    ctx[(sg + hh) * r + c0..(sg + hh) * r + c0 + 64]
+                                        .copy_from_slice(&tile[hh * 64..(hh + 1) * 64]);
+                                }
                             }
                             c0 += 64;
                         }
                     }
-                    if c0 < r {
-                        for hh in 0..g {
-                            let cx = &mut ctx[hh * r + c0..(hh + 1) * r];
+                    for hh in 0..g {
+                        // columns no strip covered: all of them for heads outside sub-groups
+                        let from = if hh < g4 { c0 } else { 0 };
+                        if from < r {
+                            let cx = &mut ctx[hh * r + from..(hh + 1) * r];
                             for u in 0..n {
-                                (k.axpy_f32)(s[hh * ms + u], &layer[u * rd + c0..u * rd + r], cx);
+                                let cu = &layer[u * rd + from..u * rd + r];
+                                (k.axpy_f32)(s[hh * ms + u], cu, cx);
                             }
                         }
                     }

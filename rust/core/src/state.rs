@@ -16,7 +16,7 @@ pub struct State {
     pub active: Vec<(u32, f32)>,       // [≤ I]            (neuron, activation) of non-zero neurons
     pub parts: Vec<f32>, // [threads, d]     per-thread partial sums of the down projection
     pub plan: crate::tensor::DownPlan, //            kernel calls of a planar down projection
-    pub q_lat: Vec<f32>, // [H, r]           absorbed query  W_UKᵀ q_nope
+    pub q_lat: Vec<f32>, // [H, r + dr]      absorbed query  [W_UKᵀ q_nope ; q_rope]
     pub ctx: Vec<f32>,   // [H, r]           Σ_u P(u) c(u)
     pub scores: Vec<f32>, // [H, max_seq]     attention weights
     pub logits: Vec<f32>, // [t or 1, V]
@@ -30,7 +30,7 @@ impl State {
     pub fn new(c: &ModelConfig, max_seq: usize) -> State {
         let h = c.num_attention_heads;
         let mut s = State {
-            q_lat: vec![0.0; h * c.kv_lora_rank],
+            q_lat: vec![0.0; h * (c.kv_lora_rank + c.qk_rope_head_dim)],
             ctx: vec![0.0; h * c.kv_lora_rank],
             scores: vec![0.0; h * max_seq],
             active: Vec::with_capacity(c.intermediate_size),

@@ -134,13 +134,55 @@ unsafe fn tile4x4_f32_i(w: &[f32], ws: usize, x: &[f32], xs: usize, k: usize, ou
         }
         p += 16;
     }
+    let mut sums = [0f32; 16];
+    // SAFETY: sums is 16 f32.
+    unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), reduce16(&acc)) };
     for i in 0..4 {
         for j in 0..4 {
             let tail =
                 super::scalar::dot_f32(&w[i * ws + p..i * ws + k], &x[j * xs + p..j * xs + k]);
-            out[4 * i + j] = _mm512_reduce_add_ps(acc[4 * i + j]) + tail;
+            out[4 * i + j] = sums[4 * i + j] + tail;
         }
     }
+}
+
+/// Lane `q` of the result is the sum of the 16 lanes of `a[q]`: three folding levels of
+/// 128-bit shuffles and in-lane unpacks, 45 operations instead of 16 full reductions (~130).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn reduce16(a: &[__m512; 16]) -> __m512 {
+    // level 1: s[m] = [a(2m) lanes 0+2, 1+3 | a(2m+1) lanes 0+2, 1+3]
+    let s: [__m512; 8] = std::array::from_fn(|m| {
+        let (x, y) = (a[2 * m], a[2 * m + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b01_00_01_00>(x, y),
+            _mm512_shuffle_f32x4::<0b11_10_11_10>(x, y),
+        )
+    });
+    // level 2: w[k] lane l = a(4k + l) folded to 4 floats
+    let w: [__m512; 4] = std::array::from_fn(|k| {
+        let (x, y) = (s[2 * k], s[2 * k + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
+        )
+    });
+    // level 3: in lane l, [Σ a(l), Σ a(4 + l), Σ a(8 + l), Σ a(12 + l)]
+    let t1 = _mm512_add_ps(
+        _mm512_unpacklo_ps(w[0], w[1]),
+        _mm512_unpackhi_ps(w[0], w[1]),
+    );
+    let t2 = _mm512_add_ps(
+        _mm512_unpacklo_ps(w[2], w[3]),
+        _mm512_unpackhi_ps(w[2], w[3]),
+    );
+    let v = _mm512_add_ps(
+        _mm512_shuffle_ps::<0b01_00_01_00>(t1, t2),
+        _mm512_shuffle_ps::<0b11_10_11_10>(t1, t2),
+    );
+    // element 4l + m holds Σ a(4m + l): transpose the 4×4 back to a's order
+    let idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_permutexvar_ps(idx, v)
 }
 
 pub fn tile4x4_f32(w: &[f32], ws: usize, x: &[f32], xs: usize, k: usize, out: &mut [f32; 16]) {
