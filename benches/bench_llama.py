@@ -18,6 +18,7 @@ single-token forward passes; "decode tok/s" here is forward passes (+ greedy pic
 
     python benches/bench_llama.py --dtypes f16,q8_0,q4_0 --threads 2 --prompt 128 --decode 32
     python benches/bench_llama.py --dtypes q4_0 --threads 1,2 --json /tmp/llama.json
+    python benches/bench_llama.py --dtypes q4_0 --rounds 3   # alternate 3 times, medians
 
 Each timing child starts only once other processes use < 15 % of the CPUs (llama.cpp's spinning
 thread pool collapses on oversubscribed cores), and every result records the CPU share others
@@ -35,6 +36,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -195,6 +197,14 @@ def main() -> None:
     ap.add_argument("--threads", default="2")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="alternate llama.cpp / sparse on / sparse off this many times per format; the "
+        "table gives medians and the range of the per-round ratios (the machine's memory "
+        "bandwidth drifts between runs)",
+    )
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--model", help="a PLM checkpoint directory instead of the PLM-1.8B-shaped one")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: GGUF:THREADS, llama.cpp only
@@ -221,56 +231,61 @@ def main() -> None:
         flush=True,
     )
     rows: list[dict] = []
-    table: list[tuple[str, int, dict, dict, dict]] = []
+    table: list[tuple[str, int, list[tuple[dict, dict, dict]]]] = []
     for dtype in a.dtypes.split(","):
         gguf_file = str(ensure_gguf(model_dir, dtype))
         for threads in [int(t) for t in a.threads.split(",")]:
             common = ["--prompt", str(a.prompt), "--decode", str(a.decode)]
-            ll = _subprocess_json(
-                [sys.executable, __file__, "--one", f"{gguf_file}:{threads}", *common]
-            )
-            ll["dtype"] = dtype
-            print(
-                f"llama.cpp {dtype:>5} threads={threads}          prefill {ll['prefill_tok_s']:6.2f} tok/s | "
-                f"decode {ll['decode_tok_s']:5.2f} tok/s | RSS {ll['peak_rss_gb']:.2f} GB | "
-                f"load {ll['load_s']:.1f}s | others used {100 * ll['other_cpu_share']:.0f}% CPU",
-                flush=True,
-            )
-            sp = {}
-            for sparse in (True, False):
-                env = dict(os.environ, SPARSELM_DENSE_MLP="0" if sparse else "1")
-                r = _subprocess_json(
-                    [
-                        sys.executable,
-                        str(HERE / "bench_e2e.py"),
-                        "--one",
-                        f"{dtype}:{threads}",
-                        *common,
-                        "--model",
-                        model_dir,
-                    ],
-                    env=env,
+            runs: list[tuple[dict, dict, dict]] = []
+            for rnd in range(max(a.rounds, 1)):
+                tag = f" round {rnd + 1}" if a.rounds > 1 else ""
+                ll = _subprocess_json(
+                    [sys.executable, __file__, "--one", f"{gguf_file}:{threads}", *common]
                 )
-                n = r["decode_tokens"]
-                r["engine"] = "sparselm"
-                r["decode_tok_s_handed_out"] = r["decode_tok_s"]
-                r["decode_tok_s"] = (
-                    r["decode_tok_s"] * max(n - 1, 1) / max(n, 1)
-                )  # forward passes/s
-                sp[sparse] = r
+                ll["dtype"] = dtype
                 print(
-                    f"sparselm  {dtype:>5} threads={threads} sparse={'on ' if sparse else 'off'} "
-                    f"prefill {r['prefill_tok_s']:6.2f} tok/s | decode {r['decode_tok_s']:5.2f} tok/s | "
-                    f"RSS {r['peak_rss_gb']:.2f} GB | sparsity {100 * r['sparsity']:4.1f}% | {r['tier']} | "
-                    f"others used {100 * r['other_cpu_share']:.0f}% CPU",
+                    f"llama.cpp {dtype:>5} threads={threads}          prefill {ll['prefill_tok_s']:6.2f} tok/s | "
+                    f"decode {ll['decode_tok_s']:5.2f} tok/s | RSS {ll['peak_rss_gb']:.2f} GB | "
+                    f"load {ll['load_s']:.1f}s | others used {100 * ll['other_cpu_share']:.0f}% CPU{tag}",
                     flush=True,
                 )
-            rows += [ll, sp[True], sp[False]]
-            table.append((dtype, threads, ll, sp[True], sp[False]))
+                sp = {}
+                for sparse in (True, False):
+                    env = dict(os.environ, SPARSELM_DENSE_MLP="0" if sparse else "1")
+                    r = _subprocess_json(
+                        [
+                            sys.executable,
+                            str(HERE / "bench_e2e.py"),
+                            "--one",
+                            f"{dtype}:{threads}",
+                            *common,
+                            "--model",
+                            model_dir,
+                        ],
+                        env=env,
+                    )
+                    n = r["decode_tokens"]
+                    r["engine"] = "sparselm"
+                    r["decode_tok_s_handed_out"] = r["decode_tok_s"]
+                    r["decode_tok_s"] = (
+                        r["decode_tok_s"] * max(n - 1, 1) / max(n, 1)
+                    )  # forward passes/s
+                    sp[sparse] = r
+                    print(
+                        f"sparselm  {dtype:>5} threads={threads} sparse={'on ' if sparse else 'off'} "
+                        f"prefill {r['prefill_tok_s']:6.2f} tok/s | decode {r['decode_tok_s']:5.2f} tok/s | "
+                        f"RSS {r['peak_rss_gb']:.2f} GB | sparsity {100 * r['sparsity']:4.1f}% | {r['tier']} | "
+                        f"others used {100 * r['other_cpu_share']:.0f}% CPU{tag}",
+                        flush=True,
+                    )
+                rows += [ll, sp[True], sp[False]]
+                runs.append((ll, sp[True], sp[False]))
+            table.append((dtype, threads, runs))
 
     print()
     print(
-        f"prompt {a.prompt} tokens, decode {a.decode} tokens (tok/s; ratio = sparselm / llama.cpp)"
+        f"prompt {a.prompt} tokens, decode {a.decode} tokens (tok/s; ratio = sparselm / llama.cpp"
+        + (f"; medians of {a.rounds} alternating rounds, per-round ratio range in brackets)" if a.rounds > 1 else ")")
     )
     print(
         "| format | threads | prefill llama.cpp | prefill sparselm | ratio | decode llama.cpp "
@@ -278,13 +293,29 @@ def main() -> None:
         "| others' CPU share (max) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for dtype, threads, ll, on, off in table:
+    for dtype, threads, runs in table:
+        med = [
+            {k: statistics.median(run[i][k] for run in runs) for k in ("prefill_tok_s", "decode_tok_s")}
+            for i in range(3)
+        ]
+        ll, on, off = med
+
+        def ratios(i: int, key: str, runs: list[tuple[dict, dict, dict]] = runs) -> str:
+            # the median ratio, and with several rounds the range of the per-round ratios
+            rs = [run[i][key] / run[0][key] for run in runs if run[0][key] > 0]
+            if not rs:
+                return "-"
+            if len(rs) == 1:
+                return f"{rs[0]:.2f}x"
+            return f"{statistics.median(rs):.2f}x ({min(rs):.2f}-{max(rs):.2f})"
+
+        others = max(x["other_cpu_share"] for run in runs for x in run)
         print(
             f"| {dtype} | {threads} | {ll['prefill_tok_s']:.1f} | {on['prefill_tok_s']:.1f} | "
-            f"{_ratio(on['prefill_tok_s'], ll['prefill_tok_s'])} | {ll['decode_tok_s']:.2f} | "
-            f"{on['decode_tok_s']:.2f} | {_ratio(on['decode_tok_s'], ll['decode_tok_s'])} | "
-            f"{off['decode_tok_s']:.2f} | {_ratio(off['decode_tok_s'], ll['decode_tok_s'])} | "
-            f"{100 * max(x['other_cpu_share'] for x in (ll, on, off)):.0f}% |"
+            f"{ratios(1, 'prefill_tok_s')} | {ll['decode_tok_s']:.2f} | "
+            f"{on['decode_tok_s']:.2f} | {ratios(1, 'decode_tok_s')} | "
+            f"{off['decode_tok_s']:.2f} | {ratios(2, 'decode_tok_s')} | "
+            f"{100 * others:.0f}% |"
         )
     if a.json:
         meta = {
