@@ -21,6 +21,12 @@ use crate::state::State;
 use crate::tensor::{DType, Matrix};
 use crate::weights::{LayerWeights, Weights};
 
+thread_local! {
+    /// The `(row, coefficient)` list of one head's absorbed query (`W_UK_hᵀ q_nope_h`), kept
+    /// per worker thread so a decode step allocates nothing.
+    static TERMS: std::cell::RefCell<Vec<(u32, f32)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Which attention formulation a forward call uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttnMode {
@@ -433,7 +439,7 @@ impl Model {
         for i in 0..t {
             let n = pos0 + i + 1;
             let q = &st.q[i * qd..(i + 1) * qd];
-            let keys: Vec<u32> = (0..n as u32).collect();
+            let keys = &st.positions[..n];
             st.o[i * nh * dv..(i + 1) * nh * dv]
                 .par_chunks_mut(hg * dv)
                 .zip(st.q_lat.par_chunks_mut(hg * rd))
@@ -444,24 +450,26 @@ impl Model {
                     let h0 = gi * hg;
                     let g = o.len() / dv; // heads in this group
                     let g4 = g / 4 * 4; // of which in whole sub-groups of 4
-                    let mut terms = Vec::with_capacity(dn);
-                    for hh in 0..g {
-                        // q_lat_h = [W_UK_hᵀ q_nope_h ; q_rope_h]     [r + dr]
-                        // (W_UK_hᵀ q_nope_h = Σ_j q_nope_h[j] · W_UK_h[j]), so one dot with a
-                        // cache row [c(u) ; k_rope(u)] gives both terms of the score
-                        let qh = &q[(h0 + hh) * (dn + dr)..(h0 + hh + 1) * (dn + dr)];
-                        let row0 = (h0 + hh) * dn;
-                        terms.clear();
-                        terms.extend(
-                            qh[..dn]
-                                .iter()
-                                .enumerate()
-                                .map(|(j, &qj)| ((row0 + j) as u32, qj)),
-                        );
-                        let ql = &mut q_lat[hh * rd..(hh + 1) * rd];
-                        kv_bk.sparse_axpy(&terms, &mut ql[..r]);
-                        ql[r..].copy_from_slice(&qh[dn..]);
-                    }
+                    TERMS.with(|cell| {
+                        let terms = &mut *cell.borrow_mut();
+                        for hh in 0..g {
+                            // q_lat_h = [W_UK_hᵀ q_nope_h ; q_rope_h]     [r + dr]
+                            // (W_UK_hᵀ q_nope_h = Σ_j q_nope_h[j] · W_UK_h[j]), so one dot with
+                            // a cache row [c(u) ; k_rope(u)] gives both terms of the score
+                            let qh = &q[(h0 + hh) * (dn + dr)..(h0 + hh + 1) * (dn + dr)];
+                            let row0 = (h0 + hh) * dn;
+                            terms.clear();
+                            terms.extend(
+                                qh[..dn]
+                                    .iter()
+                                    .enumerate()
+                                    .map(|(j, &qj)| ((row0 + j) as u32, qj)),
+                            );
+                            let ql = &mut q_lat[hh * rd..(hh + 1) * rd];
+                            kv_bk.sparse_axpy(terms, &mut ql[..r]);
+                            ql[r..].copy_from_slice(&qh[dn..]);
+                        }
+                    });
                     // s_h(u) = q_lat_h·[c(u) ; k_rope(u)] / sqrt(dn+dr)
                     let mut u0 = 0;
                     if g4 > 0 {
@@ -496,7 +504,7 @@ impl Model {
                             for sg in (0..g4).step_by(4) {
                                 tile.fill(0.0);
                                 let ss = &s[sg * ms..];
-                                (k.rank4x64_f32)(ss, ms, &keys, &layer[c0..], rd, &mut tile);
+                                (k.rank4x64_f32)(ss, ms, keys, &layer[c0..], rd, &mut tile);
                                 for hh in 0..4 {
                                     ctx[(sg + hh) * r + c0..(sg + hh) * r + c0 + 64]
                                         .copy_from_slice(&tile[hh * 64..(hh + 1) * 64]);

@@ -19,6 +19,7 @@ pub struct State {
     pub q_lat: Vec<f32>, // [H, r + dr]      absorbed query  [W_UKᵀ q_nope ; q_rope]
     pub ctx: Vec<f32>,   // [H, r]           Σ_u P(u) c(u)
     pub scores: Vec<f32>, // [H, max_seq]     attention weights
+    pub positions: Vec<u32>, // [max_seq]        0, 1, …: the cached positions (key list)
     pub logits: Vec<f32>, // [t or 1, V]
     pub zeros: Vec<u64>, // [layers]         zero ReLU² neurons counted (telemetry)
     pub neurons: Vec<u64>, // [layers]         neurons evaluated (telemetry)
@@ -33,6 +34,7 @@ impl State {
             q_lat: vec![0.0; h * (c.kv_lora_rank + c.qk_rope_head_dim)],
             ctx: vec![0.0; h * c.kv_lora_rank],
             scores: vec![0.0; h * max_seq],
+            positions: (0..max_seq as u32).collect(),
             active: Vec::with_capacity(c.intermediate_size),
             parts: Vec::new(),
             zeros: vec![0; c.num_hidden_layers],

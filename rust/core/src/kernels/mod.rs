@@ -38,6 +38,26 @@
 //! - bf16 prompt GEMM (`x86_bf16.rs`): peak on this Zen 4 VM, one core: f32 FMA 116 GFLOPS,
 //!   `vdpbf16ps` 233, `vpdpbusd` 468 GOPS. Prefill of 128 tokens at the PLM-1.8B shape,
 //!   2 threads: f16 28 → 70 tok/s, bf16 27.5 → 66, q8_0 19 → 59, q4_0 17 → 70.
+//! - Memory, not kernels, bounds decode here (stop 9). Weights on 2 MiB transparent huge pages
+//!   (`crate::alloc`): a plain 2-thread read of 1 GiB 40-47 → 56-62 GB/s (1 thread 25 → 32);
+//!   PLM-1.8B q4_0 CLI decode, alternated: 21-28 → 24-30 tok/s; load 4.1-4.3 → 3.0-3.8 s.
+//!   The machine's bandwidth itself drifts between 34 and 60 GB/s (2 threads) from one minute
+//!   to the next. GEMV16 Q4_0 on a 175 MB matrix: one thread 28-31 GB/s, two 32-38; two
+//!   1-thread pools on two matrices at once 37-38 (so the split is not what limits).
+//!   `perf` of q4_0 decode: GEMV16 52 % of the time for 67 % of the bytes, the planar down
+//!   kernel + coefficients 24 % for 29 %: equal cost per byte.
+//! - Sparse rows do not save DRAM traffic at 50 % random zeros: a pure read (no compute) of a
+//!   random half of the rows of 32 × 8192 rows took, against reading every row, 0.27 vs
+//!   0.27-0.34 ms per layer for 1 KiB rows and 0.47-0.50 vs 0.52-0.75 ms for 2 KiB rows, and
+//!   the half of the planar 128-byte pieces 0.30-0.33 / 0.63-0.70 ms (slower than all).
+//!   Pooling the active rows of half-full planar groups instead of reading them whole
+//!   (`DOWN_DENSE_AT` 20 or 33 instead of 12) was slower at 50 % zeros on huge pages too
+//!   (q8_0 0.54 → 0.60-0.62 ms, q4_0 0.30-0.39 → 0.40-0.61 ms). Splitting the down plan into
+//!   4 parts per thread for balance: no measurable change (dropped).
+//! - Absorbed attention with one head group per thread (8 heads at 2 threads; the cache of a
+//!   layer read once per thread instead of twice), query `[q_lat ; q_rope]` so one 4×4 tile per
+//!   4 keys gives whole scores, and the 4×4 tile's 16 sums by a shuffle tree: `tile4x4` samples
+//!   at 900 cached positions −16 %; end-to-end within noise.
 
 use std::sync::OnceLock;
 
