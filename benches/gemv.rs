@@ -11,6 +11,10 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use sparselm_core::kernels::kernels;
 use sparselm_core::tensor::{DType, Matrix};
 
+/// The engine's allocator (weights on transparent huge pages), as the frontends install it.
+#[global_allocator]
+static ALLOC: sparselm_core::alloc::HugePageAlloc = sparselm_core::alloc::HugePageAlloc;
+
 const SHAPES: [(usize, usize, &str); 4] = [
     (8192, 2048, "up_proj"),
     (2048, 8192, "down_proj(dense)"),
