@@ -16,6 +16,7 @@ pub mod safetensors;
 pub mod sampler;
 pub mod session;
 pub mod state;
+pub mod team;
 pub mod tensor;
 pub mod weights;
 

@@ -59,6 +59,9 @@ pub struct Model {
     rope_cos: Vec<f32>, // [max_position_embeddings, dr/2]
     rope_sin: Vec<f32>, // [max_position_embeddings, dr/2]
     pool: rayon::ThreadPool,
+    /// The decode step's spinning thread team (`crate::team`), as many threads as `pool`;
+    /// `None` with one thread, or with `SPARSELM_DECODE_TEAM=0` (decode then uses `pool`).
+    team: Option<crate::team::Team>,
     /// Skip the zero ReLU² neurons in the down projection (exact). Off only for benchmarks
     /// (`SPARSELM_DENSE_MLP=1`), to measure what sparsity buys.
     pub sparse_mlp: bool,
@@ -133,6 +136,13 @@ impl Model {
             std::env::var("SPARSELM_DENSE_MLP").map_or(true, |v| v.is_empty() || v == "0");
         let exact = std::env::var("SPARSELM_EXACT_GEMM").is_ok_and(|v| !v.is_empty() && v != "0");
         let fast_gemm = gemm::available() && dtype != DType::F32 && !exact;
+        let use_team =
+            std::env::var("SPARSELM_DECODE_TEAM").map_or(true, |v| v.is_empty() || v != "0");
+        let n = pool.current_num_threads();
+        // A team that cannot start its threads leaves decode on the rayon pool.
+        let team = (use_team && n > 1)
+            .then(|| crate::team::Team::new(n).ok())
+            .flatten();
         Model {
             config,
             weights,
@@ -140,6 +150,7 @@ impl Model {
             rope_cos,
             rope_sin,
             pool,
+            team,
             sparse_mlp,
             fast_gemm,
         }
@@ -237,6 +248,13 @@ impl Model {
             AttnMode::Absorbed => false,
         };
         self.pool.install(|| {
+            // A single token's forward pass is ~200 short parallel regions: they run on the
+            // spinning team; prompts (GEMMs) on the rayon pool.
+            let _team = self
+                .team
+                .as_ref()
+                .filter(|_| t == 1)
+                .map(crate::team::Scope::enter);
             // h = E[token]                                               [T, d]
             for (i, &tok) in tokens.iter().enumerate() {
                 self.weights
@@ -440,99 +458,113 @@ impl Model {
             let n = pos0 + i + 1;
             let q = &st.q[i * qd..(i + 1) * qd];
             let keys = &st.positions[..n];
-            st.o[i * nh * dv..(i + 1) * nh * dv]
-                .par_chunks_mut(hg * dv)
-                .zip(st.q_lat.par_chunks_mut(hg * rd))
-                .zip(st.ctx.par_chunks_mut(hg * r))
-                .zip(st.scores.par_chunks_mut(hg * ms))
-                .enumerate()
-                .for_each(|(gi, (((o, q_lat), ctx), s))| {
-                    let h0 = gi * hg;
-                    let g = o.len() / dv; // heads in this group
-                    let g4 = g / 4 * 4; // of which in whole sub-groups of 4
-                    TERMS.with(|cell| {
-                        let terms = &mut *cell.borrow_mut();
-                        for hh in 0..g {
-                            // q_lat_h = [W_UK_hᵀ q_nope_h ; q_rope_h]     [r + dr]
-                            // (W_UK_hᵀ q_nope_h = Σ_j q_nope_h[j] · W_UK_h[j]), so one dot with
-                            // a cache row [c(u) ; k_rope(u)] gives both terms of the score
-                            let qh = &q[(h0 + hh) * (dn + dr)..(h0 + hh + 1) * (dn + dr)];
-                            let row0 = (h0 + hh) * dn;
-                            terms.clear();
-                            terms.extend(
-                                qh[..dn]
-                                    .iter()
-                                    .enumerate()
-                                    .map(|(j, &qj)| ((row0 + j) as u32, qj)),
-                            );
-                            let ql = &mut q_lat[hh * rd..(hh + 1) * rd];
-                            kv_bk.sparse_axpy(terms, &mut ql[..r]);
-                            ql[r..].copy_from_slice(&qh[dn..]);
-                        }
-                    });
-                    // s_h(u) = q_lat_h·[c(u) ; k_rope(u)] / sqrt(dn+dr)
-                    let mut u0 = 0;
-                    if g4 > 0 {
-                        let mut tile = [0f32; 16];
-                        while u0 + 4 <= n {
-                            for sg in (0..g4).step_by(4) {
-                                let qs = &q_lat[sg * rd..];
-                                (k.tile4x4_f32)(&layer[u0 * rd..], rd, qs, rd, rd, &mut tile);
-                                for j in 0..4 {
-                                    for hh in 0..4 {
-                                        s[(sg + hh) * ms + u0 + j] = tile[4 * j + hh] * scale;
-                                    }
-                                }
-                            }
-                            u0 += 4;
-                        }
-                    }
+            // one task per head group: its slices of o, q_lat, ctx and the scores
+            let group = |gi: usize, [o, q_lat, ctx, s]: [&mut [f32]; 4]| {
+                let h0 = gi * hg;
+                let g = o.len() / dv; // heads in this group
+                let g4 = g / 4 * 4; // of which in whole sub-groups of 4
+                TERMS.with(|cell| {
+                    let terms = &mut *cell.borrow_mut();
                     for hh in 0..g {
-                        let ql = &q_lat[hh * rd..(hh + 1) * rd];
-                        let from = if hh < g4 { u0 } else { 0 };
-                        for u in from..n {
-                            s[hh * ms + u] = (k.dot_f32)(ql, &layer[u * rd..(u + 1) * rd]) * scale;
-                        }
-                        softmax(&mut s[hh * ms..hh * ms + n]);
-                    }
-                    // ctx_h = Σ_u P_h(u) c(u)            [r]
-                    ctx[..g * r].fill(0.0);
-                    let mut c0 = 0;
-                    if g4 > 0 {
-                        let mut tile = [0f32; 256];
-                        while c0 + 64 <= r {
-                            for sg in (0..g4).step_by(4) {
-                                tile.fill(0.0);
-                                let ss = &s[sg * ms..];
-                                (k.rank4x64_f32)(ss, ms, keys, &layer[c0..], rd, &mut tile);
-                                for hh in 0..4 {
-                                    ctx[(sg + hh) * r + c0..(sg + hh) * r + c0 + 64]
-                                        .copy_from_slice(&tile[hh * 64..(hh + 1) * 64]);
-                                }
-                            }
-                            c0 += 64;
-                        }
-                    }
-                    for hh in 0..g {
-                        // columns no strip covered: all of them for heads outside sub-groups
-                        let from = if hh < g4 { c0 } else { 0 };
-                        if from < r {
-                            let cx = &mut ctx[hh * r + from..(hh + 1) * r];
-                            for u in 0..n {
-                                let cu = &layer[u * rd + from..u * rd + r];
-                                (k.axpy_f32)(s[hh * ms + u], cu, cx);
-                            }
-                        }
-                    }
-                    // o_h = W_UV_h ctx_h                 [dv]
-                    for hh in 0..g {
-                        kv_bv.dot_rows(
-                            (h0 + hh) * dv,
-                            &ctx[hh * r..(hh + 1) * r],
-                            &mut o[hh * dv..(hh + 1) * dv],
+                        // q_lat_h = [W_UK_hᵀ q_nope_h ; q_rope_h]     [r + dr]
+                        // (W_UK_hᵀ q_nope_h = Σ_j q_nope_h[j] · W_UK_h[j]), so one dot with
+                        // a cache row [c(u) ; k_rope(u)] gives both terms of the score
+                        let qh = &q[(h0 + hh) * (dn + dr)..(h0 + hh + 1) * (dn + dr)];
+                        let row0 = (h0 + hh) * dn;
+                        terms.clear();
+                        terms.extend(
+                            qh[..dn]
+                                .iter()
+                                .enumerate()
+                                .map(|(j, &qj)| ((row0 + j) as u32, qj)),
                         );
+                        let ql = &mut q_lat[hh * rd..(hh + 1) * rd];
+                        kv_bk.sparse_axpy(terms, &mut ql[..r]);
+                        ql[r..].copy_from_slice(&qh[dn..]);
                     }
                 });
+                // s_h(u) = q_lat_h·[c(u) ; k_rope(u)] / sqrt(dn+dr)
+                let mut u0 = 0;
+                if g4 > 0 {
+                    let mut tile = [0f32; 16];
+                    while u0 + 4 <= n {
+                        for sg in (0..g4).step_by(4) {
+                            let qs = &q_lat[sg * rd..];
+                            (k.tile4x4_f32)(&layer[u0 * rd..], rd, qs, rd, rd, &mut tile);
+                            for j in 0..4 {
+                                for hh in 0..4 {
+                                    s[(sg + hh) * ms + u0 + j] = tile[4 * j + hh] * scale;
+                                }
+                            }
+                        }
+                        u0 += 4;
+                    }
+                }
+                for hh in 0..g {
+                    let ql = &q_lat[hh * rd..(hh + 1) * rd];
+                    let from = if hh < g4 { u0 } else { 0 };
+                    for u in from..n {
+                        s[hh * ms + u] = (k.dot_f32)(ql, &layer[u * rd..(u + 1) * rd]) * scale;
+                    }
+                    softmax(&mut s[hh * ms..hh * ms + n]);
+                }
+                // ctx_h = Σ_u P_h(u) c(u)            [r]
+                ctx[..g * r].fill(0.0);
+                let mut c0 = 0;
+                if g4 > 0 {
+                    let mut tile = [0f32; 256];
+                    while c0 + 64 <= r {
+                        for sg in (0..g4).step_by(4) {
+                            tile.fill(0.0);
+                            let ss = &s[sg * ms..];
+                            (k.rank4x64_f32)(ss, ms, keys, &layer[c0..], rd, &mut tile);
+                            for hh in 0..4 {
+                                ctx[(sg + hh) * r + c0..(sg + hh) * r + c0 + 64]
+                                    .copy_from_slice(&tile[hh * 64..(hh + 1) * 64]);
+                            }
+                        }
+                        c0 += 64;
+                    }
+                }
+                for hh in 0..g {
+                    // columns no strip covered: all of them for heads outside sub-groups
+                    let from = if hh < g4 { c0 } else { 0 };
+                    if from < r {
+                        let cx = &mut ctx[hh * r + from..(hh + 1) * r];
+                        for u in 0..n {
+                            let cu = &layer[u * rd + from..u * rd + r];
+                            (k.axpy_f32)(s[hh * ms + u], cu, cx);
+                        }
+                    }
+                }
+                // o_h = W_UV_h ctx_h                 [dv]
+                for hh in 0..g {
+                    kv_bv.dot_rows(
+                        (h0 + hh) * dv,
+                        &ctx[hh * r..(hh + 1) * r],
+                        &mut o[hh * dv..(hh + 1) * dv],
+                    );
+                }
+            };
+            let bufs = [
+                &mut st.o[i * nh * dv..(i + 1) * nh * dv],
+                &mut st.q_lat[..],
+                &mut st.ctx[..],
+                &mut st.scores[..],
+            ];
+            let chunks = [hg * dv, hg * rd, hg * r, hg * ms];
+            crate::team::with_current(|team| match team {
+                Some(team) => crate::team::for_chunks_n(Some(team), bufs, chunks, group),
+                None => {
+                    let [o, q_lat, ctx, s] = bufs;
+                    o.par_chunks_mut(chunks[0])
+                        .zip(q_lat.par_chunks_mut(chunks[1]))
+                        .zip(ctx.par_chunks_mut(chunks[2]))
+                        .zip(s.par_chunks_mut(chunks[3]))
+                        .enumerate()
+                        .for_each(|(gi, (((o, q_lat), ctx), s))| group(gi, [o, q_lat, ctx, s]));
+                }
+            });
         }
     }
 

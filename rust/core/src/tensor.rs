@@ -3,6 +3,8 @@
 //! Rows are the output features (PyTorch `[out, in]` layout), so a GEMV reads rows contiguously.
 
 use half::{bf16, f16};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use rayon::prelude::*;
 
 use crate::kernels::kernels;
@@ -511,34 +513,31 @@ impl Matrix {
             let cuts = plan.split(threads);
             let n = (cuts.len() - 1).max(1);
             parts.resize(n * d, 0.0);
-            let read = parts[..n * d]
-                .par_chunks_mut(d)
-                .enumerate()
-                .map(|(pi, y)| match (cuts.get(pi), cuts.get(pi + 1)) {
+            let read = AtomicUsize::new(0);
+            par_row_chunks(&mut parts[..n * d], d, |pi, y| {
+                let r = match (cuts.get(pi), cuts.get(pi + 1)) {
                     (Some(&a), Some(&b)) => self.down_plan_run(plan, a..b, y),
                     _ => {
                         y.fill(0.0);
                         0
                     }
-                })
-                .sum();
-            return (n, read);
+                };
+                read.fetch_add(r, Ordering::Relaxed);
+            });
+            return (n, read.into_inner());
         }
         let per = active.len().div_ceil(threads).max(1);
         let n = active.len().div_ceil(per).max(1);
         parts.resize(n * d, 0.0);
-        let read = parts[..n * d]
-            .par_chunks_mut(d)
-            .enumerate()
-            .map(|(pi, y)| {
-                let (a, b) = (
-                    (pi * per).min(active.len()),
-                    ((pi + 1) * per).min(active.len()),
-                );
-                self.sparse_axpy(&active[a..b], y)
-            })
-            .sum();
-        (n, read)
+        let read = AtomicUsize::new(0);
+        par_row_chunks(&mut parts[..n * d], d, |pi, y| {
+            let (a, b) = (
+                (pi * per).min(active.len()),
+                ((pi + 1) * per).min(active.len()),
+            );
+            read.fetch_add(self.sparse_axpy(&active[a..b], y), Ordering::Relaxed);
+        });
+        (n, read.into_inner())
     }
 
     /// The kernel calls of the planar down projection for `active` into `plan` (see
@@ -642,13 +641,9 @@ impl Matrix {
             let (mut xq, mut xs) = (Vec::new(), Vec::new());
             quantize_input(x, &mut xq);
             self.input_sums(&xq, &mut xs);
-            y.par_chunks_mut(chunk)
-                .enumerate()
-                .for_each(|(ci, ys)| self.dot_rows_q(ci * chunk, &xq, &xs, ys));
+            par_row_chunks(y, chunk, |ci, ys| self.dot_rows_q(ci * chunk, &xq, &xs, ys));
         } else {
-            y.par_chunks_mut(chunk)
-                .enumerate()
-                .for_each(|(ci, ys)| self.dot_rows(ci * chunk, x, ys));
+            par_row_chunks(y, chunk, |ci, ys| self.dot_rows(ci * chunk, x, ys));
         }
     }
 
@@ -968,6 +963,19 @@ fn gemv16_rows<B>(
 fn quantize_input(x: &[f32], xq: &mut Vec<BlockQ8_0>) {
     xq.resize(x.len() / QBLOCK, BlockQ8_0::default());
     quant::quantize_row_q8_0(x, xq).expect("quantized matrices have cols % 32 == 0");
+}
+
+/// `f(i, chunk_i)` over the chunks of `chunk` elements of `y` in parallel: on the decode team
+/// when a forward pass entered one on this thread (`crate::team::Scope`), else on the current
+/// rayon pool.
+fn par_row_chunks<T: Send>(y: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
+    crate::team::with_current(|team| match team {
+        Some(t) => crate::team::for_chunks(Some(t), y, chunk, &f),
+        None => y
+            .par_chunks_mut(chunk.max(1))
+            .enumerate()
+            .for_each(|(i, c)| f(i, c)),
+    })
 }
 
 /// Rows per parallel task: enough tasks to balance, few enough to keep overhead low.

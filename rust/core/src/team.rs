@@ -1,0 +1,407 @@
+//! `Team`: the decode step's thread team. Workers spin briefly between parallel regions
+//! instead of sleeping, so the ~200 short regions of a decode step (GEMVs, the sparse down
+//! projection, attention head groups) do not each pay a futex wake-up.
+//!
+//! Why not rayon for these: rayon parks idle workers after a few yields, and on this 2-vCPU VM
+//! a decode step saw ~80 context switches per token and used 1.78 of 2 CPUs; with one thread
+//! decode ran at 93-99 % of the one-thread read bandwidth but with two at 59-69 % of the
+//! two-thread one (PERF NOTES in `kernels/mod.rs`). Prompts (long GEMMs) and loading keep the
+//! rayon pool.
+//!
+//! Protocol: a region is published by storing its task function and count, then bumping the
+//! `claim` word (epoch in the high 32 bits, next task index in the low 32). Workers claim task
+//! indices with a compare-and-swap that fails if the epoch moved, so a worker can never run a
+//! task of a region other than the one whose function it read; the caller works too, then
+//! waits until every task has finished (`done`). Idle workers spin for [`SPIN`] and then park
+//! on a condvar; the publisher wakes them only if one is parked (no lost wake-up: both sides
+//! use SeqCst and the parked side re-checks under the mutex). A panicking task is caught on
+//! the worker and re-raised on the caller after the region has drained.
+//!
+//! Must not: run regions re-entrantly (a task calling `run` on the same team runs the inner
+//! region inline on the calling thread), or be shared by two callers at once (`run` takes a
+//! lock).
+
+use std::cell::Cell;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long an idle worker spins before parking.
+const SPIN: Duration = Duration::from_micros(300);
+
+type Task<'a> = &'a (dyn Fn(usize) + Sync);
+
+struct Shared {
+    /// epoch << 32 | next task index
+    claim: AtomicU64,
+    /// The current region's task function, as a raw fat pointer (valid while the region runs).
+    job: AtomicU64Pair,
+    ntasks: AtomicUsize,
+    done: AtomicUsize,
+    parked: AtomicUsize,
+    stop: AtomicBool,
+    panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+    lock: Mutex<()>,
+    wake: Condvar,
+    /// One caller at a time.
+    caller: Mutex<()>,
+}
+
+/// A fat pointer stored as two words (written by the publisher before the epoch is bumped,
+/// read by workers after they see the new epoch).
+struct AtomicU64Pair(AtomicU64, AtomicU64);
+
+impl AtomicU64Pair {
+    fn store(&self, f: Task<'_>) {
+        // SAFETY: a &dyn is two machine words; transmuting it to two u64 and back is the
+        // identity on 64-bit targets (asserted below).
+        let [a, b]: [u64; 2] = unsafe { std::mem::transmute::<Task<'_>, [u64; 2]>(f) };
+        self.0.store(a, SeqCst);
+        self.1.store(b, SeqCst);
+    }
+
+    /// # Safety
+    /// The region that stored the pointer must still be running (its tasks not all done).
+    unsafe fn load<'a>(&self) -> Task<'a> {
+        let words = [self.0.load(SeqCst), self.1.load(SeqCst)];
+        // SAFETY (caller): the words were stored from a live &dyn Fn by `store`.
+        unsafe { std::mem::transmute::<[u64; 2], Task<'a>>(words) }
+    }
+}
+
+const _: () = assert!(std::mem::size_of::<Task<'static>>() == 16);
+
+thread_local! {
+    /// Set while this thread runs a task of some team (nested regions then run inline).
+    static IN_TASK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// A team of `threads − 1` spinning workers plus the calling thread.
+pub struct Team {
+    shared: Arc<Shared>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    threads: usize,
+}
+
+impl std::fmt::Debug for Team {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Team({} threads)", self.threads)
+    }
+}
+
+impl Team {
+    /// A team of `threads` (≥ 1) threads: the caller plus `threads − 1` workers.
+    pub fn new(threads: usize) -> std::io::Result<Team> {
+        let threads = threads.max(1);
+        let shared = Arc::new(Shared {
+            claim: AtomicU64::new(0),
+            job: AtomicU64Pair(AtomicU64::new(0), AtomicU64::new(0)),
+            ntasks: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            parked: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            panic: Mutex::new(None),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
+            caller: Mutex::new(()),
+        });
+        let mut workers = Vec::with_capacity(threads - 1);
+        for i in 1..threads {
+            let s = Arc::clone(&shared);
+            let h = std::thread::Builder::new()
+                .name(format!("sparselm-team-{i}"))
+                .spawn(move || worker(&s));
+            match h {
+                Ok(h) => workers.push(h),
+                Err(e) => {
+                    shutdown(&shared, &mut workers);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Team {
+            shared,
+            workers,
+            threads,
+        })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Run `f(0), …, f(n − 1)` across the team and return when all have finished. Tasks are
+    /// handed out in index order to whichever thread is free.
+    pub fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        if n == 0 {
+            return;
+        }
+        if n == 1 || self.threads == 1 || IN_TASK.with(|t| t.get()) {
+            (0..n).for_each(f);
+            return;
+        }
+        let _one = self.shared.caller.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &*self.shared;
+        assert!(n < u32::MAX as usize, "team: too many tasks");
+        s.job.store(f);
+        s.ntasks.store(n, SeqCst);
+        s.done.store(0, SeqCst);
+        let epoch = (s.claim.load(SeqCst) >> 32) + 1;
+        s.claim.store(epoch << 32, SeqCst);
+        if s.parked.load(SeqCst) > 0 {
+            let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.wake.notify_all();
+        }
+        work(s, epoch);
+        while s.done.load(SeqCst) < n {
+            std::hint::spin_loop();
+        }
+        if let Some(p) = s.panic.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            resume_unwind(p);
+        }
+    }
+}
+
+impl Drop for Team {
+    fn drop(&mut self) {
+        shutdown(&self.shared, &mut self.workers);
+    }
+}
+
+fn shutdown(s: &Shared, workers: &mut Vec<std::thread::JoinHandle<()>>) {
+    s.stop.store(true, SeqCst);
+    {
+        let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+        s.wake.notify_all();
+    }
+    for h in workers.drain(..) {
+        let _ = h.join();
+    }
+}
+
+/// Claim and run tasks of region `epoch` until none is left.
+fn work(s: &Shared, epoch: u64) {
+    loop {
+        let cur = s.claim.load(SeqCst);
+        if cur >> 32 != epoch {
+            return;
+        }
+        let i = (cur & 0xFFFF_FFFF) as usize;
+        if i >= s.ntasks.load(SeqCst) {
+            return;
+        }
+        if s.claim
+            .compare_exchange_weak(cur, cur + 1, SeqCst, SeqCst)
+            .is_err()
+        {
+            continue;
+        }
+        // SAFETY: task i of this epoch is claimed and not done, so the region (and its task
+        // function, stored before the epoch was published) is still alive.
+        let f = unsafe { s.job.load() };
+        IN_TASK.with(|t| t.set(true));
+        let r = catch_unwind(AssertUnwindSafe(|| f(i)));
+        IN_TASK.with(|t| t.set(false));
+        if let Err(p) = r {
+            s.panic
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert(p);
+        }
+        s.done.fetch_add(1, SeqCst);
+    }
+}
+
+fn worker(s: &Shared) {
+    let mut seen = 0u64;
+    loop {
+        // spin for a new epoch, then park
+        let t0 = Instant::now();
+        let mut spins = 0u32;
+        let epoch = loop {
+            let e = s.claim.load(SeqCst) >> 32;
+            if e != seen || s.stop.load(SeqCst) {
+                break e;
+            }
+            std::hint::spin_loop();
+            spins += 1;
+            if spins.is_multiple_of(64) && t0.elapsed() > SPIN {
+                let g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+                s.parked.fetch_add(1, SeqCst);
+                let g = s
+                    .wake
+                    .wait_while(g, |_| {
+                        s.claim.load(SeqCst) >> 32 == seen && !s.stop.load(SeqCst)
+                    })
+                    .unwrap_or_else(|e| e.into_inner());
+                s.parked.fetch_sub(1, SeqCst);
+                drop(g);
+            }
+        };
+        if s.stop.load(SeqCst) {
+            return;
+        }
+        seen = epoch;
+        work(s, epoch);
+    }
+}
+
+thread_local! {
+    /// The team of the forward pass running on this thread (see [`Scope`]).
+    static CURRENT: Cell<*const Team> = const { Cell::new(std::ptr::null()) };
+}
+
+/// While alive, [`current`] on this thread returns `team` (restored on drop).
+pub struct Scope {
+    prev: *const Team,
+}
+
+impl Scope {
+    pub fn enter(team: &Team) -> Scope {
+        Scope {
+            prev: CURRENT.with(|c| c.replace(team as *const Team)),
+        }
+    }
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        CURRENT.with(|c| c.set(self.prev));
+    }
+}
+
+/// Run `f` with the team entered by a live [`Scope`] on this thread, if any.
+pub fn with_current<R>(f: impl FnOnce(Option<&Team>) -> R) -> R {
+    let p = CURRENT.with(|c| c.get());
+    // SAFETY: a non-null pointer was set by a Scope that borrows the team and is still alive
+    // (it restores the previous value when dropped, and Scopes nest on one thread).
+    f(unsafe { p.as_ref() })
+}
+
+/// `f(i, chunk_i)` for the chunks of `chunk` elements of `v` (the last may be shorter), across
+/// `team` (or inline without one).
+pub fn for_chunks<T: Send>(
+    team: Option<&Team>,
+    v: &mut [T],
+    chunk: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    let chunk = chunk.max(1);
+    let n = v.len().div_ceil(chunk);
+    let len = v.len();
+    let base = SendPtr(v.as_mut_ptr());
+    let task = |i: usize| {
+        let start = i * chunk;
+        let end = (start + chunk).min(len);
+        let p = &base;
+        // SAFETY: chunks [start, end) of distinct i are disjoint and inside v, which is
+        // borrowed mutably for the whole call; each index runs exactly once.
+        let s = unsafe { std::slice::from_raw_parts_mut(p.0.add(start), end - start) };
+        f(i, s);
+    };
+    match team {
+        Some(t) => t.run(n, &task),
+        None => (0..n).for_each(task),
+    }
+}
+
+/// `f(i, [chunk_i of each buffer])` where buffer `k` is cut into chunks of `chunks[k]` elements
+/// (as many tasks as buffer 0 has chunks; the others must have at least as many), across
+/// `team` or inline.
+pub fn for_chunks_n<const N: usize>(
+    team: Option<&Team>,
+    bufs: [&mut [f32]; N],
+    chunks: [usize; N],
+    f: impl Fn(usize, [&mut [f32]; N]) + Sync,
+) {
+    let n = bufs[0].len().div_ceil(chunks[0].max(1));
+    assert!(
+        (0..N).all(|k| chunks[k] > 0 && bufs[k].len().div_ceil(chunks[k]) >= n),
+        "for_chunks_n: a buffer has fewer chunks than buffer 0"
+    );
+    let lens: [usize; N] = std::array::from_fn(|k| bufs[k].len());
+    let ptrs: [SendPtr<f32>; N] = bufs.map(|b| SendPtr(b.as_mut_ptr()));
+    let task = |i: usize| {
+        let slices: [&mut [f32]; N] = std::array::from_fn(|k| {
+            let start = (i * chunks[k]).min(lens[k]);
+            let end = (start + chunks[k]).min(lens[k]);
+            let p = &ptrs[k];
+            // SAFETY: for each buffer, chunks of distinct i are disjoint and inside it; the
+            // buffers are distinct &mut borrows held for the whole call; each i runs once.
+            unsafe { std::slice::from_raw_parts_mut(p.0.add(start), end - start) }
+        });
+        f(i, slices);
+    };
+    match team {
+        Some(t) => t.run(n, &task),
+        None => (0..n).for_each(task),
+    }
+}
+
+struct SendPtr<T>(*mut T);
+// SAFETY: used only to hand disjoint sub-slices of one &mut [T] (T: Send) to tasks.
+unsafe impl<T: Send> Sync for SendPtr<T> {}
+unsafe impl<T: Send> Send for SendPtr<T> {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    #[test]
+    fn every_task_runs_once_across_many_regions() {
+        let team = Team::new(3).unwrap();
+        for n in [0usize, 1, 2, 3, 7, 64, 1000] {
+            for round in 0..50 {
+                let hits: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
+                team.run(n, &|i| {
+                    hits[i].fetch_add(1, SeqCst);
+                });
+                assert!(
+                    hits.iter().all(|h| h.load(SeqCst) == 1),
+                    "n={n} round={round}"
+                );
+            }
+        }
+        // after parking
+        std::thread::sleep(Duration::from_millis(5));
+        let mut v = vec![0u32; 1001];
+        for_chunks(Some(&team), &mut v, 16, |i, c| {
+            for (k, x) in c.iter_mut().enumerate() {
+                *x = (i * 16 + k) as u32;
+            }
+        });
+        assert!(v.iter().enumerate().all(|(i, &x)| x == i as u32));
+    }
+
+    #[test]
+    fn a_panicking_task_reaches_the_caller_and_the_team_survives() {
+        let team = Team::new(2).unwrap();
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            team.run(8, &|i| {
+                if i == 5 {
+                    panic!("task 5");
+                }
+            })
+        }));
+        assert!(r.is_err());
+        let count = AtomicU32::new(0);
+        team.run(8, &|_| {
+            count.fetch_add(1, SeqCst);
+        });
+        assert_eq!(count.load(SeqCst), 8);
+    }
+
+    #[test]
+    fn nested_regions_run_inline() {
+        let team = Team::new(2).unwrap();
+        let count = AtomicU32::new(0);
+        team.run(4, &|_| {
+            team.run(3, &|_| {
+                count.fetch_add(1, SeqCst);
+            });
+        });
+        assert_eq!(count.load(SeqCst), 12);
+    }
+}
