@@ -8,8 +8,9 @@
 //! two-thread one (PERF NOTES in `kernels/mod.rs`). Prompts (long GEMMs) and loading keep the
 //! rayon pool.
 //!
-//! Protocol: a region is published by storing its task function and count, then bumping the
-//! `claim` word (epoch in the high 32 bits, next task index in the low 32). Workers claim task
+//! Protocol: a region is published by closing the next epoch in the `claim` word (epoch in the
+//! high 32 bits, next task index in the low 32; index `CLOSED` while the region's task
+//! function and count are written), then opening it at index 0. Workers claim task
 //! indices with a compare-and-swap that fails if the epoch moved, so a worker can never run a
 //! task of a region other than the one whose function it read; the caller works too, then
 //! waits until every task has finished (`done`). Idle workers spin for [`SPIN`] and then park
@@ -26,6 +27,9 @@ use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+/// Task index of an epoch whose region is still being set up (no task can be claimed).
+const CLOSED: u64 = 0xFFFF_FFFF;
 
 /// How long an idle worker spins before parking.
 const SPIN: Duration = Duration::from_micros(300);
@@ -143,11 +147,15 @@ impl Team {
         }
         let _one = self.shared.caller.lock().unwrap_or_else(|e| e.into_inner());
         let s = &*self.shared;
-        assert!(n < u32::MAX as usize, "team: too many tasks");
+        assert!((n as u64) < CLOSED, "team: too many tasks");
+        // Close the old epoch before touching the region's fields: a worker still looping in
+        // the previous region could otherwise read the new task count and claim one more
+        // index of the old epoch, then run it with the new function.
+        let epoch = (s.claim.load(SeqCst) >> 32) + 1;
+        s.claim.store(epoch << 32 | CLOSED, SeqCst);
         s.job.store(f);
         s.ntasks.store(n, SeqCst);
         s.done.store(0, SeqCst);
-        let epoch = (s.claim.load(SeqCst) >> 32) + 1;
         s.claim.store(epoch << 32, SeqCst);
         if s.parked.load(SeqCst) > 0 {
             let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -220,9 +228,9 @@ fn worker(s: &Shared) {
         let t0 = Instant::now();
         let mut spins = 0u32;
         let epoch = loop {
-            let e = s.claim.load(SeqCst) >> 32;
-            if e != seen || s.stop.load(SeqCst) {
-                break e;
+            let c = s.claim.load(SeqCst);
+            if (c >> 32 != seen && c & 0xFFFF_FFFF != CLOSED) || s.stop.load(SeqCst) {
+                break c >> 32;
             }
             std::hint::spin_loop();
             spins += 1;
@@ -348,6 +356,25 @@ unsafe impl<T: Send> Send for SendPtr<T> {}
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicU32;
+
+    /// Regions of alternating sizes back to back, with more workers than cores so that
+    /// workers are preempted inside a region's hand-over: a worker left over from a region
+    /// must never claim a task of the next one (it once ran task 3 of a 7-task region twice
+    /// after a 3-task region).
+    #[test]
+    fn no_task_runs_twice_when_regions_change_size() {
+        let team = Team::new(4).unwrap();
+        let hits: Vec<AtomicU32> = (0..64).map(|_| AtomicU32::new(0)).collect();
+        for round in 0..20_000usize {
+            let n = [3usize, 7, 1, 64, 2, 5][round % 6];
+            team.run(n, &|i| {
+                hits[i].fetch_add(1, SeqCst);
+            });
+            for (i, h) in hits.iter().enumerate().take(n) {
+                assert_eq!(h.swap(0, SeqCst), 1, "round {round}: task {i} of {n}");
+            }
+        }
+    }
 
     #[test]
     fn every_task_runs_once_across_many_regions() {
