@@ -56,8 +56,9 @@
 //!   4 parts per thread for balance: no measurable change (dropped).
 //! - Decode's ~200 parallel regions per token on a spinning team (`crate::team`) instead of
 //!   rayon, whose idle workers park after a few yields: q4_0 decode, 2 threads, context
-//!   switches per token 95 → 20, CPU use 1.78 → 1.90 of 2, CLI decode median of 6 alternated
-//!   runs 26.95 → 28.15 tok/s (pairs: 4 of 6 faster). One thread ran decode at 93-99 % of the
+//!   switches per token 95 → 20, CPU use 1.78 → 1.90 of 2; CLI decode (96 tokens), 8
+//!   alternated pairs: median 28.3 → 32.5 tok/s, 7 of 8 pairs faster, geometric mean of the
+//!   pair ratios 1.10 (an earlier 6 pairs: 26.95 → 28.15). One thread ran decode at 93-99 % of the
 //!   one-thread read bandwidth; two at 57-69 % of the two-thread one before the team.
 //! - Absorbed attention with one head group per thread (8 heads at 2 threads; the cache of a
 //!   layer read once per thread instead of twice), query `[q_lat ; q_rope]` so one 4×4 tile per
