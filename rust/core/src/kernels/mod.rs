@@ -60,6 +60,12 @@
 //!   alternated pairs: median 28.3 → 32.5 tok/s, 7 of 8 pairs faster, geometric mean of the
 //!   pair ratios 1.10 (an earlier 6 pairs: 26.95 → 28.15). One thread ran decode at 93-99 % of the
 //!   one-thread read bandwidth; two at 57-69 % of the two-thread one before the team.
+//! - Prefetching the next pooled unit of the planar down plan (`tensor::plan_run`), 90 % zeros:
+//!   from DRAM (`examples/down_probe`, 32 layers, 2 threads) it is what makes sparse rows
+//!   pay: q8_0 0.19-0.20 → 0.09-0.14 ms, q4_0 0.12-0.15 → 0.06-0.07 ms; from L3 (criterion
+//!   `sparse_down`, one matrix, 1 thread) it costs: q8_0 75 → 92-96 µs, q4_0 47 → 57-58 µs.
+//!   Kept: decode reads W_downᵀ from DRAM. (Without it criterion would show 5.0× / 3.4× against
+//!   the dense int8 GEMV instead of 4.1× / 2.7×.)
 //! - Absorbed attention with one head group per thread (8 heads at 2 threads; the cache of a
 //!   layer read once per thread instead of twice), query `[q_lat ; q_rope]` so one 4×4 tile per
 //!   4 keys gives whole scores, and the 4×4 tile's 16 sums by a shuffle tree: `tile4x4` samples
