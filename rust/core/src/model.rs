@@ -553,18 +553,7 @@ impl Model {
                 &mut st.scores[..],
             ];
             let chunks = [hg * dv, hg * rd, hg * r, hg * ms];
-            crate::team::with_current(|team| match team {
-                Some(team) => crate::team::for_chunks_n(Some(team), bufs, chunks, group),
-                None => {
-                    let [o, q_lat, ctx, s] = bufs;
-                    o.par_chunks_mut(chunks[0])
-                        .zip(q_lat.par_chunks_mut(chunks[1]))
-                        .zip(ctx.par_chunks_mut(chunks[2]))
-                        .zip(s.par_chunks_mut(chunks[3]))
-                        .enumerate()
-                        .for_each(|(gi, (((o, q_lat), ctx), s))| group(gi, [o, q_lat, ctx, s]));
-                }
-            });
+            crate::team::par_chunks(bufs, chunks, group);
         }
     }
 

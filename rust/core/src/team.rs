@@ -24,9 +24,11 @@
 
 use std::cell::Cell;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
 
 /// Task index of an epoch whose region is still being set up (no task can be claimed).
 const CLOSED: u64 = 0xFFFF_FFFF;
@@ -39,8 +41,9 @@ type Task<'a> = &'a (dyn Fn(usize) + Sync);
 struct Shared {
     /// epoch << 32 | next task index
     claim: AtomicU64,
-    /// The current region's task function, as a raw fat pointer (valid while the region runs).
-    job: AtomicU64Pair,
+    /// The current region's task function: a pointer to the `&dyn Fn` on `run`'s stack
+    /// (valid while the region runs).
+    job: AtomicPtr<Task<'static>>,
     ntasks: AtomicUsize,
     done: AtomicUsize,
     parked: AtomicUsize,
@@ -51,30 +54,6 @@ struct Shared {
     /// One caller at a time.
     caller: Mutex<()>,
 }
-
-/// A fat pointer stored as two words (written by the publisher before the epoch is bumped,
-/// read by workers after they see the new epoch).
-struct AtomicU64Pair(AtomicU64, AtomicU64);
-
-impl AtomicU64Pair {
-    fn store(&self, f: Task<'_>) {
-        // SAFETY: a &dyn is two machine words; transmuting it to two u64 and back is the
-        // identity on 64-bit targets (asserted below).
-        let [a, b]: [u64; 2] = unsafe { std::mem::transmute::<Task<'_>, [u64; 2]>(f) };
-        self.0.store(a, SeqCst);
-        self.1.store(b, SeqCst);
-    }
-
-    /// # Safety
-    /// The region that stored the pointer must still be running (its tasks not all done).
-    unsafe fn load<'a>(&self) -> Task<'a> {
-        let words = [self.0.load(SeqCst), self.1.load(SeqCst)];
-        // SAFETY (caller): the words were stored from a live &dyn Fn by `store`.
-        unsafe { std::mem::transmute::<[u64; 2], Task<'a>>(words) }
-    }
-}
-
-const _: () = assert!(std::mem::size_of::<Task<'static>>() == 16);
 
 thread_local! {
     /// Set while this thread runs a task of some team (nested regions then run inline).
@@ -100,7 +79,7 @@ impl Team {
         let threads = threads.max(1);
         let shared = Arc::new(Shared {
             claim: AtomicU64::new(0),
-            job: AtomicU64Pair(AtomicU64::new(0), AtomicU64::new(0)),
+            job: AtomicPtr::new(std::ptr::null_mut()),
             ntasks: AtomicUsize::new(0),
             done: AtomicUsize::new(0),
             parked: AtomicUsize::new(0),
@@ -153,7 +132,9 @@ impl Team {
         // index of the old epoch, then run it with the new function.
         let epoch = (s.claim.load(SeqCst) >> 32) + 1;
         s.claim.store(epoch << 32 | CLOSED, SeqCst);
-        s.job.store(f);
+        // Lifetime erased for the shared slot; workers use it only while this region runs.
+        let job: *const Task<'_> = &f;
+        s.job.store(job as *mut Task<'static>, SeqCst);
         s.ntasks.store(n, SeqCst);
         s.done.store(0, SeqCst);
         s.claim.store(epoch << 32, SeqCst);
@@ -205,9 +186,9 @@ fn work(s: &Shared, epoch: u64) {
         {
             continue;
         }
-        // SAFETY: task i of this epoch is claimed and not done, so the region (and its task
-        // function, stored before the epoch was published) is still alive.
-        let f = unsafe { s.job.load() };
+        // SAFETY: task i of this epoch is claimed and not done, so its region's `run` (whose
+        // stack holds the task reference, stored before the epoch was opened) has not returned.
+        let f: Task<'_> = unsafe { *s.job.load(SeqCst) };
         IN_TASK.with(|t| t.set(true));
         let r = catch_unwind(AssertUnwindSafe(|| f(i)));
         IN_TASK.with(|t| t.set(false));
@@ -287,51 +268,24 @@ pub fn with_current<R>(f: impl FnOnce(Option<&Team>) -> R) -> R {
     f(unsafe { p.as_ref() })
 }
 
-/// `f(i, chunk_i)` for the chunks of `chunk` elements of `v` (the last may be shorter), across
-/// `team` (or inline without one).
-pub fn for_chunks<T: Send>(
-    team: Option<&Team>,
-    v: &mut [T],
-    chunk: usize,
-    f: impl Fn(usize, &mut [T]) + Sync,
-) {
-    let chunk = chunk.max(1);
-    let n = v.len().div_ceil(chunk);
-    let len = v.len();
-    let base = SendPtr(v.as_mut_ptr());
-    let task = |i: usize| {
-        let start = i * chunk;
-        let end = (start + chunk).min(len);
-        let p = &base;
-        // SAFETY: chunks [start, end) of distinct i are disjoint and inside v, which is
-        // borrowed mutably for the whole call; each index runs exactly once.
-        let s = unsafe { std::slice::from_raw_parts_mut(p.0.add(start), end - start) };
-        f(i, s);
-    };
-    match team {
-        Some(t) => t.run(n, &task),
-        None => (0..n).for_each(task),
-    }
-}
-
-/// `f(i, [chunk_i of each buffer])` where buffer `k` is cut into chunks of `chunks[k]` elements
-/// (as many tasks as buffer 0 has chunks; the others must have at least as many), across
-/// `team` or inline.
-pub fn for_chunks_n<const N: usize>(
-    team: Option<&Team>,
-    bufs: [&mut [f32]; N],
+/// `f(i, [chunk i of each buffer])` in parallel, where buffer `k` is cut into chunks of
+/// `chunks[k]` elements (as many tasks as buffer 0 has chunks; the others must have at least as
+/// many): on the team entered by a live [`Scope`] on this thread, else on the current rayon
+/// pool.
+pub fn par_chunks<T: Send, const N: usize>(
+    bufs: [&mut [T]; N],
     chunks: [usize; N],
-    f: impl Fn(usize, [&mut [f32]; N]) + Sync,
+    f: impl Fn(usize, [&mut [T]; N]) + Sync,
 ) {
     let n = bufs[0].len().div_ceil(chunks[0].max(1));
     assert!(
         (0..N).all(|k| chunks[k] > 0 && bufs[k].len().div_ceil(chunks[k]) >= n),
-        "for_chunks_n: a buffer has fewer chunks than buffer 0"
+        "par_chunks: a buffer has fewer chunks than buffer 0"
     );
     let lens: [usize; N] = std::array::from_fn(|k| bufs[k].len());
-    let ptrs: [SendPtr<f32>; N] = bufs.map(|b| SendPtr(b.as_mut_ptr()));
+    let ptrs: [SendPtr<T>; N] = bufs.map(|b| SendPtr(b.as_mut_ptr()));
     let task = |i: usize| {
-        let slices: [&mut [f32]; N] = std::array::from_fn(|k| {
+        let slices: [&mut [T]; N] = std::array::from_fn(|k| {
             let start = (i * chunks[k]).min(lens[k]);
             let end = (start + chunks[k]).min(lens[k]);
             let p = &ptrs[k];
@@ -341,10 +295,10 @@ pub fn for_chunks_n<const N: usize>(
         });
         f(i, slices);
     };
-    match team {
+    with_current(|team| match team {
         Some(t) => t.run(n, &task),
-        None => (0..n).for_each(task),
-    }
+        None => (0..n).into_par_iter().for_each(task),
+    })
 }
 
 struct SendPtr<T>(*mut T);
@@ -394,7 +348,8 @@ mod tests {
         // after parking
         std::thread::sleep(Duration::from_millis(5));
         let mut v = vec![0u32; 1001];
-        for_chunks(Some(&team), &mut v, 16, |i, c| {
+        let _scope = Scope::enter(&team);
+        par_chunks([&mut v[..]], [16], |i, [c]| {
             for (k, x) in c.iter_mut().enumerate() {
                 *x = (i * 16 + k) as u32;
             }

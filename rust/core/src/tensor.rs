@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
+use crate::team::par_chunks;
+
 use crate::kernels::kernels;
 use crate::quant::{
     self, quant_kernels, BlockQ4_0, BlockQ4_0x16, BlockQ8_0, BlockQ8_0x16, Interleaved16, Planar,
@@ -514,7 +516,7 @@ impl Matrix {
             let n = (cuts.len() - 1).max(1);
             parts.resize(n * d, 0.0);
             let read = AtomicUsize::new(0);
-            par_row_chunks(&mut parts[..n * d], d, |pi, y| {
+            par_chunks([&mut parts[..n * d]], [d], |pi, [y]| {
                 let r = match (cuts.get(pi), cuts.get(pi + 1)) {
                     (Some(&a), Some(&b)) => self.down_plan_run(plan, a..b, y),
                     _ => {
@@ -530,7 +532,7 @@ impl Matrix {
         let n = active.len().div_ceil(per).max(1);
         parts.resize(n * d, 0.0);
         let read = AtomicUsize::new(0);
-        par_row_chunks(&mut parts[..n * d], d, |pi, y| {
+        par_chunks([&mut parts[..n * d]], [d], |pi, [y]| {
             let (a, b) = (
                 (pi * per).min(active.len()),
                 ((pi + 1) * per).min(active.len()),
@@ -641,9 +643,11 @@ impl Matrix {
             let (mut xq, mut xs) = (Vec::new(), Vec::new());
             quantize_input(x, &mut xq);
             self.input_sums(&xq, &mut xs);
-            par_row_chunks(y, chunk, |ci, ys| self.dot_rows_q(ci * chunk, &xq, &xs, ys));
+            par_chunks([y], [chunk], |ci, [ys]| {
+                self.dot_rows_q(ci * chunk, &xq, &xs, ys)
+            });
         } else {
-            par_row_chunks(y, chunk, |ci, ys| self.dot_rows(ci * chunk, x, ys));
+            par_chunks([y], [chunk], |ci, [ys]| self.dot_rows(ci * chunk, x, ys));
         }
     }
 
@@ -963,19 +967,6 @@ fn gemv16_rows<B>(
 fn quantize_input(x: &[f32], xq: &mut Vec<BlockQ8_0>) {
     xq.resize(x.len() / QBLOCK, BlockQ8_0::default());
     quant::quantize_row_q8_0(x, xq).expect("quantized matrices have cols % 32 == 0");
-}
-
-/// `f(i, chunk_i)` over the chunks of `chunk` elements of `y` in parallel: on the decode team
-/// when a forward pass entered one on this thread (`crate::team::Scope`), else on the current
-/// rayon pool.
-fn par_row_chunks<T: Send>(y: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
-    crate::team::with_current(|team| match team {
-        Some(t) => crate::team::for_chunks(Some(t), y, chunk, &f),
-        None => y
-            .par_chunks_mut(chunk.max(1))
-            .enumerate()
-            .for_each(|(i, c)| f(i, c)),
-    })
 }
 
 /// Rows per parallel task: enough tasks to balance, few enough to keep overhead low.
