@@ -1,7 +1,8 @@
 //! Decode down-projection probe: the GGUF-row f32 AXPY against the planar int8 kernel, over
 //! 32 layers of W_downᵀ 8192×2048 (from DRAM) at several sparsities, with the model's split
-//! into one run per thread. `cargo run --release --example down_probe -p sparselm-core [threads]`
-use sparselm_core::tensor::{DType, DownPlan, Matrix};
+//! into one run per thread; for float dtypes (`DTYPES=f16,bf16`) the decode path alone.
+//! `cargo run --release --example down_probe -p sparselm-core [threads]`
+use sparselm_core::tensor::{DownPlan, Matrix};
 use std::time::Instant;
 
 #[global_allocator]
@@ -31,7 +32,11 @@ fn main() {
         .map(|i| ((i * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5)
         .collect();
     let (mut parts, mut plan) = (Vec::new(), DownPlan::new());
-    for dt in [DType::Q8_0, DType::Q4_0] {
+    let dtypes = std::env::var("DTYPES").unwrap_or("q8_0,q4_0".into());
+    for name in dtypes.split(',') {
+        let dt = sparselm_core::model::parse_dtype(name)
+            .unwrap()
+            .expect("a dtype");
         let plain: Vec<Matrix> = (0..layers)
             .map(|_| Matrix::from_f32(rows, cols, &w, dt))
             .collect();
@@ -48,6 +53,18 @@ fn main() {
                 })
                 .collect();
             let bytes = plain[0].nbytes() as f64 * (100 - zeros) as f64 / 100.0;
+            if !dt.is_quantized() {
+                pool.install(|| {
+                    run(&plain, &acts, &mut plan, &mut parts);
+                    let a = run(&plain, &acts, &mut plan, &mut parts);
+                    println!(
+                        "{dt:?} {zeros:>2}% zeros: rows AXPY {:.3} ms ({:.1} GB/s)",
+                        a * 1e3,
+                        bytes / a / 1e9
+                    );
+                });
+                continue;
+            }
             pool.install(|| {
                 run(&plain, &acts, &mut plan, &mut parts);
                 let a = run(&plain, &acts, &mut plan, &mut parts);

@@ -164,6 +164,10 @@ pub struct Kernels {
     pub axpy4_f32: fn(&[f32; 4], [&[f32]; 4], &mut [f32]),
     pub axpy4_f16: fn(&[f32; 4], [&[f16]; 4], &mut [f32]),
     pub axpy4_bf16: fn(&[f32; 4], [&[bf16]; 4], &mut [f32]),
+    /// Eight rows per pass: the decode down projection of float weights (PERF NOTES).
+    pub axpy8_f32: fn(&[f32; 8], [&[f32]; 8], &mut [f32]),
+    pub axpy8_f16: fn(&[f32; 8], [&[f16]; 8], &mut [f32]),
+    pub axpy8_bf16: fn(&[f32; 8], [&[bf16]; 8], &mut [f32]),
     pub rank4x64_f32: fn(&[f32], usize, &[u32], &[f32], usize, &mut [f32; 256]),
     pub rank4x64_f16: fn(&[f32], usize, &[u32], &[f16], usize, &mut [f32; 256]),
     pub rank4x64_bf16: fn(&[f32], usize, &[u32], &[bf16], usize, &mut [f32; 256]),
@@ -193,9 +197,12 @@ impl Kernels {
                 axpy_f16: scalar::axpy_f16,
                 axpy_bf16: scalar::axpy_bf16,
                 tile4x4_f32: scalar::tile4x4_f32,
-                axpy4_f32: scalar::axpy4_f32,
-                axpy4_f16: scalar::axpy4_f16,
-                axpy4_bf16: scalar::axpy4_bf16,
+                axpy4_f32: scalar::axpyn_f32::<4>,
+                axpy4_f16: scalar::axpyn_f16::<4>,
+                axpy4_bf16: scalar::axpyn_bf16::<4>,
+                axpy8_f32: scalar::axpyn_f32::<8>,
+                axpy8_f16: scalar::axpyn_f16::<8>,
+                axpy8_bf16: scalar::axpyn_bf16::<8>,
                 rank4x64_f32: scalar::rank4x64_f32,
                 rank4x64_f16: scalar::rank4x64_f16,
                 rank4x64_bf16: scalar::rank4x64_bf16,
@@ -210,9 +217,12 @@ impl Kernels {
                 axpy_f16: x86_avx2::axpy_f16,
                 axpy_bf16: x86_avx2::axpy_bf16,
                 tile4x4_f32: x86_avx2::tile4x4_f32,
-                axpy4_f32: x86_avx2::axpy4_f32,
-                axpy4_f16: x86_avx2::axpy4_f16,
-                axpy4_bf16: x86_avx2::axpy4_bf16,
+                axpy4_f32: x86_avx2::axpyn_f32::<4>,
+                axpy4_f16: x86_avx2::axpyn_f16::<4>,
+                axpy4_bf16: x86_avx2::axpyn_bf16::<4>,
+                axpy8_f32: x86_avx2::axpyn_f32::<8>,
+                axpy8_f16: x86_avx2::axpyn_f16::<8>,
+                axpy8_bf16: x86_avx2::axpyn_bf16::<8>,
                 rank4x64_f32: x86_avx2::rank4x64_f32,
                 rank4x64_f16: x86_avx2::rank4x64_f16,
                 rank4x64_bf16: x86_avx2::rank4x64_bf16,
@@ -227,9 +237,12 @@ impl Kernels {
                 axpy_f16: x86_avx512::axpy_f16,
                 axpy_bf16: x86_avx512::axpy_bf16,
                 tile4x4_f32: x86_avx512::tile4x4_f32,
-                axpy4_f32: x86_avx512::axpy4_f32,
-                axpy4_f16: x86_avx512::axpy4_f16,
-                axpy4_bf16: x86_avx512::axpy4_bf16,
+                axpy4_f32: x86_avx512::axpyn_f32::<4>,
+                axpy4_f16: x86_avx512::axpyn_f16::<4>,
+                axpy4_bf16: x86_avx512::axpyn_bf16::<4>,
+                axpy8_f32: x86_avx512::axpyn_f32::<8>,
+                axpy8_f16: x86_avx512::axpyn_f16::<8>,
+                axpy8_bf16: x86_avx512::axpyn_bf16::<8>,
                 rank4x64_f32: x86_avx512::rank4x64_f32,
                 rank4x64_f16: x86_avx512::rank4x64_f16,
                 rank4x64_bf16: x86_avx512::rank4x64_bf16,
@@ -245,9 +258,12 @@ impl Kernels {
                 axpy_f16: aarch64_neon::axpy_f16,
                 axpy_bf16: aarch64_neon::axpy_bf16,
                 tile4x4_f32: aarch64_neon::tile4x4_f32,
-                axpy4_f32: aarch64_neon::axpy4_f32,
-                axpy4_f16: aarch64_neon::axpy4_f16,
-                axpy4_bf16: aarch64_neon::axpy4_bf16,
+                axpy4_f32: aarch64_neon::axpyn_f32::<4>,
+                axpy4_f16: aarch64_neon::axpyn_f16::<4>,
+                axpy4_bf16: aarch64_neon::axpyn_bf16::<4>,
+                axpy8_f32: aarch64_neon::axpyn_f32::<8>,
+                axpy8_f16: aarch64_neon::axpyn_f16::<8>,
+                axpy8_bf16: aarch64_neon::axpyn_bf16::<8>,
                 rank4x64_f32: aarch64_neon::rank4x64_f32,
                 rank4x64_f16: aarch64_neon::rank4x64_f16,
                 rank4x64_bf16: aarch64_neon::rank4x64_bf16,
@@ -384,26 +400,38 @@ mod tests {
         }
     }
 
+    /// `axpy4` / `axpy8` of every tier against N single-row scalar AXPYs, for each dtype,
+    /// over lengths 0..2·lanes, odd tails and misaligned rows (offset by one element).
     #[test]
-    fn axpy4_matches_four_axpys() {
+    fn axpyn_matches_n_axpys() {
+        fn check<T: Copy, const N: usize>(
+            tier: Tier,
+            what: &str,
+            rows: &[Vec<T>],
+            y0: &[f32],
+            single: fn(f32, &[T], &mut [f32]),
+            multi: fn(&[f32; N], [&[T]; N], &mut [f32]),
+        ) {
+            let a: [f32; N] =
+                std::array::from_fn(|i| [0.5f32, -1.25, 2.0, 0.0, 1.5, -0.75, 0.25, -2.0][i]);
+            let w: [&[T]; N] = std::array::from_fn(|i| &rows[i][1..]);
+            let mut want = y0.to_vec();
+            for i in 0..N {
+                single(a[i], w[i], &mut want);
+            }
+            let mut got = y0.to_vec();
+            multi(&a, w, &mut got);
+            assert!(
+                want.iter().zip(&got).all(|(p, q)| close(*q, *p, N)),
+                "{tier:?} {what} N={N} n={}",
+                y0.len()
+            );
+        }
         let s = Kernels::for_tier(Tier::Scalar).unwrap();
         for tier in Tier::available() {
             let k = Kernels::for_tier(tier).unwrap();
             for n in lengths() {
-                let rows: Vec<Vec<f32>> = (0..4).map(|i| data(n + 1, n as u32 * 4 + i)).collect();
-                let a = [0.5f32, -1.25, 2.0, 0.0];
-                let y0 = data(n, 99);
-                let w32: [&[f32]; 4] = [&rows[0][1..], &rows[1][1..], &rows[2][1..], &rows[3][1..]];
-                let mut want = y0.clone();
-                for i in 0..4 {
-                    (s.axpy_f32)(a[i], w32[i], &mut want);
-                }
-                let mut got = y0.clone();
-                (k.axpy4_f32)(&a, w32, &mut got);
-                assert!(
-                    want.iter().zip(&got).all(|(p, q)| close(*q, *p, 4)),
-                    "{tier:?} axpy4_f32 n={n}"
-                );
+                let rows: Vec<Vec<f32>> = (0..8).map(|i| data(n + 1, n as u32 * 8 + i)).collect();
                 let h: Vec<Vec<f16>> = rows
                     .iter()
                     .map(|r| r.iter().map(|&x| f16::from_f32(x)).collect())
@@ -412,34 +440,13 @@ mod tests {
                     .iter()
                     .map(|r| r.iter().map(|&x| bf16::from_f32(x)).collect())
                     .collect();
-                let mut want = y0.clone();
-                let mut got = y0.clone();
-                for i in 0..4 {
-                    (s.axpy_f16)(a[i], &h[i][1..], &mut want);
-                }
-                (k.axpy4_f16)(
-                    &a,
-                    [&h[0][1..], &h[1][1..], &h[2][1..], &h[3][1..]],
-                    &mut got,
-                );
-                assert!(
-                    want.iter().zip(&got).all(|(p, q)| close(*q, *p, 4)),
-                    "{tier:?} axpy4_f16 n={n}"
-                );
-                let mut want = y0.clone();
-                let mut got = y0.clone();
-                for i in 0..4 {
-                    (s.axpy_bf16)(a[i], &b[i][1..], &mut want);
-                }
-                (k.axpy4_bf16)(
-                    &a,
-                    [&b[0][1..], &b[1][1..], &b[2][1..], &b[3][1..]],
-                    &mut got,
-                );
-                assert!(
-                    want.iter().zip(&got).all(|(p, q)| close(*q, *p, 4)),
-                    "{tier:?} axpy4_bf16 n={n}"
-                );
+                let y0 = data(n, 99);
+                check(tier, "axpy4_f32", &rows, &y0, s.axpy_f32, k.axpy4_f32);
+                check(tier, "axpy8_f32", &rows, &y0, s.axpy_f32, k.axpy8_f32);
+                check(tier, "axpy4_f16", &h, &y0, s.axpy_f16, k.axpy4_f16);
+                check(tier, "axpy8_f16", &h, &y0, s.axpy_f16, k.axpy8_f16);
+                check(tier, "axpy4_bf16", &b, &y0, s.axpy_bf16, k.axpy4_bf16);
+                check(tier, "axpy8_bf16", &b, &y0, s.axpy_bf16, k.axpy8_bf16);
             }
         }
     }

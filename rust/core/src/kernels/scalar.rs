@@ -90,14 +90,15 @@ pub fn tile4x4_f32(w: &[f32], ws: usize, x: &[f32], xs: usize, k: usize, out: &m
     }
 }
 
-macro_rules! axpy4_scalar {
+macro_rules! axpyn_scalar {
     ($name:ident, $t:ty, $conv:expr) => {
-        /// `y += Σ_i a[i]·w[i]` over four weight rows (one pass over `y` instead of four).
-        pub fn $name(a: &[f32; 4], w: [&[$t]; 4], y: &mut [f32]) {
+        /// `y += Σ_i a[i]·w[i]` over `N` weight rows (one pass over `y` instead of `N`); the
+        /// decode down projection uses `N = 8`, attention `N = 4`.
+        pub fn $name<const N: usize>(a: &[f32; N], w: [&[$t]; N], y: &mut [f32]) {
             let conv = $conv;
             for (j, yj) in y.iter_mut().enumerate() {
                 let mut acc = *yj;
-                for i in 0..4 {
+                for i in 0..N {
                     acc += a[i] * conv(w[i][j]);
                 }
                 *yj = acc;
@@ -106,9 +107,9 @@ macro_rules! axpy4_scalar {
     };
 }
 
-axpy4_scalar!(axpy4_f32, f32, |v: f32| v);
-axpy4_scalar!(axpy4_f16, f16, |v: f16| v.to_f32());
-axpy4_scalar!(axpy4_bf16, bf16, |v: bf16| v.to_f32());
+axpyn_scalar!(axpyn_f32, f32, |v: f32| v);
+axpyn_scalar!(axpyn_f16, f16, |v: f16| v.to_f32());
+axpyn_scalar!(axpyn_bf16, bf16, |v: bf16| v.to_f32());
 
 macro_rules! rank_update_scalar {
     ($name:ident, $t:ty, $conv:expr) => {

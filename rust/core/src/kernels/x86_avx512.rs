@@ -190,66 +190,59 @@ pub fn tile4x4_f32(w: &[f32], ws: usize, x: &[f32], xs: usize, k: usize, out: &m
     unsafe { tile4x4_f32_i(w, ws, x, xs, k, out) }
 }
 
-macro_rules! axpy4_impl {
+macro_rules! axpyn_impl {
     ($name:ident, $inner:ident, $t:ty, $load:ident, $scalar:path) => {
         #[target_feature(enable = "avx512f")]
-        unsafe fn $inner(a: &[f32; 4], w: [&[$t]; 4], y: &mut [f32]) {
+        unsafe fn $inner<const N: usize>(a: &[f32; N], w: [&[$t]; N], y: &mut [f32]) {
             let n = y.len();
-            assert!(w.iter().all(|r| r.len() >= n), "axpy4 row lengths");
-            let p = [w[0].as_ptr(), w[1].as_ptr(), w[2].as_ptr(), w[3].as_ptr()];
-            let va = [
-                _mm512_set1_ps(a[0]),
-                _mm512_set1_ps(a[1]),
-                _mm512_set1_ps(a[2]),
-                _mm512_set1_ps(a[3]),
-            ];
+            assert!(w.iter().all(|r| r.len() >= n), "axpyn row lengths");
+            let p = w.map(|r| r.as_ptr());
+            let va = a.map(|v| _mm512_set1_ps(v));
             let py = y.as_mut_ptr();
             let mut i = 0;
             // SAFETY: i + 16 <= n <= every row length bounds all loads and the store.
             while i + 16 <= n {
                 unsafe {
                     let mut acc = _mm512_loadu_ps(py.add(i));
-                    for r in 0..4 {
+                    for r in 0..N {
                         acc = _mm512_fmadd_ps(va[r], $load(p[r].add(i)), acc);
                     }
                     _mm512_storeu_ps(py.add(i), acc);
                 }
                 i += 16;
             }
-            $scalar(
-                a,
-                [&w[0][i..n], &w[1][i..n], &w[2][i..n], &w[3][i..n]],
-                &mut y[i..],
-            );
+            $scalar(a, w.map(|r| &r[i..n]), &mut y[i..]);
         }
 
-        pub fn $name(a: &[f32; 4], w: [&[$t]; 4], y: &mut [f32]) {
+        /// `y += Σ_r a[r]·w[r]` over `N` rows (per element: `acc = y`, then one FMA per row
+        /// in row order).
+        pub fn $name<const N: usize>(a: &[f32; N], w: [&[$t]; N], y: &mut [f32]) {
             // SAFETY: this tier is installed only when avx512f is detected.
             unsafe { $inner(a, w, y) }
         }
     };
 }
 
-axpy4_impl!(
-    axpy4_f32,
-    axpy4_f32_i,
+axpyn_impl!(
+    axpyn_f32,
+    axpyn_f32_i,
     f32,
     load_f32,
-    super::scalar::axpy4_f32
+    super::scalar::axpyn_f32
 );
-axpy4_impl!(
-    axpy4_f16,
-    axpy4_f16_i,
+axpyn_impl!(
+    axpyn_f16,
+    axpyn_f16_i,
     f16,
     load_f16,
-    super::scalar::axpy4_f16
+    super::scalar::axpyn_f16
 );
-axpy4_impl!(
-    axpy4_bf16,
-    axpy4_bf16_i,
+axpyn_impl!(
+    axpyn_bf16,
+    axpyn_bf16_i,
     bf16,
     load_bf16,
-    super::scalar::axpy4_bf16
+    super::scalar::axpyn_bf16
 );
 
 macro_rules! rank_update_impl {
