@@ -1,5 +1,6 @@
 //! criterion: GEMV throughput (GB/s of weights) at PLM-1.8B shapes for every weight format, and
-//! the sparse down projection at 0/50/90/95/99 % zero activations against the dense one.
+//! the sparse down projection at 0/50/90/95/99 % zero activations against the dense one: from
+//! L3 (one matrix, 1 thread) and from DRAM (32 layers' matrices, 2 threads, as in decode).
 //!
 //! The kernel tier is chosen once per process: run once per tier with
 //! `SPARSELM_KERNEL=scalar|avx2|avx512 cargo bench -p sparselm-core --bench gemv`
@@ -9,7 +10,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use sparselm_core::kernels::kernels;
-use sparselm_core::tensor::{DType, Matrix};
+use sparselm_core::tensor::{DType, DownPlan, Matrix};
 
 /// The engine's allocator (weights on transparent huge pages), as the frontends install it.
 #[global_allocator]
@@ -123,5 +124,62 @@ fn sparse_down(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, gemv, sparse_down);
+/// The down projection as decode meets it: 32 layers' matrices (more than any L3), each
+/// iteration the next layer, so weights come from DRAM; 2 threads with the decode split (one
+/// run per thread, `sparse_axpy_par`), against the dense GEMV of W_down, same format, same
+/// conditions. (`sparse_down` above is one matrix that stays in L3.)
+fn sparse_down_dram(c: &mut Criterion) {
+    let tier = kernels().tier.name();
+    let (inter, d, layers) = (8192usize, 2048usize, 32usize);
+    let w = weights(inter * d);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    for dt in [DType::F16, DType::Q8_0, DType::Q4_0] {
+        let one = Matrix::from_f32(inter, d, &w, dt).into_down_layout();
+        let ms: Vec<Matrix> = (0..layers).map(|_| one.clone()).collect();
+        drop(one);
+        let mut g = c.benchmark_group(format!("sparse_down_dram/{tier}/{}/2t", dt.name()));
+        g.sample_size(10);
+        let (mut plan, mut parts) = (DownPlan::new(), Vec::new());
+        let mut layer = 0usize;
+        for zeros in [0u32, 50, 90, 99] {
+            let active: Vec<(u32, f32)> = (0..inter)
+                .filter(|j| (j * 7919 % 100) as u32 >= zeros)
+                .map(|j| (j as u32, 0.5))
+                .collect();
+            g.throughput(Throughput::Bytes(
+                (active.len() * d * ms[0].nbytes() / (inter * d)) as u64,
+            ));
+            g.bench_function(BenchmarkId::new("zeros", format!("{zeros}%")), |b| {
+                pool.install(|| {
+                    b.iter(|| {
+                        layer = (layer + 1) % layers;
+                        ms[layer].sparse_axpy_par(&active, &mut plan, &mut parts);
+                        black_box(&parts);
+                    })
+                })
+            });
+        }
+        drop(ms);
+        let one = Matrix::from_f32(d, inter, &w, dt).into_gemv_layout();
+        let dense: Vec<Matrix> = (0..layers).map(|_| one.clone()).collect();
+        drop(one);
+        let act = weights(inter);
+        let mut y = vec![0f32; d];
+        g.throughput(Throughput::Bytes(dense[0].nbytes() as u64));
+        g.bench_function("dense", |b| {
+            pool.install(|| {
+                b.iter(|| {
+                    layer = (layer + 1) % layers;
+                    dense[layer].matvec(black_box(&act), &mut y);
+                })
+            })
+        });
+        g.finish();
+    }
+}
+
+criterion_group!(benches, gemv, sparse_down, sparse_down_dram);
 criterion_main!(benches);
