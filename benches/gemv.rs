@@ -10,6 +10,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use sparselm_core::kernels::kernels;
+use sparselm_core::team::{Scope, Team};
 use sparselm_core::tensor::{DType, DownPlan, Matrix};
 
 /// The engine's allocator (weights on transparent huge pages), as the frontends install it.
@@ -125,9 +126,9 @@ fn sparse_down(c: &mut Criterion) {
 }
 
 /// The down projection as decode meets it: 32 layers' matrices (more than any L3), each
-/// iteration the next layer, so weights come from DRAM; 2 threads with the decode split (one
-/// run per thread, `sparse_axpy_par`), against the dense GEMV of W_down, same format, same
-/// conditions. (`sparse_down` above is one matrix that stays in L3.)
+/// iteration the next layer, so weights come from DRAM; 2 threads on the decode thread team
+/// with the decode split (one run per thread, `sparse_axpy_par`), against the dense GEMV of
+/// W_down, same format, same conditions. (`sparse_down` above is one matrix that stays in L3.)
 fn sparse_down_dram(c: &mut Criterion) {
     let tier = kernels().tier.name();
     let (inter, d, layers) = (8192usize, 2048usize, 32usize);
@@ -136,6 +137,7 @@ fn sparse_down_dram(c: &mut Criterion) {
         .num_threads(2)
         .build()
         .unwrap();
+    let team = Team::new(2).expect("decode team");
     for dt in [DType::F16, DType::Q8_0, DType::Q4_0] {
         let one = Matrix::from_f32(inter, d, &w, dt).into_down_layout();
         let ms: Vec<Matrix> = (0..layers).map(|_| one.clone()).collect();
@@ -154,6 +156,7 @@ fn sparse_down_dram(c: &mut Criterion) {
             ));
             g.bench_function(BenchmarkId::new("zeros", format!("{zeros}%")), |b| {
                 pool.install(|| {
+                    let _decode = Scope::enter(&team);
                     b.iter(|| {
                         layer = (layer + 1) % layers;
                         ms[layer].sparse_axpy_par(&active, &mut plan, &mut parts);
@@ -171,6 +174,7 @@ fn sparse_down_dram(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(dense[0].nbytes() as u64));
         g.bench_function("dense", |b| {
             pool.install(|| {
+                let _decode = Scope::enter(&team);
                 b.iter(|| {
                     layer = (layer + 1) % layers;
                     dense[layer].matvec(black_box(&act), &mut y);

@@ -70,6 +70,21 @@
 //!   layer read once per thread instead of twice), query `[q_lat ; q_rope]` so one 4×4 tile per
 //!   4 keys gives whole scores, and the 4×4 tile's 16 sums by a shuffle tree: `tile4x4` samples
 //!   at 900 cached positions −16 %; end-to-end within noise.
+//! - Float down projection (row-major W_downᵀ rows, decode): eight rows per pass over `y`
+//!   (`axpy8`) instead of four. A standalone probe (f16, 32 × 8192×2048 from DRAM, 2 threads,
+//!   one run per thread): 4 rows 0.94-1.22 ms, 8 rows 0.73-1.11, 12 rows ~ 8, 16 rows worse;
+//!   `examples/down_probe` through the engine, 3 alternated pairs: f16 0 / 50 / 90 % zeros
+//!   0.98-1.08 / 0.55-0.61 / 0.11-0.14 ms → 0.80-0.92 / 0.43-0.44 / 0.080-0.085 ms, bf16
+//!   likewise. More rows in flight = more memory-level parallelism; one row per pass is
+//!   store-bound (22 GB/s). Tried and dropped: the rows of 4-row groups interleaved by 32
+//!   columns (one stream per 4 rows): 1.2-1.6× faster with every row active, but 0.65-0.75×
+//!   at 50 % and 0.5-0.9× at 90 % zeros (a lone active row of a group is read strided).
+//! - Sparse down at 90 % zeros against the dense GEMV of W_down, same format, both from DRAM
+//!   (criterion `sparse_down_dram`, 32 layers, 2 threads, medians): f16 1422 vs 106 µs
+//!   (13.4×), q8_0 523 vs 101 µs (5.2×), q4_0 235 vs 49 µs (4.8×); `down_probe` (hashed
+//!   mask): q8_0 6.9×, q4_0 6.3×, f16 12.6×, bf16 13.3×. From L3 (criterion `sparse_down`,
+//!   one matrix, 1 thread) q8_0 4.1×, q4_0 2.7×: the pooled rows are 128-byte pieces 4 KiB
+//!   apart, which cost more per byte than the dense stream wherever the dense one is fast.
 
 use std::sync::OnceLock;
 
