@@ -80,11 +80,13 @@
 //!   columns (one stream per 4 rows): 1.2-1.6× faster with every row active, but 0.65-0.75×
 //!   at 50 % and 0.5-0.9× at 90 % zeros (a lone active row of a group is read strided).
 //! - Sparse down at 90 % zeros against the dense GEMV of W_down, same format, both from DRAM
-//!   (criterion `sparse_down_dram`, 32 layers, 2 threads, medians): f16 1422 vs 106 µs
-//!   (13.4×), q8_0 523 vs 101 µs (5.2×), q4_0 235 vs 49 µs (4.8×); `down_probe` (hashed
-//!   mask): q8_0 6.9×, q4_0 6.3×, f16 12.6×, bf16 13.3×. From L3 (criterion `sparse_down`,
-//!   one matrix, 1 thread) q8_0 4.1×, q4_0 2.7×: the pooled rows are 128-byte pieces 4 KiB
-//!   apart, which cost more per byte than the dense stream wherever the dense one is fast.
+//!   on the decode team (criterion `sparse_down_dram`, 32 layers, 2 threads, medians of two
+//!   runs): f16 1626 / 1384 vs 88 / 126 µs (18.5× / 11.0×), q8_0 347 / 552 vs 71 / 83 µs
+//!   (4.9× / 6.7×), q4_0 270 / 211 vs 56 / 54 µs (4.8× / 3.9×). The int8 pooled rows take
+//!   ~55 µs for q4_0 whether from L3 on one thread or from DRAM on two: latency, not bytes,
+//!   bounds them (128-byte pieces 4 KiB apart). Prefetching two or three pooled units ahead
+//!   instead of one: no signal above the noise (q4_0 38-75 µs either way). From L3
+//!   (criterion `sparse_down`, one matrix, 1 thread) q8_0 4.1×, q4_0 2.7×.
 
 use std::sync::OnceLock;
 
