@@ -66,7 +66,7 @@ pub fn relu2_collect(x: &mut [f32], active: &mut Vec<(u32, f32)>) {
         slots[n].write((j as u32, a));
         n += (a != 0.0) as usize;
     }
-    // SAFETY: slots[..n] were written above (every slot up to the last kept one).
+    // SAFETY: every slot below n was written before n moved past it.
     unsafe { active.set_len(n) };
 }
 

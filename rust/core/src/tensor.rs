@@ -490,7 +490,7 @@ impl Matrix {
             }
             return active.len();
         }
-        // Float rows: eight per pass over `y` (8 rows in flight: 1.3-1.4x faster than 4 from
+        // Float rows: eight per pass over `y` (8 rows in flight: 1.2-1.5x faster than 4 from
         // DRAM at 0-90 % zeros, PERF NOTES), no software prefetch (it cost 8-45 %: bf16
         // 0 % / 50 % / 90 % zeros 1.88 / 1.12 ms / 82 µs with it, 1.73 / 0.63 ms / 65 µs
         // without).
