@@ -6,7 +6,8 @@
 * Every kernel tier this CPU supports, forced through SPARSELM_KERNEL in a child process (the tier
   is chosen once per process), gives the same logits as the fastest tier.
 * The bf16 prompt GEMM (AVX512_BF16 CPUs; ``Model.prompt_gemm == "bf16"``) against the float32
-  prompt path (``SPARSELM_EXACT_GEMM=1``) on the same weights, with its own budget.
+  prompt path (``SPARSELM_EXACT_GEMM=1``) on the same weights, with its own budget; short prompts,
+  whose down projection runs token by token instead, against both.
 """
 
 from __future__ import annotations
@@ -208,6 +209,33 @@ def test_bf16_prompt_gemm_against_f32_prompt_path(
     max_err, min_agree = FAST_BUDGET[dtype]
     assert 0 < err <= max_err, f"{dtype}: {err:.3e}"
     assert agree >= min_agree, f"{dtype}: top-1 agreement {agree:.3f}"
+
+
+#: Prompts up to this length run the down projection token by token on decode's path instead
+#: of the bf16 GEMM (rust/core/src/model.rs, DOWN_PER_TOKEN_MAX).
+SHORT_PROMPT_MAX = 16
+
+
+@pytest.mark.parametrize("dtype", sorted(FAST_BUDGET))
+def test_short_prompts_take_the_token_path_within_budget(
+    dtype: str, wide_model: str, prompt: list[int], f32_logits: np.ndarray
+) -> None:
+    m = sparselm.load(wide_model, dtype=dtype)
+    _fast_gemm_or_skip(m)
+    long = m.logits(prompt)  # 48 tokens: the GEMM path
+    scale = float(np.abs(f32_logits).max())
+    # One past the limit the prompt is a GEMM again: causal rows equal the long prompt's bits.
+    n = SHORT_PROMPT_MAX + 1
+    assert np.array_equal(m.logits(prompt[:n]), long[:n])
+    max_err = BUDGET[dtype][0] + FAST_BUDGET[dtype][0]
+    for n in (2, SHORT_PROMPT_MAX):
+        got = m.logits(prompt[:n])
+        gemm = float(np.abs(got - long[:n]).max()) / scale
+        err = float(np.abs(got - f32_logits[:n]).max()) / scale
+        print(f"[formats] {dtype} {n}-token prompt: vs GEMM rows {gemm:.2e}, vs f32 {err:.2e}")
+        # another path (so not the same bits), as close to the GEMM as the GEMM is to f32
+        assert 0 < gemm <= FAST_BUDGET[dtype][0], (n, gemm)
+        assert err <= max_err, (n, err)
 
 
 def test_bf16_prompt_gemm_never_applies_to_f32(wide_model: str, prompt: list[int], f32_logits: np.ndarray) -> None:

@@ -81,6 +81,11 @@ impl std::fmt::Debug for Model {
     }
 }
 
+/// Prompts of at most this many tokens run the down projection token by token on decode's
+/// sparse path instead of the bf16 GEMM (whose per-call weight conversion dominates short
+/// prompts; crossover measured in PERF NOTES, kernels/mod.rs).
+pub const DOWN_PER_TOKEN_MAX: usize = 16;
+
 /// Parse a dtype name of `load` (`auto` → None: keep the file's dtype).
 pub fn parse_dtype(s: &str) -> Result<Option<DType>> {
     match s {
@@ -557,6 +562,37 @@ impl Model {
         }
     }
 
+    /// ReLU² and the down projection of token `i` of `st.up` (decode's path): `st.proj[i·d..]`
+    /// = Σ over the non-zero neurons of act_j · W_downᵀ[j]; `st.active` keeps the active list
+    /// (every neuron, zeros included, when sparsity is switched off). Returns the number of
+    /// non-zero neurons and the rows read.
+    fn down_token(&self, lw: &LayerWeights, i: usize, st: &mut State) -> (usize, usize) {
+        let c = &self.config;
+        let (d, ni) = (c.hidden_size, c.intermediate_size);
+        let up = &mut st.up[i * ni..(i + 1) * ni];
+        // act = relu(u)², active = {j : act_j ≠ 0}
+        relu2_collect(up, &mut st.active);
+        let nonzero = st.active.len();
+        if !self.sparse_mlp {
+            // Benchmark baseline: visit every neuron, zeros included.
+            st.active.clear();
+            st.active
+                .extend(up.iter().enumerate().map(|(j, &a)| (j as u32, a)));
+        }
+        // y = Σ_{j active} act_j · W_downᵀ[j]     [d]
+        // One partial y per thread (Matrix::sparse_axpy_par), then the partials are added.
+        let (nparts, read) = lw
+            .down_t
+            .sparse_axpy_par(&st.active, &mut st.plan, &mut st.parts);
+        let (first, rest) = st.parts[..nparts * d].split_at(d);
+        let out = &mut st.proj[i * d..(i + 1) * d];
+        out.copy_from_slice(first);
+        for part in rest.chunks(d) {
+            add(out, part);
+        }
+        (nonzero, read)
+    }
+
     /// ReLU² MLP of `t` tokens; result in `st.proj[..t·d]`. The down projection visits only
     /// the neurons whose activation is non-zero (exact: the others contribute 0).
     fn mlp(&self, l: usize, lw: &LayerWeights, t: usize, st: &mut State) {
@@ -565,27 +601,22 @@ impl Model {
         // u = W_up b                        [T, I]
         self.matmul(&lw.up, &st.a[..t * d], t, &mut st.up[..t * ni]);
         if t == 1 {
-            // act = relu(u)², active = {j : act_j ≠ 0}
-            relu2_collect(&mut st.up[..ni], &mut st.active);
-            st.zeros[l] += (ni - st.active.len()) as u64;
+            let (active, read) = self.down_token(lw, 0, st);
+            st.zeros[l] += (ni - active) as u64;
             st.neurons[l] += ni as u64;
-            if !self.sparse_mlp {
-                // Benchmark baseline: visit every neuron, zeros included.
-                st.active.clear();
-                st.active
-                    .extend(st.up[..ni].iter().enumerate().map(|(j, &a)| (j as u32, a)));
-            }
-            // y = Σ_{j active} act_j · W_downᵀ[j]     [d]
-            // One partial y per thread (Matrix::sparse_axpy_par), then the partials are added.
-            let (nparts, read) = lw
-                .down_t
-                .sparse_axpy_par(&st.active, &mut st.plan, &mut st.parts);
             st.down_rows[l] += ni as u64;
             st.down_read[l] += read as u64;
-            let (first, rest) = st.parts[..nparts * d].split_at(d);
-            st.proj[..d].copy_from_slice(first);
-            for part in rest.chunks(d) {
-                add(&mut st.proj[..d], part);
+            return;
+        }
+        if self.fast_gemm && t <= DOWN_PER_TOKEN_MAX {
+            // A short prompt: the decode down projection once per token. The bf16 GEMM below
+            // widens every W_downᵀ row into bf16 panels on each call (three quarters of a
+            // 4-token q4_0 prompt's time at PLM-1.8B); per token, the rows are read as decode
+            // reads them, the second token on from cache (PERF NOTES in kernels/mod.rs).
+            for i in 0..t {
+                let (active, _) = self.down_token(lw, i, st);
+                st.zeros[l] += (ni - active) as u64;
+                st.neurons[l] += ni as u64;
             }
             return;
         }

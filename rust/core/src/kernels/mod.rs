@@ -87,6 +87,14 @@
 //!   bounds them (128-byte pieces 4 KiB apart). Prefetching two or three pooled units ahead
 //!   instead of one: no signal above the noise (q4_0 38-75 µs either way). From L3
 //!   (criterion `sparse_down`, one matrix, 1 thread) q8_0 4.1×, q4_0 2.7×.
+//! - Short prompts: the bf16 GEMM of the down projection widens W_downᵀ into bf16 panels on
+//!   every call (`perf`, 4-token q4_0 prompt: `row_seg_bf16` + `q4_0_to_bf16` + interleave +
+//!   memset 66 % of the time, the GEMM tiles 8 %). Up to `model::DOWN_PER_TOKEN_MAX` = 16
+//!   tokens the down projection runs token by token on decode's path instead. PLM-1.8B, 2
+//!   threads, whole prompt, two alternated runs, GEMM → per token (ms): q4_0 2 tokens
+//!   150-164 → 54-65, 8: 196-197 → 119-129, 16: 261-286 → 204-229, 32: 364-389 → 378-430;
+//!   q8_0 8: 227-231 → 157-161, 16: 290-314 → 295-306, 32: 417-419 → 463-491; f16 8:
+//!   337-373 → 240-254, 16: 389-479 → 351-387, 32: 560-670 → 616-700.
 
 use std::sync::OnceLock;
 
