@@ -600,23 +600,21 @@ impl Model {
         let (d, ni) = (c.hidden_size, c.intermediate_size);
         // u = W_up b                        [T, I]
         self.matmul(&lw.up, &st.a[..t * d], t, &mut st.up[..t * ni]);
-        if t == 1 {
-            let (active, read) = self.down_token(lw, 0, st);
-            st.zeros[l] += (ni - active) as u64;
-            st.neurons[l] += ni as u64;
-            st.down_rows[l] += ni as u64;
-            st.down_read[l] += read as u64;
-            return;
-        }
-        if self.fast_gemm && t <= DOWN_PER_TOKEN_MAX {
-            // A short prompt: the decode down projection once per token. The bf16 GEMM below
-            // widens every W_downᵀ row into bf16 panels on each call (three quarters of a
-            // 4-token q4_0 prompt's time at PLM-1.8B); per token, the rows are read as decode
-            // reads them, the second token on from cache (PERF NOTES in kernels/mod.rs).
+        // One token (decode), or a short prompt: the decode down projection once per token.
+        // For prompts the bf16 GEMM below widens every W_downᵀ row into bf16 panels on each
+        // call (three quarters of a 4-token q4_0 prompt's time at PLM-1.8B); per token, the
+        // rows are read as decode reads them, the second token on from cache (PERF NOTES in
+        // kernels/mod.rs).
+        if t == 1 || (self.fast_gemm && t <= DOWN_PER_TOKEN_MAX) {
             for i in 0..t {
-                let (active, _) = self.down_token(lw, i, st);
+                let (active, read) = self.down_token(lw, i, st);
                 st.zeros[l] += (ni - active) as u64;
                 st.neurons[l] += ni as u64;
+                if t == 1 {
+                    // W_down telemetry is per decoded token
+                    st.down_rows[l] += ni as u64;
+                    st.down_read[l] += read as u64;
+                }
             }
             return;
         }

@@ -410,19 +410,22 @@ impl Matrix {
         }
     }
 
-    /// `y += Σ_i a[i] · row[r[i]]` over eight whole rows in one pass over `y`; `false` (and
-    /// `y` untouched) for quantized layouts, which have no eight-row kernel.
+    /// `y += Σ_i a[i] · row[r[i]]` over eight whole rows in one pass over `y` (quantized
+    /// layouts, which have no eight-row kernel, one row at a time).
     #[inline]
-    fn axpy_rows8(&self, r: [usize; 8], a: &[f32; 8], y: &mut [f32]) -> bool {
+    fn axpy_rows8(&self, r: [usize; 8], a: &[f32; 8], y: &mut [f32]) {
         let k = kernels();
         let c = self.cols;
         match &self.data {
             Storage::F32(w) => (k.axpy8_f32)(a, r.map(|j| &w[j * c..(j + 1) * c]), y),
             Storage::F16(w) => (k.axpy8_f16)(a, r.map(|j| &w[j * c..(j + 1) * c]), y),
             Storage::BF16(w) => (k.axpy8_bf16)(a, r.map(|j| &w[j * c..(j + 1) * c]), y),
-            _ => return false,
+            _ => {
+                for i in 0..8 {
+                    self.axpy_row(r[i], 0, a[i], y);
+                }
+            }
         }
-        true
     }
 
     /// `y += Σ_i a[i] · row[r[i]][c0 .. c0 + y.len()]` for four rows in one pass over `y`.
@@ -498,8 +501,7 @@ impl Matrix {
         for o in &mut octs {
             let rows = std::array::from_fn(|i| o[i].0 as usize);
             let a = std::array::from_fn(|i| o[i].1);
-            let done = self.axpy_rows8(rows, &a, y);
-            debug_assert!(done, "float storage has the 8-row kernel");
+            self.axpy_rows8(rows, &a, y);
         }
         let rest = octs.remainder();
         let mut quads = rest.chunks_exact(4);
