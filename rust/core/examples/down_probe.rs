@@ -2,6 +2,7 @@
 //! 32 layers of W_downᵀ 8192×2048 (from DRAM) at several sparsities, with the model's split
 //! into one run per thread; for float dtypes (`DTYPES=f16,bf16`) the decode path alone.
 //! `cargo run --release --example down_probe -p sparselm-core [threads]`
+//! (`ZEROS=90,99` picks the sparsities, `LAYERS` / `ROWS` the sizes)
 use sparselm_core::tensor::{DownPlan, Matrix};
 use std::time::Instant;
 
@@ -10,7 +11,7 @@ static ALLOC: sparselm_core::alloc::HugePageAlloc = sparselm_core::alloc::HugePa
 
 fn run(ms: &[Matrix], acts: &[Vec<(u32, f32)>], plan: &mut DownPlan, parts: &mut Vec<f32>) -> f64 {
     let t = Instant::now();
-    let reps = 3;
+    let reps = std::env::var("REPS").map_or(3, |s| s.parse().expect("REPS: a count"));
     for _ in 0..reps {
         for (m, act) in ms.iter().zip(acts.iter().cycle()) {
             // what one decode step does: per-thread partials (their final sum is left out)
@@ -64,7 +65,11 @@ fn main() {
             gemv * 1e3,
             dense[0].nbytes() as f64 / gemv / 1e9
         );
-        for zeros in [0u32, 50, 90, 99] {
+        let zs = std::env::var("ZEROS").unwrap_or("0,50,90,99".into());
+        for zeros in zs
+            .split(',')
+            .map(|z| z.parse::<u32>().expect("ZEROS: percentages"))
+        {
             let acts: Vec<Vec<(u32, f32)>> = (0..7u32)
                 .map(|s| {
                     (0..rows as u32)

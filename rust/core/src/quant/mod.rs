@@ -282,6 +282,9 @@ pub const PLANAR_GROUP: usize = 32;
 pub const PLANAR_CHUNK_BYTES: usize = 128;
 /// Blocks per scale tile of the planar layout (one 16-lane vector of scales per row).
 pub const PLANAR_TILE: usize = 16;
+/// Blocks per stored piece of a row's scales in the planar layout: one cache line of f16
+/// scales (two coefficient tiles), so a sparse row's scales are `nb / 32` whole lines.
+pub const PLANAR_SCALE_LINE: usize = 32;
 
 /// One cache line, the allocation unit of [`Aligned`].
 #[repr(C, align(64))]
@@ -358,9 +361,11 @@ impl<T: Pod> std::fmt::Debug for Aligned<T> {
 /// `32g·nb .. 32g·nb + gr·nb` of both arrays. Inside it, codes are stored by chunks of
 /// `ch = 128 / code bytes` blocks (8 for Q4_0, 4 for Q8_0; chunk `c = b / ch` has width
 /// `wc = min(ch, nb − ch·c)`), all rows of the group per chunk: `[gr·ch·c + li·wc + b % ch]`
-/// for local row `li`; scales by tiles of 16 blocks the same way: `[gr·16·t + li·wt + b % 16]`.
-/// So a dense pass over a group reads both arrays front to back, and a row's codes of a whole
-/// chunk are one aligned pair of cache lines (what a sparse pass fetches per active row).
+/// for local row `li`; scales by lines of 32 blocks the same way: `[gr·32·t + li·wt + b % 32]`
+/// (`t = b / 32`). So a dense pass over a group reads both arrays front to back, and a sparse
+/// pass fetches per active row one aligned pair of cache lines per code chunk and one whole
+/// line per 32 scales. (Scale pieces of 16 blocks, half a line, measured 8-15 % slower at
+/// 90 % zeros, Q4_0 / Q8_0 8192×2048 from DRAM, 2 threads; equal when dense.)
 #[derive(Debug, Clone)]
 pub struct Planar<Q: Pod> {
     /// Rows and blocks per row.
@@ -409,7 +414,7 @@ pub const fn planar_chunk<Q>() -> usize {
 }
 
 /// Index of (local row `li`, block `b`) inside a planar group of `gr` rows with `nb` blocks per
-/// row, for pieces of `tile` blocks (codes: [`planar_chunk`], scales: [`PLANAR_TILE`]).
+/// row, for pieces of `tile` blocks (codes: [`planar_chunk`], scales: [`PLANAR_SCALE_LINE`]).
 #[inline]
 pub fn planar_index(gr: usize, nb: usize, tile: usize, li: usize, b: usize) -> usize {
     let c = b / tile;
@@ -449,7 +454,7 @@ impl<Q: Pod> Planar<Q> {
             let base = g * PLANAR_GROUP * nb;
             for b in 0..nb {
                 let (dv, q) = blocks[r * nb + b].split();
-                d[base + planar_index(gr, nb, PLANAR_TILE, li, b)] = dv;
+                d[base + planar_index(gr, nb, PLANAR_SCALE_LINE, li, b)] = dv;
                 qs[base + planar_index(gr, nb, ch, li, b)] = q;
             }
         }
@@ -474,7 +479,7 @@ impl<Q: Pod> Planar<Q> {
         let (d, qs, gr) = self.group(r / PLANAR_GROUP);
         let li = r % PLANAR_GROUP;
         B::join(
-            d[planar_index(gr, self.nb, PLANAR_TILE, li, b)],
+            d[planar_index(gr, self.nb, PLANAR_SCALE_LINE, li, b)],
             &qs[planar_index(gr, self.nb, planar_chunk::<Q>(), li, b)],
         )
     }
@@ -501,9 +506,9 @@ impl<Q: Pod> Planar<Q> {
                         _mm_prefetch::<_MM_HINT_T1>(p.add(off));
                     }
                 }
-                for b in (0..nb).step_by(PLANAR_TILE) {
-                    let p = d.as_ptr().add(planar_index(gr, nb, PLANAR_TILE, li, b)) as *const i8;
-                    _mm_prefetch::<_MM_HINT_T1>(p);
+                for b in (0..nb).step_by(PLANAR_SCALE_LINE) {
+                    let i = planar_index(gr, nb, PLANAR_SCALE_LINE, li, b);
+                    _mm_prefetch::<_MM_HINT_T1>(d.as_ptr().add(i) as *const i8);
                 }
             }
         }

@@ -8,7 +8,8 @@
 use half::f16;
 
 use super::{
-    planar_chunk, planar_pos, quantize_block_q8_0, BlockQ4_0, BlockQ8_0, PLANAR_TILE, QK4_0, QK8_0,
+    planar_chunk, planar_pos, quantize_block_q8_0, BlockQ4_0, BlockQ8_0, PLANAR_SCALE_LINE, QK4_0,
+    QK8_0,
 };
 
 /// Number of interleaved f32 partial sums of the dot kernels (one per `__m256` lane).
@@ -157,8 +158,9 @@ fn down_group<Q>(
 ) {
     let n = rows.len().min(a.len());
     for (b, yb) in y.chunks_exact_mut(32).take(nb).enumerate() {
-        let p =
-            |i: usize| a[i] * d[planar_pos(nrows, nb, PLANAR_TILE, rows[i] as usize, b)].to_f32();
+        let p = |i: usize| {
+            a[i] * d[planar_pos(nrows, nb, PLANAR_SCALE_LINE, rows[i] as usize, b)].to_f32()
+        };
         let m = (0..n).fold(0f32, |m, i| m.max(p(i).abs()));
         if m == 0.0 {
             continue;

@@ -15,7 +15,7 @@ use half::f16;
 
 use super::{
     planar_chunk, planar_group_rows, scalar, BlockQ4_0, BlockQ4_0x16, BlockQ8_0, BlockQ8_0x16,
-    QuantKernels, PLANAR_GROUP, PLANAR_TILE, QK8_0,
+    QuantKernels, PLANAR_GROUP, PLANAR_SCALE_LINE, PLANAR_TILE, QK8_0,
 };
 
 pub(super) const KERNELS: QuantKernels = QuantKernels {
@@ -725,7 +725,11 @@ unsafe fn down_tiles(
     for ti in 0..nb.div_ceil(PLANAR_TILE) {
         let b0 = ti * PLANAR_TILE;
         let wt = PLANAR_TILE.min(nb - b0);
-        piece_offsets(rows, nb, gr, PLANAR_TILE, ti, wt, &mut so);
+        // the tile lies in the row's scale line b0 / 32 (of width ws), b0 % 32 blocks in
+        let (c, l) = (b0 / PLANAR_SCALE_LINE, b0 % PLANAR_SCALE_LINE);
+        let ws = PLANAR_SCALE_LINE.min(nb - c * PLANAR_SCALE_LINE);
+        piece_offsets(rows, nb, gr, PLANAR_SCALE_LINE, c, ws, &mut so);
+        so.iter_mut().for_each(|o| *o += l);
         // SAFETY (caller): bounds checked by check_down.
         unsafe { down_coefficients(d, &so, wt, a, offset, &mut t.cq, &mut t.corr, &mut t.s) };
         let mut b = b0;
