@@ -29,6 +29,10 @@ thread_local! {
     static DOWN_PLAN: std::cell::RefCell<DownPlan> = const { std::cell::RefCell::new(DownPlan::new()) };
     /// Input block sums of the current single-call quantized `dot_rows` (reused).
     static XSUM: std::cell::RefCell<Vec<i32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The quantized input and its block sums of the calling thread's current quantized
+    /// `matvec` (reused: decode runs ~160 of them per token).
+    static GEMV_IN: std::cell::RefCell<(Vec<BlockQ8_0>, Vec<i32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Storage precision of weights.
@@ -667,11 +671,13 @@ impl Matrix {
         }
         if self.dtype().is_quantized() {
             // Quantize the input once; every row task reuses the same blocks.
-            let (mut xq, mut xs) = (Vec::new(), Vec::new());
-            quantize_input(x, &mut xq);
-            self.input_sums(&xq, &mut xs);
-            par_chunks([y], [chunk], |ci, [ys]| {
-                self.dot_rows_q(ci * chunk, &xq, &xs, ys)
+            GEMV_IN.with(|cell| {
+                let (xq, xs) = &mut *cell.borrow_mut();
+                quantize_input(x, xq);
+                self.input_sums(xq, xs);
+                par_chunks([y], [chunk], |ci, [ys]| {
+                    self.dot_rows_q(ci * chunk, xq, xs, ys)
+                });
             });
         } else {
             par_chunks([y], [chunk], |ci, [ys]| self.dot_rows(ci * chunk, x, ys));
