@@ -847,7 +847,12 @@ impl DownPlan {
         let mut s = 0;
         while s < active.len() {
             let g = group(active[s].0);
-            let e = s + active[s..].partition_point(|&(j, _)| group(j) == g);
+            // the group's entries (a linear scan: a few per group when sparse, where a binary
+            // search's mispredicted branches cost more than the whole scan)
+            let mut e = s + 1;
+            while e < active.len() && group(active[e].0) == g {
+                e += 1;
+            }
             if e - s >= DOWN_DENSE_AT {
                 let r0 = g * DOWN_GROUP;
                 let mut rows = [(0u32, 0f32); DOWN_GROUP];
