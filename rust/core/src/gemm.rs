@@ -131,6 +131,49 @@ fn planar_seg_bf16<B: PlanarBlock + Default>(
     }
 }
 
+/// Rows `r` and (with `two`) `r + 1` of a planar matrix (`r` even: one group), columns
+/// `c0..c0 + n` (whole blocks), as bf16 pairs `out[c] = bf16(w[r][c]) | bf16(w[r+1][c]) << 16`
+/// through `conv` (a `*_pair_to_bf16` kernel), one call per run of blocks stored
+/// consecutively (a code chunk / scale line; a 64-column panel is one run).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::type_complexity)]
+fn planar_pairs<Q: quant::Pod>(
+    p: &Planar<Q>,
+    r: usize,
+    two: bool,
+    c0: usize,
+    n: usize,
+    out: &mut [u32],
+    conv: fn((&[half::f16], &[Q]), Option<(&[half::f16], &[Q])>, &mut [u32]),
+) {
+    let (b0, nb) = (c0 / QBLOCK, n / QBLOCK);
+    let at = |r: usize, b: usize| {
+        (
+            quant::planar_pos(p.rows, p.nb, quant::PLANAR_SCALE_LINE, r, b),
+            quant::planar_pos(p.rows, p.nb, quant::planar_chunk::<Q>(), r, b),
+        )
+    };
+    let mut b = b0;
+    while b < b0 + nb {
+        let ((s, q), (s1, q1)) = (at(r, b), if two { at(r + 1, b) } else { (0, 0) });
+        let mut e = b + 1;
+        while e < b0 + nb
+            && at(r, e) == (s + e - b, q + e - b)
+            && (!two || at(r + 1, e) == (s1 + e - b, q1 + e - b))
+        {
+            e += 1;
+        }
+        let m = e - b;
+        let hi = two.then(|| (&p.d[s1..s1 + m], &p.qs[q1..q1 + m]));
+        conv(
+            (&p.d[s..s + m], &p.qs[q..q + m]),
+            hi,
+            &mut out[(b - b0) * QBLOCK..(e - b0) * QBLOCK],
+        );
+        b = e;
+    }
+}
+
 /// `Y[T, N] = X[T, K] · Wᵀ` (`w: [N, K]`, `x: [t, K]`, `y: [t, N]`), rows split across the
 /// current rayon pool.
 pub fn matmul_nk(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
@@ -266,14 +309,29 @@ pub fn matmul_kn(w: &Matrix, a: &[f32], t: usize, sparse: bool, y: &mut [f32]) {
                         unsafe { std::slice::from_raw_parts_mut(ptr as *mut u32, pan.len() / 2) }
                     };
                     for p in p0..p1 {
-                        hi.fill(0);
-                        row_seg_bf16(w, 2 * p, c0, ncv, &mut lo);
-                        if 2 * p + 1 < kk {
-                            row_seg_bf16(w, 2 * p + 1, c0, ncv, &mut hi);
+                        let dst = &mut panel[(p - p0) * nw..(p - p0 + 1) * nw];
+                        let two = 2 * p + 1 < kk;
+                        match &w.data {
+                            // planar rows: both rows dequantized and paired in one pass
+                            Storage::Q4_0P(q) => {
+                                planar_pairs(q, 2 * p, two, c0, ncv, dst, k::q4_0_pair_to_bf16);
+                                dst[nc..].fill(0);
+                            }
+                            Storage::Q8_0P(q) => {
+                                planar_pairs(q, 2 * p, two, c0, ncv, dst, k::q8_0_pair_to_bf16);
+                                dst[nc..].fill(0);
+                            }
+                            _ => {
+                                hi.fill(0);
+                                row_seg_bf16(w, 2 * p, c0, ncv, &mut lo);
+                                if two {
+                                    row_seg_bf16(w, 2 * p + 1, c0, ncv, &mut hi);
+                                }
+                                lo[nc..].fill(0);
+                                hi[nc..].fill(0);
+                                k::interleave(&lo, &hi, dst);
+                            }
                         }
-                        lo[nc..].fill(0);
-                        hi[nc..].fill(0);
-                        k::interleave(&lo, &hi, &mut panel[(p - p0) * nw..(p - p0 + 1) * nw]);
                     }
                     for (g, list) in lists.iter().enumerate() {
                         let ti = g * mr;
@@ -503,6 +561,9 @@ mod tests {
                 }
                 let w = Matrix::from_f32(kk, n, &data(kk * n, (kk * 3 + n) as u32), dt);
                 let wf = dense(&w);
+                // the decode layout of W_downᵀ (planar, where this CPU has its kernel), whose
+                // panels are built by the paired converters: the same bits as the GGUF rows
+                let planar = w.clone().into_down_layout();
                 for t in [1usize, 4, 6, 11] {
                     for zero_frac in [0.0f32, 0.1, 0.5, 0.9, 1.0] {
                         // relu²-like activations with a fraction of exact zeros
@@ -529,6 +590,17 @@ mod tests {
                         for sparse in [false, true] {
                             let mut y = vec![f32::NAN; t * n];
                             matmul_kn(&w, &a, t, sparse, &mut y);
+                            if planar.is_planar() {
+                                let mut yp = vec![f32::NAN; t * n];
+                                matmul_kn(&planar, &a, t, sparse, &mut yp);
+                                let bits =
+                                    |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                                assert_eq!(
+                                    bits(&yp),
+                                    bits(&y),
+                                    "planar kn {dt:?} k={kk} n={n} t={t} z={zero_frac} s={sparse}"
+                                );
+                            }
                             check(
                                 &y,
                                 &want,

@@ -11,6 +11,8 @@
 
 use std::arch::x86_64::*;
 
+use half::f16;
+
 /// Tokens per register tile.
 pub const MR: usize = 6;
 /// Weight rows per `tile_nk`.
@@ -161,6 +163,142 @@ unsafe fn q4_0_to_bf16_i(w: &[crate::quant::BlockQ4_0], out: &mut [u16]) {
 pub fn q4_0_to_bf16(w: &[crate::quant::BlockQ4_0], out: &mut [u16]) {
     // SAFETY: callers reach this module only after `supported()`.
     unsafe { q4_0_to_bf16_i(w, out) }
+}
+
+/// Lane order that turns `[a0..a16 | b0..b16]` (bf16) into `[a0, b0, a1, b1, …]`: as `u32`
+/// lanes, `a_i | b_i << 16`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn pair_order() -> __m512i {
+    let t: [u16; 32] = std::array::from_fn(|l| (l / 2 + 16 * (l % 2)) as u16);
+    // SAFETY: 64 bytes.
+    unsafe { _mm512_loadu_si512(t.as_ptr() as *const _) }
+}
+
+/// `out[16h..16h + 16] = bf16(a) | bf16(b) << 16` (rounded to nearest even).
+///
+/// # Safety
+/// 16 `u32` must be writable at `out`; the CPU must have avx512f/bw/bf16.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn store_pairs(a: __m512, b: __m512, order: __m512i, out: *mut u32) {
+    // SAFETY: same size, both plain bit vectors; (caller) 64 bytes writable at out.
+    unsafe {
+        let v = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(b, a));
+        _mm512_storeu_si512(out as *mut _, _mm512_permutexvar_epi16(order, v))
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn q4_0_pair_to_bf16_i(
+    lo: (&[f16], &[[u8; 16]]),
+    hi: Option<(&[f16], &[[u8; 16]])>,
+    out: &mut [u32],
+) {
+    let nb = lo.0.len();
+    assert!(
+        lo.1.len() == nb
+            && hi.is_none_or(|h| h.0.len() == nb && h.1.len() == nb)
+            && out.len() >= 32 * nb,
+        "q4_0_pair_to_bf16 lengths"
+    );
+    let codes = _mm512_setr_ps(
+        -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0,
+    );
+    let order = pair_order();
+    let po = out.as_mut_ptr();
+    let zero = (_mm512_setzero_ps(), _mm512_setzero_si512());
+    for b in 0..nb {
+        // every value d·(q − 8) of each row's block, looked up by code (q4_0_to_bf16's values)
+        // SAFETY: codes are 16 bytes.
+        let (ta, ia) = unsafe {
+            (
+                _mm512_mul_ps(_mm512_set1_ps(lo.0[b].to_f32()), codes),
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(lo.1[b].as_ptr() as *const __m128i)),
+            )
+        };
+        let (tb, ib) = match hi {
+            // SAFETY: codes are 16 bytes.
+            Some((d, q)) => unsafe {
+                (
+                    _mm512_mul_ps(_mm512_set1_ps(d[b].to_f32()), codes),
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128(q[b].as_ptr() as *const __m128i)),
+                )
+            },
+            None => zero,
+        };
+        // SAFETY: 32·b + 32 <= out.len() (asserted).
+        unsafe {
+            let (a, bb) = (_mm512_permutexvar_ps(ia, ta), _mm512_permutexvar_ps(ib, tb));
+            store_pairs(a, bb, order, po.add(32 * b));
+            let (ia, ib) = (_mm512_srli_epi32::<4>(ia), _mm512_srli_epi32::<4>(ib));
+            let (a, bb) = (_mm512_permutexvar_ps(ia, ta), _mm512_permutexvar_ps(ib, tb));
+            store_pairs(a, bb, order, po.add(32 * b + 16));
+        }
+    }
+}
+
+/// Two Q4_0 rows (scales, codes as in GGUF; the second row absent = zeros) dequantized to
+/// bf16 and paired per column: `out[c] = bf16(lo[c]) | bf16(hi[c]) << 16`, the same bits as
+/// [`q4_0_to_bf16`] of each row followed by [`interleave`].
+pub fn q4_0_pair_to_bf16(
+    lo: (&[f16], &[[u8; 16]]),
+    hi: Option<(&[f16], &[[u8; 16]])>,
+    out: &mut [u32],
+) {
+    // SAFETY: callers reach this module only after `supported()`.
+    unsafe { q4_0_pair_to_bf16_i(lo, hi, out) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn q8_0_pair_to_bf16_i(
+    lo: (&[f16], &[[u8; 32]]),
+    hi: Option<(&[f16], &[[u8; 32]])>,
+    out: &mut [u32],
+) {
+    let nb = lo.0.len();
+    assert!(
+        lo.1.len() == nb
+            && hi.is_none_or(|h| h.0.len() == nb && h.1.len() == nb)
+            && out.len() >= 32 * nb,
+        "q8_0_pair_to_bf16 lengths"
+    );
+    let order = pair_order();
+    let flip = _mm_set1_epi8(-128);
+    let po = out.as_mut_ptr();
+    for b in 0..nb {
+        // d·q exactly as the scalar dequantizer (codes stored + 128)
+        let dl = _mm512_set1_ps(lo.0[b].to_f32());
+        let dh = _mm512_set1_ps(hi.map_or(0.0, |h| h.0[b].to_f32()));
+        for h in 0..2 {
+            // SAFETY: 16 of each block's 32 bytes; 32·b + 32 <= out.len() (asserted).
+            unsafe {
+                let c = _mm_loadu_si128(lo.1[b].as_ptr().add(16 * h) as *const __m128i);
+                let a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_xor_si128(c, flip)));
+                let bb = match hi {
+                    Some((_, q)) => {
+                        let c = _mm_loadu_si128(q[b].as_ptr().add(16 * h) as *const __m128i);
+                        let v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_xor_si128(c, flip)));
+                        _mm512_mul_ps(dh, v)
+                    }
+                    None => _mm512_setzero_ps(),
+                };
+                store_pairs(_mm512_mul_ps(dl, a), bb, order, po.add(32 * b + 16 * h));
+            }
+        }
+    }
+}
+
+/// Two planar Q8_0 rows (scales; codes stored `+ 128`; the second row absent = zeros)
+/// dequantized to bf16 and paired per column like [`q4_0_pair_to_bf16`]: the same bits as
+/// [`q8_0_to_bf16`] of each row followed by [`interleave`].
+pub fn q8_0_pair_to_bf16(
+    lo: (&[f16], &[[u8; 32]]),
+    hi: Option<(&[f16], &[[u8; 32]])>,
+    out: &mut [u32],
+) {
+    // SAFETY: callers reach this module only after `supported()`.
+    unsafe { q8_0_pair_to_bf16_i(lo, hi, out) }
 }
 
 /// Sum each of the four accumulators: `[Σa0, Σa1, Σa2, Σa3]`.
