@@ -86,7 +86,9 @@ def run_one(model_dir: str, dtype: str, threads: int, prompt: int, decode: int) 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--dtypes", default="bf16,f16")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--prompt", type=int, default=128)
@@ -108,9 +110,22 @@ def main() -> None:
             for sparse in (True, False):
                 env = dict(os.environ, SPARSELM_DENSE_MLP="0" if sparse else "1")
                 out = subprocess.run(
-                    [sys.executable, __file__, "--one", f"{dtype}:{threads}", "--prompt", str(a.prompt),
-                     "--decode", str(a.decode), "--model", model_dir],
-                    env=env, capture_output=True, text=True, check=True,
+                    [
+                        sys.executable,
+                        __file__,
+                        "--one",
+                        f"{dtype}:{threads}",
+                        "--prompt",
+                        str(a.prompt),
+                        "--decode",
+                        str(a.decode),
+                        "--model",
+                        model_dir,
+                    ],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
                 )
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append(r)
@@ -129,8 +144,13 @@ def main() -> None:
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                              text=True, check=False).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
     except OSError:
         return "unknown"
 

@@ -285,7 +285,11 @@ def main() -> None:
     print()
     print(
         f"prompt {a.prompt} tokens, decode {a.decode} tokens (tok/s; ratio = sparselm / llama.cpp"
-        + (f"; medians of {a.rounds} alternating rounds, per-round ratio range in brackets)" if a.rounds > 1 else ")")
+        + (
+            f"; medians of {a.rounds} alternating rounds, per-round ratio range in brackets)"
+            if a.rounds > 1
+            else ")"
+        )
     )
     print(
         "| format | threads | prefill llama.cpp | prefill sparselm | ratio | decode llama.cpp "
@@ -295,7 +299,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype, threads, runs in table:
         med = [
-            {k: statistics.median(run[i][k] for run in runs) for k in ("prefill_tok_s", "decode_tok_s")}
+            {
+                k: statistics.median(run[i][k] for run in runs)
+                for k in ("prefill_tok_s", "decode_tok_s")
+            }
             for i in range(3)
         ]
         ll, on, off = med

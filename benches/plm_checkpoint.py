@@ -54,6 +54,7 @@ def ensure_checkpoint(root: str | None = None, dtype: str = "BF16", seed: int = 
     tmp = out / "model.safetensors.tmp"
     try:
         from tqdm import tqdm
+
         it = tqdm(table, desc="writing PLM-1.8B-shaped checkpoint", unit="tensor")
     except ImportError:  # pragma: no cover
         it = table
@@ -67,7 +68,15 @@ def ensure_checkpoint(root: str | None = None, dtype: str = "BF16", seed: int = 
                 x = rng.standard_normal(shp, dtype=np.float32) * np.float32(0.02)
             f.write(_encode(x, dtype))
     os.replace(tmp, out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(dict(PLM_1_8B, torch_dtype={"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype]), indent=2))
+    (out / "config.json").write_text(
+        json.dumps(
+            dict(
+                PLM_1_8B,
+                torch_dtype={"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype],
+            ),
+            indent=2,
+        )
+    )
     return out
 
 

@@ -26,18 +26,34 @@ PROMPT = [int((i * 7919) % 700) + 5 for i in range(64)]
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     d = str(tmp_path_factory.mktemp("speed"))
     make_tiny_checkpoint(
-        d, seed=1, hidden_size=256, intermediate_size=1024, num_attention_heads=4,
-        kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-        vocab_size=768, num_hidden_layers=4, max_position_embeddings=512,
+        d,
+        seed=1,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_attention_heads=4,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        vocab_size=768,
+        num_hidden_layers=4,
+        max_position_embeddings=512,
     )
     return d
 
 
 def _info(benchmark, m: sparselm.Model) -> None:
     benchmark.extra_info.update(
-        tier=sparselm.kernel_tier(), threads=m.threads, dtype=m.dtype,
-        commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=os.path.dirname(__file__), check=False).stdout.strip(),
+        tier=sparselm.kernel_tier(),
+        threads=m.threads,
+        dtype=m.dtype,
+        commit=subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(__file__),
+            check=False,
+        ).stdout.strip(),
     )
 
 
@@ -69,11 +85,18 @@ def test_bundled_model_generate(benchmark) -> None:
 
 def test_sparse_vs_dense_mlp_child_runs(model_dir: str) -> None:
     """The dense-MLP benchmark switch (SPARSELM_DENSE_MLP=1) gives the same tokens."""
-    code = ("import sparselm,sys; m=sparselm.load(sys.argv[1]); "
-            "print(m.generate(list(range(5, 13)), max_new_tokens=12))")
+    code = (
+        "import sparselm,sys; m=sparselm.load(sys.argv[1]); "
+        "print(m.generate(list(range(5, 13)), max_new_tokens=12))"
+    )
     outs = [
-        subprocess.run([sys.executable, "-c", code, model_dir], capture_output=True, text=True,
-                       check=True, env=dict(os.environ, SPARSELM_DENSE_MLP=v)).stdout
+        subprocess.run(
+            [sys.executable, "-c", code, model_dir],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=dict(os.environ, SPARSELM_DENSE_MLP=v),
+        ).stdout
         for v in ("0", "1")
     ]
     assert outs[0] == outs[1]

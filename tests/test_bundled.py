@@ -97,7 +97,9 @@ def test_sparsity_and_perplexity_on_held_out_text(model: sparselm.Model) -> None
 
 
 @pytest.mark.parametrize("dtype,min_agree", [("q8_0", 0.97), ("q4_0", 0.85), ("f16", 0.995)])
-def test_quantized_formats_agree_with_f32(model: sparselm.Model, dtype: str, min_agree: float) -> None:
+def test_quantized_formats_agree_with_f32(
+    model: sparselm.Model, dtype: str, min_agree: float
+) -> None:
     windows = _windows(model, n_windows=6)
     ref = sparselm.load(dtype="f32")
     q = sparselm.load(dtype=dtype)
@@ -116,7 +118,9 @@ def test_chat_template_and_stop_tokens(model: sparselm.Model) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["f16", "q8_0", "q4_0"])
-def test_decode_reports_down_bytes_it_skipped(model: sparselm.Model, dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decode_reports_down_bytes_it_skipped(
+    model: sparselm.Model, dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``down_bytes_skipped_per_token`` counts the W_down rows decode did not read: every zero
     neuron's row for the GGUF-row layouts, fewer for the planar int8 layout (a group of 32
     rows with many active neurons is read whole), none with sparsity switched off."""
@@ -137,8 +141,10 @@ def test_decode_reports_down_bytes_it_skipped(model: sparselm.Model, dtype: str,
     st = decode(False)
     zero_bytes = st["mlp_sparsity"] * layers * ni * row_bytes  # per token
     skipped = st["down_bytes_skipped_per_token"]
-    print(f"[bundled] {dtype}: down bytes skipped {skipped:.0f} of {layers * ni * row_bytes} per token "
-          f"(zero rows {zero_bytes:.0f})")
+    print(
+        f"[bundled] {dtype}: down bytes skipped {skipped:.0f} of {layers * ni * row_bytes} per token "
+        f"(zero rows {zero_bytes:.0f})"
+    )
     if dtype == "f16":
         assert skipped == pytest.approx(zero_bytes, rel=1e-9)
     else:

@@ -84,9 +84,18 @@ def test_quantized_engine_matches_reference_on_rounded_weights(
 def wide_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     d = str(tmp_path_factory.mktemp("wide"))
     make_tiny_checkpoint(
-        d, seed=3, hidden_size=256, intermediate_size=1024, num_attention_heads=4,
-        kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-        vocab_size=768, num_hidden_layers=2, max_position_embeddings=256,
+        d,
+        seed=3,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_attention_heads=4,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        vocab_size=768,
+        num_hidden_layers=2,
+        max_position_embeddings=256,
     )
     return d
 
@@ -104,7 +113,9 @@ def f32_logits(wide_model: str, prompt: list[int]) -> np.ndarray:
 
 @pytest.mark.usefixtures("exact_gemm")
 @pytest.mark.parametrize("dtype", sorted(BUDGET))
-def test_dtype_against_f32(dtype: str, wide_model: str, prompt: list[int], f32_logits: np.ndarray) -> None:
+def test_dtype_against_f32(
+    dtype: str, wide_model: str, prompt: list[int], f32_logits: np.ndarray
+) -> None:
     m = sparselm.load(wide_model, dtype=dtype)
     assert m.prompt_gemm == "f32"
     assert m.dtype == dtype
@@ -171,7 +182,10 @@ def test_every_tier_via_env_override(dtype: str, wide_model: str, prompt: list[i
         env = dict(os.environ, SPARSELM_KERNEL=tier, SPARSELM_EXACT_GEMM="1")
         r = subprocess.run(
             [sys.executable, "-c", _CHILD, wide_model, dtype, ",".join(map(str, prompt[:16]))],
-            env=env, capture_output=True, text=True, check=True,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         res = json.loads(r.stdout.strip().splitlines()[-1])
         assert res["tier"] == tier, f"SPARSELM_KERNEL={tier} selected {res['tier']}"
@@ -185,7 +199,12 @@ def test_every_tier_via_env_override(dtype: str, wide_model: str, prompt: list[i
 #: format -> (max relative logit error, min top-1 agreement) of the bf16 prompt GEMM vs the
 #: f32 prompt path on the same stored weights. bf16 keeps 8 significant bits: one rounding of
 #: each weight and activation per product, sums in f32.
-FAST_BUDGET = {"f16": (2e-2, 0.90), "bf16": (2e-2, 0.90), "q8_0": (2e-2, 0.90), "q4_0": (2e-2, 0.90)}
+FAST_BUDGET = {
+    "f16": (2e-2, 0.90),
+    "bf16": (2e-2, 0.90),
+    "q8_0": (2e-2, 0.90),
+    "q4_0": (2e-2, 0.90),
+}
 
 
 def _fast_gemm_or_skip(m: sparselm.Model) -> None:
@@ -238,14 +257,18 @@ def test_short_prompts_take_the_token_path_within_budget(
         assert err <= max_err, (n, err)
 
 
-def test_bf16_prompt_gemm_never_applies_to_f32(wide_model: str, prompt: list[int], f32_logits: np.ndarray) -> None:
+def test_bf16_prompt_gemm_never_applies_to_f32(
+    wide_model: str, prompt: list[int], f32_logits: np.ndarray
+) -> None:
     m = sparselm.load(wide_model, dtype="f32")
     assert m.prompt_gemm == "f32"
     assert np.array_equal(m.logits(prompt), f32_logits)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "q8_0"])
-def test_bf16_prompt_then_decode_tracks_full_forward(dtype: str, wide_model: str, prompt: list[int]) -> None:
+def test_bf16_prompt_then_decode_tracks_full_forward(
+    dtype: str, wide_model: str, prompt: list[int]
+) -> None:
     """A cache filled by the bf16 prompt GEMM feeds absorbed decode steps that stay close to the
     full forward of the same model, and greedy continuations agree."""
     m = sparselm.load(wide_model, dtype=dtype)
@@ -287,7 +310,9 @@ def test_sparse_decode_equals_dense_decode(
 
 
 @pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
-def test_quantized_decode_does_not_depend_on_threads(dtype: str, wide_model: str, prompt: list[int]) -> None:
+def test_quantized_decode_does_not_depend_on_threads(
+    dtype: str, wide_model: str, prompt: list[int]
+) -> None:
     """The int8 down kernel's calls are planned from the active neurons alone, so one or two
     threads differ only in the order partial sums are added."""
 
@@ -306,9 +331,18 @@ def test_quantized_load_with_intermediate_not_multiple_of_32(dtype: str, tmp_pat
     """80 neurons cannot be cut into 32-value blocks: the matrices with 80-wide rows stay f32
     while the others are quantized, and prompt and decode still track f32."""
     d = make_tiny_checkpoint(
-        tmp_path / "m", seed=9, hidden_size=64, intermediate_size=80, num_attention_heads=2,
-        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, kv_lora_rank=32,
-        vocab_size=300, num_hidden_layers=2, max_position_embeddings=64,
+        tmp_path / "m",
+        seed=9,
+        hidden_size=64,
+        intermediate_size=80,
+        num_attention_heads=2,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        kv_lora_rank=32,
+        vocab_size=300,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
     )
     ids = [1, 5, 9, 200, 33, 7, 150, 2]
     want = sparselm.load(d, dtype="f32").logits(ids)

@@ -95,6 +95,25 @@
 //!   150-164 → 54-65, 8: 196-197 → 119-129, 16: 261-286 → 204-229, 32: 364-389 → 378-430;
 //!   q8_0 8: 227-231 → 157-161, 16: 290-314 → 295-306, 32: 417-419 → 463-491; f16 8:
 //!   337-373 → 240-254, 16: 389-479 → 351-387, 32: 560-670 → 616-700.
+//! - Pooled planar rows (stop 11; `examples/down_probe`, 32 × 8192×2048 from DRAM, 2 threads,
+//!   8-12 alternated runs per variant, medians): `perf` from L3 put 11 % of a 90 %-zeros Q4_0
+//!   projection in the serial `DownPlan::build` (a binary search per group, its branches
+//!   mispredicted) and a quarter in the prefetches of the next unit, stalled on the scale lines
+//!   (4 half-used lines per row). A linear scan for the groups: 90 % Q4_0 51 → 38 µs. Scales
+//!   stored per row in whole 64-byte lines of 32 blocks: 90 % Q4_0 46.5-55 → 42.5-45.5 µs, Q8_0
+//!   89-91.5 → 82-84.5, dense groups unchanged. Tried and dropped: each row's codes contiguous
+//!   inside its group (sparse 90 % a few % faster, dense groups 1.1-2.4× slower, with or
+//!   without prefetching them); 256-byte code pieces (sparse no better; dense 1.5-1.6× slower);
+//!   prefetching one line per 128-byte piece (2× slower: the second line is not fetched for
+//!   us); `DOWN_DENSE_AT` 16 / 20 (50 % zeros 1.2× / 1.4× slower for Q4_0, 70 % zeros ≤ 10 %
+//!   faster): 12 stays.
+//! - Prompt GEMM of planar W_downᵀ (≥ 17 tokens): a panel's row pair is dequantized and paired
+//!   in one pass from the planar arrays (`q4_0_pair_to_bf16` / `q8_0_pair_to_bf16`:
+//!   `vcvtne2ps2bf16` + `vpermw`) instead of joining GGUF blocks, converting each row and
+//!   interleaving; same bits. Whole prompt, 2 threads, 3 alternated runs: q4_0 17 tokens
+//!   260-278 → 237-255 ms, 32: 376-390 → 346-387, 128 within noise; q8_0 17: 291-347 →
+//!   277-294. `perf` of 32-39-token q4_0 prompts after it: int8 GEMMs 26 %, the down GEMM's
+//!   tiles 19 %, the pair conversion 14 %.
 
 use std::sync::OnceLock;
 
