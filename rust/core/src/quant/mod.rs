@@ -773,8 +773,10 @@ pub struct QuantKernels {
     pub down_q8_0: Option<DownKernel<[u8; 32]>>,
 }
 
-/// Signature of the planar int8 down-projection kernels: `(d, qs, nrows, nb, rows, a, y)`.
-pub type DownKernel<Q> = fn(&[f16], &[Q], usize, usize, &[u32], &[f32], &mut [f32]);
+/// Signature of the planar int8 down-projection kernels: `(d, qs, nrows, nb, rows, a, next,
+/// y)`; `next` lists the rows of the following call, which the kernel prefetches as it goes (a
+/// hint: any rows of the matrix, or none; results do not depend on it).
+pub type DownKernel<Q> = fn(&[f16], &[Q], usize, usize, &[u32], &[f32], &[u32], &mut [f32]);
 
 const SCALAR: QuantKernels = QuantKernels {
     tier_name: "scalar",

@@ -1163,6 +1163,8 @@ fn every_down_kernel_is_bit_identical_to_scalar() {
                         if partial {
                             rows.iter_mut().for_each(|x| *x += 96);
                         }
+                        // rows of any group size to prefetch for a following call
+                        let next: Vec<u32> = (0..5).map(|i| (i * 37 % nrows) as u32).collect();
                         // y with one float in front (misaligned) and 3 behind (untouched)
                         let y0: Vec<f32> = (0..nb * 32 + 4).map(|_| r.unit()).collect();
                         let mut want4 = y0.clone();
@@ -1176,7 +1178,18 @@ fn every_down_kernel_is_bit_identical_to_scalar() {
                             &mut want4[1..nb * 32 + 1],
                         );
                         let mut got4 = y0.clone();
-                        d4(d4s, q4s, nrows, nb, &rows, &a, &mut got4[1..]);
+                        d4(d4s, q4s, nrows, nb, &rows, &a, &[], &mut got4[1..]);
+                        // prefetching other rows (the next call's) changes nothing
+                        let mut ahead4 = y0.clone();
+                        d4(d4s, q4s, nrows, nb, &rows, &a, &next, &mut ahead4[1..]);
+                        assert!(
+                            ahead4
+                                .iter()
+                                .zip(&got4)
+                                .all(|(x, y)| x.to_bits() == y.to_bits()),
+                            "{} down_q4_0 with next rows",
+                            k.tier_name
+                        );
                         let same = got4
                             .iter()
                             .zip(&want4)
@@ -1197,7 +1210,7 @@ fn every_down_kernel_is_bit_identical_to_scalar() {
                             &mut want8[1..nb * 32 + 1],
                         );
                         let mut got8 = y0.clone();
-                        d8(d8s, q8s, nrows, nb, &rows, &a, &mut got8[1..]);
+                        d8(d8s, q8s, nrows, nb, &rows, &a, &next, &mut got8[1..]);
                         let same = got8
                             .iter()
                             .zip(&want8)

@@ -14,8 +14,8 @@ use super::x86_avx2::{halves8, lanes, transpose_sum8};
 use half::f16;
 
 use super::{
-    planar_chunk, planar_group_rows, scalar, BlockQ4_0, BlockQ4_0x16, BlockQ8_0, BlockQ8_0x16,
-    QuantKernels, PLANAR_GROUP, PLANAR_SCALE_LINE, PLANAR_TILE, QK8_0,
+    planar_chunk, planar_group_rows, planar_pos, scalar, BlockQ4_0, BlockQ4_0x16, BlockQ8_0,
+    BlockQ8_0x16, QuantKernels, PLANAR_GROUP, PLANAR_SCALE_LINE, PLANAR_TILE, QK8_0,
 };
 
 pub(super) const KERNELS: QuantKernels = QuantKernels {
@@ -697,6 +697,53 @@ struct Tile {
     s: [f32; 16],
 }
 
+/// The rows of the next kernel call (`next`), whose pieces a down kernel asks the CPU to load
+/// into L2 as it reaches the same chunk / scale line of its own rows: the prefetches of the
+/// next call spread over this one's compute instead of one burst that stalls on full miss
+/// buffers. A hint only; it changes no result.
+struct Ahead {
+    next: *const u32,
+    n: usize,
+    nrows: usize,
+    d: *const f16,
+    qs: *const u8,
+    /// Bytes per block of codes.
+    qsz: usize,
+}
+
+impl Ahead {
+    /// Prefetch the scale line holding block `b0` of each next row.
+    #[inline(always)]
+    fn scales(&self, nb: usize, b0: usize) {
+        for i in 0..self.n {
+            // SAFETY: `next` holds n rows (from a slice); a prefetch never faults, and the
+            // address lies inside the scale array of a valid row.
+            unsafe {
+                let r = *self.next.add(i) as usize;
+                let o = planar_pos(self.nrows, nb, PLANAR_SCALE_LINE, r, b0);
+                _mm_prefetch::<_MM_HINT_T1>(self.d.add(o) as *const i8);
+            }
+        }
+    }
+
+    /// Prefetch the code piece of chunk `b..b + wc` (`ch` blocks per chunk) of each next row.
+    #[inline(always)]
+    fn codes(&self, nb: usize, ch: usize, b: usize, wc: usize) {
+        let len = wc * self.qsz;
+        for i in 0..self.n {
+            // SAFETY: as in `scales`; the piece's bytes lie inside the code array.
+            unsafe {
+                let r = *self.next.add(i) as usize;
+                let p = self.qs.add(planar_pos(self.nrows, nb, ch, r, b) * self.qsz);
+                _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
+                if len > 64 {
+                    _mm_prefetch::<_MM_HINT_T1>(p.add(64) as *const i8);
+                }
+            }
+        }
+    }
+}
+
 /// The loop both planar down kernels share: per scale tile of 16 blocks the coefficient pass
 /// (scales at `d`, code offset `offset`), then per code chunk of `ch` blocks (`wc` in a row's
 /// last, narrower chunk) the rows' piece offsets `ro`, handed to `chunk(tile, ro, wc, bb, b)`,
@@ -714,6 +761,7 @@ unsafe fn down_tiles(
     a: &[f32],
     offset: i32,
     ch: usize,
+    ahead: &Ahead,
     mut chunk: impl FnMut(&Tile, &[usize; 32], usize, usize, usize),
 ) {
     let mut t = Tile {
@@ -730,11 +778,15 @@ unsafe fn down_tiles(
         let ws = PLANAR_SCALE_LINE.min(nb - c * PLANAR_SCALE_LINE);
         piece_offsets(rows, nb, gr, PLANAR_SCALE_LINE, c, ws, &mut so);
         so.iter_mut().for_each(|o| *o += l);
+        if l == 0 {
+            ahead.scales(nb, b0);
+        }
         // SAFETY (caller): bounds checked by check_down.
         unsafe { down_coefficients(d, &so, wt, a, offset, &mut t.cq, &mut t.corr, &mut t.s) };
         let mut b = b0;
         while b < b0 + wt {
             let wc = ch.min(nb - b);
+            ahead.codes(nb, ch, b, wc);
             piece_offsets(rows, nb, gr, ch, b / ch, wc, &mut ro);
             chunk(&t, &ro, wc, b - b0, b);
             b += wc;
@@ -809,6 +861,7 @@ fn down_q4_0_i(
     nb: usize,
     rows: &[u32],
     a: &[f32],
+    next: &[u32],
     y: &mut [f32],
 ) {
     let gr = check_down(d, qs, nrows, nb, rows, a, y);
@@ -891,6 +944,14 @@ fn down_q4_0_i(
             a,
             8,
             planar_chunk::<[u8; 16]>(),
+            &Ahead {
+                next: next.as_ptr(),
+                n: next.len(),
+                nrows,
+                d: d.as_ptr(),
+                qs: qs.as_ptr() as *const u8,
+                qsz: 16,
+            },
             chunk,
         )
     }
@@ -904,10 +965,11 @@ fn down_q4_0(
     nb: usize,
     rows: &[u32],
     a: &[f32],
+    next: &[u32],
     y: &mut [f32],
 ) {
     // SAFETY: handed out only when vbmi_detected() (which implies vnni_detected()).
-    unsafe { down_q4_0_i(d, qs, nrows, nb, rows, a, y) }
+    unsafe { down_q4_0_i(d, qs, nrows, nb, rows, a, next, y) }
 }
 
 /// Planar Q8_0 down kernel (`scalar::down_q8_0`, bit for bit). Codes are stored `+ 128`. Four
@@ -923,6 +985,7 @@ fn down_q8_0_i(
     nb: usize,
     rows: &[u32],
     a: &[f32],
+    next: &[u32],
     y: &mut [f32],
 ) {
     let gr = check_down(d, qs, nrows, nb, rows, a, y);
@@ -1001,6 +1064,14 @@ fn down_q8_0_i(
             a,
             128,
             planar_chunk::<[u8; 32]>(),
+            &Ahead {
+                next: next.as_ptr(),
+                n: next.len(),
+                nrows,
+                d: d.as_ptr(),
+                qs: qs.as_ptr() as *const u8,
+                qsz: 32,
+            },
             chunk,
         )
     }
@@ -1014,8 +1085,9 @@ fn down_q8_0(
     nb: usize,
     rows: &[u32],
     a: &[f32],
+    next: &[u32],
     y: &mut [f32],
 ) {
     // SAFETY: handed out only when vbmi_detected() (which implies vnni_detected()).
-    unsafe { down_q8_0_i(d, qs, nrows, nb, rows, a, y) }
+    unsafe { down_q8_0_i(d, qs, nrows, nb, rows, a, next, y) }
 }
