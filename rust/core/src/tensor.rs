@@ -594,8 +594,8 @@ impl Matrix {
     ) -> usize {
         y.fill(0.0);
         match &self.data {
-            Storage::Q4_0P(p) => plan_run(p, quant_kernels().down_q4_0, plan, units, y),
-            Storage::Q8_0P(p) => plan_run(p, quant_kernels().down_q8_0, plan, units, y),
+            Storage::Q4_0P(p) => plan_run(p, quant_kernels().down_q4_0, false, plan, units, y),
+            Storage::Q8_0P(p) => plan_run(p, quant_kernels().down_q8_0, true, plan, units, y),
             _ => panic!("down_plan_run on a matrix without the planar layout"),
         }
     }
@@ -915,14 +915,15 @@ impl DownPlan {
 }
 
 /// Run units `units` of `plan` through `kernel` into `y` (accumulating); rows read. The next
-/// pooled unit's rows are prefetched while one unit is computed, by the kernel chunk by chunk
-/// (its `next` rows) rather than all at once before the call: from DRAM (`examples/down_probe`,
-/// 32 layers, 2 threads, 90 % zeros, alternated batches of 10-12 runs, medians) Q8_0 66.5-73.5
-/// → 56-63.5 µs, where the burst of ~1100 prefetches per unit stalled on full miss buffers;
-/// Q4_0 (half the lines) 34.5-38 → 34.5-37, within the noise.
+/// pooled unit's rows are prefetched while one unit is computed: with `spread`, by the kernel
+/// chunk by chunk as it computes (its `next` rows), else all at once before the call. Spread,
+/// 90 % zeros from DRAM on 2 threads: Q8_0 (34 lines per row) 71-100 → 50-54 µs in criterion
+/// `sparse_down_dram` (two runs each; the burst of ~1100 prefetches per unit stalled on full
+/// miss buffers), but Q4_0 (18 lines) 35-38 → 50-53 µs, so Q4_0 keeps the burst.
 fn plan_run<Q: quant::Pod>(
     p: &Planar<Q>,
     kernel: Option<quant::DownKernel<Q>>,
+    spread: bool,
     plan: &DownPlan,
     units: std::ops::Range<usize>,
     y: &mut [f32],
@@ -930,18 +931,25 @@ fn plan_run<Q: quant::Pod>(
     let kernel = kernel.expect("the planar layout exists only with its kernel");
     let us = &plan.units[units];
     let entries = |u: &(u32, u32, bool)| &plan.entries[u.0 as usize..(u.0 + u.1) as usize];
-    // the first unit's rows up front
-    if let Some(u) = us.first().filter(|u| !u.2) {
+    let prefetch = |u: &(u32, u32, bool)| {
         for &(j, _) in entries(u) {
             p.prefetch_row(j as usize);
         }
+    };
+    // the first unit's rows up front
+    if let Some(u) = us.first().filter(|u| !u.2) {
+        prefetch(u);
     }
     let (mut rows, mut a) = ([0u32; DOWN_GROUP], [0f32; DOWN_GROUP]);
     let mut next = [0u32; DOWN_GROUP];
     let mut read = 0;
     for (k, u) in us.iter().enumerate() {
-        // the next pooled unit's rows, prefetched by the kernel as it computes this one
-        let nn = match us.get(k + 1).filter(|u| !u.2) {
+        let after = us.get(k + 1).filter(|u| !u.2);
+        if let Some(u) = after.filter(|_| !spread) {
+            prefetch(u);
+        }
+        // (spread) the next pooled unit's rows, prefetched by the kernel as it computes this one
+        let nn = match after.filter(|_| spread) {
             Some(v) => {
                 for (x, &(j, _)) in next.iter_mut().zip(entries(v)) {
                     *x = j;
