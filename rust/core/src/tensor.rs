@@ -917,9 +917,10 @@ impl DownPlan {
 /// Run units `units` of `plan` through `kernel` into `y` (accumulating); rows read. The next
 /// pooled unit's rows are prefetched while one unit is computed: with `spread`, by the kernel
 /// chunk by chunk as it computes (its `next` rows), else all at once before the call. Spread,
-/// 90 % zeros from DRAM on 2 threads: Q8_0 (34 lines per row) 71-100 → 50-54 µs in criterion
-/// `sparse_down_dram` (two runs each; the burst of ~1100 prefetches per unit stalled on full
-/// miss buffers), but Q4_0 (18 lines) 35-38 → 50-53 µs, so Q4_0 keeps the burst.
+/// 90 % zeros from DRAM on 2 threads: Q8_0 (34 lines per row) 78-103 → 48-54 µs in criterion
+/// `sparse_down_dram` (four runs each way; the burst of ~1100 prefetches per unit stalled on
+/// full miss buffers), but Q4_0 (18 lines) 35-38 µs in 3 of 4 runs → 50-53 in 2, so Q4_0
+/// keeps the burst.
 fn plan_run<Q: quant::Pod>(
     p: &Planar<Q>,
     kernel: Option<quant::DownKernel<Q>>,

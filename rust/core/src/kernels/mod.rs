@@ -107,6 +107,11 @@
 //!   prefetching one line per 128-byte piece (2× slower: the second line is not fetched for
 //!   us); `DOWN_DENSE_AT` 16 / 20 (50 % zeros 1.2× / 1.4× slower for Q4_0, 70 % zeros ≤ 10 %
 //!   faster): 12 stays.
+//! - Prefetching the next pooled unit (criterion `sparse_down_dram`, 2 threads, 90 % zeros):
+//!   spread through the kernel, chunk by chunk as it computes its own rows (`DownKernel`'s
+//!   `next`), instead of one burst of ~1100 prefetches before the call: Q8_0 (34 lines per row)
+//!   78-103 → 48-54 µs (4 runs each); Q4_0 (18 lines) 35-38 µs in 3 of 4 runs with the burst,
+//!   50-53 in 2 runs spread, so Q4_0 keeps the burst (`tensor::plan_run`).
 //! - Prompt GEMM of planar W_downᵀ (≥ 17 tokens): a panel's row pair is dequantized and paired
 //!   in one pass from the planar arrays (`q4_0_pair_to_bf16` / `q8_0_pair_to_bf16`:
 //!   `vcvtne2ps2bf16` + `vpermw`) instead of joining GGUF blocks, converting each row and
