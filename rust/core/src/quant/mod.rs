@@ -775,7 +775,7 @@ pub struct QuantKernels {
 
 /// Signature of the planar int8 down-projection kernels: `(d, qs, nrows, nb, rows, a, next,
 /// y)`; `next` lists the rows of the following call, which the kernel prefetches as it goes (a
-/// hint: any rows of the matrix, or none; results do not depend on it).
+/// hint: any rows, or none; rows outside the matrix are ignored; results do not depend on it).
 pub type DownKernel<Q> = fn(&[f16], &[Q], usize, usize, &[u32], &[f32], &[u32], &mut [f32]);
 
 const SCALAR: QuantKernels = QuantKernels {

@@ -1164,7 +1164,9 @@ fn every_down_kernel_is_bit_identical_to_scalar() {
                             rows.iter_mut().for_each(|x| *x += 96);
                         }
                         // rows of any group size to prefetch for a following call
-                        let next: Vec<u32> = (0..5).map(|i| (i * 37 % nrows) as u32).collect();
+                        // (and one past the matrix, which the hint must ignore)
+                        let mut next: Vec<u32> = (0..5).map(|i| (i * 37 % nrows) as u32).collect();
+                        next.push(nrows as u32 + 3);
                         // y with one float in front (misaligned) and 3 behind (untouched)
                         let y0: Vec<f32> = (0..nb * 32 + 4).map(|_| r.unit()).collect();
                         let mut want4 = y0.clone();

@@ -716,12 +716,14 @@ impl Ahead {
     #[inline(always)]
     fn scales(&self, nb: usize, b0: usize) {
         for i in 0..self.n {
-            // SAFETY: `next` holds n rows (from a slice); a prefetch never faults, and the
-            // address lies inside the scale array of a valid row.
+            // SAFETY: `next` holds n rows (from a slice); rows outside the matrix are skipped,
+            // so the address lies inside the scale array (and a prefetch never faults).
             unsafe {
                 let r = *self.next.add(i) as usize;
-                let o = planar_pos(self.nrows, nb, PLANAR_SCALE_LINE, r, b0);
-                _mm_prefetch::<_MM_HINT_T1>(self.d.add(o) as *const i8);
+                if r < self.nrows {
+                    let o = planar_pos(self.nrows, nb, PLANAR_SCALE_LINE, r, b0);
+                    _mm_prefetch::<_MM_HINT_T1>(self.d.add(o) as *const i8);
+                }
             }
         }
     }
@@ -731,13 +733,15 @@ impl Ahead {
     fn codes(&self, nb: usize, ch: usize, b: usize, wc: usize) {
         let len = wc * self.qsz;
         for i in 0..self.n {
-            // SAFETY: as in `scales`; the piece's bytes lie inside the code array.
+            // SAFETY: as in `scales`; the piece's `len` bytes lie inside the code array.
             unsafe {
                 let r = *self.next.add(i) as usize;
-                let p = self.qs.add(planar_pos(self.nrows, nb, ch, r, b) * self.qsz);
-                _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
-                if len > 64 {
-                    _mm_prefetch::<_MM_HINT_T1>(p.add(64) as *const i8);
+                if r < self.nrows {
+                    let p = self.qs.add(planar_pos(self.nrows, nb, ch, r, b) * self.qsz);
+                    _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
+                    if len > 64 {
+                        _mm_prefetch::<_MM_HINT_T1>(p.add(64) as *const i8);
+                    }
                 }
             }
         }
