@@ -137,12 +137,12 @@ def main() -> None:
                     f"load {r['load_s']:.1f}s | {r['tier']}",
                     flush=True,
                 )
-    meta = {"cpu": platform.processor() or platform.machine(), "commit": _commit()}
+    meta = {"cpu": platform.processor() or platform.machine(), "commit": git_commit()}
     if a.json:
         Path(a.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
 
 
-def _commit() -> str:
+def git_commit() -> str:
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

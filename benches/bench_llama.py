@@ -45,6 +45,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from bench_e2e import git_commit  # found on the path above
+
 
 def prompt_ids(vocab_size: int, n: int) -> list[int]:
     """The prompt of bench_e2e.run_one (same ids on both sides)."""
@@ -327,26 +329,13 @@ def main() -> None:
     if a.json:
         meta = {
             "cpu": platform.processor() or platform.machine(),
-            "commit": _commit(),
+            "commit": git_commit(),
             "prompt": a.prompt,
             "decode": a.decode,
             "model": model_dir,
             **builds,
         }
         Path(a.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=HERE,
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -945,20 +945,18 @@ fn plan_run<Q: quant::Pod>(
     let mut next = [0u32; DOWN_GROUP];
     let mut read = 0;
     for (k, u) in us.iter().enumerate() {
-        let after = us.get(k + 1).filter(|u| !u.2);
-        if let Some(u) = after.filter(|_| !spread) {
-            prefetch(u);
-        }
-        // (spread) the next pooled unit's rows, prefetched by the kernel as it computes this one
-        let nn = match after.filter(|_| spread) {
-            Some(v) => {
+        // the next pooled unit: prefetched now, or (spread) handed to the kernel as `next`
+        let mut nn = 0;
+        if let Some(v) = us.get(k + 1).filter(|u| !u.2) {
+            if spread {
                 for (x, &(j, _)) in next.iter_mut().zip(entries(v)) {
                     *x = j;
                 }
-                v.1 as usize
+                nn = v.1 as usize;
+            } else {
+                prefetch(v);
             }
-            None => 0,
-        };
+        }
         let es = entries(u);
         let n = es.len();
         for (i, &(j, v)) in es.iter().enumerate() {

@@ -104,23 +104,62 @@ pub fn f16_to_bf16(x: &[half::f16], out: &mut [u16]) {
     unsafe { f16_to_bf16_i(x, out) }
 }
 
+/// `d·q` for 16 int8 codes `c` in f32 lanes: the scalar dequantizer's product, exactly.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn q8_values(d: f32, c: __m128i) -> __m512 {
+    _mm512_mul_ps(
+        _mm512_set1_ps(d),
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)),
+    )
+}
+
+/// The 32 values `d·(q − 8)` of a Q4_0 block (scale `d`, 16 code bytes at `qs`), looked up by
+/// code in a table of `d·(q − 8)`: columns 0..16 (low nibbles) and 16..32 (high nibbles).
+///
+/// # Safety
+/// 16 bytes must be readable at `qs`; the CPU must have avx512f.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn q4_values(d: f32, qs: *const u8) -> [__m512; 2] {
+    let codes = _mm512_setr_ps(
+        -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0,
+    );
+    let tab = _mm512_mul_ps(_mm512_set1_ps(d), codes);
+    // SAFETY (caller): 16 bytes at qs.
+    let idx = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(qs as *const __m128i) });
+    // vpermps reads the low 4 bits of each index lane
+    [
+        _mm512_permutexvar_ps(idx, tab),
+        _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(idx), tab),
+    ]
+}
+
+/// `out[..16] = bf16(v)` (round to nearest even).
+///
+/// # Safety
+/// 16 `u16` must be writable at `out`; the CPU must have avx512bf16.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn store_bf16(v: __m512, out: *mut u16) {
+    // SAFETY: same size, both plain bit vectors; (caller) 32 bytes writable at out.
+    unsafe {
+        let b = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
+        _mm256_storeu_si256(out as *mut __m256i, b)
+    }
+}
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn q8_0_to_bf16_i(w: &[crate::quant::BlockQ8_0], out: &mut [u16]) {
     assert!(out.len() >= 32 * w.len(), "q8_0_to_bf16 output length");
     let po = out.as_mut_ptr();
     for (b, blk) in w.iter().enumerate() {
-        let d = _mm512_set1_ps(blk.d.to_f32());
         let p = blk.qs.as_ptr() as *const __m128i;
-        // SAFETY: qs is 32 bytes (two 16-byte loads); 32·b + 32 <= out.len() (asserted).
-        unsafe {
-            for h in 0..2 {
-                let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(h))));
-                // d·q exactly as the scalar dequantizer, then rounded to bf16
-                let v = _mm512_cvtneps_pbh(_mm512_mul_ps(d, q));
-                _mm256_storeu_si256(
-                    po.add(32 * b + 16 * h) as *mut __m256i,
-                    std::mem::transmute::<__m256bh, __m256i>(v),
-                );
+        for h in 0..2 {
+            // SAFETY: qs is 32 bytes (two 16-byte loads); 32·b + 32 <= out.len() (asserted).
+            unsafe {
+                let v = q8_values(blk.d.to_f32(), _mm_loadu_si128(p.add(h)));
+                store_bf16(v, po.add(32 * b + 16 * h));
             }
         }
     }
@@ -136,25 +175,12 @@ pub fn q8_0_to_bf16(w: &[crate::quant::BlockQ8_0], out: &mut [u16]) {
 unsafe fn q4_0_to_bf16_i(w: &[crate::quant::BlockQ4_0], out: &mut [u16]) {
     assert!(out.len() >= 32 * w.len(), "q4_0_to_bf16 output length");
     let po = out.as_mut_ptr();
-    let codes = _mm512_setr_ps(
-        -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0,
-    );
     for (b, blk) in w.iter().enumerate() {
-        // every value d·(q − 8) of this block, looked up by code
-        let tab = _mm512_mul_ps(_mm512_set1_ps(blk.d.to_f32()), codes);
         // SAFETY: qs is 16 bytes; 32·b + 32 <= out.len() (asserted).
         unsafe {
-            let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.qs.as_ptr() as *const __m128i));
-            let lo = _mm512_cvtneps_pbh(_mm512_permutexvar_ps(idx, tab));
-            let hi = _mm512_cvtneps_pbh(_mm512_permutexvar_ps(_mm512_srli_epi32::<4>(idx), tab));
-            _mm256_storeu_si256(
-                po.add(32 * b) as *mut __m256i,
-                std::mem::transmute::<__m256bh, __m256i>(lo),
-            );
-            _mm256_storeu_si256(
-                po.add(32 * b + 16) as *mut __m256i,
-                std::mem::transmute::<__m256bh, __m256i>(hi),
-            );
+            let [lo, hi] = q4_values(blk.d.to_f32(), blk.qs.as_ptr());
+            store_bf16(lo, po.add(32 * b));
+            store_bf16(hi, po.add(32 * b + 16));
         }
     }
 }
@@ -189,51 +215,38 @@ unsafe fn store_pairs(a: __m512, b: __m512, order: __m512i, out: *mut u32) {
     }
 }
 
+/// The block count of a pair kernel's call, after checking its lengths.
+#[allow(clippy::type_complexity)]
+fn pair_blocks<Q>(lo: (&[f16], &[Q]), hi: Option<(&[f16], &[Q])>, out: &[u32]) -> usize {
+    let nb = lo.0.len();
+    assert!(
+        lo.1.len() == nb
+            && hi.is_none_or(|h| h.0.len() == nb && h.1.len() == nb)
+            && out.len() >= 32 * nb,
+        "pair_to_bf16 lengths"
+    );
+    nb
+}
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn q4_0_pair_to_bf16_i(
     lo: (&[f16], &[[u8; 16]]),
     hi: Option<(&[f16], &[[u8; 16]])>,
     out: &mut [u32],
 ) {
-    let nb = lo.0.len();
-    assert!(
-        lo.1.len() == nb
-            && hi.is_none_or(|h| h.0.len() == nb && h.1.len() == nb)
-            && out.len() >= 32 * nb,
-        "q4_0_pair_to_bf16 lengths"
-    );
-    let codes = _mm512_setr_ps(
-        -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0,
-    );
+    let nb = pair_blocks(lo, hi, out);
     let order = pair_order();
     let po = out.as_mut_ptr();
-    let zero = (_mm512_setzero_ps(), _mm512_setzero_si512());
     for b in 0..nb {
-        // every value d·(q − 8) of each row's block, looked up by code (q4_0_to_bf16's values)
-        // SAFETY: codes are 16 bytes.
-        let (ta, ia) = unsafe {
-            (
-                _mm512_mul_ps(_mm512_set1_ps(lo.0[b].to_f32()), codes),
-                _mm512_cvtepu8_epi32(_mm_loadu_si128(lo.1[b].as_ptr() as *const __m128i)),
-            )
-        };
-        let (tb, ib) = match hi {
-            // SAFETY: codes are 16 bytes.
-            Some((d, q)) => unsafe {
-                (
-                    _mm512_mul_ps(_mm512_set1_ps(d[b].to_f32()), codes),
-                    _mm512_cvtepu8_epi32(_mm_loadu_si128(q[b].as_ptr() as *const __m128i)),
-                )
-            },
-            None => zero,
-        };
-        // SAFETY: 32·b + 32 <= out.len() (asserted).
+        // SAFETY: codes are 16 bytes; 32·b + 32 <= out.len() (checked).
         unsafe {
-            let (a, bb) = (_mm512_permutexvar_ps(ia, ta), _mm512_permutexvar_ps(ib, tb));
-            store_pairs(a, bb, order, po.add(32 * b));
-            let (ia, ib) = (_mm512_srli_epi32::<4>(ia), _mm512_srli_epi32::<4>(ib));
-            let (a, bb) = (_mm512_permutexvar_ps(ia, ta), _mm512_permutexvar_ps(ib, tb));
-            store_pairs(a, bb, order, po.add(32 * b + 16));
+            let a = q4_values(lo.0[b].to_f32(), lo.1[b].as_ptr());
+            let c = match hi {
+                Some((d, q)) => q4_values(d[b].to_f32(), q[b].as_ptr()),
+                None => [_mm512_setzero_ps(); 2],
+            };
+            store_pairs(a[0], c[0], order, po.add(32 * b));
+            store_pairs(a[1], c[1], order, po.add(32 * b + 16));
         }
     }
 }
@@ -256,34 +269,27 @@ unsafe fn q8_0_pair_to_bf16_i(
     hi: Option<(&[f16], &[[u8; 32]])>,
     out: &mut [u32],
 ) {
-    let nb = lo.0.len();
-    assert!(
-        lo.1.len() == nb
-            && hi.is_none_or(|h| h.0.len() == nb && h.1.len() == nb)
-            && out.len() >= 32 * nb,
-        "q8_0_pair_to_bf16 lengths"
-    );
+    let nb = pair_blocks(lo, hi, out);
     let order = pair_order();
     let flip = _mm_set1_epi8(-128);
     let po = out.as_mut_ptr();
     for b in 0..nb {
-        // d·q exactly as the scalar dequantizer (codes stored + 128)
-        let dl = _mm512_set1_ps(lo.0[b].to_f32());
-        let dh = _mm512_set1_ps(hi.map_or(0.0, |h| h.0[b].to_f32()));
         for h in 0..2 {
-            // SAFETY: 16 of each block's 32 bytes; 32·b + 32 <= out.len() (asserted).
+            // SAFETY: 16 of each block's 32 bytes; 32·b + 32 <= out.len() (checked).
             unsafe {
-                let c = _mm_loadu_si128(lo.1[b].as_ptr().add(16 * h) as *const __m128i);
-                let a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_xor_si128(c, flip)));
-                let bb = match hi {
-                    Some((_, q)) => {
-                        let c = _mm_loadu_si128(q[b].as_ptr().add(16 * h) as *const __m128i);
-                        let v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_xor_si128(c, flip)));
-                        _mm512_mul_ps(dh, v)
-                    }
+                // codes are stored + 128: flipped back to int8, then q8_0_to_bf16's values
+                let code = |q: &[u8; 32]| {
+                    _mm_xor_si128(
+                        _mm_loadu_si128(q.as_ptr().add(16 * h) as *const __m128i),
+                        flip,
+                    )
+                };
+                let a = q8_values(lo.0[b].to_f32(), code(&lo.1[b]));
+                let c = match hi {
+                    Some((d, q)) => q8_values(d[b].to_f32(), code(&q[b])),
                     None => _mm512_setzero_ps(),
                 };
-                store_pairs(_mm512_mul_ps(dl, a), bb, order, po.add(32 * b + 16 * h));
+                store_pairs(a, c, order, po.add(32 * b + 16 * h));
             }
         }
     }

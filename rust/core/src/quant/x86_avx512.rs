@@ -712,6 +712,18 @@ struct Ahead {
 }
 
 impl Ahead {
+    /// The hint for rows `next` of the planar matrix `(d, qs)` with `nrows` rows.
+    fn new<Q>(next: &[u32], nrows: usize, d: &[f16], qs: &[Q]) -> Ahead {
+        Ahead {
+            next: next.as_ptr(),
+            n: next.len(),
+            nrows,
+            d: d.as_ptr(),
+            qs: qs.as_ptr() as *const u8,
+            qsz: std::mem::size_of::<Q>(),
+        }
+    }
+
     /// Prefetch the scale line holding block `b0` of each next row.
     #[inline(always)]
     fn scales(&self, nb: usize, b0: usize) {
@@ -948,14 +960,7 @@ fn down_q4_0_i(
             a,
             8,
             planar_chunk::<[u8; 16]>(),
-            &Ahead {
-                next: next.as_ptr(),
-                n: next.len(),
-                nrows,
-                d: d.as_ptr(),
-                qs: qs.as_ptr() as *const u8,
-                qsz: 16,
-            },
+            &Ahead::new(next, nrows, d, qs),
             chunk,
         )
     }
@@ -1068,14 +1073,7 @@ fn down_q8_0_i(
             a,
             128,
             planar_chunk::<[u8; 32]>(),
-            &Ahead {
-                next: next.as_ptr(),
-                n: next.len(),
-                nrows,
-                d: d.as_ptr(),
-                qs: qs.as_ptr() as *const u8,
-                qsz: 32,
-            },
+            &Ahead::new(next, nrows, d, qs),
             chunk,
         )
     }
