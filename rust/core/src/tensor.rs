@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
-use crate::team::par_chunks;
+use crate::team::{par_chunks, par_ranges};
 
 use crate::kernels::kernels;
 use crate::quant::{
@@ -661,26 +661,27 @@ impl Matrix {
         }
     }
 
-    /// `y = W x` (`x: [cols]`, `y: [rows]`), rows split across the current rayon pool.
+    /// `y = W x` (`x: [cols]`, `y: [rows]`): one contiguous range of rows per thread (on the
+    /// decode team if one is entered, else the current rayon pool), see [`par_ranges`].
     pub fn matvec(&self, x: &[f32], y: &mut [f32]) {
         debug_assert_eq!(x.len(), self.cols);
         debug_assert_eq!(y.len(), self.rows);
-        let mut chunk = row_chunk(self.rows);
-        if matches!(self.data, Storage::Q4_0x16(_) | Storage::Q8_0x16(_)) {
-            chunk = chunk.div_ceil(16) * 16; // whole interleaved groups per task
-        }
+        // Whole 16-row groups of the interleaved layouts; claims of at least 64 KiB of weights.
+        let unit = match self.data {
+            Storage::Q4_0x16(_) | Storage::Q8_0x16(_) => 16,
+            _ => 1,
+        };
+        let grain = (64 << 10) / (unit * (self.nbytes() / self.rows.max(1)).max(1));
         if self.dtype().is_quantized() {
-            // Quantize the input once; every row task reuses the same blocks.
+            // Quantize the input once; every row range reuses the same blocks.
             GEMV_IN.with(|cell| {
                 let (xq, xs) = &mut *cell.borrow_mut();
                 quantize_input(x, xq);
                 self.input_sums(xq, xs);
-                par_chunks([y], [chunk], |ci, [ys]| {
-                    self.dot_rows_q(ci * chunk, xq, xs, ys)
-                });
+                par_ranges(y, unit, grain, |r0, ys| self.dot_rows_q(r0, xq, xs, ys));
             });
         } else {
-            par_chunks([y], [chunk], |ci, [ys]| self.dot_rows(ci * chunk, x, ys));
+            par_ranges(y, unit, grain, |r0, ys| self.dot_rows(r0, x, ys));
         }
     }
 

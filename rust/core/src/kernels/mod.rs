@@ -119,6 +119,26 @@
 //!   260-278 → 237-255 ms, 32: 376-390 → 346-387, 128 within noise; q8_0 17: 291-347 →
 //!   277-294. `perf` of 32-39-token q4_0 prompts after it: int8 GEMMs 26 %, the down GEMM's
 //!   tiles 19 %, the pair conversion 14 %.
+//! - The machine has two bandwidth phases, switching every few seconds to minutes: a plain
+//!   2-thread read of 1 GiB gives ~33 GB/s in one and 55-62 GB/s in the other (1 thread: ~30
+//!   in both; SSE or AVX-512 loads, two halves or 16 chunks alike). `examples/bw_probe` and
+//!   `examples/decode_probe` pair each measurement with a read just before and after. In the
+//!   slow phase the decode GEMVs read at 95-99 % of it; in the fast one, Q4_0 / Q8_0 GEMVs
+//!   were at 81-84 % and F16 at 91 %. Fewer, larger tasks per GEMV read faster there (Q4_0,
+//!   32 × 8192×2048, medians of 151 paired lines: 8 tasks per thread 82 %, 4: 86 %, 2: 89 %,
+//!   1: 90 %; 64 per thread 51 %), and software prefetch in the GEMV kernel was slower (73-76
+//!   %). Each task claim is a locked compare-and-swap, which waits for the core's loads in
+//!   flight. `team::par_ranges` gives each thread one contiguous range and claims half of
+//!   what is left each time (at least 64 KiB), stealing from the back of the other's range at
+//!   the end: fast phase Q4_0 77 → 88 %, Q8_0 82 → 90 % (40 and 90 paired lines), slow phase
+//!   +2-3 %. Whole decode (PLM-1.8B q4_0, 2 threads, `decode_probe`, alternated in one
+//!   process): sparsity off, fast phase 34.4 → 36.4 tok/s, slow 28.2 → 28.6; on, 33.2 → 34.4
+//!   and 26.1 → 26.8. A fixed 64 KiB claim was much slower (65 %).
+//! - What is left in the fast phase: decode reads ~62 % of the plain read. The planar down
+//!   kernel reads at 64 % of it at 50 % zeros (93 % in the slow phase): from L3 on one core it
+//!   processes ~27 GB/s against the GEMV's 60, because of the 4-row byte regrouping
+//!   (`vshufi64x2` + `vpermt2b`) that `vpdpbusd` needs. `perf` of sparsity-off decode: GEMVs
+//!   41 %, down kernel + coefficients 25 %, attention tiles 11 % (context up to 512).
 
 use std::sync::OnceLock;
 

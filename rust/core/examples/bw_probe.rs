@@ -1,0 +1,111 @@
+//! Decode GEMVs against a plain read of memory, alternated in one process:
+//! `cargo run --release --example bw_probe -p sparselm-core [threads]`.
+//!
+//! The machine's bandwidth drifts from minute to minute, so each line pairs a plain 2-thread
+//! read of 1 GiB (the ceiling of that moment) with the GEMVs of 32 PLM-1.8B-shaped up
+//! projections (8192×2048) on the decode team, both from DRAM on 2 MiB pages; `DOWN=1` times
+//! the sparse down projection of 32 planar W_downᵀ instead (`DOWN_ZEROS=50`: % random zero
+//! neurons; GB/s counted on the whole matrix). `DTYPES=q4_0,q8_0,f16` picks formats, `REPS=`
+//! the number of pairs. Lines whose reads are above ~45 GB/s come from the fast phase.
+use sparselm_core::model::parse_dtype;
+use sparselm_core::team::{Scope, Team};
+use sparselm_core::tensor::{DType, Matrix};
+use std::hint::black_box;
+use std::time::Instant;
+
+#[global_allocator]
+static ALLOC: sparselm_core::alloc::HugePageAlloc = sparselm_core::alloc::HugePageAlloc;
+
+fn sum_read(b: &[u64]) -> u64 {
+    // Eight independent sums: the loads, not the adds, set the pace.
+    let mut s = [0u64; 8];
+    for c in b.chunks_exact(8) {
+        for k in 0..8 {
+            s[k] = s[k].wrapping_add(c[k]);
+        }
+    }
+    s.iter().fold(0, |a, &x| a.wrapping_add(x))
+}
+
+fn main() {
+    let threads: usize = std::env::args().nth(1).map_or(2, |s| s.parse().unwrap());
+    let team = Team::new(threads).unwrap();
+    let _scope = Scope::enter(&team);
+    let reps: usize = std::env::var("REPS").map_or(8, |s| s.parse().unwrap());
+    let dtypes: Vec<DType> = std::env::var("DTYPES")
+        .unwrap_or("q4_0,q8_0,f16".into())
+        .split(',')
+        .map(|s| parse_dtype(s).ok().flatten().expect("DTYPES"))
+        .collect();
+    let plain: Vec<u64> = (0..(1usize << 27) as u64).collect(); // 1 GiB
+    let tasks = threads * 8;
+    let chunk = plain.len() / tasks;
+    let read = || {
+        let t = Instant::now();
+        team.run(tasks, &|i| {
+            black_box(sum_read(&plain[i * chunk..(i + 1) * chunk]));
+        });
+        (plain.len() * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
+    };
+    let (rows, cols) = (8192usize, 2048usize);
+    let w: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5)
+        .collect();
+    let x = vec![0.5f32; cols];
+    let mut y = vec![0f32; rows];
+    for dt in dtypes {
+        let ms: Vec<Matrix> = (0..32)
+            .map(|_| Matrix::from_f32(rows, cols, &w, dt).into_gemv_layout())
+            .collect();
+        let bytes: usize = ms.iter().map(|m| m.nbytes()).sum();
+        // DOWN=1: the decode down projection instead (planar W_downᵀ, DOWN_ZEROS % random
+        // zero neurons; bytes counted as the whole matrix, as the dense groups read it all).
+        let down = std::env::var("DOWN").is_ok_and(|v| v == "1");
+        let zeros: u32 = std::env::var("DOWN_ZEROS").map_or(50, |s| s.parse().unwrap());
+        let downs: Vec<Matrix> = if down && dt.is_quantized() {
+            (0..32)
+                .map(|_| Matrix::from_f32(rows, cols, &w, dt).into_down_layout())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let act: Vec<(u32, f32)> = (0..rows as u32)
+            .filter(|j| j.wrapping_mul(2654435761) % 100 >= zeros)
+            .map(|j| (j, 1.0 + (j % 7) as f32))
+            .collect();
+        let (mut plan, mut parts) = (sparselm_core::tensor::DownPlan::new(), Vec::new());
+        let what = if downs.is_empty() { "GEMVs" } else { "down" };
+        let mut gemv = || {
+            let t = Instant::now();
+            if downs.is_empty() {
+                for m in &ms {
+                    m.matvec(&x, &mut y);
+                }
+            } else {
+                for m in &downs {
+                    m.sparse_axpy_par(&act, &mut plan, &mut parts);
+                }
+            }
+            bytes as f64 / t.elapsed().as_secs_f64() / 1e9
+        };
+        read();
+        gemv();
+        let mut ratios = Vec::new();
+        for _ in 0..reps {
+            let r = read();
+            let g = gemv();
+            let r2 = read();
+            let ceil = (r + r2) / 2.0;
+            ratios.push(g / ceil);
+            println!(
+                "{dt:?} {threads}T: read {r:.1}/{r2:.1} GB/s, {what} {g:.1} GB/s = {:.0} %",
+                100.0 * g / ceil
+            );
+        }
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "{dt:?} {threads}T {what}: median {:.0} % of the read",
+            100.0 * ratios[reps / 2]
+        );
+    }
+}
