@@ -1,8 +1,9 @@
 """End-to-end speed of sparselm on the exact PLM-1.8B shape (random weights).
 
 Reports, per weight format and thread count: prefill tok/s (128-token prompt), decode tok/s with
-exact sparsity on and off, achieved weight-read GB/s against the machine's bandwidth, peak RSS,
-measured ReLU² sparsity, and the kernel tier. Each configuration runs in its own process so peak
+exact sparsity on and off, achieved weight-read GB/s against the machine's read bandwidth
+measured just before and after the decode (``read_gb_s``; it drifts between phases on shared
+machines), peak RSS (before those reads), measured ReLU² sparsity, and the kernel tier. Each configuration runs in its own process so peak
 RSS is its own. Results are printed as a table and written as JSON (``--json``).
 
     python benches/bench_e2e.py                       # f16/bf16, 1 and 2 threads
@@ -20,6 +21,7 @@ import math
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -28,11 +30,37 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-#: Read bandwidth of the reference machine (2-core Zen 4 VM), GB/s per thread count: what a plain
-#: f32 GEMV over the 1.2 GB 151936×2048 matrix reads (rust/core/examples/gemv_probe, quiet
-#: machine). Issue #3 quotes a STREAM figure of 15 / 28.5 GB/s; GEMVs here exceed it, so the
-#: higher measured figure is the honest denominator.
-BANDWIDTH = {1: 23.7, 2: 44.3}
+#: Buffer of the plain reads that bracket every decode timing (``read_gb_s``): well above the
+#: 32 MiB last-level cache of the reference machine (64 MiB read 18 % fast there).
+READ_MIB = 256
+
+
+def read_gb_s(threads: int) -> float:
+    """The machine's read bandwidth right now (GB/s, median of 3 plain reads of ``READ_MIB``).
+
+    The reference VM moves between ~33 and ~60 GB/s (2 threads) in phases of seconds to
+    minutes, so decode timings are reported against the read measured just before and after
+    them, not against a fixed figure.
+    """
+    from sparselm import _native
+
+    return statistics.median(_native.read_bandwidth(threads, READ_MIB, 3))
+
+
+def peak_rss_gb() -> float:
+    """Peak RSS of this process so far, GB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def current_rss_gb() -> float:
+    """RSS of this process now, GB (0 where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1e6
+    except OSError:
+        pass
+    return 0.0
 
 
 def run_one(model_dir: str, dtype: str, threads: int, prompt: int, decode: int) -> dict:
@@ -50,11 +78,16 @@ def run_one(model_dir: str, dtype: str, threads: int, prompt: int, decode: int) 
     t0 = time.perf_counter()
     sess.start(ids, decode)
     prefill_s = time.perf_counter() - t0
+    # Peak RSS before the bandwidth reads (their buffer is freed before decode starts).
+    rss_gb = peak_rss_gb()
+    bw0 = read_gb_s(threads)
     t0 = time.perf_counter()
     n = 0
     while sess.next_token() is not None:
         n += 1
     decode_s = time.perf_counter() - t0
+    rss_gb = max(rss_gb, current_rss_gb())
+    bw1 = read_gb_s(threads)
     st = sess.stats()
     wbytes = eng.weight_bytes
     d, ni, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
@@ -78,9 +111,10 @@ def run_one(model_dir: str, dtype: str, threads: int, prompt: int, decode: int) 
         "decode_tokens": n,
         "gb_per_token": read / 1e9,
         "gb_s": read * tok_s / 1e9,
-        "bandwidth_share": read * tok_s / 1e9 / BANDWIDTH.get(eng.threads, BANDWIDTH[2]),
+        "read_gb_s": [bw0, bw1],
+        "bandwidth_share": read * tok_s / 1e9 / ((bw0 + bw1) / 2),
         "sparsity": sparsity,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "peak_rss_gb": rss_gb,
         "tier": sparselm.kernel_tier(),
     }
 
@@ -132,7 +166,8 @@ def main() -> None:
                 print(
                     f"{r['dtype']:>5} threads={r['threads']} sparse={'on ' if r['sparse'] else 'off'} "
                     f"prefill {r['prefill_tok_s']:6.2f} tok/s | decode {r['decode_tok_s']:5.2f} tok/s "
-                    f"({r['gb_s']:5.1f} GB/s, {100 * r['bandwidth_share']:3.0f}% of bw) | "
+                    f"({r['gb_s']:5.1f} GB/s, {100 * r['bandwidth_share']:3.0f}% of a plain read: "
+                    f"{r['read_gb_s'][0]:.0f}/{r['read_gb_s'][1]:.0f} GB/s) | "
                     f"sparsity {100 * r['sparsity']:4.1f}% | RSS {r['peak_rss_gb']:.2f} GB | "
                     f"load {r['load_s']:.1f}s | {r['tier']}",
                     flush=True,

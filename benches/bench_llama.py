@@ -25,8 +25,12 @@ thread pool collapses on oversubscribed cores), and every result records the CPU
 used while it ran ("others used N% CPU"); a run disturbed by more than 8 % is repeated (up to 4
 runs, the least disturbed is kept).
 
+Both sides also time a plain read of memory (``sparselm.memory_bandwidth``'s probe) just before
+and just after their decode: this machine's bandwidth moves between phases (~33 and ~60 GB/s
+with 2 threads), and one side may decode in the fast phase, the other in the slow one.
+
 Prints one line per run, then a table of tok/s and the ratio sparselm / llama.cpp for prefill and
-decode (sparse on and off). Needs the optional packages ``gguf`` and ``llama-cpp-python``.
+decode (sparse on and off), and the decode ratio per GB/s of those reads ("ratio / bw"). Needs the optional packages ``gguf`` and ``llama-cpp-python``.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_e2e import git_commit  # found on the path above
+from bench_e2e import current_rss_gb, git_commit, peak_rss_gb, read_gb_s  # on the path above
 
 
 def prompt_ids(vocab_size: int, n: int) -> list[int]:
@@ -83,6 +87,8 @@ def run_llama(gguf_file: str, threads: int, prompt: int, decode: int) -> dict:
     t0 = time.perf_counter()
     llm.eval(ids)
     prefill_s = time.perf_counter() - t0
+    rss_gb = peak_rss_gb()  # before the bandwidth reads, as in bench_e2e.run_one
+    bw0 = read_gb_s(threads)
 
     # Greedy decode, same protocol as sparselm's session: the first token comes from the prompt's
     # logits; every later one needs one forward pass of the previous token.
@@ -94,6 +100,8 @@ def run_llama(gguf_file: str, threads: int, prompt: int, decode: int) -> dict:
         tok = int(np.argmax(_last_logits(llm)))
         out.append(tok)
     decode_s = time.perf_counter() - t0
+    rss_gb = max(rss_gb, current_rss_gb())
+    bw1 = read_gb_s(threads)
     forwards = max(len(out) - 1, 1)
     info = llama_cpp.llama_print_system_info()
     llm.close()
@@ -105,7 +113,8 @@ def run_llama(gguf_file: str, threads: int, prompt: int, decode: int) -> dict:
         "prefill_tok_s": prompt / prefill_s,
         "decode_tok_s": forwards / decode_s,
         "decode_tokens": len(out),
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "peak_rss_gb": rss_gb,
+        "read_gb_s": [bw0, bw1],
         "gguf_bytes": os.path.getsize(gguf_file),
         "llama_cpp_python": llama_cpp.__version__,
         "system_info": info.decode() if isinstance(info, bytes) else str(info),
@@ -187,6 +196,16 @@ def _run_child(cmd: list[str], env: dict | None) -> dict:
     return r
 
 
+def _bw(r: dict) -> str:
+    """The plain reads around a run's decode, GB/s."""
+    return "/".join(f"{x:.0f}" for x in r["read_gb_s"]) + " GB/s"
+
+
+def _per_bw(r: dict) -> float:
+    """Decode tok/s per GB/s of the plain read measured around it (before/after mean)."""
+    return r["decode_tok_s"] / (sum(r["read_gb_s"]) / len(r["read_gb_s"]))
+
+
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b > 0 else "-"
 
@@ -247,7 +266,7 @@ def main() -> None:
                 ll["dtype"] = dtype
                 print(
                     f"llama.cpp {dtype:>5} threads={threads}          prefill {ll['prefill_tok_s']:6.2f} tok/s | "
-                    f"decode {ll['decode_tok_s']:5.2f} tok/s | RSS {ll['peak_rss_gb']:.2f} GB | "
+                    f"decode {ll['decode_tok_s']:5.2f} tok/s (read {_bw(ll)}) | RSS {ll['peak_rss_gb']:.2f} GB | "
                     f"load {ll['load_s']:.1f}s | others used {100 * ll['other_cpu_share']:.0f}% CPU{tag}",
                     flush=True,
                 )
@@ -275,7 +294,7 @@ def main() -> None:
                     sp[sparse] = r
                     print(
                         f"sparselm  {dtype:>5} threads={threads} sparse={'on ' if sparse else 'off'} "
-                        f"prefill {r['prefill_tok_s']:6.2f} tok/s | decode {r['decode_tok_s']:5.2f} tok/s | "
+                        f"prefill {r['prefill_tok_s']:6.2f} tok/s | decode {r['decode_tok_s']:5.2f} tok/s (read {_bw(r)}) | "
                         f"RSS {r['peak_rss_gb']:.2f} GB | sparsity {100 * r['sparsity']:4.1f}% | {r['tier']} | "
                         f"others used {100 * r['other_cpu_share']:.0f}% CPU{tag}",
                         flush=True,
@@ -294,11 +313,15 @@ def main() -> None:
         )
     )
     print(
-        "| format | threads | prefill llama.cpp | prefill sparselm | ratio | decode llama.cpp "
-        "| decode sparselm, sparse on | ratio | decode sparselm, sparse off | ratio "
-        "| others' CPU share (max) |"
+        "(ratio / bw: the ratio of decode tok/s per GB/s of the plain read measured around each "
+        "decode, which takes out the machine's bandwidth phases; read: range of those reads)"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| format | threads | prefill llama.cpp | prefill sparselm | ratio | decode llama.cpp "
+        "| decode sparselm, sparse on | ratio | ratio / bw | decode sparselm, sparse off | ratio "
+        "| ratio / bw | read GB/s | others' CPU share (max) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype, threads, runs in table:
         med = [
             {
@@ -318,13 +341,20 @@ def main() -> None:
                 return f"{rs[0]:.2f}x"
             return f"{statistics.median(rs):.2f}x ({min(rs):.2f}-{max(rs):.2f})"
 
+        def norm(i: int, runs: list[tuple[dict, dict, dict]] = runs) -> str:
+            rs = [_per_bw(run[i]) / _per_bw(run[0]) for run in runs]
+            if len(rs) == 1:
+                return f"{rs[0]:.2f}x"
+            return f"{statistics.median(rs):.2f}x ({min(rs):.2f}-{max(rs):.2f})"
+
         others = max(x["other_cpu_share"] for run in runs for x in run)
+        reads = [g for run in runs for x in run for g in x["read_gb_s"]]
         print(
             f"| {dtype} | {threads} | {ll['prefill_tok_s']:.1f} | {on['prefill_tok_s']:.1f} | "
             f"{ratios(1, 'prefill_tok_s')} | {ll['decode_tok_s']:.2f} | "
-            f"{on['decode_tok_s']:.2f} | {ratios(1, 'decode_tok_s')} | "
-            f"{off['decode_tok_s']:.2f} | {ratios(2, 'decode_tok_s')} | "
-            f"{100 * others:.0f}% |"
+            f"{on['decode_tok_s']:.2f} | {ratios(1, 'decode_tok_s')} | {norm(1)} | "
+            f"{off['decode_tok_s']:.2f} | {ratios(2, 'decode_tok_s')} | {norm(2)} | "
+            f"{min(reads):.0f}-{max(reads):.0f} | {100 * others:.0f}% |"
         )
     if a.json:
         meta = {

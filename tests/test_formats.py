@@ -356,3 +356,21 @@ def test_quantized_load_with_intermediate_not_multiple_of_32(dtype: str, tmp_pat
     for t in ids[4:]:
         step = s.feed([t])
     assert float(np.abs(step - want[-1]).max() / np.abs(want).max()) <= BUDGET[dtype][0]
+
+
+def test_memory_bandwidth_measures_and_rejects_bad_arguments() -> None:
+    """The read-bandwidth probe the benchmarks pair their timings with (no timing asserted:
+    only that it measures something and validates its arguments on both sides)."""
+    from sparselm import _native
+
+    gb_s = sparselm.memory_bandwidth(threads=2, mib=16, passes=2)
+    assert np.isfinite(gb_s) and gb_s > 0
+    assert len(_native.read_bandwidth(1, 8, 3)) == 3
+    for bad in ({"threads": 0}, {"mib": 0}, {"passes": -1}, {"threads": 1.5}, {"mib": True}):
+        with pytest.raises(sparselm.InvalidArgumentError):
+            sparselm.memory_bandwidth(**bad)
+    # the native layer checks too (and never crashes)
+    with pytest.raises(sparselm.InvalidArgumentError):
+        _native.read_bandwidth(0, 8, 1)
+    with pytest.raises(sparselm.InvalidArgumentError):
+        _native.read_bandwidth(1, 8, 0)

@@ -33,7 +33,16 @@ from ._errors import (
     UnsupportedError,
 )
 from .generation import GenerationConfig, GenerationStats
-from .model import DTYPES, Model, ModelConfig, Session, bundled_model_path, kernel_tier, load
+from .model import (
+    DTYPES,
+    Model,
+    ModelConfig,
+    Session,
+    bundled_model_path,
+    kernel_tier,
+    load,
+    memory_bandwidth,
+)
 from .tokenizer import Tokenizer
 
 
@@ -70,4 +79,5 @@ __all__ = [
     "bundled_model_path",
     "kernel_tier",
     "load",
+    "memory_bandwidth",
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType, ModuleType
@@ -45,6 +46,7 @@ __all__ = [
     "bundled_model_path",
     "kernel_tier",
     "load",
+    "memory_bandwidth",
 ]
 
 #: The weight formats :func:`load` accepts. ``"auto"`` keeps the checkpoint's own dtype. The
@@ -106,6 +108,25 @@ def kernel_tier() -> str:
     ``SPARSELM_KERNEL`` environment variable can force a lower tier (set it before import).
     """
     return str(_load_native().kernel_tier())
+
+
+def memory_bandwidth(threads: int | None = None, mib: int = 512, passes: int = 3) -> float:
+    """This machine's read bandwidth right now, in GB/s: the median of ``passes`` plain reads
+    of a ``mib``-MiB buffer on ``threads`` threads (default: one per CPU).
+
+    Decode speed is bound by memory, and on shared machines the bandwidth drifts (the
+    reference VM moves between ~33 and ~60 GB/s with 2 threads), so benchmarks pair their
+    timings with this figure. Takes about ``mib`` MiB of memory for a fraction of a second.
+
+    Raises:
+        InvalidArgumentError: ``threads``, ``mib`` or ``passes`` is not a positive integer.
+    """
+    if threads is None:
+        threads = os.cpu_count() or 1
+    for name, v in (("threads", threads), ("mib", mib), ("passes", passes)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise InvalidArgumentError(f"{name} must be a positive integer, got {v!r}")
+    return float(statistics.median(_load_native().read_bandwidth(threads, mib, passes)))
 
 
 def bundled_model_path() -> Path:

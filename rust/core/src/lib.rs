@@ -9,6 +9,7 @@ pub mod gemm;
 pub mod kernels;
 pub mod kv_cache;
 pub mod loader;
+pub mod membw;
 pub mod model;
 pub mod ops;
 pub mod quant;

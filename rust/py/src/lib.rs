@@ -24,6 +24,19 @@ fn kernel_tier() -> &'static str {
     sparselm_core::kernels::kernels().tier.name()
 }
 
+/// GB/s of `passes` plain reads of a `mib`-MiB buffer on `threads` threads (see
+/// `sparselm_core::membw`).
+#[pyfunction]
+#[pyo3(signature = (threads, mib = 512, passes = 3))]
+fn read_bandwidth(py: Python<'_>, threads: usize, mib: usize, passes: usize) -> PyResult<Vec<f64>> {
+    let bytes = mib
+        .checked_mul(1 << 20)
+        .ok_or_else(|| to_pyerr(py, Error::Argument(format!("mib={mib} is too large"))))?;
+    nogil(py, move || {
+        sparselm_core::membw::read_bandwidth(threads, bytes, passes)
+    })
+}
+
 fn ids_u32(py: Python<'_>, ids: Vec<i64>, vocab: usize) -> PyResult<Vec<u32>> {
     ids.iter()
         .map(|&t| {
@@ -260,6 +273,7 @@ impl Session {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernel_tier, m)?)?;
+    m.add_function(wrap_pyfunction!(read_bandwidth, m)?)?;
     m.add_class::<Engine>()?;
     m.add_class::<Session>()?;
     Ok(())
