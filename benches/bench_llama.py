@@ -30,7 +30,7 @@ and just after their decode: this machine's bandwidth moves between phases (~33 
 with 2 threads), and one side may decode in the fast phase, the other in the slow one.
 
 Prints one line per run, then a table of tok/s and the ratio sparselm / llama.cpp for prefill and
-decode (sparse on and off), and the decode ratio per GB/s of those reads ("ratio / bw"). Needs the optional packages ``gguf`` and ``llama-cpp-python``.
+decode (sparse on and off), and the decode ratios among runs in the same bandwidth phase. Needs the optional packages ``gguf`` and ``llama-cpp-python``.
 """
 
 from __future__ import annotations
@@ -201,13 +201,102 @@ def _bw(r: dict) -> str:
     return "/".join(f"{x:.0f}" for x in r["read_gb_s"]) + " GB/s"
 
 
-def _per_bw(r: dict) -> float:
-    """Decode tok/s per GB/s of the plain read measured around it (before/after mean)."""
-    return r["decode_tok_s"] / (sum(r["read_gb_s"]) / len(r["read_gb_s"]))
+def _phases(rows: list[dict]) -> float | None:
+    """The read bandwidth that separates the machine's slow and fast phases in this run: the
+    midpoint of the lowest and highest plain read, if they differ by more than 30 % (else None:
+    one phase)."""
+    reads = [g for r in rows for g in r["read_gb_s"]]
+    lo, hi = min(reads), max(reads)
+    return (lo + hi) / 2 if hi > 1.3 * lo else None
+
+
+def _phase(r: dict, cut: float | None) -> str:
+    """ "slow" / "fast" if both reads around the run's decode fall on one side of ``cut``."""
+    if cut is None:
+        return "slow"
+    if max(r["read_gb_s"]) < cut:
+        return "slow"
+    if min(r["read_gb_s"]) > cut:
+        return "fast"
+    return "mixed"
 
 
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b > 0 else "-"
+
+
+def print_table(
+    table: list[tuple[str, int, list[tuple[dict, dict, dict]]]],
+    rows: list[dict],
+    prompt: int,
+    decode: int,
+    rounds: int,
+) -> None:
+    """The summary table of a run (also rebuilt from a saved ``--json`` by ``--table``)."""
+    print()
+    print(
+        f"prompt {prompt} tokens, decode {decode} tokens (tok/s; ratio = sparselm / llama.cpp"
+        + (
+            f"; medians of {rounds} alternating rounds, per-round ratio range in brackets)"
+            if rounds > 1
+            else ")"
+        )
+    )
+    print(
+        "(same phase: median decode tok/s of sparselm over that of llama.cpp among the runs whose "
+        "plain reads before and after the decode were both in the slow (fast) bandwidth phase, "
+        "with the run counts; '-' where a side has none)"
+    )
+    cut = _phases(rows)
+    if cut is not None:
+        print(f"(slow / fast phase: plain reads below / above {cut:.0f} GB/s)")
+    print(
+        "| format | threads | prefill llama.cpp | prefill sparselm | ratio | decode llama.cpp "
+        "| decode sparselm, sparse on | ratio | same phase: slow / fast "
+        "| decode sparselm, sparse off | ratio | same phase: slow / fast "
+        "| read GB/s | others' CPU share (max) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for dtype, threads, runs in table:
+        med = [
+            {
+                k: statistics.median(run[i][k] for run in runs)
+                for k in ("prefill_tok_s", "decode_tok_s")
+            }
+            for i in range(3)
+        ]
+        ll, on, off = med
+
+        def ratios(i: int, key: str, runs: list[tuple[dict, dict, dict]] = runs) -> str:
+            # the median ratio, and with several rounds the range of the per-round ratios
+            rs = [run[i][key] / run[0][key] for run in runs if run[0][key] > 0]
+            if not rs:
+                return "-"
+            if len(rs) == 1:
+                return f"{rs[0]:.2f}x"
+            return f"{statistics.median(rs):.2f}x ({min(rs):.2f}-{max(rs):.2f})"
+
+        def same_phase(i: int, runs: list[tuple[dict, dict, dict]] = runs) -> str:
+            out = []
+            for ph in ("slow", "fast"):
+                ll_ = [run[0]["decode_tok_s"] for run in runs if _phase(run[0], cut) == ph]
+                sp_ = [run[i]["decode_tok_s"] for run in runs if _phase(run[i], cut) == ph]
+                if ll_ and sp_:
+                    r = statistics.median(sp_) / statistics.median(ll_)
+                    out.append(f"{r:.2f}x ({len(sp_)} vs {len(ll_)})")
+                else:
+                    out.append("-")
+            return " / ".join(out)
+
+        others = max(x["other_cpu_share"] for run in runs for x in run)
+        reads = [g for run in runs for x in run for g in x["read_gb_s"]]
+        print(
+            f"| {dtype} | {threads} | {ll['prefill_tok_s']:.1f} | {on['prefill_tok_s']:.1f} | "
+            f"{ratios(1, 'prefill_tok_s')} | {ll['decode_tok_s']:.2f} | "
+            f"{on['decode_tok_s']:.2f} | {ratios(1, 'decode_tok_s')} | {same_phase(1)} | "
+            f"{off['decode_tok_s']:.2f} | {ratios(2, 'decode_tok_s')} | {same_phase(2)} | "
+            f"{min(reads):.0f}-{max(reads):.0f} | {100 * others:.0f}% |"
+        )
 
 
 def main() -> None:
@@ -228,8 +317,22 @@ def main() -> None:
     )
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--model", help="a PLM checkpoint directory instead of the PLM-1.8B-shaped one")
+    ap.add_argument(
+        "--table", metavar="JSON", help="print the table of a saved --json run and exit"
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: GGUF:THREADS, llama.cpp only
     a = ap.parse_args()
+    if a.table:
+        saved = json.loads(Path(a.table).read_text())
+        res, groups = saved["results"], {}
+        for i in range(0, len(res) - 2, 3):  # (llama.cpp, sparse on, sparse off) per round
+            run = (res[i], res[i + 1], res[i + 2])
+            groups.setdefault((run[1]["dtype"], run[1]["threads"]), []).append(run)
+        table = [(dt, th, runs) for (dt, th), runs in groups.items()]
+        rounds = max(len(r) for _, _, r in table)
+        meta = saved["meta"]
+        print_table(table, res, meta["prompt"], meta["decode"], rounds)
+        return
     if a.one:
         path, threads = a.one.rsplit(":", 1)
         print(json.dumps(run_llama(path, int(threads), a.prompt, a.decode)))
@@ -303,59 +406,7 @@ def main() -> None:
                 runs.append((ll, sp[True], sp[False]))
             table.append((dtype, threads, runs))
 
-    print()
-    print(
-        f"prompt {a.prompt} tokens, decode {a.decode} tokens (tok/s; ratio = sparselm / llama.cpp"
-        + (
-            f"; medians of {a.rounds} alternating rounds, per-round ratio range in brackets)"
-            if a.rounds > 1
-            else ")"
-        )
-    )
-    print(
-        "(ratio / bw: the ratio of decode tok/s per GB/s of the plain read measured around each "
-        "decode, which takes out the machine's bandwidth phases; read: range of those reads)"
-    )
-    print(
-        "| format | threads | prefill llama.cpp | prefill sparselm | ratio | decode llama.cpp "
-        "| decode sparselm, sparse on | ratio | ratio / bw | decode sparselm, sparse off | ratio "
-        "| ratio / bw | read GB/s | others' CPU share (max) |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for dtype, threads, runs in table:
-        med = [
-            {
-                k: statistics.median(run[i][k] for run in runs)
-                for k in ("prefill_tok_s", "decode_tok_s")
-            }
-            for i in range(3)
-        ]
-        ll, on, off = med
-
-        def ratios(i: int, key: str, runs: list[tuple[dict, dict, dict]] = runs) -> str:
-            # the median ratio, and with several rounds the range of the per-round ratios
-            rs = [run[i][key] / run[0][key] for run in runs if run[0][key] > 0]
-            if not rs:
-                return "-"
-            if len(rs) == 1:
-                return f"{rs[0]:.2f}x"
-            return f"{statistics.median(rs):.2f}x ({min(rs):.2f}-{max(rs):.2f})"
-
-        def norm(i: int, runs: list[tuple[dict, dict, dict]] = runs) -> str:
-            rs = [_per_bw(run[i]) / _per_bw(run[0]) for run in runs]
-            if len(rs) == 1:
-                return f"{rs[0]:.2f}x"
-            return f"{statistics.median(rs):.2f}x ({min(rs):.2f}-{max(rs):.2f})"
-
-        others = max(x["other_cpu_share"] for run in runs for x in run)
-        reads = [g for run in runs for x in run for g in x["read_gb_s"]]
-        print(
-            f"| {dtype} | {threads} | {ll['prefill_tok_s']:.1f} | {on['prefill_tok_s']:.1f} | "
-            f"{ratios(1, 'prefill_tok_s')} | {ll['decode_tok_s']:.2f} | "
-            f"{on['decode_tok_s']:.2f} | {ratios(1, 'decode_tok_s')} | {norm(1)} | "
-            f"{off['decode_tok_s']:.2f} | {ratios(2, 'decode_tok_s')} | {norm(2)} | "
-            f"{min(reads):.0f}-{max(reads):.0f} | {100 * others:.0f}% |"
-        )
+    print_table(table, rows, a.prompt, a.decode, a.rounds)
     if a.json:
         meta = {
             "cpu": platform.processor() or platform.machine(),

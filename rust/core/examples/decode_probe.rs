@@ -4,7 +4,8 @@
 //! The machine's bandwidth drifts between phases (about 33 and 60 GB/s with 2 threads here),
 //! so every line pairs a few decode steps with a plain read of 1 GiB on as many threads just
 //! before and after (the ceiling of that moment). `SPARSE=0` runs the MLP dense, `REPS=` sets
-//! the number of lines, `STEPS=` the decode steps per line.
+//! the number of lines, `STEPS=` the decode steps per line, `CTX=` the context at which the
+//! session starts over (512).
 use sparselm_core::model::{parse_dtype, AttnMode, Model};
 use sparselm_core::session::Session;
 use sparselm_core::team::Team;
@@ -40,7 +41,7 @@ fn main() {
     let mut model = Model::load(std::path::Path::new(&dir), dtype, threads).expect("load");
     model.sparse_mlp = env("SPARSE", 1) != 0;
     let model = Arc::new(model);
-    let mut s = Session::new(Arc::clone(&model), 512).expect("session");
+    let mut s = Session::new(Arc::clone(&model), env("CTX", 512)).expect("session");
 
     let team = Team::new(threads).unwrap();
     let plain: Vec<u64> = (0..(1usize << 27) as u64).collect(); // 1 GiB
