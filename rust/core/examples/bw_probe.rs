@@ -73,8 +73,27 @@ fn main() {
             .filter(|j| j.wrapping_mul(2654435761) % 100 >= zeros)
             .map(|j| (j, 1.0 + (j % 7) as f32))
             .collect();
+        // With DOWN=1, the dense GEMV of W_down (cols × rows, the engine's GEMV layout) of the
+        // same format is timed on each line too: "sparse down vs dense" in one phase.
+        let wdown: Vec<Matrix> = if downs.is_empty() {
+            Vec::new()
+        } else {
+            (0..32)
+                .map(|_| Matrix::from_f32(cols, rows, &w, dt).into_gemv_layout())
+                .collect()
+        };
+        let xd: Vec<f32> = (0..rows).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
+        let mut yd = vec![0f32; cols];
+        let mut dense = || {
+            let t = Instant::now();
+            for m in &wdown {
+                m.matvec(&xd, &mut yd);
+            }
+            t.elapsed().as_secs_f64() / wdown.len().max(1) as f64
+        };
         let (mut plan, mut parts) = (sparselm_core::tensor::DownPlan::new(), Vec::new());
         let what = if downs.is_empty() { "GEMVs" } else { "down" };
+        let last_s = std::cell::Cell::new(0.0);
         let mut gemv = || {
             let t = Instant::now();
             if downs.is_empty() {
@@ -86,6 +105,7 @@ fn main() {
                     m.sparse_axpy_par(&act, &mut plan, &mut parts);
                 }
             }
+            last_s.set(t.elapsed().as_secs_f64() / 32.0);
             bytes as f64 / t.elapsed().as_secs_f64() / 1e9
         };
         read();
@@ -94,11 +114,23 @@ fn main() {
         for _ in 0..reps {
             let r = read();
             let g = gemv();
+            let sparse_s = last_s.get();
+            let dense_s = if wdown.is_empty() { 0.0 } else { dense() };
             let r2 = read();
             let ceil = (r + r2) / 2.0;
             ratios.push(g / ceil);
+            let vs = if wdown.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({:.1} us per layer; dense GEMV of W_down {:.1} us, {:.2}x)",
+                    sparse_s * 1e6,
+                    dense_s * 1e6,
+                    dense_s / sparse_s
+                )
+            };
             println!(
-                "{dt:?} {threads}T: read {r:.1}/{r2:.1} GB/s, {what} {g:.1} GB/s = {:.0} %",
+                "{dt:?} {threads}T: read {r:.1}/{r2:.1} GB/s, {what} {g:.1} GB/s = {:.0} %{vs}",
                 100.0 * g / ceil
             );
         }

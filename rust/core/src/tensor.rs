@@ -594,8 +594,8 @@ impl Matrix {
     ) -> usize {
         y.fill(0.0);
         match &self.data {
-            Storage::Q4_0P(p) => plan_run(p, quant_kernels().down_q4_0, false, plan, units, y),
-            Storage::Q8_0P(p) => plan_run(p, quant_kernels().down_q8_0, true, plan, units, y),
+            Storage::Q4_0P(p) => plan_run(p, quant_kernels().down_q4_0, plan, units, y),
+            Storage::Q8_0P(p) => plan_run(p, quant_kernels().down_q8_0, plan, units, y),
             _ => panic!("down_plan_run on a matrix without the planar layout"),
         }
     }
@@ -916,16 +916,15 @@ impl DownPlan {
 }
 
 /// Run units `units` of `plan` through `kernel` into `y` (accumulating); rows read. The next
-/// pooled unit's rows are prefetched while one unit is computed: with `spread`, by the kernel
-/// chunk by chunk as it computes (its `next` rows), else all at once before the call. Spread,
-/// 90 % zeros from DRAM on 2 threads: Q8_0 (34 lines per row) 78-103 → 48-54 µs in criterion
-/// `sparse_down_dram` (four runs each way; the burst of ~1100 prefetches per unit stalled on
-/// full miss buffers), but Q4_0 (18 lines) 35-38 µs in 3 of 4 runs → 50-53 in 2, so Q4_0
-/// keeps the burst.
+/// pooled unit's rows are prefetched while one unit is computed, by the kernel chunk by chunk
+/// as it computes (its `next` rows), not all at once before the call: 90 % zeros from DRAM on
+/// 2 threads (criterion `sparse_down_dram`), Q8_0 (34 lines per row) 78-103 → 48-54 µs (the
+/// burst of ~1100 prefetches per unit stalled on full miss buffers); Q4_0 (18 lines) 49-61 →
+/// 33-36 µs in two alternated pairs, and 73-80 → 57-60 µs in `examples/bw_probe` (an earlier
+/// build had measured the burst faster for Q4_0, PERF NOTES).
 fn plan_run<Q: quant::Pod>(
     p: &Planar<Q>,
     kernel: Option<quant::DownKernel<Q>>,
-    spread: bool,
     plan: &DownPlan,
     units: std::ops::Range<usize>,
     y: &mut [f32],
@@ -946,17 +945,13 @@ fn plan_run<Q: quant::Pod>(
     let mut next = [0u32; DOWN_GROUP];
     let mut read = 0;
     for (k, u) in us.iter().enumerate() {
-        // the next pooled unit: prefetched now, or (spread) handed to the kernel as `next`
+        // the next pooled unit: handed to the kernel as `next`, which prefetches it
         let mut nn = 0;
         if let Some(v) = us.get(k + 1).filter(|u| !u.2) {
-            if spread {
-                for (x, &(j, _)) in next.iter_mut().zip(entries(v)) {
-                    *x = j;
-                }
-                nn = v.1 as usize;
-            } else {
-                prefetch(v);
+            for (x, &(j, _)) in next.iter_mut().zip(entries(v)) {
+                *x = j;
             }
+            nn = v.1 as usize;
         }
         let es = entries(u);
         let n = es.len();

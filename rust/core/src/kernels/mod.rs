@@ -139,6 +139,25 @@
 //!   processes ~27 GB/s against the GEMV's 60, because of the 4-row byte regrouping
 //!   (`vshufi64x2` + `vpermt2b`) that `vpdpbusd` needs. `perf` of sparsity-off decode: GEMVs
 //!   41 %, down kernel + coefficients 25 %, attention tiles 11 % (context up to 512).
+//! - Decode outside parallel regions (PLM-1.8B q4_0, 2 threads, sparsity off, context ≤ 192,
+//!   timed inside `Team::run`): 6-11 % of the wall time is serial on the caller (norms, plan
+//!   building, input quantization, partial sums), and the caller waits 2-4 % for the worker at
+//!   region ends; `perf` puts the worker's idle spin at ~16 % of its time. Building each
+//!   thread's down plan inside the parallel region (runs cut at group boundaries) instead of
+//!   serially before it: 1-5 % slower in 3 of 4 phase/sparsity cells, 2 % faster in one (two
+//!   sets of 6 alternated process pairs, `decode_probe`); dropped.
+//! - Q4_0 pooled rows now also prefetch the next unit spread through the kernel, as Q8_0:
+//!   90 % zeros, criterion `sparse_down_dram`, two alternated pairs: burst 61 / 49 µs, spread
+//!   36 / 33 µs; `bw_probe` (`DOWN=1 DOWN_ZEROS=90`, 4 alternated process pairs, medians):
+//!   slow phase 73 → 57 µs, fast 80 → 60 µs. (Stop 11 had measured the opposite, 35-38 vs
+//!   50-53 µs, on a build before the GEMV split change; the dense GEMV it is compared to is
+//!   faster now, see below.)
+//! - Sparse down at 90 % zeros against the dense GEMV of W_down, both per bandwidth phase
+//!   (`bw_probe DOWN=1 DOWN_ZEROS=90`, each line times both, medians): with the burst, Q4_0
+//!   78 vs 287 µs (3.6×) slow, 80 vs 190 (2.4×) fast; Q8_0 83 vs 548 (6.6×) slow, 69 vs 314
+//!   (4.5×) fast. Pooled rows are bound by latency, so the fast phase helps the dense GEMV only.
+//!   With the spread Q4_0 prefetch (this build): Q4_0 46 vs 287 µs (5.9×) slow, 58 vs 186 µs
+//!   (3.2×) fast; Q8_0 81 vs 526 µs (6.6×) slow, 72 vs 337 µs (4.6×) fast.
 
 use std::sync::OnceLock;
 
