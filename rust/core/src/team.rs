@@ -303,14 +303,15 @@ pub fn par_chunks<T: Send, const N: usize>(
 
 /// `f(start, chunk)` over disjoint chunks of `buf` that together cover it, in parallel, each
 /// thread streaming through memory front to back: `buf` is cut into one contiguous range of
-/// whole `unit`-element units per thread; a thread takes its own range from the front in claims
-/// of `grain` units, then helps with the others' ranges from their back ends. Chunk boundaries
-/// fall on units (the last chunk may be short). On the team entered by a live [`Scope`] on
-/// this thread, else on the current rayon pool.
+/// whole `unit`-element units per thread; a thread takes its own range from the front, each
+/// claim half of what is left of it but at least `grain` units, then helps with the others'
+/// ranges from their back ends the same way. Chunk boundaries fall on units (the last chunk may
+/// be short). On the team entered by a live [`Scope`] on this thread, else on the current rayon
+/// pool.
 ///
-/// Why not [`par_chunks`] with many small tasks: a task that starts at a new address restarts
-/// the hardware prefetcher, and at the machine's higher bandwidth phases 16 tasks per GEMV read
-/// 10 % slower than one range per thread (PERF NOTES in `kernels/mod.rs`).
+/// Why not [`par_chunks`] with many small tasks: every claim is a locked compare-and-swap,
+/// which waits for the core's loads in flight, and in the machine's fast bandwidth phase 16
+/// tasks per GEMV read 10-14 % slower than this (PERF NOTES in `kernels/mod.rs`).
 pub fn par_ranges<T: Send>(
     buf: &mut [T],
     unit: usize,
