@@ -7,25 +7,14 @@
 //! the sparse down projection of 32 planar W_downᵀ instead (`DOWN_ZEROS=50`: % random zero
 //! neurons; GB/s counted on the whole matrix). `DTYPES=q4_0,q8_0,f16` picks formats, `REPS=`
 //! the number of pairs. Lines whose reads are above ~45 GB/s come from the fast phase.
+use sparselm_core::membw::PlainRead;
 use sparselm_core::model::parse_dtype;
 use sparselm_core::team::{Scope, Team};
 use sparselm_core::tensor::{DType, Matrix};
-use std::hint::black_box;
 use std::time::Instant;
 
 #[global_allocator]
 static ALLOC: sparselm_core::alloc::HugePageAlloc = sparselm_core::alloc::HugePageAlloc;
-
-fn sum_read(b: &[u64]) -> u64 {
-    // Eight independent sums: the loads, not the adds, set the pace.
-    let mut s = [0u64; 8];
-    for c in b.chunks_exact(8) {
-        for k in 0..8 {
-            s[k] = s[k].wrapping_add(c[k]);
-        }
-    }
-    s.iter().fold(0, |a, &x| a.wrapping_add(x))
-}
 
 fn main() {
     let threads: usize = std::env::args().nth(1).map_or(2, |s| s.parse().unwrap());
@@ -37,16 +26,8 @@ fn main() {
         .split(',')
         .map(|s| parse_dtype(s).ok().flatten().expect("DTYPES"))
         .collect();
-    let plain: Vec<u64> = (0..(1usize << 27) as u64).collect(); // 1 GiB
-    let tasks = threads * 8;
-    let chunk = plain.len() / tasks;
-    let read = || {
-        let t = Instant::now();
-        team.run(tasks, &|i| {
-            black_box(sum_read(&plain[i * chunk..(i + 1) * chunk]));
-        });
-        (plain.len() * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
-    };
+    let plain = PlainRead::new(1 << 30, threads).expect("1 GiB to read");
+    let read = || plain.pass(&team);
     let (rows, cols) = (8192usize, 2048usize);
     let w: Vec<f32> = (0..rows * cols)
         .map(|i| ((i * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5)

@@ -6,25 +6,15 @@
 //! before and after (the ceiling of that moment). `SPARSE=0` runs the MLP dense, `REPS=` sets
 //! the number of lines, `STEPS=` the decode steps per line, `CTX=` the context at which the
 //! session starts over (512).
+use sparselm_core::membw::PlainRead;
 use sparselm_core::model::{parse_dtype, AttnMode, Model};
 use sparselm_core::session::Session;
 use sparselm_core::team::Team;
-use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
 
 #[global_allocator]
 static ALLOC: sparselm_core::alloc::HugePageAlloc = sparselm_core::alloc::HugePageAlloc;
-
-fn sum_read(b: &[u64]) -> u64 {
-    let mut s = [0u64; 8];
-    for c in b.chunks_exact(8) {
-        for k in 0..8 {
-            s[k] = s[k].wrapping_add(c[k]);
-        }
-    }
-    s.iter().fold(0, |a, &x| a.wrapping_add(x))
-}
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name).map_or(default, |s| s.parse().expect(name))
@@ -44,16 +34,8 @@ fn main() {
     let mut s = Session::new(Arc::clone(&model), env("CTX", 512)).expect("session");
 
     let team = Team::new(threads).unwrap();
-    let plain: Vec<u64> = (0..(1usize << 27) as u64).collect(); // 1 GiB
-    let tasks = threads;
-    let chunk = plain.len() / tasks;
-    let read = || {
-        let t = Instant::now();
-        team.run(tasks, &|i| {
-            black_box(sum_read(&plain[i * chunk..(i + 1) * chunk]));
-        });
-        (plain.len() * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
-    };
+    let plain = PlainRead::new(1 << 30, threads).expect("1 GiB to read");
+    let read = || plain.pass(&team);
 
     let prompt: Vec<u32> = (0..16u32).map(|i| 100 + i * 37).collect();
     let mut tok = 0u32;

@@ -22,38 +22,54 @@ fn sum_read(b: &[u64]) -> u64 {
     s.iter().fold(0, |a, &x| a.wrapping_add(x))
 }
 
-/// GB/s of `passes` plain reads of a `bytes`-byte buffer (distinct values, so no page can be
-/// shared) on `threads` threads, each reading one contiguous share. The buffer comes from the
+/// A buffer for plain reads of memory: distinct values (so no page can be shared), from the
 /// global allocator (2 MiB pages where the binary installs `alloc::HugePageAlloc`, as the
-/// Python module and the CLI do); it should be well above the last-level cache (≥ 256 MiB).
+/// Python module, the CLI and the probes do); it should be well above the last-level cache
+/// (≥ 256 MiB). Kept between passes, so a probe can pair every measurement with a read.
+pub struct PlainRead {
+    buf: Vec<u64>,
+}
+
+impl PlainRead {
+    /// About `bytes` bytes, a whole number of 8-word rows per share of up to `threads`.
+    pub fn new(bytes: usize, threads: usize) -> Result<PlainRead> {
+        let threads = threads.max(1);
+        let words = bytes / 8 / (8 * threads) * (8 * threads);
+        if words == 0 {
+            return Err(Error::Argument(format!(
+                "read_bandwidth: {bytes} bytes is too small for {threads} threads"
+            )));
+        }
+        let mut buf: Vec<u64> = Vec::new();
+        buf.try_reserve_exact(words).map_err(|_| {
+            Error::Argument(format!("read_bandwidth: cannot allocate {bytes} bytes"))
+        })?;
+        buf.extend((0..words as u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+        Ok(PlainRead { buf })
+    }
+
+    /// GB/s of one read of the whole buffer on `team`, each thread reading one contiguous share.
+    pub fn pass(&self, team: &Team) -> f64 {
+        let share = self.buf.len() / team.threads();
+        let t = Instant::now();
+        team.run(team.threads(), &|i| {
+            black_box(sum_read(&self.buf[i * share..(i + 1) * share]));
+        });
+        (share * team.threads() * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
+    }
+}
+
+/// GB/s of `passes` plain reads (see [`PlainRead`]) of a `bytes`-byte buffer on `threads`
+/// threads, each reading one contiguous share.
 pub fn read_bandwidth(threads: usize, bytes: usize, passes: usize) -> Result<Vec<f64>> {
     if threads == 0 || passes == 0 {
         return Err(Error::Argument(
             "read_bandwidth: threads and passes must be at least 1".into(),
         ));
     }
-    let words = bytes / 8 / (8 * threads) * (8 * threads);
-    if words == 0 {
-        return Err(Error::Argument(format!(
-            "read_bandwidth: {bytes} bytes is too small for {threads} threads"
-        )));
-    }
+    let buf = PlainRead::new(bytes, threads)?;
     let team = Team::new(threads).map_err(|e| Error::Argument(format!("threads: {e}")))?;
-    let mut buf: Vec<u64> = Vec::new();
-    buf.try_reserve_exact(words)
-        .map_err(|_| Error::Argument(format!("read_bandwidth: cannot allocate {bytes} bytes")))?;
-    buf.extend((0..words as u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
-    let share = words / threads;
-    let buf = &buf;
-    let mut out = Vec::with_capacity(passes);
-    for _ in 0..passes {
-        let t = Instant::now();
-        team.run(threads, &|i| {
-            black_box(sum_read(&buf[i * share..(i + 1) * share]));
-        });
-        out.push((words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
-    }
-    Ok(out)
+    Ok((0..passes).map(|_| buf.pass(&team)).collect())
 }
 
 #[cfg(test)]
