@@ -37,7 +37,10 @@ def _q8_0_roundtrip(w: np.ndarray) -> np.ndarray:
     b = w.reshape(-1, 32).astype(np.float32)
     d = np.abs(b).max(axis=1, keepdims=True) / 127.0
     d16 = d.astype(np.float16).astype(np.float32)
-    r = b / np.where(d > 0, d, 1)
+    # x · (1/d) in f32, as ggml computes it (x / d can differ in the last bit, and so round the
+    # other way at a half)
+    inv = np.where(d > 0, np.float32(1.0) / np.where(d > 0, d, 1), 0).astype(np.float32)
+    r = b * inv
     q = np.sign(r) * np.floor(np.abs(r) + 0.5)  # round half away from zero, like ggml
     return (q * d16).reshape(w.shape)
 
@@ -55,28 +58,31 @@ def _q4_0_roundtrip(w: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.usefixtures("exact_gemm")
+@pytest.mark.parametrize("layout", ["sparse", "dense"])
 @pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
 def test_quantized_engine_matches_reference_on_rounded_weights(
-    dtype: str, wide_model: str, prompt: list[int]
+    dtype: str, layout: str, wide_model: str, prompt: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The quantized engine equals the NumPy float64 reference run on the same block-rounded
     weights. The f32 prompt forward widens quantized rows to f32 (no activation quantization),
-    so the only difference left is f32 vs f64 arithmetic."""
+    so the only difference left is f32 vs f64 arithmetic. down_proj is quantized along hidden
+    (rows of W_downᵀ) by default, along its inputs with the dense MLP (SPARSELM_DENSE_MLP=1)."""
     from sparselm.reference import load_weights, reference_logits
 
+    monkeypatch.setenv("SPARSELM_DENSE_MLP", "1" if layout == "dense" else "0")
     cfg, w = load_weights(wide_model)
     rt = _q8_0_roundtrip if dtype == "q8_0" else _q4_0_roundtrip
     wq = {}
     for name, v in w.items():
         if v.ndim == 2:
-            # down_proj is quantized along hidden (its transposed rows), the rest along inputs.
-            wq[name] = rt(v.T).T if name.endswith("down_proj.weight") else rt(v)
+            along_hidden = layout == "sparse" and name.endswith("down_proj.weight")
+            wq[name] = rt(v.T).T if along_hidden else rt(v)
         else:
             wq[name] = v
     want = reference_logits(cfg, wq, prompt)
     got = sparselm.load(wide_model, dtype=dtype).logits(prompt)
     err = float(np.abs(got - want).max() / np.abs(want).max())
-    print(f"[formats] {dtype} vs reference on rounded weights: {err:.2e}")
+    print(f"[formats] {dtype} ({layout} MLP) vs reference on rounded weights: {err:.2e}")
     assert err <= 1e-5, f"{dtype}: {err:.3e}"
 
 
@@ -112,26 +118,38 @@ def f32_logits(wide_model: str, prompt: list[int]) -> np.ndarray:
 
 
 @pytest.mark.usefixtures("exact_gemm")
+@pytest.mark.parametrize("layout", ["sparse", "dense"])
 @pytest.mark.parametrize("dtype", sorted(BUDGET))
 def test_dtype_against_f32(
-    dtype: str, wide_model: str, prompt: list[int], f32_logits: np.ndarray
+    dtype: str,
+    layout: str,
+    wide_model: str,
+    prompt: list[int],
+    f32_logits: np.ndarray,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("SPARSELM_DENSE_MLP", "1" if layout == "dense" else "0")
     m = sparselm.load(wide_model, dtype=dtype)
     assert m.prompt_gemm == "f32"
     assert m.dtype == dtype
     got = m.logits(prompt)
     err = float(np.abs(got - f32_logits).max() / np.abs(f32_logits).max())
     agree = float((got.argmax(-1) == f32_logits.argmax(-1)).mean())
-    print(f"[formats] {dtype}: rel err {err:.2e}, top-1 agreement {agree:.3f}")
+    print(f"[formats] {dtype} ({layout} MLP): rel err {err:.2e}, top-1 agreement {agree:.3f}")
     max_err, min_agree = BUDGET[dtype]
     assert err <= max_err, f"{dtype}: relative logit error {err:.3e} > {max_err}"
     assert agree >= min_agree, f"{dtype}: top-1 agreement {agree:.3f} < {min_agree}"
 
 
 @pytest.mark.usefixtures("exact_gemm")
+@pytest.mark.parametrize("layout", ["sparse", "dense"])
 @pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "bf16"])
-def test_cached_decode_matches_full_forward(dtype: str, wide_model: str, prompt: list[int]) -> None:
-    """Absorbed decode over the latent cache equals the full-prompt forward at every step."""
+def test_cached_decode_matches_full_forward(
+    dtype: str, layout: str, wide_model: str, prompt: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Absorbed decode over the latent cache equals the full-prompt forward at every step, with
+    the sparse MLP and with the dense one (W_down in the GEMV layout)."""
+    monkeypatch.setenv("SPARSELM_DENSE_MLP", "1" if layout == "dense" else "0")
     m = sparselm.load(wide_model, dtype=dtype)
     full = m.logits(prompt)
     s = m.session()
@@ -294,10 +312,11 @@ def test_sparse_decode_equals_dense_decode(
     group the active rows differently from the all-neurons pass (each group quantizes its
     coefficients with its own scale): measured 1.2e-2 / 1.4e-2 (q8_0 / q4_0), the size of the
     activation quantization every quantized GEMV already has, so the budget is that of
-    test_cached_decode_matches_full_forward."""
+    test_cached_decode_matches_full_forward. Both on the same W_downᵀ (the all-neurons pass is
+    ``SPARSELM_DENSE_MLP=rows``)."""
 
     def decode(dense: bool) -> np.ndarray:
-        monkeypatch.setenv("SPARSELM_DENSE_MLP", "1" if dense else "0")
+        monkeypatch.setenv("SPARSELM_DENSE_MLP", "rows" if dense else "0")
         s = sparselm.load(wide_model, dtype=dtype, threads=1).session()
         s.feed(prompt[:4])
         return np.stack([s.feed([t], attention="absorbed") for t in prompt[4:12]])

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::quant;
 use crate::safetensors::{StDtype, StFile, TensorInfo};
 use crate::tensor::{DType, Matrix, Storage, QBLOCK};
-use crate::weights::{tensor_table, LayerWeights, Role, Weights};
+use crate::weights::{tensor_table, Down, LayerWeights, Role, Weights};
 
 /// The safetensors files of a checkpoint and which file holds each tensor (sharded case).
 fn checkpoint_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<HashMap<String, usize>>)> {
@@ -255,11 +255,14 @@ enum Loaded {
 /// Load and validate every tensor of the checkpoint in `dir`.
 ///
 /// `want`: the storage dtype of weight matrices; `None` keeps the checkpoint's dtype (that of
-/// `model.embed_tokens.weight`). Norm gains are always f32.
+/// `model.embed_tokens.weight`). Norm gains are always f32. `dense_down`: keep `W_down` as
+/// in the file, in the GEMV layout, for a dense MLP (`Down::Dense`) instead of transposed for
+/// the sparse one (`Down::Transposed`).
 pub fn load_weights(
     dir: &Path,
     cfg: &ModelConfig,
     want: Option<DType>,
+    dense_down: bool,
 ) -> Result<(Weights, DType)> {
     let (files, which) = checkpoint_files(dir)?;
     let maps: Vec<Mmap> = files.iter().map(|p| map_file(p)).collect::<Result<_>>()?;
@@ -327,7 +330,12 @@ pub fn load_weights(
     let mut loaded: Vec<Loaded> = Vec::with_capacity(table.len());
     for (spec, &(bytes, dt, fi)) in table.iter().zip(&views) {
         let dt = &dt;
-        loaded.push(match spec.role {
+        // `W_down` kept as in the file for the dense GEMV (`Down::Dense`)
+        let role = match spec.role {
+            Role::MatrixTransposed if dense_down => Role::Matrix,
+            role => role,
+        };
+        loaded.push(match role {
             Role::Norm => Loaded::Norm(to_f32_vec(bytes, *dt)),
             Role::Matrix => {
                 let (r, c) = (spec.shape[0], spec.shape[1]);
@@ -405,7 +413,11 @@ pub fn load_weights(
             o_proj: m(next()).into_gemv_layout(),
             post_norm: norm(next()),
             up: m(next()).into_gemv_layout(),
-            down_t: m(next()).into_down_layout(),
+            down: if dense_down {
+                Down::Dense(m(next()).into_gemv_layout())
+            } else {
+                Down::Transposed(m(next()).into_down_layout())
+            },
         });
     }
     let norm = match it.next() {

@@ -19,7 +19,7 @@ use crate::loader::load_weights;
 use crate::ops::{relu2_collect, rmsnorm, rope_adjacent, rope_tables, softmax};
 use crate::state::State;
 use crate::tensor::{DType, Matrix};
-use crate::weights::{LayerWeights, Weights};
+use crate::weights::{Down, LayerWeights, Weights};
 
 thread_local! {
     /// The `(row, coefficient)` list of one head's absorbed query (`W_UK_hᵀ q_nope_h`), kept
@@ -62,8 +62,11 @@ pub struct Model {
     /// The decode step's spinning thread team (`crate::team`), as many threads as `pool`;
     /// `None` with one thread, or with `SPARSELM_DECODE_TEAM=0` (decode then uses `pool`).
     team: Option<crate::team::Team>,
-    /// Skip the zero ReLU² neurons in the down projection (exact). Off only for benchmarks
-    /// (`SPARSELM_DENSE_MLP=1`), to measure what sparsity buys.
+    /// Skip the zero ReLU² neurons in the down projection (exact). Off only for benchmarks and
+    /// tests, to measure what sparsity buys: with `SPARSELM_DENSE_MLP=1` at load, `W_down` is
+    /// kept in the GEMV layout (`Down::Dense`) and every neuron is read, as a dense engine
+    /// does; `SPARSELM_DENSE_MLP=rows` (or clearing this flag) keeps `W_downᵀ` and visits
+    /// every row, zeros included.
     pub sparse_mlp: bool,
     /// Prompt GEMMs (T > 1) in bf16 × bf16 → f32 (`crate::gemm`), and int8 (VNNI) for
     /// matrices in the interleaved Q8_0/Q4_0 layout: on when the CPU has AVX512_BF16 and the
@@ -121,7 +124,8 @@ impl Model {
             .thread_name(|i| format!("sparselm-{i}"))
             .build()
             .map_err(|e| Error::Argument(format!("cannot start {threads} threads: {e}")))?;
-        let (weights, dtype) = pool.install(|| load_weights(dir, &config, dtype))?;
+        let dense_down = mlp_mode() == MlpMode::Dense;
+        let (weights, dtype) = pool.install(|| load_weights(dir, &config, dtype, dense_down))?;
         Ok(Self::from_parts(config, weights, dtype, pool))
     }
 
@@ -137,8 +141,11 @@ impl Model {
             config.qk_rope_head_dim,
             config.rope_theta,
         );
-        let sparse_mlp =
-            std::env::var("SPARSELM_DENSE_MLP").map_or(true, |v| v.is_empty() || v == "0");
+        let sparse_mlp = mlp_mode() == MlpMode::Sparse
+            && weights
+                .layers
+                .iter()
+                .all(|l| matches!(l.down, Down::Transposed(_)));
         let exact = std::env::var("SPARSELM_EXACT_GEMM").is_ok_and(|v| !v.is_empty() && v != "0");
         let fast_gemm = gemm::available() && dtype != DType::F32 && !exact;
         let use_team =
@@ -566,7 +573,7 @@ impl Model {
     /// = Σ over the non-zero neurons of act_j · W_downᵀ[j]; `st.active` keeps the active list
     /// (every neuron, zeros included, when sparsity is switched off). Returns the number of
     /// non-zero neurons and the rows read.
-    fn down_token(&self, lw: &LayerWeights, i: usize, st: &mut State) -> (usize, usize) {
+    fn down_token(&self, down_t: &Matrix, i: usize, st: &mut State) -> (usize, usize) {
         let c = &self.config;
         let (d, ni) = (c.hidden_size, c.intermediate_size);
         let up = &mut st.up[i * ni..(i + 1) * ni];
@@ -581,9 +588,7 @@ impl Model {
         }
         // y = Σ_{j active} act_j · W_downᵀ[j]     [d]
         // One partial y per thread (Matrix::sparse_axpy_par), then the partials are added.
-        let (nparts, read) = lw
-            .down_t
-            .sparse_axpy_par(&st.active, &mut st.plan, &mut st.parts);
+        let (nparts, read) = down_t.sparse_axpy_par(&st.active, &mut st.plan, &mut st.parts);
         let (first, rest) = st.parts[..nparts * d].split_at(d);
         let out = &mut st.proj[i * d..(i + 1) * d];
         out.copy_from_slice(first);
@@ -600,6 +605,23 @@ impl Model {
         let (d, ni) = (c.hidden_size, c.intermediate_size);
         // u = W_up b                        [T, I]
         self.matmul(&lw.up, &st.a[..t * d], t, &mut st.up[..t * ni]);
+        let down_t = match &lw.down {
+            Down::Transposed(m) => m,
+            Down::Dense(w_down) => {
+                // The dense baseline: y = W_down relu(u)², every neuron read.
+                for i in 0..t {
+                    relu2_collect(&mut st.up[i * ni..(i + 1) * ni], &mut st.active);
+                    st.zeros[l] += (ni - st.active.len()) as u64;
+                    st.neurons[l] += ni as u64;
+                    if t == 1 {
+                        st.down_rows[l] += ni as u64;
+                        st.down_read[l] += ni as u64;
+                    }
+                }
+                self.matmul(w_down, &st.up[..t * ni], t, &mut st.proj[..t * d]);
+                return;
+            }
+        };
         // One token (decode), or a short prompt: the decode down projection once per token.
         // For prompts the bf16 GEMM below widens every W_downᵀ row into bf16 panels on each
         // call (three quarters of a 4-token q4_0 prompt's time at PLM-1.8B); per token, the
@@ -607,7 +629,7 @@ impl Model {
         // kernels/mod.rs).
         if t == 1 || (self.fast_gemm && t <= DOWN_PER_TOKEN_MAX) {
             for i in 0..t {
-                let (active, read) = self.down_token(lw, i, st);
+                let (active, read) = self.down_token(down_t, i, st);
                 st.zeros[l] += (ni - active) as u64;
                 st.neurons[l] += ni as u64;
                 if t == 1 {
@@ -630,7 +652,7 @@ impl Model {
         if self.fast_gemm {
             // y = act · W_downᵀ, skipping neuron pairs that are zero in a whole 6-token tile
             gemm::matmul_kn(
-                &lw.down_t,
+                down_t,
                 &st.up[..t * ni],
                 t,
                 self.sparse_mlp,
@@ -659,7 +681,7 @@ impl Model {
                     for g in 0..groups {
                         let y: &mut [f32; 256] =
                             (&mut out[g * 256..(g + 1) * 256]).try_into().expect("256");
-                        lw.down_t.rank4x64(&act[g * 4 * ni..], ni, &js[g], c0, y);
+                        down_t.rank4x64(&act[g * 4 * ni..], ni, &js[g], c0, y);
                     }
                 } else {
                     // ragged last tile (d not a multiple of 64): per-row AXPYs
@@ -670,7 +692,7 @@ impl Model {
                                 let a = act[(g * 4 + i) * ni + j as usize];
                                 if a != 0.0 {
                                     let o = (g * 4 + i) * TILE;
-                                    lw.down_t.axpy_row(j as usize, c0, a, &mut out[o..o + w]);
+                                    down_t.axpy_row(j as usize, c0, a, &mut out[o..o + w]);
                                 }
                             }
                         }
@@ -685,6 +707,25 @@ impl Model {
                 st.proj[i * d + c0..i * d + c0 + w].copy_from_slice(&out[i * TILE..i * TILE + w]);
             }
         }
+    }
+}
+
+/// What `SPARSELM_DENSE_MLP` asks of the MLP (a benchmark and test switch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MlpMode {
+    /// unset, empty or `0`: sparse down projection over `W_downᵀ` (the default)
+    Sparse,
+    /// `rows`: `W_downᵀ` as for `Sparse`, but every row visited, zeros included
+    AllRows,
+    /// anything else (`1`): `W_down` in the GEMV layout, a dense GEMV (`Down::Dense`)
+    Dense,
+}
+
+fn mlp_mode() -> MlpMode {
+    match std::env::var("SPARSELM_DENSE_MLP").as_deref() {
+        Err(_) | Ok("" | "0") => MlpMode::Sparse,
+        Ok("rows") => MlpMode::AllRows,
+        Ok(_) => MlpMode::Dense,
     }
 }
 

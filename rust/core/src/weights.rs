@@ -104,7 +104,34 @@ pub struct LayerWeights {
     pub o_proj: Matrix,       //  [d, H·dv]
     pub post_norm: Vec<f32>,  //  [d]
     pub up: Matrix,           //  [I, d]
-    pub down_t: Matrix,       //  [I, d]          transposed down_proj: row j = neuron j
+    pub down: Down,           //  down_proj, in the layout the MLP reads it
+}
+
+/// `mlp.down_proj`, in one of two layouts chosen at load (`SPARSELM_DENSE_MLP`).
+#[derive(Debug)]
+pub enum Down {
+    /// `W_downᵀ` `[I, d]`, row j = neuron j (the planar int8 layout for Q8_0/Q4_0): the
+    /// sparse down projection reads only the rows of non-zero neurons. The default.
+    Transposed(Matrix),
+    /// `W_down` `[d, I]` in the GEMV layout, quantized along the intermediate dimension: a
+    /// dense GEMV that reads every neuron's weights on every token (the dense baseline).
+    Dense(Matrix),
+}
+
+impl Down {
+    pub fn matrix(&self) -> &Matrix {
+        match self {
+            Down::Transposed(m) | Down::Dense(m) => m,
+        }
+    }
+
+    /// Weight bytes of one neuron (a row of `W_downᵀ`, a column of `W_down`).
+    pub fn bytes_per_neuron(&self) -> f64 {
+        match self {
+            Down::Transposed(m) => m.nbytes() as f64 / m.rows as f64,
+            Down::Dense(m) => m.nbytes() as f64 / m.cols as f64,
+        }
+    }
 }
 
 /// All weights of a model; immutable after loading and shared by every session.
@@ -132,7 +159,7 @@ impl Weights {
                 + l.kv_bv.nbytes()
                 + l.o_proj.nbytes()
                 + l.up.nbytes()
-                + l.down_t.nbytes();
+                + l.down.matrix().nbytes();
         }
         n
     }

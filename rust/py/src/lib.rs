@@ -258,9 +258,7 @@ impl Session {
                     .layers
                     .iter()
                     .zip(st.down_rows.iter().zip(&st.down_read))
-                    .map(|(lw, (&n, &r))| {
-                        (n - r) as f64 * lw.down_t.nbytes() as f64 / lw.down_t.rows as f64
-                    })
+                    .map(|(lw, (&n, &r))| (n - r) as f64 * lw.down.bytes_per_neuron())
                     .sum();
                 d.set_item("down_bytes_skipped_per_token", skipped / tokens as f64)?;
                 d.set_item("weight_bytes_per_token_dense", m.weights.nbytes())?;
