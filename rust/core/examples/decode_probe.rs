@@ -3,7 +3,8 @@
 //!
 //! The machine's bandwidth drifts between phases (about 33 and 60 GB/s with 2 threads here),
 //! so every line pairs a few decode steps with a plain read of 1 GiB on as many threads just
-//! before and after (the ceiling of that moment). `SPARSE=0` runs the MLP dense, `REPS=` sets
+//! before and after (the ceiling of that moment). `SPARSE=0` visits every row of `W_downᵀ`
+//! (as `SPARSELM_DENSE_MLP=rows`; `SPARSELM_DENSE_MLP=1` loads the dense GEMV MLP), `REPS=` sets
 //! the number of lines, `STEPS=` the decode steps per line, `CTX=` the context at which the
 //! session starts over (512).
 use sparselm_core::membw::PlainRead;
@@ -29,7 +30,9 @@ fn main() {
     let threads: usize = args.next().map_or(2, |s| s.parse().expect("threads"));
     let (reps, steps) = (env("REPS", 40), env("STEPS", 8));
     let mut model = Model::load(std::path::Path::new(&dir), dtype, threads).expect("load");
-    model.sparse_mlp = env("SPARSE", 1) != 0;
+    if std::env::var("SPARSE").is_ok() {
+        model.sparse_mlp = env("SPARSE", 1) != 0;
+    }
     let model = Arc::new(model);
     let mut s = Session::new(Arc::clone(&model), env("CTX", 512)).expect("session");
 

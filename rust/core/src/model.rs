@@ -16,7 +16,7 @@ use crate::gemm;
 use crate::kernels::kernels;
 use crate::kv_cache::LatentCache;
 use crate::loader::load_weights;
-use crate::ops::{relu2_collect, rmsnorm, rope_adjacent, rope_tables, softmax};
+use crate::ops::{relu2_collect, relu2_count, rmsnorm, rope_adjacent, rope_tables, softmax};
 use crate::state::State;
 use crate::tensor::{DType, Matrix};
 use crate::weights::{Down, LayerWeights, Weights};
@@ -63,10 +63,10 @@ pub struct Model {
     /// `None` with one thread, or with `SPARSELM_DECODE_TEAM=0` (decode then uses `pool`).
     team: Option<crate::team::Team>,
     /// Skip the zero ReLU² neurons in the down projection (exact). Off only for benchmarks and
-    /// tests, to measure what sparsity buys: with `SPARSELM_DENSE_MLP=1` at load, `W_down` is
-    /// kept in the GEMV layout (`Down::Dense`) and every neuron is read, as a dense engine
-    /// does; `SPARSELM_DENSE_MLP=rows` (or clearing this flag) keeps `W_downᵀ` and visits
-    /// every row, zeros included.
+    /// tests, to measure what sparsity buys: with `SPARSELM_DENSE_MLP=1` at load, a quantized
+    /// `W_down` is kept in the GEMV layout (`Down::Dense`) and every neuron is read, as a dense
+    /// engine does; float formats (whose GEMV of `W_down` is slower) and
+    /// `SPARSELM_DENSE_MLP=rows` keep `W_downᵀ` and visit every row, zeros included.
     pub sparse_mlp: bool,
     /// Prompt GEMMs (T > 1) in bf16 × bf16 → f32 (`crate::gemm`), and int8 (VNNI) for
     /// matrices in the interleaved Q8_0/Q4_0 layout: on when the CPU has AVX512_BF16 and the
@@ -141,11 +141,7 @@ impl Model {
             config.qk_rope_head_dim,
             config.rope_theta,
         );
-        let sparse_mlp = mlp_mode() == MlpMode::Sparse
-            && weights
-                .layers
-                .iter()
-                .all(|l| matches!(l.down, Down::Transposed(_)));
+        let sparse_mlp = mlp_mode() == MlpMode::Sparse;
         let exact = std::env::var("SPARSELM_EXACT_GEMM").is_ok_and(|v| !v.is_empty() && v != "0");
         let fast_gemm = gemm::available() && dtype != DType::F32 && !exact;
         let use_team =
@@ -610,8 +606,8 @@ impl Model {
             Down::Dense(w_down) => {
                 // The dense baseline: y = W_down relu(u)², every neuron read.
                 for i in 0..t {
-                    relu2_collect(&mut st.up[i * ni..(i + 1) * ni], &mut st.active);
-                    st.zeros[l] += (ni - st.active.len()) as u64;
+                    let active = relu2_count(&mut st.up[i * ni..(i + 1) * ni]);
+                    st.zeros[l] += (ni - active) as u64;
                     st.neurons[l] += ni as u64;
                     if t == 1 {
                         st.down_rows[l] += ni as u64;
@@ -717,7 +713,8 @@ enum MlpMode {
     Sparse,
     /// `rows`: `W_downᵀ` as for `Sparse`, but every row visited, zeros included
     AllRows,
-    /// anything else (`1`): `W_down` in the GEMV layout, a dense GEMV (`Down::Dense`)
+    /// anything else (`1`): a quantized `W_down` in the GEMV layout, a dense GEMV
+    /// (`Down::Dense`); float formats as `AllRows`
     Dense,
 }
 

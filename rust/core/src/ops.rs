@@ -51,6 +51,17 @@ pub fn rope_adjacent(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
+/// `relu(x)²` in place; returns the number of non-zero results (the dense MLP's telemetry).
+pub fn relu2_count(x: &mut [f32]) -> usize {
+    let mut n = 0;
+    for v in x.iter_mut() {
+        let r = v.max(0.0); // NaN → 0 as well
+        *v = r * r;
+        n += (*v != 0.0) as usize;
+    }
+    n
+}
+
 /// `relu(x)²` in place; pushes `(index, value)` of every non-zero result to `active`.
 /// Branch-free: every element is written to the next free slot and the slot is kept only if
 /// the value is non-zero (at ~50 % zeros a branch per element mispredicts half the time).
@@ -73,6 +84,24 @@ pub fn relu2_collect(x: &mut [f32], active: &mut Vec<(u32, f32)>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relu2_count_agrees_with_collect() {
+        let x: Vec<f32> = (0..1000)
+            .map(|i| ((i * 7919 % 201) as f32 - 100.0) * 0.37)
+            .chain([f32::NAN, -0.0, 1e-30])
+            .collect();
+        let (mut a, mut b) = (x.clone(), x);
+        let mut active = Vec::new();
+        relu2_collect(&mut a, &mut active);
+        let n = relu2_count(&mut b);
+        assert_eq!(n, active.len());
+        assert_eq!(
+            a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        assert!(n > 400 && n < 600, "{n}");
+    }
 
     #[test]
     fn rope_is_a_rotation_of_pairs() {

@@ -114,7 +114,8 @@ pub enum Down {
     /// sparse down projection reads only the rows of non-zero neurons. The default.
     Transposed(Matrix),
     /// `W_down` `[d, I]` in the GEMV layout, quantized along the intermediate dimension: a
-    /// dense GEMV that reads every neuron's weights on every token (the dense baseline).
+    /// dense GEMV that reads every neuron's weights on every token (the dense baseline of the
+    /// Q8_0/Q4_0 formats).
     Dense(Matrix),
 }
 
