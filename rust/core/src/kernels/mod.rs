@@ -158,6 +158,21 @@
 //!   (4.5×) fast. Pooled rows are bound by latency, so the fast phase helps the dense GEMV only.
 //!   With the spread Q4_0 prefetch (this build): Q4_0 46 vs 287 µs (5.9×) slow, 58 vs 186 µs
 //!   (3.2×) fast; Q8_0 81 vs 526 µs (6.6×) slow, 72 vs 337 µs (4.6×) fast.
+//! - The dense baseline (`SPARSELM_DENSE_MLP=1`, stop 13): Q8_0/Q4_0 `W_down` kept as in the
+//!   file in the 16-row GEMV layout (`weights::Down::Dense`) instead of visiting every row of
+//!   the planar `W_downᵀ`. PLM-1.8B, 2 threads, `decode_probe` in alternated processes, share
+//!   of the plain read around each line (medians; slow / fast phase): Q4_0 rows 0.89 / 0.65 →
+//!   GEMV 0.90-0.91 / 0.71-0.78; Q8_0 0.91-0.92 / 0.71 → 0.94 / 0.80-0.89. F16's GEMV of
+//!   `W_down` (rows of 8192) read 0.79 against 0.89 for every row of `W_downᵀ` (8-row AXPYs),
+//!   so float formats keep `W_downᵀ`. The dense layout's prompt GEMM is also faster than the
+//!   planar down GEMM (128-token prefill q4_0 ~105 → ~145 tok/s, q8_0 ~110 → ~145).
+//! - Decode attention's share (Q4_0 dense baseline, slow phase): context up to 40 read 0.93
+//!   of the plain read, up to 400 0.91.
+//! - Tried and dropped: at the end of each decode GEMV, each thread prefetching into L2 the
+//!   first 64 / 256 / 1024 KiB of its rows of the next matrix (to fill the waits at region
+//!   ends and the serial work between GEMVs). Q4_0 dense baseline, 3 + 4 alternated process
+//!   triples: slow phase 0.91 / 0.90 (none) vs 0.93 (64), 0.95 / 0.89 (256), 0.89 (1024);
+//!   fast phase 0.79 / 0.81 vs 0.78, 0.77 / 0.75, 0.65: noise or worse.
 
 use std::sync::OnceLock;
 
