@@ -319,20 +319,29 @@ def main() -> None:
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--model", help="a PLM checkpoint directory instead of the PLM-1.8B-shaped one")
     ap.add_argument(
-        "--table", metavar="JSON", help="print the table of a saved --json run and exit"
+        "--table",
+        metavar="JSON[,JSON...]",
+        help="print the table of saved --json runs (several: their rounds pooled, e.g. for more "
+        "same-phase pairs; same prompt and decode lengths) and exit",
     )
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: GGUF:THREADS, llama.cpp only
     a = ap.parse_args()
     if a.table:
-        saved = json.loads(Path(a.table).read_text())
-        res, groups = saved["results"], {}
-        for i in range(0, len(res) - 2, 3):  # (llama.cpp, sparse on, sparse off) per round
-            run = (res[i], res[i + 1], res[i + 2])
-            groups.setdefault((run[1]["dtype"], run[1]["threads"]), []).append(run)
+        saved = [json.loads(Path(f).read_text()) for f in a.table.split(",")]
+        lengths = {(sv["meta"]["prompt"], sv["meta"]["decode"]) for sv in saved}
+        if len(lengths) != 1:
+            raise SystemExit(f"--table: runs with different prompt/decode lengths: {lengths}")
+        res, groups = [], {}
+        for sv in saved:
+            r = sv["results"]
+            res += r
+            for i in range(0, len(r) - 2, 3):  # (llama.cpp, sparse on, sparse off) per round
+                run = (r[i], r[i + 1], r[i + 2])
+                groups.setdefault((run[1]["dtype"], run[1]["threads"]), []).append(run)
         table = [(dt, th, runs) for (dt, th), runs in groups.items()]
         rounds = max(len(r) for _, _, r in table)
-        meta = saved["meta"]
-        print_table(table, res, meta["prompt"], meta["decode"], rounds)
+        (prompt, decode) = lengths.pop()
+        print_table(table, res, prompt, decode, rounds)
         return
     if a.one:
         path, threads = a.one.rsplit(":", 1)

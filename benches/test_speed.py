@@ -100,3 +100,50 @@ def test_sparse_vs_dense_mlp_child_runs(model_dir: str) -> None:
         for v in ("0", "1")
     ]
     assert outs[0] == outs[1]
+
+
+def test_llama_table_pools_saved_runs(tmp_path) -> None:
+    """``bench_llama.py --table A,B`` pools the rounds of saved runs (no engine is run): the
+    same-phase ratios count the runs of both files, and files of different lengths are refused."""
+    import json
+    from pathlib import Path
+
+    def run(engine: str, sparse: bool | None, tok_s: float, reads: list[float]) -> dict:
+        return {
+            "engine": engine,
+            "sparse": sparse,
+            "dtype": "q4_0",
+            "threads": 2,
+            "prefill_tok_s": 2 * tok_s,
+            "decode_tok_s": tok_s,
+            "read_gb_s": reads,
+            "other_cpu_share": 0.01,
+        }
+
+    def saved(name: str, decode: int, scale: float) -> str:
+        slow, fast = [33.0, 34.0], [60.0, 61.0]
+        rounds = [
+            run("llama.cpp", None, 20.0 * scale, slow),
+            run("sparselm", True, 24.0 * scale, slow),
+            run("sparselm", False, 30.0 * scale, fast),
+        ]
+        p = tmp_path / name
+        p.write_text(json.dumps({"meta": {"prompt": 128, "decode": decode}, "results": rounds}))
+        return str(p)
+
+    script = str(Path(__file__).parent / "bench_llama.py")
+    a, b = saved("a.json", 64, 1.0), saved("b.json", 64, 1.1)
+    out = subprocess.run(
+        [sys.executable, script, "--table", f"{a},{b}"], capture_output=True, text=True, check=True
+    ).stdout
+    row = next(line for line in out.splitlines() if line.startswith("| q4_0 |"))
+    # sparse on vs llama.cpp, both slow in both files: 2 runs each, ratio 1.20
+    assert "1.20x (2 vs 2) / -" in row, row
+    # sparse off ran in the fast phase only, llama.cpp in the slow one: no same-phase pair
+    assert row.count("- / -") == 1, row
+    assert "medians of 2 alternating rounds" in out
+    c = saved("c.json", 32, 1.0)
+    bad = subprocess.run(
+        [sys.executable, script, "--table", f"{a},{c}"], check=False, capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and "different prompt/decode lengths" in bad.stderr
