@@ -7,9 +7,9 @@ time (the machine is small and shared: never two timing processes at once):
 
   * llama.cpp through ``llama-cpp-python`` (``flash_attn=False``: llama.cpp's PLM path aborts
     with flash attention), after a short warm-up that touches every weight page;
-  * sparselm with exact sparsity on and off (``SPARSELM_DENSE_MLP=1``: ``W_down`` kept in the
-    GEMV layout and read whole every token, as a dense engine does), via ``bench_e2e.py --one``
-    (its ``run_one``).
+  * sparselm with exact sparsity on and off (``SPARSELM_DENSE_MLP=1``: a Q8_0/Q4_0 ``W_down``
+    kept in the GEMV layout and read whole every token, as a dense engine does; float formats
+    visit every row of ``W_downᵀ``), via ``bench_e2e.py --one`` (its ``run_one``).
 
 Both sides run the same protocol: a prompt of ``--prompt`` token ids evaluated in one call
 (prefill tok/s = prompt tokens / time), then greedy decoding of ``--decode`` tokens. The first
@@ -220,10 +220,6 @@ def _phase(r: dict, cut: float | None) -> str:
     if min(r["read_gb_s"]) > cut:
         return "fast"
     return "mixed"
-
-
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b > 0 else "-"
 
 
 def print_table(

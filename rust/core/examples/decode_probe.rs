@@ -9,6 +9,7 @@
 //! session starts over (512).
 use sparselm_core::membw::PlainRead;
 use sparselm_core::model::{parse_dtype, AttnMode, Model};
+use sparselm_core::sampler::argmax;
 use sparselm_core::session::Session;
 use sparselm_core::team::Team;
 use std::sync::Arc;
@@ -64,14 +65,4 @@ fn main() {
         let r2 = read();
         println!("{dtype:?} {threads}T: read {r:.1}/{r2:.1} GB/s, decode {d:.2} tok/s");
     }
-}
-
-fn argmax(l: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in l.iter().enumerate() {
-        if v > l[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
