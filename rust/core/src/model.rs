@@ -124,9 +124,11 @@ impl Model {
             .thread_name(|i| format!("sparselm-{i}"))
             .build()
             .map_err(|e| Error::Argument(format!("cannot start {threads} threads: {e}")))?;
-        let dense_down = mlp_mode() == MlpMode::Dense;
+        // read once: the layout of W_down and the MLP's path must agree
+        let mode = mlp_mode();
+        let dense_down = mode == MlpMode::Dense;
         let (weights, dtype) = pool.install(|| load_weights(dir, &config, dtype, dense_down))?;
-        Ok(Self::from_parts(config, weights, dtype, pool))
+        Ok(Self::assemble(config, weights, dtype, pool, mode))
     }
 
     /// Assemble a model from already-built weights (tests, synthetic benchmarks).
@@ -136,12 +138,22 @@ impl Model {
         dtype: DType,
         pool: rayon::ThreadPool,
     ) -> Model {
+        Self::assemble(config, weights, dtype, pool, mlp_mode())
+    }
+
+    fn assemble(
+        config: ModelConfig,
+        weights: Weights,
+        dtype: DType,
+        pool: rayon::ThreadPool,
+        mode: MlpMode,
+    ) -> Model {
         let (rope_cos, rope_sin) = rope_tables(
             config.max_position_embeddings,
             config.qk_rope_head_dim,
             config.rope_theta,
         );
-        let sparse_mlp = mlp_mode() == MlpMode::Sparse;
+        let sparse_mlp = mode == MlpMode::Sparse;
         let exact = std::env::var("SPARSELM_EXACT_GEMM").is_ok_and(|v| !v.is_empty() && v != "0");
         let fast_gemm = gemm::available() && dtype != DType::F32 && !exact;
         let use_team =
@@ -607,12 +619,7 @@ impl Model {
                 // The dense baseline: y = W_down relu(u)², every neuron read.
                 for i in 0..t {
                     let active = relu2_count(&mut st.up[i * ni..(i + 1) * ni]);
-                    st.zeros[l] += (ni - active) as u64;
-                    st.neurons[l] += ni as u64;
-                    if t == 1 {
-                        st.down_rows[l] += ni as u64;
-                        st.down_read[l] += ni as u64;
-                    }
+                    count_mlp(st, l, ni, active, (t == 1).then_some(ni));
                 }
                 self.matmul(w_down, &st.up[..t * ni], t, &mut st.proj[..t * d]);
                 return;
@@ -626,13 +633,7 @@ impl Model {
         if t == 1 || (self.fast_gemm && t <= DOWN_PER_TOKEN_MAX) {
             for i in 0..t {
                 let (active, read) = self.down_token(down_t, i, st);
-                st.zeros[l] += (ni - active) as u64;
-                st.neurons[l] += ni as u64;
-                if t == 1 {
-                    // W_down telemetry is per decoded token
-                    st.down_rows[l] += ni as u64;
-                    st.down_read[l] += read as u64;
-                }
+                count_mlp(st, l, ni, active, (t == 1).then_some(read));
             }
             return;
         }
@@ -642,8 +643,7 @@ impl Model {
         // it walks every token group.
         for i in 0..t {
             relu2_collect(&mut st.up[i * ni..(i + 1) * ni], &mut st.active);
-            st.zeros[l] += (ni - st.active.len()) as u64;
-            st.neurons[l] += ni as u64;
+            count_mlp(st, l, ni, st.active.len(), None);
         }
         if self.fast_gemm {
             // y = act · W_downᵀ, skipping neuron pairs that are zero in a whole 6-token tile
@@ -723,6 +723,18 @@ fn mlp_mode() -> MlpMode {
         Err(_) | Ok("" | "0") => MlpMode::Sparse,
         Ok("rows") => MlpMode::AllRows,
         Ok(_) => MlpMode::Dense,
+    }
+}
+
+/// Sparsity telemetry of one token's MLP at layer `l`: `active` of its `ni` neurons are
+/// non-zero; `read`, for a decoded token only (W_down telemetry is per decoded token), is the
+/// number of W_down rows its down projection read.
+fn count_mlp(st: &mut State, l: usize, ni: usize, active: usize, read: Option<usize>) {
+    st.zeros[l] += (ni - active) as u64;
+    st.neurons[l] += ni as u64;
+    if let Some(read) = read {
+        st.down_rows[l] += ni as u64;
+        st.down_read[l] += read as u64;
     }
 }
 

@@ -332,16 +332,24 @@ pub fn par_ranges<T: Send>(
         return;
     }
     let ptr = &SendPtr(buf.as_mut_ptr());
-    // front << 32 | back, per thread, each on its own cache lines.
-    let spans: Vec<Span> = (0..threads)
-        .map(|t| {
-            let (a, b) = (
-                (t * units / threads) as u64,
-                ((t + 1) * units / threads) as u64,
-            );
-            Span(AtomicU64::new(a << 32 | b))
-        })
-        .collect();
+    // front << 32 | back, per thread, each on its own cache lines; on the stack for teams of
+    // up to SPANS threads (decode runs ~200 of these per token).
+    let span = |t: usize| {
+        let (a, b) = (
+            (t * units / threads) as u64,
+            ((t + 1) * units / threads) as u64,
+        );
+        Span(AtomicU64::new(a << 32 | b))
+    };
+    const SPANS: usize = 8;
+    let (on_stack, on_heap): ([Span; SPANS], Vec<Span>);
+    let spans: &[Span] = if threads <= SPANS {
+        on_stack = std::array::from_fn(|t| span(t.min(threads - 1)));
+        &on_stack[..threads]
+    } else {
+        on_heap = (0..threads).map(span).collect();
+        &on_heap
+    };
     let run = |u0: usize, u1: usize| {
         let (start, end) = (u0 * unit, (u1 * unit).min(len));
         // SAFETY: claims are disjoint unit ranges inside `buf` (each unit is handed out once
@@ -485,7 +493,8 @@ mod tests {
     }
 
     /// Every element is handed out exactly once, at its own offset, in chunks that start on
-    /// unit boundaries: on teams of 1-4 threads, on the rayon pool, and nested in a task.
+    /// unit boundaries: on teams of 1-4, 8 and 9 threads (spans on the stack up to 8, then on
+    /// the heap), on the rayon pool, and nested in a task.
     #[test]
     fn par_ranges_covers_every_element_once() {
         let check = |len: usize, unit: usize, grain: usize| {
@@ -516,7 +525,7 @@ mod tests {
             (100, 1, 3),
             (1000, 16, 2),
         ];
-        for threads in 1..=4 {
+        for threads in [1, 2, 3, 4, 8, 9] {
             let team = Team::new(threads).unwrap();
             let _s = Scope::enter(&team);
             for &(len, unit, grain) in &shapes {
