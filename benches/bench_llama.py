@@ -327,17 +327,18 @@ def main() -> None:
         lengths = {(sv["meta"]["prompt"], sv["meta"]["decode"]) for sv in saved}
         if len(lengths) != 1:
             raise SystemExit(f"--table: runs with different prompt/decode lengths: {lengths}")
-        res, groups = [], {}
+        res: list[dict] = []
+        groups: dict[tuple[str, int], list[tuple[dict, dict, dict]]] = {}
         for sv in saved:
             r = sv["results"]
             res += r
             for i in range(0, len(r) - 2, 3):  # (llama.cpp, sparse on, sparse off) per round
                 run = (r[i], r[i + 1], r[i + 2])
                 groups.setdefault((run[1]["dtype"], run[1]["threads"]), []).append(run)
-        table = [(dt, th, runs) for (dt, th), runs in groups.items()]
-        rounds = max(len(r) for _, _, r in table)
+        pooled = [(dt, th, runs) for (dt, th), runs in groups.items()]
+        rounds = max(len(r) for _, _, r in pooled)
         (prompt, decode) = lengths.pop()
-        print_table(table, res, prompt, decode, rounds)
+        print_table(pooled, res, prompt, decode, rounds)
         return
     if a.one:
         path, threads = a.one.rsplit(":", 1)

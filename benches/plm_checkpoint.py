@@ -35,7 +35,9 @@ def _encode(x: np.ndarray, dtype: str) -> bytes:
 
 def ensure_checkpoint(root: str | None = None, dtype: str = "BF16", seed: int = 0) -> Path:
     """Return the directory of the cached PLM-1.8B-shaped checkpoint, writing it if absent."""
-    base = Path(root or os.environ.get("SPARSELM_BENCH_DIR", Path.home() / ".cache/sparselm/bench"))
+    base = Path(
+        root or os.environ.get("SPARSELM_BENCH_DIR") or Path.home() / ".cache/sparselm/bench"
+    )
     out = base / f"plm-1.8b-random-{dtype.lower()}"
     if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
         return out

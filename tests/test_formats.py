@@ -377,6 +377,28 @@ def test_quantized_load_with_intermediate_not_multiple_of_32(dtype: str, tmp_pat
     assert float(np.abs(step - want[-1]).max() / np.abs(want).max()) <= BUDGET[dtype][0]
 
 
+def test_default_threads_is_one_per_physical_core(wide_model: str) -> None:
+    """``threads=None`` runs one thread per physical core this process may use: within
+    1..os.cpu_count(), equal to the distinct sibling sets of the allowed CPUs where Linux
+    says (an independent reading of sysfs here), and what a model loaded without
+    ``threads`` reports."""
+    n = sparselm.default_threads()
+    assert isinstance(n, int) and 1 <= n <= (os.cpu_count() or 1)
+    topo = Path("/sys/devices/system/cpu")
+    if hasattr(os, "sched_getaffinity") and (topo / "cpu0/topology").is_dir():
+        cores = set()
+        for cpu in os.sched_getaffinity(0):
+            d = topo / f"cpu{cpu}/topology"
+            f = (
+                d / "core_cpus_list"
+                if (d / "core_cpus_list").exists()
+                else d / "thread_siblings_list"
+            )
+            cores.add(f.read_text().strip())
+        assert n == min(len(cores), len(os.sched_getaffinity(0)))
+    assert sparselm.load(wide_model).threads == n
+
+
 def test_memory_bandwidth_measures_and_rejects_bad_arguments() -> None:
     """The read-bandwidth probe the benchmarks pair their timings with (no timing asserted:
     only that it measures something and validates its arguments on both sides)."""

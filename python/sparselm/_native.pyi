@@ -8,6 +8,9 @@ import numpy.typing as npt
 def kernel_tier() -> str:
     """The SIMD tier chosen at start-up: 'scalar', 'avx2', 'avx512', 'neon', 'neon-dotprod'."""
 
+def default_threads() -> int:
+    """The thread count of threads=0: one per physical core this process may run on."""
+
 def read_bandwidth(threads: int, mib: int = 512, passes: int = 3) -> list[float]:
     """GB/s of `passes` plain reads of a `mib`-MiB buffer on `threads` threads."""
 

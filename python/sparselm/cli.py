@@ -71,7 +71,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         "--dtype", choices=DTYPES, default="auto", help="weight format in memory (default: auto)"
     )
     g.add_argument(
-        "--threads", type=int, metavar="N", help="worker threads (default: one per core)"
+        "--threads", type=int, metavar="N", help="worker threads (default: one per physical core)"
     )
     g.add_argument(
         "--max-seq",

@@ -77,6 +77,8 @@ class NativeEngine(Protocol):
     def vocab_size(self) -> int: ...
     @property
     def max_position_embeddings(self) -> int: ...
+    @property
+    def prompt_gemm(self) -> str: ...
     def logits(self, ids: Sequence[int]) -> npt.NDArray[np.float32]: ...
     def new_session(self, max_seq: int = 0) -> NativeSession: ...
 
@@ -110,9 +112,20 @@ def kernel_tier() -> str:
     return str(_load_native().kernel_tier())
 
 
+def default_threads() -> int:
+    """The number of threads ``load(threads=None)`` runs: one per physical core this process
+    may run on (its CPU affinity; two hardware threads of one core count once), at most
+    ``os.cpu_count()``.
+
+    Decode is bound by memory bandwidth, which a second hardware thread per core barely adds
+    to. Where the CPU topology cannot be read (outside Linux), every logical CPU counts.
+    """
+    return int(_load_native().default_threads())
+
+
 def memory_bandwidth(threads: int | None = None, mib: int = 512, passes: int = 3) -> float:
     """This machine's read bandwidth right now, in GB/s: the median of ``passes`` plain reads
-    of a ``mib``-MiB buffer on ``threads`` threads (default: one per CPU).
+    of a ``mib``-MiB buffer on ``threads`` threads (default: :func:`default_threads`).
 
     Decode speed is bound by memory, and on shared machines the bandwidth drifts (the
     reference VM moves between ~33 and ~60 GB/s with 2 threads), so benchmarks pair their
@@ -122,7 +135,7 @@ def memory_bandwidth(threads: int | None = None, mib: int = 512, passes: int = 3
         InvalidArgumentError: ``threads``, ``mib`` or ``passes`` is not a positive integer.
     """
     if threads is None:
-        threads = os.cpu_count() or 1
+        threads = default_threads()
     for name, v in (("threads", threads), ("mib", mib), ("passes", passes)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise InvalidArgumentError(f"{name} must be a positive integer, got {v!r}")
@@ -261,7 +274,7 @@ def _check_dtype(dtype: Any) -> str:
 
 def _check_threads(threads: Any) -> int:
     if threads is None:
-        return 0  # native: one per core
+        return 0  # native: one per physical core (default_threads())
     if not is_int(threads) or threads < 1:
         raise InvalidArgumentError(f"threads must be None or an int >= 1, got {threads!r}")
     return int(threads)
@@ -344,7 +357,7 @@ def load(
             bundled with the package.
         dtype: Weight format in memory: ``"auto"`` (the file's dtype), ``"f32"``, ``"f16"``,
             ``"bf16"``, ``"q8_0"`` or ``"q4_0"``.
-        threads: Worker threads (``None``: one per core).
+        threads: Worker threads (``None``: one per physical core, see :func:`default_threads`).
         max_seq: Default context length of sessions (``None``: the model's
             ``max_position_embeddings``). Smaller values use less KV-cache memory.
 

@@ -39,7 +39,7 @@ pub struct ModelOpts {
     pub dir: PathBuf,
     /// `auto`, `f32`, `f16` or `bf16` (checked with the core's `parse_dtype`).
     pub dtype: String,
-    /// Worker threads; 0: one per core.
+    /// Worker threads; 0: one per physical core.
     pub threads: usize,
     /// Positions of the KV cache; None: the model's context length.
     pub max_seq: Option<usize>,
@@ -118,7 +118,7 @@ model:
   -m, --model PATH      model directory (alternative to the MODEL_DIR argument)
   --dtype DTYPE         weight format in memory: auto, f32, f16, bf16, q8_0, q4_0
                         (default: auto)
-  --threads N           worker threads (default: one per core)
+  --threads N           worker threads (default: one per physical core)
   --max-seq N           context length of the KV cache (default: the model's
                         max_position_embeddings)";
 

@@ -4,6 +4,7 @@
 
 pub mod alloc;
 pub mod config;
+pub mod cpu;
 pub mod error;
 pub mod gemm;
 pub mod kernels;

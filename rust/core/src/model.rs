@@ -105,7 +105,8 @@ pub fn parse_dtype(s: &str) -> Result<Option<DType>> {
 }
 
 impl Model {
-    /// Load `dir/config.json` and its safetensors weights. `threads == 0`: one per core.
+    /// Load `dir/config.json` and its safetensors weights. `threads == 0`: one per physical
+    /// core ([`crate::cpu::default_threads`]).
     pub fn load(dir: &Path, dtype: Option<DType>, threads: usize) -> Result<Model> {
         if !dir.is_dir() {
             return Err(Error::io(
@@ -115,7 +116,7 @@ impl Model {
         }
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let threads = if threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            crate::cpu::default_threads()
         } else {
             threads
         };

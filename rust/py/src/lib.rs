@@ -24,6 +24,12 @@ fn kernel_tier() -> &'static str {
     sparselm_core::kernels::kernels().tier.name()
 }
 
+/// The thread count of `threads = 0`: one per physical core this process may run on.
+#[pyfunction]
+fn default_threads() -> usize {
+    sparselm_core::cpu::default_threads()
+}
+
 /// GB/s of `passes` plain reads of a `mib`-MiB buffer on `threads` threads (see
 /// `sparselm_core::membw`).
 #[pyfunction]
@@ -272,6 +278,7 @@ impl Session {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernel_tier, m)?)?;
     m.add_function(wrap_pyfunction!(read_bandwidth, m)?)?;
+    m.add_function(wrap_pyfunction!(default_threads, m)?)?;
     m.add_class::<Engine>()?;
     m.add_class::<Session>()?;
     Ok(())

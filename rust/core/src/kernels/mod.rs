@@ -173,6 +173,37 @@
 //!   ends and the serial work between GEMVs). Q4_0 dense baseline, 3 + 4 alternated process
 //!   triples: slow phase 0.91 / 0.90 (none) vs 0.93 (64), 0.95 / 0.89 (256), 0.89 (1024);
 //!   fast phase 0.79 / 0.81 vs 0.78, 0.77 / 0.75, 0.65: noise or worse.
+//! - Where a dense-baseline decode step goes (stop 14; PLM-1.8B q4_0, 2 threads,
+//!   `SPARSELM_DENSE_MLP=1`, context 16-192, slow phase; timers in a throwaway build of
+//!   `decode_probe`, 4-8 lines each): 193 parallel regions per token; 97 % of the wall time
+//!   inside them, the caller waiting 0.7-1.7 % at their ends, 2.8-3.2 % serial (norms and
+//!   residual adds 0.6 %, latent RMSNorm + RoPE + cache write 0.5 %, ReLU² 0.3 %, quantizing
+//!   GEMV inputs 0.7 %). GEMV regions 88-90 %, absorbed attention 6-9.5 % (63 µs per layer at
+//!   context 16, 107 µs at 190). Per thread and layer inside attention: W_UK (8 heads × 128
+//!   planar rows, 295 KB) 22-31 µs, scores 10-36, context sums 5-12, W_UV (16-row GEMV,
+//!   295 KB) 18-23; run a second time from cache, W_UK 15 and W_UV 7.5 µs. f16: W_UK
+//!   120-146 µs for 1 MB per thread (34-60 from cache), W_UV 46-64. With the GEMVs at 95-99 %
+//!   of the read, attention and serial work (~11 % at the benchmark's context) cap the dense
+//!   baseline near 0.9 of a plain read, which is what it reads.
+//! - Tried and dropped (stop 14): W_UV of a head group requested into L2 (`prefetcht1`) a few
+//!   lines per score tile and context strip, while attention computes. 32 lines per tile: W_UV
+//!   21.0 → 17.7 µs, attention region 88 → 92 µs; 128 lines: W_UV 20.1 → 17.9, scores 17.5 →
+//!   28.5 µs (medians of 16 slow-phase lines each, alternated processes). Prefetching the next
+//!   8 rows during each 8-row pass of float W_UK (f16): 127 → 140 µs.
+//! - Random rows from DRAM, with software prefetch (`examples/rows_probe`: pure reads of a
+//!   random subset of the rows of 32 × 8192 rows on 2 MiB pages, 2 threads, 20 lines each,
+//!   median time against reading every row): 50 % of the rows skipped, 1088-byte rows (a Q4_0
+//!   row of 2048) 1.01 (prefetch 2 rows ahead); 2176-byte rows (Q8_0) 0.97 without software
+//!   prefetch, 0.90 / 0.87 prefetching 1 / 2 rows ahead (a C twin with AVX-512 loads: 0.82-0.85
+//!   over 30 lines); 4352-byte rows 0.79; 17408 0.65. 88 % skipped: 2176 0.26, 1088 0.29. So at
+//!   50 % random zeros even a row-major Q8_0 `W_downᵀ` read at no compute cost would save ~13 %
+//!   of its read time, ~4 % of a Q8_0 token: short of the +8.5 % that 1.4× llama.cpp needs on
+//!   top of the dense baseline's 1.29×.
+//! - The sparse down at 90 % zeros loses ~12 % to imbalance (`bw_probe DOWN=1`, Q4_0, 6 lines,
+//!   timers in a throwaway build): plan built serially in 2-3 µs, region 44-69 µs, its longer
+//!   part 43-66 µs against a mean part of 40-58. Both fixes at hand were measured before and
+//!   dropped (4 parts per thread; plans built inside the region, above); dynamic stealing
+//!   would make the sum order, so the logits' last bits, depend on timing.
 
 use std::sync::OnceLock;
 
