@@ -146,7 +146,7 @@ fn sparse_down_dram(c: &mut Criterion) {
         g.sample_size(10);
         let (mut plan, mut parts) = (DownPlan::new(), Vec::new());
         let mut layer = 0usize;
-        for zeros in [0u32, 50, 90, 99] {
+        for zeros in [0u32, 50, 90, 95, 99] {
             let active: Vec<(u32, f32)> = (0..inter)
                 .filter(|j| (j * 7919 % 100) as u32 >= zeros)
                 .map(|j| (j as u32, 0.5))
