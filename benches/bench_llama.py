@@ -7,9 +7,10 @@ time (the machine is small and shared: never two timing processes at once):
 
   * llama.cpp through ``llama-cpp-python`` (``flash_attn=False``: llama.cpp's PLM path aborts
     with flash attention), after a short warm-up that touches every weight page;
-  * sparselm with exact sparsity on and off (``SPARSELM_DENSE_MLP=1``: a Q8_0/Q4_0 ``W_down``
-    kept in the GEMV layout and read whole every token, as a dense engine does; float formats
-    visit every row of ``W_downᵀ``), via ``bench_e2e.py --one`` (its ``run_one``).
+  * sparselm with exact sparsity on and off (``SPARSELM_DENSE_MLP=1``: ``W_down`` kept for a
+    dense GEMV and read whole every token, as a dense engine does: Q8_0/Q4_0 in the GEMV
+    layout, float formats in column blocks of 2048), via ``bench_e2e.py --one`` (its
+    ``run_one``).
 
 Both sides run the same protocol: a prompt of ``--prompt`` token ids evaluated in one call
 (prefill tok/s = prompt tokens / time), then greedy decoding of ``--decode`` tokens. The first

@@ -328,6 +328,60 @@ def test_sparse_decode_equals_dense_decode(
     assert (sparse.argmax(-1) == dense.argmax(-1)).mean() >= 0.85
 
 
+@pytest.fixture(scope="module")
+def blocks_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An MLP 4160 neurons wide: the dense float W_down is cut into column blocks of 2048
+    (``DOWN_COL_BLOCK``), so it has two whole blocks and a 64-wide one."""
+    d = str(tmp_path_factory.mktemp("blocks"))
+    make_tiny_checkpoint(
+        d,
+        seed=5,
+        hidden_size=64,
+        intermediate_size=4160,
+        num_attention_heads=2,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        vocab_size=300,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
+    )
+    return d
+
+
+@pytest.mark.usefixtures("exact_gemm")
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+def test_dense_float_mlp_in_column_blocks(
+    dtype: str, blocks_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dense float MLP (``SPARSELM_DENSE_MLP=1``: W_down in column blocks, one GEMV or GEMM
+    per block, summed) gives the sparse engine's logits, in the prompt forward and in decode
+    on the latent cache, and the prompt logits equal the NumPy reference on f32 weights."""
+    from sparselm.reference import load_weights, reference_logits
+
+    prompt = [int(t) for t in np.random.default_rng(1).integers(0, 300, size=12)]
+
+    def run(mode: str) -> tuple[np.ndarray, np.ndarray]:
+        monkeypatch.setenv("SPARSELM_DENSE_MLP", mode)
+        m = sparselm.load(blocks_model, dtype=dtype, threads=2)
+        full = m.logits(prompt)
+        s = m.session()
+        s.feed(prompt[:6])
+        return full, np.stack([s.feed([t], attention="absorbed") for t in prompt[6:]])
+
+    (full_d, dec_d), (full_s, dec_s) = run("1"), run("0")
+    scale = float(np.abs(full_s).max())
+    tol = {"f32": 1e-5, "f16": 1e-3, "bf16": 1e-2}[dtype]
+    assert float(np.abs(full_d - full_s).max()) / scale <= 1e-5
+    assert float(np.abs(dec_d - dec_s).max()) / scale <= 1e-5
+    assert float(np.abs(dec_d - full_d[6:]).max()) / scale <= max(tol, 1e-4)
+    if dtype == "f32":
+        cfg, w = load_weights(blocks_model)
+        want = reference_logits(cfg, w, prompt)
+        assert float(np.abs(full_d - want).max() / np.abs(want).max()) <= 1e-5
+
+
 @pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
 def test_quantized_decode_does_not_depend_on_threads(
     dtype: str, wide_model: str, prompt: list[int]

@@ -4,7 +4,8 @@
 //! The machine's bandwidth drifts from minute to minute, so each line pairs a plain 2-thread
 //! read of 1 GiB (the ceiling of that moment) with the GEMVs of 32 PLM-1.8B-shaped up
 //! projections (8192×2048) on the decode team, both from DRAM on 2 MiB pages; `DOWN=1` times
-//! the sparse down projection of 32 planar W_downᵀ instead (`DOWN_ZEROS=50`: % random zero
+//! the sparse down projection of 32 W_downᵀ instead (planar int8, or the 8-row AXPY of float
+//! formats; `DOWN_ZEROS=50`: % random zero
 //! neurons; GB/s counted on the whole matrix). `DTYPES=q4_0,q8_0,f16` picks formats, `REPS=`
 //! the number of pairs. Lines whose reads are above ~45 GB/s come from the fast phase.
 use sparselm_core::membw::PlainRead;
@@ -28,7 +29,12 @@ fn main() {
         .collect();
     let plain = PlainRead::new(1 << 30, threads).expect("1 GiB to read");
     let read = || plain.pass(&team);
-    let (rows, cols) = (8192usize, 2048usize);
+    // WIDE=1: the GEMV of W_down's shape (2048×8192) instead of up's.
+    let (rows, cols) = if std::env::var("WIDE").is_ok_and(|v| v == "1") {
+        (2048usize, 8192usize)
+    } else {
+        (8192usize, 2048usize)
+    };
     let w: Vec<f32> = (0..rows * cols)
         .map(|i| ((i * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5)
         .collect();
@@ -39,7 +45,8 @@ fn main() {
         // zero neurons; bytes counted as the whole matrix, as the dense groups read it all).
         let down = std::env::var("DOWN").is_ok_and(|v| v == "1");
         let zeros: u32 = std::env::var("DOWN_ZEROS").map_or(50, |s| s.parse().unwrap());
-        let downs: Vec<Matrix> = if down && dt.is_quantized() {
+        let downs: Vec<Matrix> = if down {
+            // float formats: W_downᵀ as the engine keeps it (the 8-row AXPY kernels)
             (0..32)
                 .map(|_| Matrix::from_f32(rows, cols, &w, dt).into_down_layout())
                 .collect()

@@ -256,8 +256,8 @@ enum Loaded {
 ///
 /// `want`: the storage dtype of weight matrices; `None` keeps the checkpoint's dtype (that of
 /// `model.embed_tokens.weight`). Norm gains are always f32. `dense_down`: keep a quantized
-/// `W_down` as in the file, in the GEMV layout, for a dense MLP (`Down::Dense`) instead of
-/// transposed for the sparse one (`Down::Transposed`; float formats always are).
+/// `W_down` as in the file, in the GEMV layout (float formats in column blocks), for a dense
+/// MLP (`Down::Dense`) instead of transposed for the sparse one (`Down::Transposed`).
 pub fn load_weights(
     dir: &Path,
     cfg: &ModelConfig,
@@ -325,9 +325,6 @@ pub fn load_weights(
         views.push((parsed[fi].bytes(info), dt, fi));
     }
     let out_dtype = want.unwrap_or(views[0].1);
-    // Float W_down stays transposed: its GEMV (rows of `intermediate` values) read 79 % of a
-    // plain read, against 89 % for every row of W_downᵀ visited (f16, PLM-1.8B; PERF NOTES).
-    let dense_down = dense_down && out_dtype.is_quantized();
 
     // 2. Convert (each conversion is itself parallel).
     let mut loaded: Vec<Loaded> = Vec::with_capacity(table.len());
@@ -417,7 +414,12 @@ pub fn load_weights(
             post_norm: norm(next()),
             up: m(next()).into_gemv_layout(),
             down: if dense_down {
-                Down::Dense(m(next()).into_gemv_layout())
+                // float formats in column blocks whose inputs stay in L1 (`matvec_blocks`)
+                Down::Dense(
+                    m(next())
+                        .into_gemv_layout()
+                        .split_cols(crate::tensor::DOWN_COL_BLOCK),
+                )
             } else {
                 Down::Transposed(m(next()).into_down_layout())
             },

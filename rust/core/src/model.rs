@@ -18,7 +18,7 @@ use crate::kv_cache::LatentCache;
 use crate::loader::load_weights;
 use crate::ops::{relu2_collect, relu2_count, rmsnorm, rope_adjacent, rope_tables, softmax};
 use crate::state::State;
-use crate::tensor::{DType, Matrix};
+use crate::tensor::{matmul_blocks, matvec_blocks, DType, Matrix};
 use crate::weights::{Down, LayerWeights, Weights};
 
 thread_local! {
@@ -63,10 +63,10 @@ pub struct Model {
     /// `None` with one thread, or with `SPARSELM_DECODE_TEAM=0` (decode then uses `pool`).
     team: Option<crate::team::Team>,
     /// Skip the zero ReLU² neurons in the down projection (exact). Off only for benchmarks and
-    /// tests, to measure what sparsity buys: with `SPARSELM_DENSE_MLP=1` at load, a quantized
-    /// `W_down` is kept in the GEMV layout (`Down::Dense`) and every neuron is read, as a dense
-    /// engine does; float formats (whose GEMV of `W_down` is slower) and
-    /// `SPARSELM_DENSE_MLP=rows` keep `W_downᵀ` and visit every row, zeros included.
+    /// tests, to measure what sparsity buys: with `SPARSELM_DENSE_MLP=1` at load, `W_down` is
+    /// kept for a dense GEMV (`Down::Dense`: quantized formats in the GEMV layout, float ones
+    /// in column blocks) and every neuron is read, as a dense engine does;
+    /// `SPARSELM_DENSE_MLP=rows` keeps `W_downᵀ` and visits every row, zeros included.
     pub sparse_mlp: bool,
     /// Prompt GEMMs (T > 1) in bf16 × bf16 → f32 (`crate::gemm`), and int8 (VNNI) for
     /// matrices in the interleaved Q8_0/Q4_0 layout: on when the CPU has AVX512_BF16 and the
@@ -500,7 +500,7 @@ impl Model {
                                 .map(|(j, &qj)| ((row0 + j) as u32, qj)),
                         );
                         let ql = &mut q_lat[hh * rd..(hh + 1) * rd];
-                        kv_bk.sparse_axpy(terms, &mut ql[..r]);
+                        kv_bk.axpy_consecutive(terms, &mut ql[..r]);
                         ql[r..].copy_from_slice(&qh[dn..]);
                     }
                 });
@@ -622,7 +622,12 @@ impl Model {
                     let active = relu2_count(&mut st.up[i * ni..(i + 1) * ni]);
                     count_mlp(st, l, ni, active, (t == 1).then_some(ni));
                 }
-                self.matmul(w_down, &st.up[..t * ni], t, &mut st.proj[..t * d]);
+                let (x, y) = (&st.up[..t * ni], &mut st.proj[..t * d]);
+                if t == 1 {
+                    matvec_blocks(w_down, x, y);
+                } else {
+                    matmul_blocks(w_down, x, t, y, |m, x, t, y| self.matmul(m, x, t, y));
+                }
                 return;
             }
         };
@@ -714,8 +719,8 @@ enum MlpMode {
     Sparse,
     /// `rows`: `W_downᵀ` as for `Sparse`, but every row visited, zeros included
     AllRows,
-    /// anything else (`1`): a quantized `W_down` in the GEMV layout, a dense GEMV
-    /// (`Down::Dense`); float formats as `AllRows`
+    /// anything else (`1`): `W_down` for a dense GEMV (`Down::Dense`: the GEMV layout for
+    /// Q8_0/Q4_0, column blocks for float formats)
     Dense,
 }
 

@@ -33,6 +33,8 @@ thread_local! {
     /// `matvec` (reused: decode runs ~160 of them per token).
     static GEMV_IN: std::cell::RefCell<(Vec<BlockQ8_0>, Vec<i32>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// One claim's outputs of a column block after the first in `matvec_blocks` (reused).
+    static BLOCK_OUT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Storage precision of weights.
@@ -307,6 +309,40 @@ impl Matrix {
         }
     }
 
+    /// The columns of a float matrix cut into blocks of `block` columns (the last may be
+    /// narrower): block `b` is `[rows, cols_b]` with columns `b·block..`. For the dense float
+    /// `W_down` ([`matvec_blocks`]); quantized matrices are not cut (their blocks of 32 would
+    /// have to be kept whole) and come back as the only block.
+    pub fn split_cols(self, block: usize) -> Vec<Matrix> {
+        let (rows, cols) = (self.rows, self.cols);
+        let block = block.max(1);
+        if cols <= block || self.dtype().is_quantized() {
+            return vec![self];
+        }
+        fn cut<T: Copy>(v: &[T], rows: usize, cols: usize, c0: usize, c1: usize) -> Vec<T> {
+            (0..rows)
+                .flat_map(|r| v[r * cols + c0..r * cols + c1].iter().copied())
+                .collect()
+        }
+        (0..cols)
+            .step_by(block)
+            .map(|c0| {
+                let c1 = (c0 + block).min(cols);
+                let data = match &self.data {
+                    Storage::F32(v) => Storage::F32(cut(v, rows, cols, c0, c1)),
+                    Storage::F16(v) => Storage::F16(cut(v, rows, cols, c0, c1)),
+                    Storage::BF16(v) => Storage::BF16(cut(v, rows, cols, c0, c1)),
+                    _ => unreachable!("quantized matrices are returned whole above"),
+                };
+                Matrix {
+                    rows,
+                    cols: c1 - c0,
+                    data,
+                }
+            })
+            .collect()
+    }
+
     /// Split a Q4_0 / Q8_0 matrix into the planar layout of the int8 down-projection kernel
     /// (`quant::Planar`) when this CPU has that kernel; other matrices are returned unchanged.
     /// For the transposed down projection, whose decode path is [`Self::sparse_axpy`].
@@ -522,6 +558,24 @@ impl Matrix {
             self.axpy_row(j as usize, 0, a, y);
         }
         active.len()
+    }
+
+    /// `y = Σ_i a_i · row[j_i]` for `terms` of consecutive rows (`j_i = j_0 + i`: absorbed
+    /// attention's W_UK, a head's rows). Float rows are summed one at a time, front to back: a
+    /// single stream through memory. The 8-row passes of [`Self::sparse_axpy`], made for
+    /// scattered rows, read 8 interleaved streams of one short row each, and for f16 W_UK
+    /// (rows of 512) took 134 µs per layer against 84 µs row by row (PERF NOTES in
+    /// kernels/mod.rs). Quantized matrices go through `sparse_axpy` (the planar kernel).
+    pub fn axpy_consecutive(&self, terms: &[(u32, f32)], y: &mut [f32]) {
+        debug_assert!(terms.windows(2).all(|p| p[1].0 == p[0].0 + 1));
+        if self.dtype().is_quantized() {
+            self.sparse_axpy(terms, y);
+            return;
+        }
+        y.fill(0.0);
+        for &(j, a) in terms {
+            self.axpy_row(j as usize, 0, a, y);
+        }
     }
 
     /// `Σ_{(j, a) ∈ active} a · row[j]` over the current rayon pool, as partial sums: part `i`
@@ -745,6 +799,82 @@ impl Matrix {
                 y[j * self.rows + r] = yt[r * t + j];
             }
         }
+    }
+}
+
+/// Columns per block of the dense float `W_down` ([`Matrix::split_cols`]): 2048 f32 inputs
+/// (8 KiB) stay in L1 while a block's rows stream by. The uncut GEMV of PLM-1.8B's `W_down`
+/// (rows of 8192 values, 32 KiB of input) read 66 % of a plain read in f16, against 99 % for
+/// rows of 2048 (PERF NOTES in kernels/mod.rs).
+pub const DOWN_COL_BLOCK: usize = 2048;
+
+/// `y = W x` for `W` given as column blocks (`blocks[b]` holds columns `b·c0..`, all with the
+/// same rows, as [`Matrix::split_cols`] makes them; `x` is the whole input), in one parallel
+/// region: each thread's claim of rows goes through the blocks in order, so its reads are one
+/// stream per block, and `y[r] = (W_0 x_0)[r] + (W_1 x_1)[r] + …` in that order whatever the
+/// split. One block is [`Matrix::matvec`].
+pub fn matvec_blocks(blocks: &[Matrix], x: &[f32], y: &mut [f32]) {
+    let Some((first, rest)) = blocks.split_first() else {
+        return y.fill(0.0);
+    };
+    if rest.is_empty() {
+        return first.matvec(x, y);
+    }
+    debug_assert_eq!(blocks.iter().map(|b| b.cols).sum::<usize>(), x.len());
+    debug_assert!(blocks
+        .iter()
+        .all(|b| b.rows == y.len() && !b.dtype().is_quantized()));
+    let per_row = blocks.iter().map(|b| b.nbytes()).sum::<usize>() / y.len().max(1);
+    let grain = (64 << 10) / per_row.max(1);
+    par_ranges(y, 1, grain, |r0, ys| {
+        BLOCK_OUT.with(|cell| {
+            let tmp = &mut *cell.borrow_mut();
+            tmp.resize(ys.len(), 0.0);
+            let mut c0 = 0;
+            for (b, m) in blocks.iter().enumerate() {
+                let xb = &x[c0..c0 + m.cols];
+                if b == 0 {
+                    m.dot_rows(r0, xb, ys);
+                } else {
+                    m.dot_rows(r0, xb, tmp);
+                    for (o, v) in ys.iter_mut().zip(tmp.iter()) {
+                        *o += v;
+                    }
+                }
+                c0 += m.cols;
+            }
+        })
+    });
+}
+
+/// `Y = X Wᵀ` for `t` input rows (`x: [t, cols]`, `y: [t, rows]`) with `W` given as column
+/// blocks: `mm(W_b, X_b, t, Y_b)` per block (X_b: columns of block `b` of every input row),
+/// summed in block order as [`matvec_blocks`] sums them.
+pub fn matmul_blocks(
+    blocks: &[Matrix],
+    x: &[f32],
+    t: usize,
+    y: &mut [f32],
+    mm: impl Fn(&Matrix, &[f32], usize, &mut [f32]),
+) {
+    let cols: usize = blocks.iter().map(|b| b.cols).sum();
+    debug_assert_eq!(x.len(), t * cols);
+    if blocks.len() == 1 {
+        return mm(&blocks[0], x, t, y);
+    }
+    y.fill(0.0);
+    let (mut xb, mut yb) = (Vec::new(), vec![0f32; y.len()]);
+    let mut c0 = 0;
+    for m in blocks {
+        xb.clear();
+        for i in 0..t {
+            xb.extend_from_slice(&x[i * cols + c0..i * cols + c0 + m.cols]);
+        }
+        mm(m, &xb, t, &mut yb);
+        for (o, v) in y.iter_mut().zip(&yb) {
+            *o += v;
+        }
+        c0 += m.cols;
     }
 }
 
@@ -1181,6 +1311,73 @@ mod tests {
                         .all(|(a, b)| a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0)),
                     "{dt:?}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn column_blocks_give_the_whole_matrix_results() {
+        // split_cols keeps every value; matvec_blocks / matmul_blocks equal the uncut GEMV /
+        // GEMM to rounding, on a team and off it, with a narrower last block and with one block.
+        let team = crate::team::Team::new(2).unwrap();
+        for (rows, cols, block) in [(37usize, 100usize, 32usize), (64, 5000, 2048), (8, 64, 64)] {
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+                .collect();
+            let t = 5;
+            let x: Vec<f32> = (0..t * cols)
+                .map(|i| ((i * 31) % 13) as f32 / 13.0 - 0.5)
+                .collect();
+            for dt in [DType::F32, DType::F16, DType::BF16, DType::Q8_0] {
+                let whole = Matrix::from_f32(rows, cols, &w, dt);
+                let dt = whole.dtype(); // f32 for a quantized dtype when cols % 32 != 0
+                let blocks = whole.clone().split_cols(block);
+                let n = if dt.is_quantized() {
+                    1
+                } else {
+                    cols.div_ceil(block)
+                };
+                assert_eq!(blocks.len(), n, "{dt:?} {rows}x{cols}/{block}");
+                assert_eq!(blocks.iter().map(|b| b.cols).sum::<usize>(), cols);
+                assert_eq!(
+                    blocks.iter().map(|b| b.nbytes()).sum::<usize>(),
+                    whole.nbytes()
+                );
+                let (mut a, mut b) = (vec![0f32; cols], vec![0f32; block.min(cols)]);
+                for r in 0..rows {
+                    whole.row_to_f32(r, &mut a);
+                    let mut c0 = 0;
+                    for m in &blocks {
+                        assert_eq!((m.rows, m.dtype()), (rows, dt));
+                        m.row_to_f32(r, &mut b[..m.cols]);
+                        assert_eq!(&b[..m.cols], &a[c0..c0 + m.cols], "{dt:?} row {r} at {c0}");
+                        c0 += m.cols;
+                    }
+                }
+                let tol = |v: f32| 1e-5 * (1.0 + v.abs()) * cols as f32 / 32.0;
+                let mut want = vec![0f32; rows];
+                whole.matvec(&x[..cols], &mut want);
+                for on_team in [false, true] {
+                    let _scope = on_team.then(|| crate::team::Scope::enter(&team));
+                    let mut got = vec![f32::NAN; rows];
+                    matvec_blocks(&blocks, &x[..cols], &mut got);
+                    for r in 0..rows {
+                        assert!(
+                            (got[r] - want[r]).abs() <= tol(want[r]),
+                            "{dt:?} matvec {r}"
+                        );
+                    }
+                }
+                let mut want = vec![0f32; t * rows];
+                whole.matmul(&x, t, &mut want);
+                let mut got = vec![f32::NAN; t * rows];
+                matmul_blocks(&blocks, &x, t, &mut got, |m, x, t, y| m.matmul(x, t, y));
+                for i in 0..t * rows {
+                    assert!(
+                        (got[i] - want[i]).abs() <= tol(want[i]),
+                        "{dt:?} matmul {i}"
+                    );
+                }
             }
         }
     }

@@ -113,16 +113,20 @@ pub enum Down {
     /// `W_downᵀ` `[I, d]`, row j = neuron j (the planar int8 layout for Q8_0/Q4_0): the
     /// sparse down projection reads only the rows of non-zero neurons. The default.
     Transposed(Matrix),
-    /// `W_down` `[d, I]` in the GEMV layout, quantized along the intermediate dimension: a
-    /// dense GEMV that reads every neuron's weights on every token (the dense baseline of the
-    /// Q8_0/Q4_0 formats).
-    Dense(Matrix),
+    /// `W_down` `[d, I]` for a dense GEMV that reads every neuron's weights on every token (the
+    /// dense baseline): Q8_0/Q4_0 as one matrix in the GEMV layout, quantized along the
+    /// intermediate dimension; float formats cut into column blocks of
+    /// [`DOWN_COL_BLOCK`](crate::tensor::DOWN_COL_BLOCK) neurons
+    /// ([`matvec_blocks`](crate::tensor::matvec_blocks)).
+    Dense(Vec<Matrix>),
 }
 
 impl Down {
-    pub fn matrix(&self) -> &Matrix {
+    /// Bytes held by the weights.
+    pub fn nbytes(&self) -> usize {
         match self {
-            Down::Transposed(m) | Down::Dense(m) => m,
+            Down::Transposed(m) => m.nbytes(),
+            Down::Dense(blocks) => blocks.iter().map(Matrix::nbytes).sum(),
         }
     }
 
@@ -130,7 +134,9 @@ impl Down {
     pub fn bytes_per_neuron(&self) -> f64 {
         match self {
             Down::Transposed(m) => m.nbytes() as f64 / m.rows as f64,
-            Down::Dense(m) => m.nbytes() as f64 / m.cols as f64,
+            Down::Dense(blocks) => {
+                self.nbytes() as f64 / blocks.iter().map(|m| m.cols).sum::<usize>().max(1) as f64
+            }
         }
     }
 }
@@ -160,7 +166,7 @@ impl Weights {
                 + l.kv_bv.nbytes()
                 + l.o_proj.nbytes()
                 + l.up.nbytes()
-                + l.down.matrix().nbytes();
+                + l.down.nbytes();
         }
         n
     }
