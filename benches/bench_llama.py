@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -205,11 +206,18 @@ def _bw(r: dict) -> str:
 
 def _phases(rows: list[dict]) -> float | None:
     """The read bandwidth that separates the machine's slow and fast phases in this run: the
-    midpoint of the lowest and highest plain read, if they differ by more than 30 % (else None:
-    one phase)."""
-    reads = [g for r in rows for g in r["read_gb_s"]]
-    lo, hi = min(reads), max(reads)
-    return (lo + hi) / 2 if hi > 1.3 * lo else None
+    widest gap (by ratio, over 1.25×) between consecutive plain reads among those at least half
+    the fastest one, cut at its geometric middle; None if there is no such gap (one phase).
+    Reads below half the fastest come from moments when others used the memory; they are left
+    out of the choice so that one of them cannot set the cut (a midpoint of the lowest and the
+    highest read put it at 32 GB/s, inside the slow phase, when one read was 7 GB/s)."""
+    reads = sorted(g for r in rows for g in r["read_gb_s"])
+    reads = [g for g in reads if g >= reads[-1] / 2]
+    gaps = [(b / a, a, b) for a, b in zip(reads, reads[1:]) if a > 0]
+    if not gaps:
+        return None
+    ratio, a, b = max(gaps)
+    return math.sqrt(a * b) if ratio > 1.25 else None
 
 
 def _phase(r: dict, cut: float | None) -> str:

@@ -434,8 +434,8 @@ def test_quantized_load_with_intermediate_not_multiple_of_32(dtype: str, tmp_pat
 def test_default_threads_is_one_per_physical_core(wide_model: str) -> None:
     """``threads=None`` runs one thread per physical core this process may use: within
     1..os.cpu_count(), equal to the distinct sibling sets of the allowed CPUs where Linux
-    says (an independent reading of sysfs here), and what a model loaded without
-    ``threads`` reports."""
+    says (an independent reading of sysfs here), capped by a cgroup CPU quota if there is
+    one, and what a model loaded without ``threads`` reports."""
     n = sparselm.default_threads()
     assert isinstance(n, int) and 1 <= n <= (os.cpu_count() or 1)
     topo = Path("/sys/devices/system/cpu")
@@ -449,8 +449,51 @@ def test_default_threads_is_one_per_physical_core(wide_model: str) -> None:
                 else d / "thread_siblings_list"
             )
             cores.add(f.read_text().strip())
-        assert n == min(len(cores), len(os.sched_getaffinity(0)))
+        want = min(len(cores), len(os.sched_getaffinity(0)))
+        quota = _cgroup_cpu_quota()
+        if quota is not None:
+            want = min(want, quota)
+        assert n == want
     assert sparselm.load(wide_model).threads == n
+
+
+def _cgroup_cpu_quota() -> int | None:
+    """The CPU quota of this process's cgroups rounded up to whole CPUs (the cap Rust's
+    ``available_parallelism``, and so ``default_threads``, applies), or None without one:
+    cgroup v2 ``cpu.max`` of the process's group and its ancestors, cgroup v1
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` of its ``cpu`` group (the smallest found)."""
+    import math
+
+    root = Path("/sys/fs/cgroup")
+    limits: list[int] = []
+
+    def add(quota: str, period: str) -> None:
+        if quota not in ("max", "-1") and int(quota) > 0 and int(period) > 0:
+            limits.append(max(1, math.ceil(int(quota) / int(period))))
+
+    try:
+        groups = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in groups:
+        _, controllers, path = line.split(":", 2)
+        rel = path.lstrip("/")
+        if controllers == "":  # v2: the group and every ancestor
+            base = root if (root / "cgroup.controllers").exists() else root / "unified"
+            d = base / rel
+            while True:
+                f = d / "cpu.max"
+                if f.is_file():
+                    add(*f.read_text().split()[:2])
+                if d == base:
+                    break
+                d = d.parent
+        elif "cpu" in controllers.split(","):  # v1
+            d = root / "cpu" / rel
+            q, per = d / "cpu.cfs_quota_us", d / "cpu.cfs_period_us"
+            if q.is_file() and per.is_file():
+                add(q.read_text().strip(), per.read_text().strip())
+    return min(limits) if limits else None
 
 
 def test_memory_bandwidth_measures_and_rejects_bad_arguments() -> None:

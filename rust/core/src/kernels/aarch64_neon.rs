@@ -145,7 +145,14 @@ macro_rules! dot_impl {
                 i += 8;
             }
             let v = add8(add8(acc[0], acc[1]), add8(acc[2], acc[3]));
-            hsum8(v) + $scalar(&w[i..n], &x[i..n])
+            // the scalar tail only when there is one (a call per row costs ~0.5 % of an f16
+            // decode otherwise)
+            let tail = if i < n {
+                $scalar(&w[i..n], &x[i..n])
+            } else {
+                0.0
+            };
+            hsum8(v) + tail
         }
 
         pub fn $name(w: &[$t], x: &[f32]) -> f32 {
@@ -175,7 +182,9 @@ macro_rules! axpy_impl {
                 }
                 i += 8;
             }
-            $scalar(a, &w[i..n], &mut y[i..n]);
+            if i < n {
+                $scalar(a, &w[i..n], &mut y[i..n]);
+            }
         }
 
         pub fn $name(a: f32, w: &[$t], y: &mut [f32]) {
