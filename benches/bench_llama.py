@@ -206,18 +206,13 @@ def _bw(r: dict) -> str:
 
 def _phases(rows: list[dict]) -> float | None:
     """The read bandwidth that separates the machine's slow and fast phases in this run: the
-    widest gap (by ratio, over 1.25×) between consecutive plain reads among those at least half
-    the fastest one, cut at its geometric middle; None if there is no such gap (one phase).
-    Reads below half the fastest come from moments when others used the memory; they are left
-    out of the choice so that one of them cannot set the cut (a midpoint of the lowest and the
-    highest read put it at 32 GB/s, inside the slow phase, when one read was 7 GB/s)."""
+    geometric middle of the 20th percentile and the highest plain read, if the highest is over
+    1.3× the percentile (else None: one phase). The percentile, not the lowest read, so that a
+    read taken while others used the memory cannot drag the cut into the slow phase (the
+    midpoint of the lowest and highest put it at 32 GB/s when one read was 7 GB/s)."""
     reads = sorted(g for r in rows for g in r["read_gb_s"])
-    reads = [g for g in reads if g >= reads[-1] / 2]
-    gaps = [(b / a, a, b) for a, b in zip(reads, reads[1:]) if a > 0]
-    if not gaps:
-        return None
-    ratio, a, b = max(gaps)
-    return math.sqrt(a * b) if ratio > 1.25 else None
+    lo, hi = reads[len(reads) // 5], reads[-1]
+    return math.sqrt(lo * hi) if hi > 1.3 * lo else None
 
 
 def _phase(r: dict, cut: float | None) -> str:

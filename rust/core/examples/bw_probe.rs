@@ -3,11 +3,12 @@
 //!
 //! The machine's bandwidth drifts from minute to minute, so each line pairs a plain 2-thread
 //! read of 1 GiB (the ceiling of that moment) with the GEMVs of 32 PLM-1.8B-shaped up
-//! projections (8192×2048) on the decode team, both from DRAM on 2 MiB pages; `DOWN=1` times
-//! the sparse down projection of 32 W_downᵀ instead (planar int8, or the 8-row AXPY of float
-//! formats; `DOWN_ZEROS=50`: % random zero
-//! neurons; GB/s counted on the whole matrix). `DTYPES=q4_0,q8_0,f16` picks formats, `REPS=`
-//! the number of pairs. Lines whose reads are above ~45 GB/s come from the fast phase.
+//! projections (8192×2048) on the decode team, both from DRAM on 2 MiB pages. `WIDE=1`: the
+//! shape of `W_down` (2048×8192) instead, and with `BLOCKS=1` cut into column blocks as the
+//! dense float `W_down` is. `DOWN=1` times the sparse down projection of 32 `W_downᵀ` instead
+//! (planar int8, or the 8-row AXPYs of float formats; `DOWN_ZEROS=50`: % random zero neurons;
+//! GB/s counted on the whole matrix). `DTYPES=q4_0,q8_0,f16` picks formats, `REPS=` the
+//! number of pairs. Lines whose reads are above ~45 GB/s come from the fast phase.
 use sparselm_core::membw::PlainRead;
 use sparselm_core::model::parse_dtype;
 use sparselm_core::team::{Scope, Team};
@@ -29,7 +30,9 @@ fn main() {
         .collect();
     let plain = PlainRead::new(1 << 30, threads).expect("1 GiB to read");
     let read = || plain.pass(&team);
-    // WIDE=1: the GEMV of W_down's shape (2048×8192) instead of up's.
+    // WIDE=1: the GEMV of W_down's shape (2048×8192) instead of up's; with BLOCKS=1 cut into
+    // column blocks as the dense float W_down is (`matvec_blocks`).
+    let blocks = std::env::var("BLOCKS").is_ok_and(|v| v == "1");
     let (rows, cols) = if std::env::var("WIDE").is_ok_and(|v| v == "1") {
         (2048usize, 8192usize)
     } else {
@@ -54,14 +57,21 @@ fn main() {
             Vec::new()
         };
         // the GEMVs, built only when they are what is timed
-        let ms: Vec<Matrix> = if downs.is_empty() {
+        let ms: Vec<Vec<Matrix>> = if downs.is_empty() {
             (0..32)
-                .map(|_| Matrix::from_f32(rows, cols, &w, dt).into_gemv_layout())
+                .map(|_| {
+                    let m = Matrix::from_f32(rows, cols, &w, dt).into_gemv_layout();
+                    if blocks {
+                        m.split_cols(sparselm_core::tensor::DOWN_COL_BLOCK)
+                    } else {
+                        vec![m]
+                    }
+                })
                 .collect()
         } else {
             Vec::new()
         };
-        let bytes: usize = ms.iter().chain(&downs).map(|m| m.nbytes()).sum();
+        let bytes: usize = ms.iter().flatten().chain(&downs).map(|m| m.nbytes()).sum();
         let act: Vec<(u32, f32)> = (0..rows as u32)
             .filter(|j| j.wrapping_mul(2654435761) % 100 >= zeros)
             .map(|j| (j, 1.0 + (j % 7) as f32))
@@ -91,7 +101,7 @@ fn main() {
             let t = Instant::now();
             if downs.is_empty() {
                 for m in &ms {
-                    m.matvec(&x, &mut y);
+                    sparselm_core::tensor::matvec_blocks(m, &x, &mut y);
                 }
             } else {
                 for m in &downs {

@@ -162,10 +162,33 @@
 //!   file in the 16-row GEMV layout (`weights::Down::Dense`) instead of visiting every row of
 //!   the planar `W_downᵀ`. PLM-1.8B, 2 threads, `decode_probe` in alternated processes, share
 //!   of the plain read around each line (medians; slow / fast phase): Q4_0 rows 0.89 / 0.65 →
-//!   GEMV 0.90-0.91 / 0.71-0.78; Q8_0 0.91-0.92 / 0.71 → 0.94 / 0.80-0.89. F16's GEMV of
-//!   `W_down` (rows of 8192) read 0.79 against 0.89 for every row of `W_downᵀ` (8-row AXPYs),
-//!   so float formats keep `W_downᵀ`. The dense layout's prompt GEMM is also faster than the
-//!   planar down GEMM (128-token prefill q4_0 ~105 → ~145 tok/s, q8_0 ~110 → ~145).
+//!   GEMV 0.90-0.91 / 0.71-0.78; Q8_0 0.91-0.92 / 0.71 → 0.94 / 0.80-0.89. The dense layout's
+//!   prompt GEMM is also faster than the planar down GEMM (128-token prefill q4_0 ~105 → ~145
+//!   tok/s, q8_0 ~110 → ~145).
+//! - Float `W_down` for the dense baseline (stop 15). Its GEMV, rows of 8192 values, reads
+//!   32 KiB of f32 input per row, as large as L1: `bw_probe WIDE=1` (32 matrices 2048×8192,
+//!   slow phase) f16 66 % of the plain read, against 99 % for the 8192×2048 shape. Tried: a
+//!   fused four-row dot (`x` loaded once per four rows): 2048×8192 66 → 88 %, but 8192×2048
+//!   99 → 83 % (four streams through memory instead of one; 6 alternated lines each); dropped.
+//!   Kept: `W_down` cut into column blocks of 2048 (`tensor::matvec_blocks`, one region, each
+//!   thread's claim going through the blocks in order), so every block is the 2048-column
+//!   shape; before this stop, float formats visited every row of `W_downᵀ` (8-row AXPYs,
+//!   `bw_probe DOWN=1 DOWN_ZEROS=0` f16 87 %). Whole f16 decode (`decode_probe`,
+//!   `SPARSELM_DENSE_MLP=1`, 3 alternated process pairs, 12 + 9 clean slow-phase lines):
+//!   decode tok/s per GB/s of the read 0.249 (blocks) vs 0.239 (all rows), +4 %.
+//! - Float W_UK in absorbed attention (stop 15): a head's 128 consecutive rows of 512 summed
+//!   one row at a time (`Matrix::axpy_consecutive`: one stream) instead of in 8-row passes
+//!   (eight interleaved 1 KiB streams, which the prefetcher barely follows): f16, 32 layers
+//!   from DRAM, 2 threads × 8 heads (`examples/uk_probe`, 12 lines, slow phase) 134 → 84 µs
+//!   per layer; 4-row passes 135 µs.
+//! - Where an f16 dense decode goes after those (stop 15; `perf record -e cpu-clock` of
+//!   `decode_probe MODEL f16 2` with `SPARSELM_DENSE_MLP=1 CTX=192`, load skipped with `-D`):
+//!   `dot_f16` 86 % of the samples (the plain reads 6 %), W_UK AXPYs 1.6 %, the team's spin
+//!   waits 2.4 %, scores 0.7 %; the empty scalar tail of every float dot was 0.5 % until it
+//!   was skipped. q4_0 (same command): `gemv16_q4_0` 83.5 % of the decode's samples, scores
+//!   3.3 %, context sums 1.2 %, W_UK (`down_q4_0` + coefficients) 2.1 %, spin waits 4.7 %,
+//!   input quantization 0.4 %. `perf` here has no hardware counters, but cpu-clock sampling
+//!   works, which reproduces such breakdowns without throwaway timers.
 //! - Decode attention's share (Q4_0 dense baseline, slow phase): context up to 40 read 0.93
 //!   of the plain read, up to 400 0.91.
 //! - Tried and dropped: at the end of each decode GEMV, each thread prefetching into L2 the
