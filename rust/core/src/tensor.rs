@@ -808,8 +808,9 @@ impl Matrix {
 /// rows of 2048 (PERF NOTES in kernels/mod.rs).
 pub const DOWN_COL_BLOCK: usize = 2048;
 
-/// `y = W x` for `W` given as column blocks (`blocks[b]` holds columns `b·c0..`, all with the
-/// same rows, as [`Matrix::split_cols`] makes them; `x` is the whole input), in one parallel
+/// `y = W x` for `W` given as column blocks (`blocks[b]` holds the columns after those of
+/// `blocks[..b]`, all with the same rows, as [`Matrix::split_cols`] makes them; `x` is the
+/// whole input), in one parallel
 /// region: each thread's claim of rows goes through the blocks in order, so its reads are one
 /// stream per block, and `y[r] = (W_0 x_0)[r] + (W_1 x_1)[r] + …` in that order whatever the
 /// split. One block is [`Matrix::matvec`].
