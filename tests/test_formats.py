@@ -382,6 +382,34 @@ def test_dense_float_mlp_in_column_blocks(
         assert float(np.abs(full_d - want).max() / np.abs(want).max()) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_dense_float_mlp_in_column_blocks_bf16_gemm(
+    dtype: str, blocks_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same with the default bf16 prompt GEMM, which the column blocks go through one by
+    one: the dense prompt logits stay within that GEMM's budget of the exact f32 prompt path,
+    as the sparse engine's do."""
+    prompt = [int(t) for t in np.random.default_rng(2).integers(0, 300, size=16)]
+    monkeypatch.setenv("SPARSELM_EXACT_GEMM", "1")
+    monkeypatch.setenv("SPARSELM_DENSE_MLP", "0")
+    exact = sparselm.load(blocks_model, dtype=dtype).logits(prompt)
+    monkeypatch.delenv("SPARSELM_EXACT_GEMM")
+    scale = float(np.abs(exact).max())
+    max_err, min_agree = FAST_BUDGET[dtype]
+    for mode in ("1", "0"):
+        monkeypatch.setenv("SPARSELM_DENSE_MLP", mode)
+        m = sparselm.load(blocks_model, dtype=dtype)
+        _fast_gemm_or_skip(m)
+        got = m.logits(prompt)
+        err = float(np.abs(got - exact).max()) / scale
+        agree = float((got.argmax(-1) == exact.argmax(-1)).mean())
+        print(
+            f"[formats] {dtype} bf16 GEMM, dense MLP={mode}: rel err {err:.2e}, top-1 {agree:.3f}"
+        )
+        assert 0 < err <= max_err, (mode, err)
+        assert agree >= min_agree, (mode, agree)
+
+
 @pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
 def test_quantized_decode_does_not_depend_on_threads(
     dtype: str, wide_model: str, prompt: list[int]
