@@ -193,6 +193,15 @@
 //!   take the same input, into one 3648-row GEMV (one region and one input quantization
 //!   fewer per layer). 32 layers from DRAM, 16 lines each, medians: Q4_0 143.2 → 136.4 µs per
 //!   layer (0.2 ms, ~0.6 % of a token), Q8_0 260.0 → 258.9 µs.
+//! - Tried, no consistent difference (stop 15): decode GEMV claims of 16 / 32 KiB instead of
+//!   64 (`par_ranges` grain; the caller waits ~1.6 % of a q4_0 decode at region ends).
+//!   `decode_probe` q4_0 dense, alternated processes, tok/s per GB/s of the read over clean
+//!   slow-phase lines: one set 16 KiB 0.861 vs 64 KiB 0.845 (13 / 10 lines), the next 16 KiB
+//!   0.845, 32 KiB 0.875, 64 KiB 0.874 (15 / 14 / 12 lines). Kept 64 KiB.
+//! - Tried, no gain (stop 15): pooled sparse-down units prefetched 2 or 3 calls ahead
+//!   instead of 1 (`bw_probe DOWN=1 DOWN_ZEROS=90`, 3 alternated rounds): Q4_0 slow phase
+//!   77.8 / 71.0 / 80.5 µs (1 / 2 / 3 ahead), Q8_0 fast phase 74.3 (1) vs 94.4 µs (2); other
+//!   tenants' memory traffic put every Q8_0 slow-phase line at 120-137 µs that hour.
 //! - Decode attention's share (Q4_0 dense baseline, slow phase): context up to 40 read 0.93
 //!   of the plain read, up to 400 0.91.
 //! - Tried and dropped: at the end of each decode GEMV, each thread prefetching into L2 the
