@@ -215,13 +215,27 @@ def _phases(rows: list[dict]) -> float | None:
     return math.sqrt(lo * hi) if hi > 1.3 * lo else None
 
 
+def _weight_gb_s(r: dict) -> float | None:
+    """Weight bytes the run's decode read per second: sparselm reports it (bytes skipped by
+    sparsity left out); for llama.cpp, the GGUF file's bytes per forward pass."""
+    if "gb_s" in r:
+        return float(r["gb_s"])
+    if "gguf_bytes" in r:
+        return r["gguf_bytes"] * r["decode_tok_s"] / 1e9
+    return None
+
+
 def _phase(r: dict, cut: float | None) -> str:
-    """ "slow" / "fast" if both reads around the run's decode fall on one side of ``cut``."""
+    """ "slow" / "fast" if both reads around the run's decode fall on one side of ``cut``, and
+    for "slow" the decode did not read its weights faster than 1.1× the faster of those reads
+    (else part of it ran in the fast phase between them: "mixed")."""
+    reads = r["read_gb_s"]
     if cut is None:
         return "slow"
-    if max(r["read_gb_s"]) < cut:
-        return "slow"
-    if min(r["read_gb_s"]) > cut:
+    if max(reads) < cut:
+        gb_s = _weight_gb_s(r)
+        return "mixed" if gb_s is not None and gb_s > 1.1 * max(reads) else "slow"
+    if min(reads) > cut:
         return "fast"
     return "mixed"
 
@@ -246,6 +260,7 @@ def print_table(
     print(
         "(same phase: median decode tok/s of sparselm over that of llama.cpp among the runs whose "
         "plain reads before and after the decode were both in the slow (fast) bandwidth phase, "
+        "slow runs also reading their weights at most 1.1x as fast as the faster of those reads, "
         "with the run counts; '-' where a side has none)"
     )
     cut = _phases(rows)

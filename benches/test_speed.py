@@ -147,3 +147,36 @@ def test_llama_table_pools_saved_runs(tmp_path) -> None:
         [sys.executable, script, "--table", f"{a},{c}"], check=False, capture_output=True, text=True
     )
     assert bad.returncode != 0 and "different prompt/decode lengths" in bad.stderr
+
+
+def test_llama_phase_rules() -> None:
+    """The slow/fast cut of ``bench_llama.py`` ignores a read taken while others used the memory
+    (the midpoint of the lowest and highest read would have put it inside the slow phase), one
+    phase gives no cut, and a decode that read its weights faster than the reads around it
+    allow is not counted as slow-phase."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_llama", Path(__file__).parent / "bench_llama.py"
+    )
+    assert spec is not None and spec.loader is not None
+    bl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bl)
+
+    slow = [{"read_gb_s": [33.0 + i % 3, 32.0 + i % 2]} for i in range(12)]
+    fast = [{"read_gb_s": [60.0, 61.0]}, {"read_gb_s": [58.0, 62.0]}]
+    disturbed = [{"read_gb_s": [7.0, 33.0]}]
+    cut = bl._phases(slow + fast + disturbed)
+    assert cut is not None and 40 < cut < 50, cut
+    assert bl._phases(slow + disturbed) is None  # one phase (the low read is not a phase)
+
+    def llama(reads: list[float], tok_s: float) -> dict:
+        return {"read_gb_s": reads, "gguf_bytes": 1.0e9, "decode_tok_s": tok_s}
+
+    assert bl._phase(llama([33.0, 34.0], 30.0), cut) == "slow"
+    assert bl._phase(llama([33.0, 34.0], 40.0), cut) == "mixed"  # 40 GB/s of weights
+    assert bl._phase({"read_gb_s": [33.0, 34.0], "gb_s": 45.0}, cut) == "mixed"
+    assert bl._phase({"read_gb_s": [33.0, 34.0], "gb_s": 31.0}, cut) == "slow"
+    assert bl._phase({"read_gb_s": [60.0, 61.0], "gb_s": 50.0}, cut) == "fast"
+    assert bl._phase({"read_gb_s": [33.0, 60.0], "gb_s": 40.0}, cut) == "mixed"
