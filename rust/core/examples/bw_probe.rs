@@ -76,13 +76,18 @@ fn main() {
             .filter(|j| j.wrapping_mul(2654435761) % 100 >= zeros)
             .map(|j| (j, 1.0 + (j % 7) as f32))
             .collect();
-        // With DOWN=1, the dense GEMV of W_down (cols × rows, the engine's GEMV layout) of the
-        // same format is timed on each line too: "sparse down vs dense" in one phase.
-        let wdown: Vec<Matrix> = if downs.is_empty() {
+        // With DOWN=1, the dense GEMV of W_down (cols × rows) of the same format, laid out as
+        // the engine's dense MLP keeps it (the GEMV layout; float formats in column blocks), is
+        // timed on each line too: "sparse down vs dense" in one phase.
+        let wdown: Vec<Vec<Matrix>> = if downs.is_empty() {
             Vec::new()
         } else {
             (0..32)
-                .map(|_| Matrix::from_f32(cols, rows, &w, dt).into_gemv_layout())
+                .map(|_| {
+                    Matrix::from_f32(cols, rows, &w, dt)
+                        .into_gemv_layout()
+                        .split_cols(sparselm_core::tensor::DOWN_COL_BLOCK)
+                })
                 .collect()
         };
         let xd: Vec<f32> = (0..rows).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
@@ -90,7 +95,7 @@ fn main() {
         let mut dense = || {
             let t = Instant::now();
             for m in &wdown {
-                m.matvec(&xd, &mut yd);
+                sparselm_core::tensor::matvec_blocks(m, &xd, &mut yd);
             }
             t.elapsed().as_secs_f64() / wdown.len().max(1) as f64
         };
