@@ -1041,6 +1041,10 @@ class FakeNative:
     def kernel_tier() -> str:
         return "scalar"
 
+    @staticmethod
+    def prompt_engine() -> str:
+        return "none"
+
 
 @pytest.fixture
 def fake_native(monkeypatch: pytest.MonkeyPatch, tok: Tokenizer) -> FakeNative:

@@ -214,6 +214,48 @@ def test_every_tier_via_env_override(dtype: str, wide_model: str, prompt: list[i
         assert err <= 1e-4, f"{dtype}: tier {tier} differs from scalar by {err:.2e}"
 
 
+_ENGINE_CHILD = """
+import json, sys
+import sparselm
+m = sparselm.load(sys.argv[1], dtype=sys.argv[2])
+print(json.dumps({"engine": sparselm.prompt_engine(), "gemm": m.prompt_gemm,
+                  "logits": m.logits([int(t) for t in sys.argv[3].split(",")]).tolist()}))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_amx_and_avx512_prompt_gemms_agree(dtype: str, wide_model: str, prompt: list[int]) -> None:
+    """AMX tiles (where the CPU has AMX-BF16) and AVX512_BF16 run the same bf16 prompt GEMM;
+    ``SPARSELM_AMX=0`` selects AVX-512. Their float32 sums run in another order; most are exact
+    (bf16 products have 16 significant bits), so most logits come out bit-identical, and where
+    a sum differs in its last bit it can move a later bf16 rounding by one step (2^-8
+    relative). So the two agree far inside the bf16 GEMM's budget, not bit for bit."""
+    out = {}
+    for amx in ("1", "0"):
+        r = subprocess.run(
+            [sys.executable, "-c", _ENGINE_CHILD, wide_model, dtype, ",".join(map(str, prompt))],
+            env=dict(os.environ, SPARSELM_AMX=amx),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        out[amx] = json.loads(r.stdout.strip().splitlines()[-1])
+    if out["0"]["gemm"] != "bf16":
+        pytest.skip("this CPU has no AVX512_BF16: no bf16 prompt GEMM to compare")
+    flags = Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
+    assert out["0"]["engine"] == "avx512-bf16"
+    if " amx_bf16 " not in flags:
+        assert out["1"]["engine"] == "avx512-bf16"
+        pytest.skip("this CPU has no AMX-BF16: only the AVX-512 engine runs here")
+    assert out["1"]["engine"] == "amx-bf16"
+    got, want = np.asarray(out["1"]["logits"]), np.asarray(out["0"]["logits"])
+    err = float(np.abs(got - want).max() / np.abs(want).max())
+    agree = float((got.argmax(-1) == want.argmax(-1)).mean())
+    print(f"[formats] {dtype} prompt logits, AMX vs AVX-512: rel err {err:.2e}, top-1 {agree:.3f}")
+    assert err <= FAST_BUDGET[dtype][0] / 4, err
+    assert agree >= 0.95, agree
+
+
 #: format -> (max relative logit error, min top-1 agreement) of the bf16 prompt GEMM vs the
 #: f32 prompt path on the same stored weights. bf16 keeps 8 significant bits: one rounding of
 #: each weight and activation per product, sums in f32.

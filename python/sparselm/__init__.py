@@ -43,6 +43,7 @@ from .model import (
     kernel_tier,
     load,
     memory_bandwidth,
+    prompt_engine,
 )
 from .tokenizer import Tokenizer
 
@@ -82,4 +83,5 @@ __all__ = [
     "kernel_tier",
     "load",
     "memory_bandwidth",
+    "prompt_engine",
 ]

@@ -8,6 +8,9 @@ import numpy.typing as npt
 def kernel_tier() -> str:
     """The SIMD tier chosen at start-up: 'scalar', 'avx2', 'avx512', 'neon', 'neon-dotprod'."""
 
+def prompt_engine() -> str:
+    """What runs the bf16 prompt GEMMs: 'amx-bf16', 'avx512-bf16' or 'none'."""
+
 def default_threads() -> int:
     """The thread count of threads=0: one per physical core this process may run on."""
 

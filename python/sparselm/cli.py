@@ -17,7 +17,7 @@ from typing import Any, Callable, TextIO
 
 from ._errors import InvalidArgumentError, SparselmError
 from .generation import GenerationConfig, GenerationStats
-from .model import DTYPES, Model, bundled_model_path, kernel_tier, load
+from .model import DTYPES, Model, bundled_model_path, kernel_tier, load, prompt_engine
 
 __all__ = ["build_parser", "main"]
 
@@ -367,8 +367,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def _info_dict(model: Model) -> dict[str, Any]:
     try:
         tier: str | None = kernel_tier()
+        engine: str | None = prompt_engine()
     except ImportError:
-        tier = None
+        tier = engine = None
     gc = model.generation_config
     return {
         "path": str(model.path) if model.path else None,
@@ -380,6 +381,7 @@ def _info_dict(model: Model) -> dict[str, Any]:
         "threads": model.threads,
         "kernel_tier": tier,
         "prompt_gemm": model.prompt_gemm,
+        "prompt_engine": engine,
         "context_length": model.context_length,
         "vocab_size": model.vocab_size,
         "tokenizer_vocab_size": model.tokenizer.vocab_size,
@@ -411,7 +413,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("dtype", info["dtype"]),
         ("threads", str(info["threads"])),
         ("kernel tier", info["kernel_tier"] or "?"),
-        ("prompt GEMM", info["prompt_gemm"]),
+        (
+            "prompt GEMM",
+            info["prompt_gemm"]
+            + (f" ({info['prompt_engine']})" if info["prompt_gemm"] == "bf16" else ""),
+        ),
         ("context", f"{info['context_length']} positions"),
         ("vocab", f"{info['vocab_size']} (tokenizer: {info['tokenizer_vocab_size']})"),
         ("stop ids", ", ".join(map(str, info["stop_token_ids"])) or "none"),

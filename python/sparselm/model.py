@@ -47,6 +47,7 @@ __all__ = [
     "kernel_tier",
     "load",
     "memory_bandwidth",
+    "prompt_engine",
 ]
 
 #: The weight formats :func:`load` accepts. ``"auto"`` keeps the checkpoint's own dtype. The
@@ -110,6 +111,17 @@ def kernel_tier() -> str:
     ``SPARSELM_KERNEL`` environment variable can force a lower tier (set it before import).
     """
     return str(_load_native().kernel_tier())
+
+
+def prompt_engine() -> str:
+    """The hardware that runs the bf16 prompt GEMMs (``Model.prompt_gemm == "bf16"``).
+
+    ``"amx-bf16"``: Intel AMX tiles (Sapphire Rapids and later; Linux grants the tile state),
+    ``"avx512-bf16"``: AVX512_BF16 vector instructions, ``"none"``: no bf16 GEMM on this CPU.
+    Both engines round to bfloat16 and sum in float32; only the order of the sums differs. The
+    ``SPARSELM_AMX=0`` environment variable (set before import) keeps prompts off the tiles.
+    """
+    return str(_load_native().prompt_engine())
 
 
 def default_threads() -> int:

@@ -174,9 +174,48 @@ fn planar_pairs<Q: quant::Pod>(
     }
 }
 
+/// AMX tiles run this GEMM: AMX-BF16 is usable ([`crate::amx::available`]) and K is a whole
+/// number of 32-wide tile steps (every PLM projection); otherwise the AVX-512 BF16 kernels do.
+fn use_amx(k: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        k.is_multiple_of(crate::amx::K_STEP) && crate::amx::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = k;
+        false
+    }
+}
+
+/// The engine that runs the prompt GEMMs here: `"amx-bf16"`, `"avx512-bf16"` or `"none"`
+/// (prompts then use the decode kernels, one token at a time per weight row group).
+pub fn engine() -> &'static str {
+    if !available() {
+        "none"
+    } else if use_amx(K_STEP_ANY) {
+        "amx-bf16"
+    } else {
+        "avx512-bf16"
+    }
+}
+
+/// A K that every tile path accepts (for [`engine`]).
+const K_STEP_ANY: usize = 64;
+
 /// `Y[T, N] = X[T, K] · Wᵀ` (`w: [N, K]`, `x: [t, K]`, `y: [t, N]`), rows split across the
 /// current rayon pool.
 pub fn matmul_nk(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
+    matmul_nk_on(w, x, t, y, use_amx(w.cols))
+}
+
+/// [`matmul_nk`] on AMX tiles (`amx`, which needs `use_amx(w.cols)`) or AVX-512 BF16.
+fn matmul_nk_on(w: &Matrix, x: &[f32], t: usize, y: &mut [f32], amx: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if amx {
+        return matmul_nk_amx(w, x, t, y);
+    }
+    let _ = amx;
     #[cfg(target_arch = "x86_64")]
     {
         assert!(available(), "bf16 GEMM unavailable");
@@ -248,16 +287,108 @@ pub fn matmul_nk(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
     }
 }
 
+/// [`matmul_nk`] on AMX tiles: tasks of up to 64 weight rows (bf16 panels as the AVX-512
+/// path builds them, zero rows up to a multiple of 32), each running [`amx::nk_pair`] over
+/// every pair of 16-token tiles.
+#[cfg(target_arch = "x86_64")]
+fn matmul_nk_amx(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
+    use crate::amx;
+    let (n, kk) = (w.rows, w.cols);
+    assert!(x.len() >= t * kk && y.len() >= t * n, "matmul_nk shapes");
+    assert!(use_amx(kk), "AMX GEMM unavailable for K = {kk}");
+    let ks = kk / amx::K_STEP;
+    let tiles = t.div_ceil(32) * 2; // token tiles of 16, in pairs
+    let mut xt = vec![0u32; tiles * ks * 256];
+    {
+        let mut xb = vec![0u16; t * kk];
+        for i in 0..t {
+            k::f32_to_bf16(&x[i * kk..(i + 1) * kk], &mut xb[i * kk..(i + 1) * kk]);
+        }
+        amx::pack_tokens(&xb, kk, t, kk, tiles, &mut xt);
+    }
+    let threads = rayon::current_num_threads().max(1);
+    // Rows per task: a multiple of 32, at most 64 (a 64 × 2048 bf16 panel is 256 KiB).
+    let chunk = (n.div_ceil(threads * 2).div_ceil(32) * 32).clamp(32, 64);
+    let out = OutPtr(y.as_mut_ptr());
+    let xt = &xt[..];
+    (0..n.div_ceil(chunk)).into_par_iter().for_each(|ci| {
+        let (r0, r1) = (ci * chunk, ((ci + 1) * chunk).min(n));
+        let nr = r1 - r0;
+        let nrp = nr.div_ceil(32) * 32;
+        PANEL.with(|pan| {
+            let mut pan = pan.borrow_mut();
+            // bf16 weights with whole groups of 32 rows are used in place.
+            let direct: Option<&[u16]> = match &w.data {
+                Storage::BF16(v) if nr == nrp => {
+                    let s = &v[r0 * kk..r1 * kk];
+                    // SAFETY: half::bf16 is #[repr(transparent)] over u16.
+                    Some(unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u16, s.len()) })
+                }
+                _ => None,
+            };
+            let panel: &[u16] = match direct {
+                Some(p) => p,
+                None => {
+                    pan.clear();
+                    pan.resize(nrp * kk, 0);
+                    for q in 0..nr {
+                        row_seg_bf16(w, r0 + q, 0, kk, &mut pan[q * kk..(q + 1) * kk]);
+                    }
+                    &pan[..]
+                }
+            };
+            let _tiles = amx::Tiles::configure();
+            let mut c = [[0f32; 256]; 4];
+            for g in (0..nr).step_by(32) {
+                for h in (0..tiles).step_by(2) {
+                    // SAFETY: tiles configured above; the panel holds nrp >= g + 32 rows of kk
+                    // bf16 (kk = 32·ks); xt holds `tiles` token tiles of ks·256 pairs, h + 1 <
+                    // tiles.
+                    unsafe {
+                        amx::nk_pair(
+                            panel.as_ptr().add(g * kk),
+                            kk * 2,
+                            xt.as_ptr().add(h * ks * 256),
+                            xt.as_ptr().add((h + 1) * ks * 256),
+                            ks,
+                            &mut c,
+                        )
+                    };
+                    for (q, tile) in c.iter().enumerate() {
+                        let (row0, tok0) = (g + 16 * (q / 2), 16 * (h + q % 2));
+                        for r in 0..16.min(nr.saturating_sub(row0)) {
+                            for j in 0..16.min(t.saturating_sub(tok0)) {
+                                let idx = (tok0 + j) * n + r0 + row0 + r;
+                                // SAFETY: tok0 + j < t and r0 + row0 + r < r1 <= n, so idx <
+                                // t·n <= y.len(); this row belongs to this task alone.
+                                unsafe { *out.get().add(idx) = tile[r * 16 + j] };
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    });
+}
+
 /// `Y[T, N] = A[T, K] · W` (`w: [K, N]`, `a: [t, K]`, `y: [t, N]`). With `sparse`, each tile
-/// of 6 tokens visits only the k-pairs (2p, 2p+1) where one of its tokens is non-zero: exact,
-/// since the skipped products are zero. Column panels of 64 are split across the pool.
+/// of 6 tokens visits only the k-pairs (2p, 2p+1) where one of its tokens is non-zero (on AMX
+/// tiles: each tile of 16 tokens, the 16-pair chunks): exact, since the skipped products are
+/// zero. Column panels of 64 are split across the pool.
 pub fn matmul_kn(w: &Matrix, a: &[f32], t: usize, sparse: bool, y: &mut [f32]) {
+    matmul_kn_on(w, a, t, sparse, y, use_amx(w.rows))
+}
+
+/// [`matmul_kn`] on AMX tiles (`amx`, which needs `use_amx(w.rows)`) or AVX-512 BF16.
+fn matmul_kn_on(w: &Matrix, a: &[f32], t: usize, sparse: bool, y: &mut [f32], amx: bool) {
     #[cfg(target_arch = "x86_64")]
     {
         assert!(available(), "bf16 GEMM unavailable");
         let (kk, n) = (w.rows, w.cols);
         assert!(a.len() >= t * kk && y.len() >= t * n, "matmul_kn shapes");
-        let mr = k::MR;
+        assert!(!amx || use_amx(kk), "AMX GEMM unavailable for K = {kk}");
+        // tokens per tile: 16 rows of an AMX tile, or the AVX-512 kernel's 6
+        let mr = if amx { 16 } else { k::MR };
         let tp = t.div_ceil(mr) * mr;
         let kp = kk.div_ceil(2);
         // activations as bf16 pairs [tp, kp] (zero padded)
@@ -271,12 +402,17 @@ pub fn matmul_kn(w: &Matrix, a: &[f32], t: usize, sparse: bool, y: &mut [f32]) {
                 }
             }
         }
-        // per token tile: the pairs to visit (sorted)
+        // per token tile: the pairs to visit (sorted); on AMX tiles the 16-pair chunks
+        let unit = if amx { 16 } else { 1 };
         let lists: Vec<Vec<u32>> = (0..tp / mr)
             .map(|g| {
                 let rows = &ab[g * mr * kp..(g + 1) * mr * kp];
-                (0..kp as u32)
-                    .filter(|&p| !sparse || (0..mr).any(|i| rows[i * kp + p as usize] != 0))
+                (0..kp.div_ceil(unit) as u32)
+                    .filter(|&c| {
+                        let ps = c as usize * unit..((c as usize + 1) * unit).min(kp);
+                        !sparse
+                            || (0..mr).any(|i| rows[i * kp..][ps.clone()].iter().any(|&v| v != 0))
+                    })
                     .collect()
             })
             .collect();
@@ -295,6 +431,10 @@ pub fn matmul_kn(w: &Matrix, a: &[f32], t: usize, sparse: bool, y: &mut [f32]) {
                 let mut pan = pan.borrow_mut();
                 let mut lo = vec![0u16; nw];
                 let mut hi = vec![0u16; nw];
+                // AMX: the tiles of this column panel for every token tile, kept across the
+                // K panels
+                let _tiles = amx.then(crate::amx::Tiles::configure);
+                let mut acc = vec![[[0f32; 64]; 16]; if amx { tp / 16 } else { 0 }];
                 let mut p0 = 0;
                 while p0 < kp {
                     let p1 = (p0 + KC_PAIRS).min(kp);
@@ -333,6 +473,29 @@ pub fn matmul_kn(w: &Matrix, a: &[f32], t: usize, sparse: bool, y: &mut [f32]) {
                             }
                         }
                     }
+                    if amx {
+                        for (g, (list, c)) in lists.iter().zip(acc.iter_mut()).enumerate() {
+                            let s = list.partition_point(|&ch| (ch as usize) * 16 < p0);
+                            let e = list.partition_point(|&ch| (ch as usize) * 16 < p1);
+                            // SAFETY: tiles configured above; kp and p0 are multiples of 16
+                            // (K = 32·ks, KC_PAIRS = 1024), so every listed chunk in p0..p1
+                            // lies inside row g·16.. of ab ([tp, kp]) and inside the panel
+                            // ((p1 − p0) pair rows of nw = 64 u32).
+                            unsafe {
+                                crate::amx::kn_panel(
+                                    ab.as_ptr().add(g * 16 * kp + p0),
+                                    kp * 4,
+                                    panel.as_ptr(),
+                                    &list[s..e],
+                                    (p0 / 16) as u32,
+                                    c,
+                                    p0 > 0,
+                                )
+                            };
+                        }
+                        p0 = p1;
+                        continue;
+                    }
                     for (g, list) in lists.iter().enumerate() {
                         let ti = g * mr;
                         let m = mr.min(t - ti);
@@ -361,12 +524,21 @@ pub fn matmul_kn(w: &Matrix, a: &[f32], t: usize, sparse: bool, y: &mut [f32]) {
                     }
                     p0 = p1;
                 }
+                for (g, c) in acc.iter().enumerate() {
+                    for (j, row) in c.iter().enumerate().take(t.saturating_sub(16 * g)) {
+                        let at = (16 * g + j) * n + c0;
+                        // SAFETY: token 16g + j < t and columns c0..c0 + nc <= n, so the
+                        // range lies inside y (t·n); these columns belong to this task alone.
+                        let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(at), nc) };
+                        dst.copy_from_slice(&row[..nc]);
+                    }
+                }
             });
         });
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (w, a, t, sparse, y);
+        let _ = (w, a, t, sparse, y, amx);
         unreachable!("bf16 GEMM is x86-64 only; check available()");
     }
 }
@@ -453,6 +625,30 @@ mod tests {
         v
     }
 
+    /// The tile engines to test for a K: AVX-512 BF16, and AMX where this CPU has it.
+    fn engines(k: usize) -> Vec<bool> {
+        let mut v = vec![false];
+        if use_amx(k) {
+            v.push(true);
+        }
+        v
+    }
+
+    #[test]
+    fn engine_names_the_tiles_in_use() {
+        let e = engine();
+        #[cfg(target_arch = "x86_64")]
+        let amx = crate::amx::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let amx = false;
+        match (available(), amx) {
+            (false, _) => assert_eq!(e, "none"),
+            (true, true) => assert_eq!(e, "amx-bf16"),
+            (true, false) => assert_eq!(e, "avx512-bf16"),
+        }
+        eprintln!("prompt GEMM engine here: {e}");
+    }
+
     fn check(got: &[f32], want: &[f64], scale: &[f64], what: &str) {
         for (i, ((&g, &w), &s)) in got.iter().zip(want).zip(scale).enumerate() {
             // products exact, f32 sums: error ≤ K·2⁻²⁴·Σ|a·b|; use a looser 1e-5 relative.
@@ -478,6 +674,7 @@ mod tests {
             (70, 96),
             (130, 257),
             (9, 2048),
+            (33, 96),
         ] {
             for dt in [
                 DType::F32,
@@ -491,10 +688,8 @@ mod tests {
                 }
                 let w = Matrix::from_f32(n, kk, &data(n * kk, (n * 31 + kk) as u32), dt);
                 let wf = dense(&w);
-                for t in [1usize, 2, 5, 6, 7, 13] {
+                for t in [1usize, 2, 5, 6, 7, 13, 17, 40] {
                     let x = data(t * kk, (t * 7 + n) as u32);
-                    let mut y = vec![f32::NAN; t * n];
-                    matmul_nk(&w, &x, t, &mut y);
                     let mut want = vec![0f64; t * n];
                     let mut scale = vec![0f64; t * n];
                     for i in 0..t {
@@ -506,7 +701,12 @@ mod tests {
                             }
                         }
                     }
-                    check(&y, &want, &scale, &format!("nk {dt:?} n={n} k={kk} t={t}"));
+                    for amx in engines(kk) {
+                        let mut y = vec![f32::NAN; t * n];
+                        matmul_nk_on(&w, &x, t, &mut y, amx);
+                        let what = format!("nk {dt:?} n={n} k={kk} t={t} amx={amx}");
+                        check(&y, &want, &scale, &what);
+                    }
                 }
             }
         }
@@ -548,7 +748,15 @@ mod tests {
             eprintln!("bf16 GEMM not available on this CPU; skipping");
             return;
         }
-        for &(kk, n) in &[(1, 1), (3, 16), (64, 32), (97, 64), (256, 96), (2500, 130)] {
+        for &(kk, n) in &[
+            (1, 1),
+            (3, 16),
+            (64, 32),
+            (97, 64),
+            (256, 96),
+            (2500, 130),
+            (2080, 64),
+        ] {
             for dt in [
                 DType::F32,
                 DType::F16,
@@ -564,7 +772,7 @@ mod tests {
                 // the decode layout of W_downᵀ (planar, where this CPU has its kernel), whose
                 // panels are built by the paired converters: the same bits as the GGUF rows
                 let planar = w.clone().into_down_layout();
-                for t in [1usize, 4, 6, 11] {
+                for t in [1usize, 4, 6, 11, 17] {
                     for zero_frac in [0.0f32, 0.1, 0.5, 0.9, 1.0] {
                         // relu²-like activations with a fraction of exact zeros
                         let mut a = data(t * kk, (t + kk) as u32);
@@ -587,25 +795,31 @@ mod tests {
                                 }
                             }
                         }
-                        for sparse in [false, true] {
+                        for (sparse, amx) in [false, true]
+                            .into_iter()
+                            .flat_map(|s| engines(kk).into_iter().map(move |e| (s, e)))
+                        {
                             let mut y = vec![f32::NAN; t * n];
-                            matmul_kn(&w, &a, t, sparse, &mut y);
+                            matmul_kn_on(&w, &a, t, sparse, &mut y, amx);
                             if planar.is_planar() {
                                 let mut yp = vec![f32::NAN; t * n];
-                                matmul_kn(&planar, &a, t, sparse, &mut yp);
+                                matmul_kn_on(&planar, &a, t, sparse, &mut yp, amx);
                                 let bits =
                                     |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                                 assert_eq!(
                                     bits(&yp),
                                     bits(&y),
-                                    "planar kn {dt:?} k={kk} n={n} t={t} z={zero_frac} s={sparse}"
+                                    "planar kn {dt:?} k={kk} n={n} t={t} z={zero_frac} s={sparse} \
+                                     amx={amx}"
                                 );
                             }
                             check(
                                 &y,
                                 &want,
                                 &scale,
-                                &format!("kn {dt:?} k={kk} n={n} t={t} z={zero_frac} s={sparse}"),
+                                &format!(
+                                    "kn {dt:?} k={kk} n={n} t={t} z={zero_frac} s={sparse} amx={amx}"
+                                ),
                             );
                         }
                     }

@@ -3,6 +3,8 @@
 //! Layers call downward only: `session` → `model` → `tensor`/`ops` → `kernels`.
 
 pub mod alloc;
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 pub mod config;
 pub mod cpu;
 pub mod error;

@@ -24,6 +24,12 @@ fn kernel_tier() -> &'static str {
     sparselm_core::kernels::kernels().tier.name()
 }
 
+/// What runs the bf16 prompt GEMMs: "amx-bf16" (Intel AMX tiles), "avx512-bf16" or "none".
+#[pyfunction]
+fn prompt_engine() -> &'static str {
+    sparselm_core::gemm::engine()
+}
+
 /// The thread count of `threads = 0`: one per physical core this process may run on.
 #[pyfunction]
 fn default_threads() -> usize {
@@ -277,6 +283,7 @@ impl Session {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernel_tier, m)?)?;
+    m.add_function(wrap_pyfunction!(prompt_engine, m)?)?;
     m.add_function(wrap_pyfunction!(read_bandwidth, m)?)?;
     m.add_function(wrap_pyfunction!(default_threads, m)?)?;
     m.add_class::<Engine>()?;

@@ -1,0 +1,276 @@
+//! Intel AMX tiles (AMX-TILE + AMX-BF16) for the prompt GEMMs of `gemm.rs`.
+//!
+//! Owns: detection (CPUID leaf 7, the kernel's per-process permission for tile data through
+//! `arch_prctl(ARCH_REQ_XCOMP_PERM)`), the `SPARSELM_AMX=0` override, per-thread tile
+//! configuration, and two tile kernels over bf16 pairs:
+//! - [`nk_pair`]: 32 weight rows (bf16, row-major, as `matmul_nk`'s panel) × 32 tokens
+//!   (bf16 pairs packed by [`pack_tokens`]) over all of K;
+//! - [`kn_panel`]: 16 tokens (bf16 pairs, row-major) × the 64 columns of a `matmul_kn` panel
+//!   (pair rows), over a list of 16-pair chunks.
+//!
+//! Numerics are those of the AVX-512 BF16 path: bf16 inputs, exact products, f32 sums
+//! (`tdpbf16ps`, like `vdpbf16ps`, treats bf16 denormals as zero and rounds to nearest even);
+//! only the order of the f32 additions differs.
+//!
+//! Tile registers are per thread: every parallel task that runs a kernel first holds a
+//! [`Tiles`] guard (`ldtilecfg`), which releases them (`tilerelease`) when dropped, so no thread
+//! keeps tile state (8 KiB of context) after a GEMM.
+//!
+//! Must not: be reached when [`available`] is false (the instructions fault without the
+//! kernel's permission); know about layers or models.
+#![cfg(target_arch = "x86_64")]
+
+use std::arch::asm;
+use std::sync::OnceLock;
+
+/// Bytes in one tile row (and the widest tile).
+pub const ROW_BYTES: usize = 64;
+/// bf16 values of K per tile step (16 pairs).
+pub const K_STEP: usize = 32;
+
+/// AMX-BF16 tiles can run here: the CPU reports AMX-TILE and AMX-BF16, the kernel granted
+/// this process tile data, and `SPARSELM_AMX` is not `0`. Decided once per process.
+pub fn available() -> bool {
+    static A: OnceLock<bool> = OnceLock::new();
+    *A.get_or_init(|| {
+        let off = std::env::var("SPARSELM_AMX").is_ok_and(|v| v.trim() == "0");
+        !off && cpu_has_amx_bf16() && request_permission()
+    })
+}
+
+/// CPUID.(EAX=7, ECX=0):EDX bit 22 (AMX-BF16) and bit 24 (AMX-TILE).
+fn cpu_has_amx_bf16() -> bool {
+    // cpuid exists on every x86-64 CPU; leaf 7 is checked against the maximum leaf.
+    let max = std::arch::x86_64::__cpuid(0).eax;
+    if max < 7 {
+        return false;
+    }
+    let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+    edx & (1 << 22) != 0 && edx & (1 << 24) != 0
+}
+
+/// Ask Linux for permission to use tile data (XFEATURE 18); it is granted to the whole
+/// process. Elsewhere AMX is not used.
+fn request_permission() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: arch_prctl with ARCH_REQ_XCOMP_PERM takes two integers and touches no memory.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+        rc == 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        false
+    }
+}
+
+/// The 64-byte tile configuration of `ldtilecfg` (palette 1).
+#[repr(C, align(64))]
+struct TileCfg([u8; 64]);
+
+impl TileCfg {
+    /// Every tile 16 rows × 64 bytes (the shape of all kernels here).
+    fn full() -> TileCfg {
+        let mut c = [0u8; 64];
+        c[0] = 1; // palette
+        for t in 0..8 {
+            c[16 + 2 * t..18 + 2 * t].copy_from_slice(&(ROW_BYTES as u16).to_le_bytes());
+            c[48 + t] = 16;
+        }
+        TileCfg(c)
+    }
+}
+
+/// Tiles configured on this thread for the kernels below; released on drop.
+pub struct Tiles(());
+
+impl Tiles {
+    /// Configure this thread's tiles. Panics if [`available`] is false.
+    pub fn configure() -> Tiles {
+        assert!(available(), "AMX tiles unavailable");
+        let cfg = TileCfg::full();
+        // SAFETY: the kernel granted tile data (available()); cfg is a valid palette-1
+        // configuration, 64 bytes, 64-aligned.
+        unsafe { asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly)) };
+        Tiles(())
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: tiles were configured by Tiles::configure on this thread.
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+}
+
+/// Tokens `x` (`t` rows of `k` bf16, row stride `ldx`) as the tile-B layout of [`nk_pair`]:
+/// per 16-token tile `tt` and 32-wide K step `c`, 16 pair rows of 16 tokens,
+/// `out[((tt·ks + c)·16 + p)·16 + j] = x[16tt + j][32c + 2p] | x[16tt + j][32c + 2p + 1] << 16`
+/// (zero for tokens ≥ t). `k` is a multiple of 32; `out` holds `tiles · k/32 · 256` pairs.
+pub fn pack_tokens(x: &[u16], ldx: usize, t: usize, k: usize, tiles: usize, out: &mut [u32]) {
+    assert!(
+        k.is_multiple_of(K_STEP) && tiles * 16 >= t,
+        "pack_tokens shapes"
+    );
+    assert!(t == 0 || x.len() >= (t - 1) * ldx + k, "pack_tokens input");
+    let ks = k / K_STEP;
+    assert!(out.len() >= tiles * ks * 256, "pack_tokens output");
+    out[..tiles * ks * 256].fill(0);
+    for i in 0..t {
+        let (tt, j) = (i / 16, i % 16);
+        let row = &x[i * ldx..i * ldx + k];
+        for (pp, pair) in row.chunks_exact(2).enumerate() {
+            let (c, p) = (pp / 16, pp % 16);
+            out[((tt * ks + c) * 16 + p) * 16 + j] = pair[0] as u32 | (pair[1] as u32) << 16;
+        }
+    }
+}
+
+/// `C[g][h][r][j] = Σ_k w[16g + r][k] · x[16h + j][k]` for 2 groups of 16 weight rows and 2
+/// tiles of 16 tokens, k < 32·`ks`: `w` points at 32 bf16 rows `lda` bytes apart, `xt0`/`xt1`
+/// at two token tiles of [`pack_tokens`] (`ks · 256` pairs each). `out[2g + h]` receives
+/// `[r][j]` (weight row major).
+///
+/// # Safety
+/// A [`Tiles`] guard lives on this thread; `w` is readable for 32 rows of `lda` bytes, each
+/// with 32·`ks` bf16; `xt0` and `xt1` for `ks · 256` u32 each.
+pub unsafe fn nk_pair(
+    w: *const u16,
+    lda: usize,
+    xt0: *const u32,
+    xt1: *const u32,
+    ks: usize,
+    out: &mut [[f32; 256]; 4],
+) {
+    // SAFETY: the caller's contract (tiles configured; every tile load inside w, xt0, xt1).
+    unsafe {
+        let w1 = w.byte_add(16 * lda);
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+        for c in 0..ks {
+            asm!(
+                "tileloadd tmm4, [{a0} + {lda}*1]",
+                "tileloadd tmm5, [{a1} + {lda}*1]",
+                "tileloadd tmm6, [{b0} + {s64}*1]",
+                "tileloadd tmm7, [{b1} + {s64}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) w.add(c * K_STEP),
+                a1 = in(reg) w1.add(c * K_STEP),
+                b0 = in(reg) xt0.add(c * 256),
+                b1 = in(reg) xt1.add(c * 256),
+                lda = in(reg) lda,
+                s64 = in(reg) ROW_BYTES,
+                options(nostack, readonly)
+            );
+        }
+        asm!(
+            "tilestored [{o0} + {s64}*1], tmm0",
+            "tilestored [{o1} + {s64}*1], tmm1",
+            "tilestored [{o2} + {s64}*1], tmm2",
+            "tilestored [{o3} + {s64}*1], tmm3",
+            o0 = in(reg) out[0].as_mut_ptr(),
+            o1 = in(reg) out[1].as_mut_ptr(),
+            o2 = in(reg) out[2].as_mut_ptr(),
+            o3 = in(reg) out[3].as_mut_ptr(),
+            s64 = in(reg) ROW_BYTES,
+            options(nostack)
+        );
+    }
+}
+
+/// `C[j][n] (+)= Σ_p a[j][p] · panel[p][n]` over bf16 pairs, for 16 token rows `j` and the 64
+/// columns `n` of a `matmul_kn` panel, p over the 16-pair chunks listed in `chunks`. `a`: 16 rows of pairs, `lda` bytes apart; `panel`: pair rows
+/// of 64 u32; `c`: 16 rows of 64 f32 (256 bytes apart), loaded first when `accumulate`,
+/// else zeroed, and stored back. Chunk `ch` covers pairs `16·(ch − base)..` of `a`/`panel`.
+///
+/// # Safety
+/// A [`Tiles`] guard lives on this thread; `a` is readable for 16 rows of `lda` bytes covering
+/// every listed chunk's 16 pairs, `panel` for every listed chunk's 16 pair rows of 64 u32;
+/// every chunk is ≥ `base`.
+pub unsafe fn kn_panel(
+    a: *const u32,
+    lda: usize,
+    panel: *const u32,
+    chunks: &[u32],
+    base: u32,
+    c: &mut [[f32; 64]; 16],
+    accumulate: bool,
+) {
+    // SAFETY: the caller's contract (tiles configured; every tile load inside a, panel, c).
+    unsafe {
+        let cp = c.as_mut_ptr() as *mut f32;
+        if accumulate {
+            asm!(
+                "tileloadd tmm0, [{c0} + {s}*1]",
+                "tileloadd tmm1, [{c1} + {s}*1]",
+                "tileloadd tmm2, [{c2} + {s}*1]",
+                "tileloadd tmm3, [{c3} + {s}*1]",
+                c0 = in(reg) cp,
+                c1 = in(reg) cp.add(16),
+                c2 = in(reg) cp.add(32),
+                c3 = in(reg) cp.add(48),
+                s = in(reg) 256usize,
+                options(nostack, readonly)
+            );
+        } else {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+        }
+        for &ch in chunks {
+            let p = (ch - base) as usize * 16;
+            let b = panel.add(p * 64);
+            asm!(
+                "tileloadd tmm4, [{a} + {lda}*1]",
+                "tileloadd tmm5, [{b0} + {s}*1]",
+                "tileloadd tmm6, [{b1} + {s}*1]",
+                "tileloadd tmm7, [{b2} + {s}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm5",
+                "tileloadd tmm5, [{b3} + {s}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm6",
+                "tdpbf16ps tmm2, tmm4, tmm7",
+                "tdpbf16ps tmm3, tmm4, tmm5",
+                a = in(reg) a.add(p),
+                lda = in(reg) lda,
+                b0 = in(reg) b,
+                b1 = in(reg) b.add(16),
+                b2 = in(reg) b.add(32),
+                b3 = in(reg) b.add(48),
+                s = in(reg) 256usize,
+                options(nostack, readonly)
+            );
+        }
+        asm!(
+            "tilestored [{c0} + {s}*1], tmm0",
+            "tilestored [{c1} + {s}*1], tmm1",
+            "tilestored [{c2} + {s}*1], tmm2",
+            "tilestored [{c3} + {s}*1], tmm3",
+            c0 = in(reg) cp,
+            c1 = in(reg) cp.add(16),
+            c2 = in(reg) cp.add(32),
+            c3 = in(reg) cp.add(48),
+            s = in(reg) 256usize,
+            options(nostack)
+        );
+    }
+}
