@@ -6,7 +6,11 @@
 //! - [`nk_pair`]: 32 weight rows (bf16, row-major, as `matmul_nk`'s panel) × 32 tokens
 //!   (bf16 pairs packed by [`pack_tokens`]) over all of K;
 //! - [`kn_panel`]: 16 tokens (bf16 pairs, row-major) × the 64 columns of a `matmul_kn` panel
-//!   (pair rows), over a list of 16-pair chunks.
+//!   (pair rows), over a list of 16-pair chunks;
+//! - [`q16_tokens`] (AMX-INT8): 16 tokens quantized to Q8_0 × one 16-row group of the
+//!   interleaved Q8_0/Q4_0 GEMV layout: per block one `tdpbsud` gives the exact integer sums
+//!   of all 16 × 16 (token, row) pairs, then the same float operations as the 16-row GEMV
+//!   kernel apply the scales, so every result equals that token's GEMV bit for bit.
 //!
 //! Numerics are those of the AVX-512 BF16 path: bf16 inputs, exact products, f32 sums
 //! (`tdpbf16ps`, like `vdpbf16ps`, treats bf16 denormals as zero and rounds to nearest even);
@@ -38,14 +42,24 @@ pub fn available() -> bool {
     })
 }
 
+/// AMX-INT8 tiles can run here too: [`available`] and the CPU reports AMX-INT8.
+pub fn available_int8() -> bool {
+    static A: OnceLock<bool> = OnceLock::new();
+    *A.get_or_init(|| available() && leaf7_edx() & (1 << 25) != 0)
+}
+
+/// CPUID.(EAX=7, ECX=0):EDX, or 0 where leaf 7 does not exist.
+fn leaf7_edx() -> u32 {
+    // cpuid exists on every x86-64 CPU; leaf 7 is checked against the maximum leaf.
+    if std::arch::x86_64::__cpuid(0).eax < 7 {
+        return 0;
+    }
+    std::arch::x86_64::__cpuid_count(7, 0).edx
+}
+
 /// CPUID.(EAX=7, ECX=0):EDX bit 22 (AMX-BF16) and bit 24 (AMX-TILE).
 fn cpu_has_amx_bf16() -> bool {
-    // cpuid exists on every x86-64 CPU; leaf 7 is checked against the maximum leaf.
-    let max = std::arch::x86_64::__cpuid(0).eax;
-    if max < 7 {
-        return false;
-    }
-    let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+    let edx = leaf7_edx();
     edx & (1 << 22) != 0 && edx & (1 << 24) != 0
 }
 
@@ -77,13 +91,13 @@ fn request_permission() -> bool {
 struct TileCfg([u8; 64]);
 
 impl TileCfg {
-    /// Every tile 16 rows × 64 bytes (the shape of all kernels here).
-    fn full() -> TileCfg {
+    /// Tiles of `(rows, bytes per row)`, from tmm0 on (palette 1).
+    fn new(shapes: &[(u8, u16)]) -> TileCfg {
         let mut c = [0u8; 64];
         c[0] = 1; // palette
-        for t in 0..8 {
-            c[16 + 2 * t..18 + 2 * t].copy_from_slice(&(ROW_BYTES as u16).to_le_bytes());
-            c[48 + t] = 16;
+        for (t, &(rows, colsb)) in shapes.iter().enumerate() {
+            c[16 + 2 * t..18 + 2 * t].copy_from_slice(&colsb.to_le_bytes());
+            c[48 + t] = rows;
         }
         TileCfg(c)
     }
@@ -93,10 +107,22 @@ impl TileCfg {
 pub struct Tiles(());
 
 impl Tiles {
-    /// Configure this thread's tiles. Panics if [`available`] is false.
+    /// Configure this thread's tiles for [`nk_pair`] and [`kn_panel`]: all eight 16 rows × 64
+    /// bytes. Panics if [`available`] is false.
     pub fn configure() -> Tiles {
+        Self::load(&TileCfg::new(&[(16, ROW_BYTES as u16); 8]))
+    }
+
+    /// Configure this thread's tiles for [`q16_tokens`]: tmm0 the 16 × 16 i32 sums, tmm1 16
+    /// tokens × 32 code bytes, tmm2 8 rows of 4-byte groups × 16 weight rows. Panics if
+    /// [`available_int8`] is false.
+    pub fn configure_int8() -> Tiles {
+        assert!(available_int8(), "AMX-INT8 tiles unavailable");
+        Self::load(&TileCfg::new(&[(16, 64), (16, 32), (8, 64)]))
+    }
+
+    fn load(cfg: &TileCfg) -> Tiles {
         assert!(available(), "AMX tiles unavailable");
-        let cfg = TileCfg::full();
         // SAFETY: the kernel granted tile data (available()); cfg is a valid palette-1
         // configuration, 64 bytes, 64-aligned.
         unsafe { asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly)) };
@@ -272,5 +298,72 @@ pub unsafe fn kn_panel(
             s = in(reg) 256usize,
             options(nostack)
         );
+    }
+}
+
+/// 64-byte aligned scratch of one tile of i32 sums.
+#[repr(C, align(64))]
+struct SumTile([[i32; 16]; 16]);
+
+/// `out[j][i] = Σ_b (float(S[b][j][i] − xs[j·nb + b]) · (dw_b[i] · dx[j·nb + b]))`, summed over
+/// blocks b in order as one FMA chain per (j, i), for 16 tokens j and the 16 rows i of one
+/// group of the interleaved Q8_0/Q4_0 layout, where `S[b][j][i] = Σ_k xi[j][32b + k] ·
+/// code_b[i][k]` (exact i32 from `tdpbsud`: signed token bytes × unsigned codes). Block b's
+/// codes are the tile at `codes + b·cstride` (8 rows of 64 bytes: bytes `4g..4g + 4` of row
+/// i at `64g + 4i`, the layout of `BlockQ8_0x16::qs`), its 16 f16 row scales at
+/// `d + b·dstride` bytes. `xi`: 16 rows of `ldx` token bytes (the Q8_0 codes of 16 tokens);
+/// `dx`/`xs`: per (token, block) the Q8_0 scale as f32 and the code-offset correction
+/// (`mult · Σ codes`), `nb` apart per token. These are the float operations of the 16-row
+/// GEMV kernel in the same order, so each `out[j]` equals token j's GEMV bit for bit.
+///
+/// # Safety
+/// A [`Tiles::configure_int8`] guard lives on this thread; every address above is readable
+/// for `nb` blocks; the CPU has AVX-512 F/BW/VL and F16C.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn q16_tokens(
+    codes: *const u8,
+    cstride: usize,
+    d: *const u8,
+    dstride: usize,
+    nb: usize,
+    xi: *const i8,
+    ldx: usize,
+    dx: *const f32,
+    xs: *const i32,
+    out: &mut [[f32; 16]; 16],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); 16];
+    let mut sums = SumTile([[0; 16]; 16]);
+    // SAFETY: the caller's contract (tiles configured; every load inside the named buffers).
+    unsafe {
+        for b in 0..nb {
+            asm!(
+                "tilezero tmm0",
+                "tileloadd tmm1, [{a} + {lda}*1]",
+                "tileloadd tmm2, [{w} + {s}*1]",
+                "tdpbsud tmm0, tmm1, tmm2",
+                "tilestored [{o} + {s}*1], tmm0",
+                a = in(reg) xi.add(32 * b),
+                lda = in(reg) ldx,
+                w = in(reg) codes.add(b * cstride),
+                o = in(reg) sums.0.as_mut_ptr(),
+                s = in(reg) 64usize,
+                options(nostack)
+            );
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * dstride) as *const __m256i));
+            for (j, a) in acc.iter_mut().enumerate() {
+                let si = _mm512_sub_epi32(
+                    _mm512_load_si512(sums.0[j].as_ptr() as *const _),
+                    _mm512_set1_epi32(*xs.add(j * nb + b)),
+                );
+                let dd = _mm512_mul_ps(dw, _mm512_set1_ps(*dx.add(j * nb + b)));
+                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), dd, *a);
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            _mm512_storeu_ps(o.as_mut_ptr(), a);
+        }
     }
 }

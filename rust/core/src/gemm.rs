@@ -548,6 +548,24 @@ fn matmul_kn_on(w: &Matrix, a: &[f32], t: usize, sparse: bool, y: &mut [f32], am
 /// products are VNNI int8 dot products; every (row, token) result equals what the GEMV of that
 /// token alone gives, bit for bit. Row groups of 16 are split across the current pool.
 pub fn matmul_q16(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
+    matmul_q16_on(w, x, t, y, use_amx_int8())
+}
+
+/// AMX-INT8 tiles run [`matmul_q16`]: the CPU has them (with AMX-BF16, see
+/// [`crate::amx::available_int8`]) and the AVX-512 tier applies the scales.
+fn use_amx_int8() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        kernels().tier == Tier::Avx512 && crate::amx::available_int8()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`matmul_q16`] on AMX-INT8 tiles (`amx`, which needs `use_amx_int8()`) or AVX-512 VNNI.
+fn matmul_q16_on(w: &Matrix, x: &[f32], t: usize, y: &mut [f32], amx: bool) {
     let (n, kk) = (w.rows, w.cols);
     assert!(x.len() >= t * kk && y.len() >= t * n, "matmul_q16 shapes");
     let nb = kk / QBLOCK;
@@ -558,6 +576,12 @@ pub fn matmul_q16(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
     }
     let mut xsum = Vec::new();
     w.input_sums(&xq, &mut xsum);
+    #[cfg(target_arch = "x86_64")]
+    if amx {
+        assert!(use_amx_int8(), "AMX-INT8 unavailable");
+        return matmul_q16_amx(w, &xq, &xsum, t, y);
+    }
+    let _ = amx;
     let groups = n / 16;
     let per = groups
         .div_ceil(rayon::current_num_threads().max(1) * 4)
@@ -588,6 +612,103 @@ pub fn matmul_q16(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
                 for i in 0..16 {
                     // SAFETY: j·n + 16g + i < t·n <= y.len(); row group g belongs to this task.
                     unsafe { *out.get().add(j * n + 16 * g + i) = tile[16 * j + i] };
+                }
+            }
+        }
+    });
+}
+
+/// [`matmul_q16`] on AMX-INT8 tiles: the tokens' Q8_0 codes as a row-major byte matrix (16-token
+/// tiles, zero rows past `t`), then per 16-row group and token tile one [`crate::amx::q16_tokens`]
+/// (Q4_0 codes unpacked to bytes once per group).
+#[cfg(target_arch = "x86_64")]
+fn matmul_q16_amx(w: &Matrix, xq: &[BlockQ8_0], xsum: &[i32], t: usize, y: &mut [f32]) {
+    use crate::amx;
+    use crate::quant::{BlockQ4_0x16, BlockQ8_0x16};
+    let (n, kk) = (w.rows, w.cols);
+    let nb = kk / QBLOCK;
+    let tp = t.div_ceil(16) * 16;
+    // [tp, K] token codes, [tp, nb] scales and code-offset corrections (zero padded)
+    let mut xi = vec![0i8; tp * kk];
+    let mut dx = vec![0f32; tp * nb];
+    let mut xs = vec![0i32; tp * nb];
+    for (j, blocks) in xq.chunks_exact(nb).take(t).enumerate() {
+        for (b, blk) in blocks.iter().enumerate() {
+            xi[j * kk + b * QBLOCK..j * kk + (b + 1) * QBLOCK].copy_from_slice(&blk.qs);
+            dx[j * nb + b] = blk.d.to_f32();
+            xs[j * nb + b] = xsum[j * nb + b];
+        }
+    }
+    let groups = n / 16;
+    let per = groups
+        .div_ceil(rayon::current_num_threads().max(1) * 4)
+        .max(1);
+    let out = OutPtr(y.as_mut_ptr());
+    let (xi, dx, xs) = (&xi[..], &dx[..], &xs[..]);
+    (0..groups.div_ceil(per)).into_par_iter().for_each(|ci| {
+        let _tiles = amx::Tiles::configure_int8();
+        let mut unpacked = vec![
+            [0u8; 512];
+            if matches!(w.data, Storage::Q4_0x16(_)) {
+                nb
+            } else {
+                0
+            }
+        ];
+        let mut tile = [[0f32; 16]; 16];
+        for g in ci * per..((ci + 1) * per).min(groups) {
+            let (codes, cstride, d, dstride) = match &w.data {
+                Storage::Q8_0x16(bl) => {
+                    let p = bl[g * nb..(g + 1) * nb].as_ptr() as *const u8;
+                    let sz = std::mem::size_of::<BlockQ8_0x16>();
+                    // SAFETY: qs lies inside the block (repr(C)).
+                    let qs = unsafe { p.add(std::mem::offset_of!(BlockQ8_0x16, qs)) };
+                    (qs, sz, p, sz)
+                }
+                Storage::Q4_0x16(bl) => {
+                    // low nibbles of qs[q] are codes 4q..4q+4 of each row (tile row q), high
+                    // nibbles codes 16+4q.. (tile row 4+q)
+                    for (u, blk) in unpacked.iter_mut().zip(&bl[g * nb..(g + 1) * nb]) {
+                        for (q, v) in blk.qs.iter().enumerate() {
+                            for (i, &c) in v.iter().enumerate() {
+                                u[64 * q + i] = c & 0x0F;
+                                u[64 * (4 + q) + i] = c >> 4;
+                            }
+                        }
+                    }
+                    let p = bl[g * nb..(g + 1) * nb].as_ptr() as *const u8;
+                    (
+                        unpacked.as_ptr() as *const u8,
+                        512,
+                        p,
+                        std::mem::size_of::<BlockQ4_0x16>(),
+                    )
+                }
+                _ => unreachable!("matmul_q16 on a matrix without the interleaved layout"),
+            };
+            for tt in 0..tp / 16 {
+                // SAFETY: int8 tiles configured above; codes/d cover this group's nb blocks
+                // (strides of whole blocks); xi, dx and xs hold tp >= 16tt + 16 token rows.
+                unsafe {
+                    amx::q16_tokens(
+                        codes,
+                        cstride,
+                        d,
+                        dstride,
+                        nb,
+                        xi.as_ptr().add(16 * tt * kk),
+                        kk,
+                        dx.as_ptr().add(16 * tt * nb),
+                        xs.as_ptr().add(16 * tt * nb),
+                        &mut tile,
+                    )
+                };
+                for (j, row) in tile.iter().enumerate().take(t.saturating_sub(16 * tt)) {
+                    let at = (16 * tt + j) * n + 16 * g;
+                    // SAFETY: token 16tt + j < t and rows 16g..16g + 16 <= n, inside y (t·n);
+                    // row group g belongs to this task alone.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(at), 16) };
+                    dst.copy_from_slice(row);
                 }
             }
         }
@@ -714,6 +835,10 @@ mod tests {
 
     #[test]
     fn matmul_q16_equals_per_token_gemv() {
+        let mut engines = vec![false];
+        if use_amx_int8() {
+            engines.push(true);
+        }
         for dt in [DType::Q4_0, DType::Q8_0] {
             for &(n, kk) in &[(16usize, 32usize), (48, 96), (64, 2048)] {
                 let w =
@@ -722,10 +847,13 @@ mod tests {
                     eprintln!("no 16-row kernel on this CPU; skipping");
                     return;
                 }
-                for t in [1usize, 3, 4, 7] {
+                for (t, amx) in [1usize, 3, 4, 7, 17, 33]
+                    .into_iter()
+                    .flat_map(|t| engines.iter().map(move |&e| (t, e)))
+                {
                     let x = data(t * kk, (t * 5 + n) as u32);
                     let mut y = vec![f32::NAN; t * n];
-                    matmul_q16(&w, &x, t, &mut y);
+                    matmul_q16_on(&w, &x, t, &mut y, amx);
                     for j in 0..t {
                         let mut yv = vec![0f32; n];
                         w.matvec(&x[j * kk..(j + 1) * kk], &mut yv);
@@ -733,7 +861,7 @@ mod tests {
                             assert_eq!(
                                 y[j * n + r].to_bits(),
                                 yv[r].to_bits(),
-                                "{dt:?} n={n} k={kk} t={t}"
+                                "{dt:?} n={n} k={kk} t={t} amx={amx}"
                             );
                         }
                     }
