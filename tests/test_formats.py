@@ -256,6 +256,41 @@ def test_amx_and_avx512_prompt_gemms_agree(dtype: str, wide_model: str, prompt: 
     assert agree >= 0.95, agree
 
 
+@pytest.mark.parametrize("dtype", ["f16", "q4_0"])
+def test_software_prefetch_changes_no_result(
+    dtype: str, wide_model: str, prompt: list[int]
+) -> None:
+    """``SPARSELM_PREFETCH`` (software prefetch distance of the decode GEMVs, bytes) only moves
+    data into cache: decode logits are bit-identical with it off, at the default and at an
+    odd distance."""
+    child = """
+import json, sys
+import numpy as np
+import sparselm
+m = sparselm.load(sys.argv[1], dtype=sys.argv[2])
+s = m.session()
+ids = [int(t) for t in sys.argv[3].split(",")]
+s.feed(ids[:4])
+print(json.dumps([s.feed([t]).tolist() for t in ids[4:12]]))
+"""
+    outs = []
+    for pf in ("0", None, "192"):
+        env = dict(os.environ)
+        env.pop("SPARSELM_PREFETCH", None)
+        if pf is not None:
+            env["SPARSELM_PREFETCH"] = pf
+        r = subprocess.run(
+            [sys.executable, "-c", child, wide_model, dtype, ",".join(map(str, prompt))],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        outs.append(np.asarray(json.loads(r.stdout.strip().splitlines()[-1])))
+    assert outs[0].shape == (8, 768)
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+
+
 #: format -> (max relative logit error, min top-1 agreement) of the bf16 prompt GEMM vs the
 #: f32 prompt path on the same stored weights. bf16 keeps 8 significant bits: one rounding of
 #: each weight and activation per product, sums in f32.

@@ -10,6 +10,8 @@
 
 use std::arch::x86_64::*;
 
+use crate::kernels::x86_avx512::prefetch_lines;
+
 use super::x86_avx2::{halves8, lanes, transpose_sum8};
 use half::f16;
 
@@ -338,7 +340,12 @@ fn gemv16_q4_0_i(w: &[BlockQ4_0x16], x: &[BlockQ8_0], xsum8: &[i32], out: &mut [
     );
     let m4 = _mm512_set1_epi8(0x0F);
     let mut acc = _mm512_setzero_ps();
+    let pf = crate::kernels::prefetch_distance();
+    let size = std::mem::size_of::<BlockQ4_0x16>();
     for b in 0..nb {
+        if pf > 0 {
+            prefetch_lines(w.as_ptr() as *const u8, b * size + pf, size);
+        }
         let (wb, xb) = (&w[b], &x[b]);
         let xg = |k: usize| {
             _mm512_set1_epi32(i32::from_le_bytes([
@@ -383,7 +390,12 @@ fn gemv16_q8_0_i(w: &[BlockQ8_0x16], x: &[BlockQ8_0], xsum128: &[i32], out: &mut
         "gemv16_q8_0 input length"
     );
     let mut acc = _mm512_setzero_ps();
+    let pf = crate::kernels::prefetch_distance();
+    let size = std::mem::size_of::<BlockQ8_0x16>();
     for b in 0..nb {
+        if pf > 0 {
+            prefetch_lines(w.as_ptr() as *const u8, b * size + pf, size);
+        }
         let (wb, xb) = (&w[b], &x[b]);
         let mut si = _mm512_setzero_si512();
         for g in 0..8 {
