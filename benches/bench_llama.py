@@ -31,6 +31,13 @@ Both sides also time a plain read of memory (``sparselm.memory_bandwidth``'s pro
 and just after their decode: this machine's bandwidth moves between phases (~33 and ~60 GB/s
 with 2 threads), and one side may decode in the fast phase, the other in the slow one.
 
+On CPUs with Intel AMX, build llama-cpp-python without its AMX path, e.g.
+``CMAKE_ARGS="-DGGML_NATIVE=ON -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
+-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'" pip install llama-cpp-python``:
+0.3.36's AMX-INT8 kernels crash (SIGSEGV in ``ggml_backend_amx_mul_mat``) on PLM's Q4_0/Q8_0
+weights. Its AVX-512 kernels and Q4_0 repacking stay on. Each result records llama.cpp's
+``system_info`` (``AMX_INT8 = 1`` when the AMX path is compiled in).
+
 Prints one line per run, then a table of tok/s and the ratio sparselm / llama.cpp for prefill and
 decode (sparse on and off), and the decode ratios among runs in the same bandwidth phase. Needs the optional packages ``gguf`` and ``llama-cpp-python``.
 """
@@ -185,6 +192,18 @@ def _subprocess_json(cmd: list[str], env: dict | None = None, attempts: int = 4)
     return best
 
 
+def _llama_has_amx() -> bool:
+    """Whether the installed llama.cpp was compiled with its AMX-INT8 path."""
+    try:
+        import llama_cpp
+
+        info = llama_cpp.llama_print_system_info()
+    except (ImportError, OSError, AttributeError):  # the hint is best effort
+        return False
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    return "AMX_INT8 = 1" in text
+
+
 def _run_child(cmd: list[str], env: dict | None) -> dict:
     wait_quiet()
     b0, c0, t0 = _cpu_busy_s(), _children_cpu_s(), time.monotonic()
@@ -193,7 +212,13 @@ def _run_child(cmd: list[str], env: dict | None) -> dict:
     other = (_cpu_busy_s() - b0) - (_children_cpu_s() - c0)
     if out.returncode != 0:
         sys.stderr.write(out.stderr[-4000:])
-        raise SystemExit(f"failed ({out.returncode}): {' '.join(cmd)}")
+        hint = ""
+        if "--one" in cmd and out.returncode < 0 and _llama_has_amx():
+            hint = (
+                " (this llama.cpp build has AMX_INT8 on, whose kernels crash on PLM's Q4_0/Q8_0"
+                " weights: rebuild llama-cpp-python without AMX, see this script's docstring)"
+            )
+        raise SystemExit(f"failed ({out.returncode}): {' '.join(cmd)}{hint}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
     r["other_cpu_share"] = max(0.0, other / (wall * (os.cpu_count() or 1)))
     return r

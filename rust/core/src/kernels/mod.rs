@@ -240,6 +240,34 @@
 //!   part 43-66 µs against a mean part of 40-58. Both fixes at hand were measured before and
 //!   dropped (4 parts per thread; plans built inside the region, above); dynamic stealing
 //!   would make the sum order, so the logits' last bits, depend on timing.
+//!
+//! Stop 16 ran on another machine kind: 2 vCPUs of an Intel Xeon (family 6 model 167, KVM) with
+//! AVX-512 VNNI/BF16/FP16 and AMX (TILE, BF16, INT8), 2 MiB L2 per core, a plain 2-thread read
+//! of 18-22 GB/s (no fast phase seen).
+//! - Software prefetch in the decode GEMVs (kept for Intel: `prefetch_distance`, 4096 bytes
+//!   ahead, two or more lines per loop step). `bw_probe`, 4 lines per cell, alternated: f16
+//!   8192×2048 94-99 % of the read without, 100-106 % at 1 KiB, 108-113 % at 2 KiB, 110-114 %
+//!   at 4 KiB, 100-113 % at 8 KiB; the column-blocked `W_down` shape 97-102 % → 101-115 %;
+//!   Q4_0 16-row GEMV 91-98 % → 109-121 %, Q8_0 100-108 % → 115-116 % (4 KiB). Whole dense
+//!   decode (`decode_probe`, `SPARSELM_DENSE_MLP=1`, 2 alternated process pairs, tok/s per GB/s
+//!   of the read): f16 0.257 / 0.283 → 0.301 / 0.308, Q4_0 0.825 / 0.877 → 0.978 / 1.021,
+//!   Q8_0 0.510 / 0.523 → 0.558 / 0.551. Intel's L2 streamer does not cross 4 KiB pages: an
+//!   f16 row of 2048 is one page, so without help every row restarts the stream. On Zen 4
+//!   (stops 13-14) software prefetch in the GEMV kernel measured slower, so other vendors
+//!   default to none.
+//! - Prompt GEMMs on AMX tiles (`amx.rs`; `SPARSELM_AMX=0` turns them off). One `tdpbf16ps`
+//!   does 16×16×32 multiply-adds; a C probe measured 817 GMAC/s on one core (10 ns each).
+//!   128-token prompts, PLM-1.8B shape, 2 threads (`bench_e2e`, alternated processes): f16
+//!   sparse on 25.5-26.2 → 63.5-64.2 tok/s, off 26.1-30.3 → 68.5-76.5; with the AMX-INT8
+//!   `matmul_q16` too, q4_0 on 35.5 → 95.3, off 58.4 → 75.8, q8_0 on 38.7 → 67.8, off 60.4 →
+//!   67.2. What is left in a Q8_0 prompt is mostly the per-block scale pass after each
+//!   `tdpbsud` (16 rows × 16 tokens stored and rescaled per 32-wide block, which keeps results
+//!   equal to the GEMV bit for bit) and the bf16 panel conversions.
+//! - llama.cpp (llama-cpp-python 0.3.36) built with `-march=native` on this CPU compiles its
+//!   own AMX-INT8 path, which crashes on PLM's Q4_0/Q8_0 weights (SIGSEGV in
+//!   `ggml_backend_amx_mul_mat` on the first prompt; f16 does not use it). The comparisons of
+//!   this stop build it with `-march=native -mno-amx-tile -mno-amx-int8 -mno-amx-bf16`
+//!   (its AVX-512 VNNI/BF16 kernels and the Q4_0 8×8 repacking stay on).
 
 use std::sync::OnceLock;
 
