@@ -57,8 +57,9 @@ fn leaf7_edx() -> u32 {
     std::arch::x86_64::__cpuid_count(7, 0).edx
 }
 
-/// CPUID.(EAX=7, ECX=0):EDX bit 22 (AMX-BF16) and bit 24 (AMX-TILE).
-fn cpu_has_amx_bf16() -> bool {
+/// CPUID.(EAX=7, ECX=0):EDX bit 22 (AMX-BF16) and bit 24 (AMX-TILE): the CPU has the tiles,
+/// whether or not the OS lets this process use them.
+pub fn cpu_has_amx_bf16() -> bool {
     let edx = leaf7_edx();
     edx & (1 << 22) != 0 && edx & (1 << 24) != 0
 }
@@ -103,38 +104,64 @@ impl TileCfg {
     }
 }
 
-/// Tiles configured on this thread for the kernels below; released on drop.
-pub struct Tiles(());
+/// Tiles configured on this thread for the kernels below; released on drop. Not `Send` (tile
+/// configuration is per thread) and not nestable on one thread (a second `ldtilecfg` would
+/// reset the first one's tiles): both are checked.
+pub struct Tiles(std::marker::PhantomData<*const ()>);
+
+/// The configuration live on this thread: none, [`Tiles::configure`] or
+/// [`Tiles::configure_int8`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Config {
+    None,
+    Bf16,
+    Int8,
+}
+
+thread_local! {
+    static LIVE: std::cell::Cell<Config> = const { std::cell::Cell::new(Config::None) };
+}
 
 impl Tiles {
     /// Configure this thread's tiles for [`nk_pair`] and [`kn_panel`]: all eight 16 rows × 64
-    /// bytes. Panics if [`available`] is false.
+    /// bytes. Panics if [`available`] is false or tiles are already configured here.
     pub fn configure() -> Tiles {
-        Self::load(&TileCfg::new(&[(16, ROW_BYTES as u16); 8]))
+        Self::load(&TileCfg::new(&[(16, ROW_BYTES as u16); 8]), Config::Bf16)
     }
 
     /// Configure this thread's tiles for [`q16_tokens`]: tmm0 the 16 × 16 i32 sums, tmm1 16
     /// tokens × 32 code bytes, tmm2 8 rows of 4-byte groups × 16 weight rows. Panics if
-    /// [`available_int8`] is false.
+    /// [`available_int8`] is false or tiles are already configured here.
     pub fn configure_int8() -> Tiles {
         assert!(available_int8(), "AMX-INT8 tiles unavailable");
-        Self::load(&TileCfg::new(&[(16, 64), (16, 32), (8, 64)]))
+        Self::load(&TileCfg::new(&[(16, 64), (16, 32), (8, 64)]), Config::Int8)
     }
 
-    fn load(cfg: &TileCfg) -> Tiles {
+    fn load(cfg: &TileCfg, which: Config) -> Tiles {
         assert!(available(), "AMX tiles unavailable");
+        assert_eq!(
+            live(),
+            Config::None,
+            "AMX tiles already configured on this thread"
+        );
         // SAFETY: the kernel granted tile data (available()); cfg is a valid palette-1
         // configuration, 64 bytes, 64-aligned.
         unsafe { asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly)) };
-        Tiles(())
+        LIVE.with(|l| l.set(which));
+        Tiles(std::marker::PhantomData)
     }
 }
 
 impl Drop for Tiles {
     fn drop(&mut self) {
-        // SAFETY: tiles were configured by Tiles::configure on this thread.
+        // SAFETY: tiles were configured by Tiles::load on this thread (the guard is not Send).
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
+        LIVE.with(|l| l.set(Config::None));
     }
+}
+
+fn live() -> Config {
+    LIVE.with(|l| l.get())
 }
 
 /// Tokens `x` (`t` rows of `k` bf16, row stride `ldx`) as the tile-B layout of [`nk_pair`]:
@@ -163,11 +190,12 @@ pub fn pack_tokens(x: &[u16], ldx: usize, t: usize, k: usize, tiles: usize, out:
 /// `C[g][h][r][j] = Σ_k w[16g + r][k] · x[16h + j][k]` for 2 groups of 16 weight rows and 2
 /// tiles of 16 tokens, k < 32·`ks`: `w` points at 32 bf16 rows `lda` bytes apart, `xt0`/`xt1`
 /// at two token tiles of [`pack_tokens`] (`ks · 256` pairs each). `out[2g + h]` receives
-/// `[r][j]` (weight row major).
+/// `[r][j]` (weight row major). One `asm!` block holds the whole K loop, so the accumulator
+/// tiles never live across compiler-visible code.
 ///
 /// # Safety
-/// A [`Tiles`] guard lives on this thread; `w` is readable for 32 rows of `lda` bytes, each
-/// with 32·`ks` bf16; `xt0` and `xt1` for `ks · 256` u32 each.
+/// A [`Tiles::configure`] guard lives on this thread; `ks >= 1`; `w` is readable for 32 rows of
+/// `lda` bytes, each with 32·`ks` bf16; `xt0` and `xt1` for `ks · 256` u32 each.
 pub unsafe fn nk_pair(
     w: *const u16,
     lda: usize,
@@ -176,59 +204,60 @@ pub unsafe fn nk_pair(
     ks: usize,
     out: &mut [[f32; 256]; 4],
 ) {
-    // SAFETY: the caller's contract (tiles configured; every tile load inside w, xt0, xt1).
+    debug_assert!(ks >= 1 && live() == Config::Bf16, "nk_pair contract");
+    let o = out.as_mut_ptr() as *mut f32;
+    // SAFETY: the caller's contract (tiles configured for bf16; every tile load inside w, xt0,
+    // xt1; ks >= 1 iterations); the stores write the 4 KiB of `out`.
     unsafe {
-        let w1 = w.byte_add(16 * lda);
         asm!(
             "tilezero tmm0",
             "tilezero tmm1",
             "tilezero tmm2",
             "tilezero tmm3",
-            options(nostack, nomem)
-        );
-        for c in 0..ks {
-            asm!(
-                "tileloadd tmm4, [{a0} + {lda}*1]",
-                "tileloadd tmm5, [{a1} + {lda}*1]",
-                "tileloadd tmm6, [{b0} + {s64}*1]",
-                "tileloadd tmm7, [{b1} + {s64}*1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                a0 = in(reg) w.add(c * K_STEP),
-                a1 = in(reg) w1.add(c * K_STEP),
-                b0 = in(reg) xt0.add(c * 256),
-                b1 = in(reg) xt1.add(c * 256),
-                lda = in(reg) lda,
-                s64 = in(reg) ROW_BYTES,
-                options(nostack, readonly)
-            );
-        }
-        asm!(
-            "tilestored [{o0} + {s64}*1], tmm0",
-            "tilestored [{o1} + {s64}*1], tmm1",
-            "tilestored [{o2} + {s64}*1], tmm2",
-            "tilestored [{o3} + {s64}*1], tmm3",
-            o0 = in(reg) out[0].as_mut_ptr(),
-            o1 = in(reg) out[1].as_mut_ptr(),
-            o2 = in(reg) out[2].as_mut_ptr(),
-            o3 = in(reg) out[3].as_mut_ptr(),
+            "2:",
+            "tileloadd tmm4, [{a0} + {lda}*1]",
+            "tileloadd tmm5, [{a1} + {lda}*1]",
+            "tileloadd tmm6, [{b0} + {s64}*1]",
+            "tileloadd tmm7, [{b1} + {s64}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "add {a0}, 64",
+            "add {a1}, 64",
+            "add {b0}, 1024",
+            "add {b1}, 1024",
+            "dec {n}",
+            "jnz 2b",
+            "tilestored [{o} + {s64}*1], tmm0",
+            "tilestored [{o} + {s64}*1 + 1024], tmm1",
+            "tilestored [{o} + {s64}*1 + 2048], tmm2",
+            "tilestored [{o} + {s64}*1 + 3072], tmm3",
+            a0 = inout(reg) w => _,
+            a1 = inout(reg) w.byte_add(16 * lda) => _,
+            b0 = inout(reg) xt0 => _,
+            b1 = inout(reg) xt1 => _,
+            n = inout(reg) ks => _,
+            lda = in(reg) lda,
             s64 = in(reg) ROW_BYTES,
+            o = in(reg) o,
+            out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+            out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
             options(nostack)
         );
     }
 }
 
 /// `C[j][n] (+)= Σ_p a[j][p] · panel[p][n]` over bf16 pairs, for 16 token rows `j` and the 64
-/// columns `n` of a `matmul_kn` panel, p over the 16-pair chunks listed in `chunks`. `a`: 16 rows of pairs, `lda` bytes apart; `panel`: pair rows
-/// of 64 u32; `c`: 16 rows of 64 f32 (256 bytes apart), loaded first when `accumulate`,
-/// else zeroed, and stored back. Chunk `ch` covers pairs `16·(ch − base)..` of `a`/`panel`.
+/// columns `n` of a `matmul_kn` panel, p over the 16-pair chunks listed in `chunks`. `a`: 16
+/// rows of pairs, `lda` bytes apart; `panel`: pair rows of 64 u32; `c`: 16 rows of 64 f32
+/// (256 bytes apart), loaded first when `accumulate`, else zeroed, and stored back. Chunk
+/// `ch` covers pairs `16·(ch − base)..` of `a`/`panel`. One `asm!` block holds the loop.
 ///
 /// # Safety
-/// A [`Tiles`] guard lives on this thread; `a` is readable for 16 rows of `lda` bytes covering
-/// every listed chunk's 16 pairs, `panel` for every listed chunk's 16 pair rows of 64 u32;
-/// every chunk is ≥ `base`.
+/// A [`Tiles::configure`] guard lives on this thread; `a` is readable for 16 rows of `lda` bytes
+/// covering every listed chunk's 16 pairs, `panel` for every listed chunk's 16 pair rows of 64
+/// u32; every chunk is ≥ `base` and below `base + 2^20`.
 pub unsafe fn kn_panel(
     a: *const u32,
     lda: usize,
@@ -238,64 +267,67 @@ pub unsafe fn kn_panel(
     c: &mut [[f32; 64]; 16],
     accumulate: bool,
 ) {
-    // SAFETY: the caller's contract (tiles configured; every tile load inside a, panel, c).
+    debug_assert!(live() == Config::Bf16, "kn_panel contract");
+    debug_assert!(chunks.iter().all(|&ch| ch >= base && ch - base < 1 << 20));
+    let cp = c.as_mut_ptr() as *mut f32;
+    // SAFETY: the caller's contract (tiles configured for bf16; every chunk's loads inside a
+    // and panel); C is loaded from and stored to the 4 KiB of `c`.
     unsafe {
-        let cp = c.as_mut_ptr() as *mut f32;
-        if accumulate {
-            asm!(
-                "tileloadd tmm0, [{c0} + {s}*1]",
-                "tileloadd tmm1, [{c1} + {s}*1]",
-                "tileloadd tmm2, [{c2} + {s}*1]",
-                "tileloadd tmm3, [{c3} + {s}*1]",
-                c0 = in(reg) cp,
-                c1 = in(reg) cp.add(16),
-                c2 = in(reg) cp.add(32),
-                c3 = in(reg) cp.add(48),
-                s = in(reg) 256usize,
-                options(nostack, readonly)
-            );
-        } else {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack, nomem)
-            );
-        }
-        for &ch in chunks {
-            let p = (ch - base) as usize * 16;
-            let b = panel.add(p * 64);
-            asm!(
-                "tileloadd tmm4, [{a} + {lda}*1]",
-                "tileloadd tmm5, [{b0} + {s}*1]",
-                "tileloadd tmm6, [{b1} + {s}*1]",
-                "tileloadd tmm7, [{b2} + {s}*1]",
-                "tdpbf16ps tmm0, tmm4, tmm5",
-                "tileloadd tmm5, [{b3} + {s}*1]",
-                "tdpbf16ps tmm1, tmm4, tmm6",
-                "tdpbf16ps tmm2, tmm4, tmm7",
-                "tdpbf16ps tmm3, tmm4, tmm5",
-                a = in(reg) a.add(p),
-                lda = in(reg) lda,
-                b0 = in(reg) b,
-                b1 = in(reg) b.add(16),
-                b2 = in(reg) b.add(32),
-                b3 = in(reg) b.add(48),
-                s = in(reg) 256usize,
-                options(nostack, readonly)
-            );
-        }
         asm!(
-            "tilestored [{c0} + {s}*1], tmm0",
-            "tilestored [{c1} + {s}*1], tmm1",
-            "tilestored [{c2} + {s}*1], tmm2",
-            "tilestored [{c3} + {s}*1], tmm3",
-            c0 = in(reg) cp,
-            c1 = in(reg) cp.add(16),
-            c2 = in(reg) cp.add(32),
-            c3 = in(reg) cp.add(48),
+            "test {acc}, {acc}",
+            "jz 3f",
+            "tileloadd tmm0, [{c} + {s}*1]",
+            "tileloadd tmm1, [{c} + {s}*1 + 64]",
+            "tileloadd tmm2, [{c} + {s}*1 + 128]",
+            "tileloadd tmm3, [{c} + {s}*1 + 192]",
+            "jmp 4f",
+            "3:",
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            "4:",
+            "test {n}, {n}",
+            "jz 6f",
+            "5:",
+            // t = (chunk − base)·64: byte offset of the chunk's 16 pairs in a row of `a`
+            "mov {t:e}, dword ptr [{ch}]",
+            "sub {t:e}, {base:e}",
+            "shl {t}, 6",
+            "lea {p}, [{a} + {t}]",
+            "tileloadd tmm4, [{p} + {lda}*1]",
+            // t·64: byte offset of the chunk's 16 pair rows (256 bytes each) in the panel
+            "shl {t}, 6",
+            "lea {p}, [{w} + {t}]",
+            "tileloadd tmm5, [{p} + {s}*1]",
+            "tileloadd tmm6, [{p} + {s}*1 + 64]",
+            "tileloadd tmm7, [{p} + {s}*1 + 128]",
+            "tdpbf16ps tmm0, tmm4, tmm5",
+            "tileloadd tmm5, [{p} + {s}*1 + 192]",
+            "tdpbf16ps tmm1, tmm4, tmm6",
+            "tdpbf16ps tmm2, tmm4, tmm7",
+            "tdpbf16ps tmm3, tmm4, tmm5",
+            "add {ch}, 4",
+            "dec {n}",
+            "jnz 5b",
+            "6:",
+            "tilestored [{c} + {s}*1], tmm0",
+            "tilestored [{c} + {s}*1 + 64], tmm1",
+            "tilestored [{c} + {s}*1 + 128], tmm2",
+            "tilestored [{c} + {s}*1 + 192], tmm3",
+            acc = in(reg) accumulate as usize,
+            n = inout(reg) chunks.len() => _,
+            ch = inout(reg) chunks.as_ptr() => _,
+            base = in(reg) base as usize,
+            t = out(reg) _,
+            p = out(reg) _,
+            a = in(reg) a,
+            w = in(reg) panel,
+            lda = in(reg) lda,
+            c = in(reg) cp,
             s = in(reg) 256usize,
+            out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+            out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
             options(nostack)
         );
     }
@@ -318,7 +350,8 @@ struct SumTile([[i32; 16]; 16]);
 ///
 /// # Safety
 /// A [`Tiles::configure_int8`] guard lives on this thread; every address above is readable
-/// for `nb` blocks; the CPU has AVX-512 F/BW/VL and F16C.
+/// for `nb` blocks; the CPU has AVX-512 F/BW/VL and F16C. Each block's tile work is one
+/// self-contained `asm!` block (sums stored before it ends).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn q16_tokens(
@@ -334,6 +367,7 @@ pub unsafe fn q16_tokens(
     out: &mut [[f32; 16]; 16],
 ) {
     use std::arch::x86_64::*;
+    debug_assert!(live() == Config::Int8, "q16_tokens contract");
     let mut acc = [_mm512_setzero_ps(); 16];
     let mut sums = SumTile([[0; 16]; 16]);
     // SAFETY: the caller's contract (tiles configured; every load inside the named buffers).
@@ -350,6 +384,7 @@ pub unsafe fn q16_tokens(
                 w = in(reg) codes.add(b * cstride),
                 o = in(reg) sums.0.as_mut_ptr(),
                 s = in(reg) 64usize,
+                out("tmm0") _, out("tmm1") _, out("tmm2") _,
                 options(nostack)
             );
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * dstride) as *const __m256i));

@@ -179,7 +179,7 @@ fn planar_pairs<Q: quant::Pod>(
 fn use_amx(k: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        k.is_multiple_of(crate::amx::K_STEP) && crate::amx::available()
+        k > 0 && k.is_multiple_of(crate::amx::K_STEP) && available() && crate::amx::available()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -768,6 +768,24 @@ mod tests {
             (true, false) => assert_eq!(e, "avx512-bf16"),
         }
         eprintln!("prompt GEMM engine here: {e}");
+        // A Linux that lists the AMX flags supports them (5.16+), so the tile paths must be
+        // usable and so tested here, not silently skipped.
+        #[cfg(target_arch = "x86_64")]
+        {
+            let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+            let listed = ["amx_tile", "amx_bf16", "amx_int8"]
+                .iter()
+                .all(|f| flags.split_whitespace().any(|w| w == *f));
+            let off = std::env::var("SPARSELM_AMX").is_ok_and(|v| v.trim() == "0");
+            if listed && !off && available() {
+                assert!(crate::amx::cpu_has_amx_bf16());
+                assert!(
+                    amx,
+                    "the CPU and kernel list AMX, but the tiles are unusable here"
+                );
+                assert!(use_amx_int8(), "AMX-INT8 listed but unusable");
+            }
+        }
     }
 
     fn check(got: &[f32], want: &[f64], scale: &[f64], what: &str) {
