@@ -727,13 +727,16 @@ impl Matrix {
         };
         let grain = (64 << 10) / (unit * (self.nbytes() / self.rows.max(1)).max(1));
         if self.dtype().is_quantized() {
-            // Quantize the input once; every row range reuses the same blocks.
-            GEMV_IN.with(|cell| {
-                let (xq, xs) = &mut *cell.borrow_mut();
-                quantize_input(x, xq);
-                self.input_sums(xq, xs);
-                par_ranges(y, unit, grain, |r0, ys| self.dot_rows_q(r0, xq, xs, ys));
-            });
+            // Quantize the input once; every row range reuses the same blocks. The buffers are
+            // taken out of the thread-local for the parallel region, not borrowed across it:
+            // a rayon worker waiting inside it can run another session's GEMV on this thread
+            // (concurrent sessions on one model), which then starts from empty buffers instead
+            // of finding the cell borrowed.
+            let (mut xq, mut xs) = GEMV_IN.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+            quantize_input(x, &mut xq);
+            self.input_sums(&xq, &mut xs);
+            par_ranges(y, unit, grain, |r0, ys| self.dot_rows_q(r0, &xq, &xs, ys));
+            GEMV_IN.with(|cell| *cell.borrow_mut() = (xq, xs));
         } else {
             par_ranges(y, unit, grain, |r0, ys| self.dot_rows(r0, x, ys));
         }
