@@ -113,6 +113,13 @@
 //!     model): f32 AXPY → int8 kernel, q8_0 top-1 99.31 → 99.21 %, ppl 57.702 → 57.709 (f32
 //!     57.711); q4_0 91.17 → 91.37 %, 58.274 → 58.245. The Q8_0 activations of every other
 //!     GEMV already cost more than the int8 coefficients.
+//!   - Intel Xeon with AMX (stop 17; the L2 streamer stops at each 4 KiB page): with 128-byte
+//!     code pieces 4 KiB apart, 90 % zeros took 3.2-3.7× (Q8_0) and 2.7-3.5× (Q4_0) less time
+//!     than the dense GEMV of W_down, short of the 5× target; a profile of the Q4_0 run had
+//!     52 % of the kernel's samples on its `prefetcht1`s (the 16 L1 miss buffers full) and
+//!     the worker thread idle 5-10 %. Whole-row code pieces for Q8_0 (2 KiB) and 128-byte
+//!     scale pieces: 5.2-6.0×, dense groups unchanged; for Q4_0 (1 KiB) 3.5-4.0× but dense
+//!     groups 0.6 → 0.43× of the GEMV, not taken (see [`Planar`]).
 
 use std::sync::OnceLock;
 
@@ -277,14 +284,16 @@ impl BlockQ8_0x16 {
 
 /// Rows per group of the planar layout (and per call of the down kernels).
 pub const PLANAR_GROUP: usize = 32;
-/// Bytes of one row's codes per chunk of the planar layout (two cache lines: 8 Q4_0 blocks or
-/// 4 Q8_0 blocks), so a row's piece of a chunk is one aligned pair of lines.
-pub const PLANAR_CHUNK_BYTES: usize = 128;
+/// Bytes of one row's Q4_0 codes per chunk of the planar layout (two cache lines, 8 blocks).
+pub const PLANAR_CHUNK_BYTES_Q4: usize = 128;
+/// Bytes of one row's Q8_0 codes per chunk of the planar layout (64 blocks: a whole row of
+/// 2048 columns, so a sparse row is one contiguous run the hardware prefetcher can follow).
+pub const PLANAR_CHUNK_BYTES_Q8: usize = 2048;
 /// Blocks per scale tile of the planar layout (one 16-lane vector of scales per row).
 pub const PLANAR_TILE: usize = 16;
-/// Blocks per stored piece of a row's scales in the planar layout: one cache line of f16
-/// scales (two coefficient tiles), so a sparse row's scales are `nb / 32` whole lines.
-pub const PLANAR_SCALE_LINE: usize = 32;
+/// Blocks per stored piece of a row's scales in the planar layout: two cache lines of f16
+/// scales (four coefficient tiles), so a sparse row's scales are `nb / 64` runs of 128 bytes.
+pub const PLANAR_SCALE_LINE: usize = 64;
 
 /// One cache line, the allocation unit of [`Aligned`].
 #[repr(C, align(64))]
@@ -359,13 +368,25 @@ impl<T: Pod> std::fmt::Debug for Aligned<T> {
 ///
 /// Group `g` (rows `32g..32g + gr`, `gr = min(32, rows − 32g)`) occupies entries
 /// `32g·nb .. 32g·nb + gr·nb` of both arrays. Inside it, codes are stored by chunks of
-/// `ch = 128 / code bytes` blocks (8 for Q4_0, 4 for Q8_0; chunk `c = b / ch` has width
-/// `wc = min(ch, nb − ch·c)`), all rows of the group per chunk: `[gr·ch·c + li·wc + b % ch]`
-/// for local row `li`; scales by lines of 32 blocks the same way: `[gr·32·t + li·wt + b % 32]`
-/// (`t = b / 32`). So a dense pass over a group reads both arrays front to back, and a sparse
-/// pass fetches per active row one aligned pair of cache lines per code chunk and one whole
-/// line per 32 scales. (Scale pieces of 16 blocks, half a line, measured 8-15 % slower at
-/// 90 % zeros, Q4_0 / Q8_0 8192×2048 from DRAM, 2 threads; equal when dense.)
+/// `ch` blocks ([`planar_chunk`]: 8 for Q4_0, 128 bytes; 64 for Q8_0, 2 KiB; chunk `c = b / ch`
+/// has width `wc = min(ch, nb − ch·c)`), all rows of the group per chunk:
+/// `[gr·ch·c + li·wc + b % ch]` for local row `li`; scales by pieces of 64 blocks the same way:
+/// `[gr·64·t + li·wt + b % 64]` (`t = b / 64`). So a dense pass over a group reads both arrays
+/// front to back, and a sparse pass fetches per active row one contiguous piece of codes per
+/// chunk (at PLM-1.8B's width a Q8_0 row is one 2 KiB piece, a Q4_0 row eight 128-byte pieces)
+/// and one contiguous piece of 128 bytes per 64 scales.
+///
+/// Piece sizes, measured (`examples/bw_probe DOWN=1`, 32 W_downᵀ 8192×2048 from DRAM,
+/// 2 threads, sparse time against the dense GEMV of W_down in the same line; Intel Xeon with
+/// AMX, stop 17): on Intel the L2 streamer stops at every 4 KiB page, and 128-byte code pieces
+/// 4 KiB apart left each sparse row to demand misses and the 16 L1 miss buffers (a profile
+/// had half the kernel's time on its `prefetcht1`s). Q8_0 rows as one 2 KiB piece with their
+/// scales as one 128-byte piece: 90 % zeros 3.2-3.7× → 5.2-6.0× faster than the dense GEMV,
+/// 0 % / 50 % zeros unchanged (0.55-0.62× of it). Q4_0 rows as one 1 KiB piece: 90 % zeros
+/// 2.7-3.5× → 3.5-4.0×, but 0 % / 50 % zeros 0.6× → 0.43-0.46× (a dense group is then 32
+/// interleaved row streams), so Q4_0 keeps 128-byte pieces. 512-byte pieces were no better
+/// than 128 for either. Scale pieces of 16 blocks (half a line) had measured 8-15 % slower
+/// at 90 % zeros than 32 on the Zen 4.
 #[derive(Debug, Clone)]
 pub struct Planar<Q: Pod> {
     /// Rows and blocks per row.
@@ -407,10 +428,15 @@ impl PlanarBlock for BlockQ8_0 {
     }
 }
 
-/// Blocks per code chunk for codes of type `Q` (8 for Q4_0, 4 for Q8_0).
+/// Blocks per code chunk for codes of type `Q` (8 for Q4_0, 64 for Q8_0; see [`Planar`]).
 #[inline]
 pub const fn planar_chunk<Q>() -> usize {
-    PLANAR_CHUNK_BYTES / std::mem::size_of::<Q>()
+    let q = std::mem::size_of::<Q>();
+    if q == 16 {
+        PLANAR_CHUNK_BYTES_Q4 / q
+    } else {
+        PLANAR_CHUNK_BYTES_Q8 / q
+    }
 }
 
 /// Index of (local row `li`, block `b`) inside a planar group of `gr` rows with `nb` blocks per
@@ -507,8 +533,12 @@ impl<Q: Pod> Planar<Q> {
                     }
                 }
                 for b in (0..nb).step_by(PLANAR_SCALE_LINE) {
-                    let i = planar_index(gr, nb, PLANAR_SCALE_LINE, li, b);
-                    _mm_prefetch::<_MM_HINT_T1>(d.as_ptr().add(i) as *const i8);
+                    let p = d
+                        .as_ptr()
+                        .add(planar_index(gr, nb, PLANAR_SCALE_LINE, li, b));
+                    for off in (0..2 * PLANAR_SCALE_LINE.min(nb - b)).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T1>((p as *const i8).add(off));
+                    }
                 }
             }
         }

@@ -1141,7 +1141,7 @@ fn every_down_kernel_is_bit_identical_to_scalar() {
         };
         tested += 1;
         for (pi, &p) in PATTERNS.iter().enumerate() {
-            for nb in [0usize, 1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 64, 65] {
+            for nb in [0usize, 1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 64, 65, 96, 129] {
                 let seed = (pi * 100 + nb) as u32 + 900_000;
                 // 104 rows: three full groups and a partial group of 8 (rows 96..104); a call
                 // takes rows from any full groups, or from the partial one only

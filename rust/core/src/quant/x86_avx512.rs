@@ -736,7 +736,7 @@ impl Ahead {
         }
     }
 
-    /// Prefetch the scale line holding block `b0` of each next row.
+    /// Prefetch the scale piece starting at block `b0` of each next row (every line of it).
     #[inline(always)]
     fn scales(&self, nb: usize, b0: usize) {
         for i in 0..self.n {
@@ -746,13 +746,17 @@ impl Ahead {
                 let r = *self.next.add(i) as usize;
                 if r < self.nrows {
                     let o = planar_pos(self.nrows, nb, PLANAR_SCALE_LINE, r, b0);
-                    _mm_prefetch::<_MM_HINT_T1>(self.d.add(o) as *const i8);
+                    let len = 2 * PLANAR_SCALE_LINE.min(nb - b0);
+                    for off in (0..len).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T1>((self.d.add(o) as *const i8).add(off));
+                    }
                 }
             }
         }
     }
 
-    /// Prefetch the code piece of chunk `b..b + wc` (`ch` blocks per chunk) of each next row.
+    /// Prefetch blocks `b..b + wc` of each next row's code piece (`ch` blocks per chunk),
+    /// every line of them.
     #[inline(always)]
     fn codes(&self, nb: usize, ch: usize, b: usize, wc: usize) {
         let len = wc * self.qsz;
@@ -762,9 +766,8 @@ impl Ahead {
                 let r = *self.next.add(i) as usize;
                 if r < self.nrows {
                     let p = self.qs.add(planar_pos(self.nrows, nb, ch, r, b) * self.qsz);
-                    _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
-                    if len > 64 {
-                        _mm_prefetch::<_MM_HINT_T1>(p.add(64) as *const i8);
+                    for off in (0..len).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T1>(p.add(off) as *const i8);
                     }
                 }
             }
@@ -773,9 +776,11 @@ impl Ahead {
 }
 
 /// The loop both planar down kernels share: per scale tile of 16 blocks the coefficient pass
-/// (scales at `d`, code offset `offset`), then per code chunk of `ch` blocks (`wc` in a row's
-/// last, narrower chunk) the rows' piece offsets `ro`, handed to `chunk(tile, ro, wc, bb, b)`,
-/// which adds the chunk's blocks into y (`bb`: its first block in the tile, `b`: in the row).
+/// (scales at `d`, code offset `offset`), then per run of the tile's blocks inside one code
+/// chunk of `ch` blocks (a chunk may span several tiles, as Q8_0's do, or a tile several
+/// chunks, as Q4_0's do) the rows' offsets `ro` of the run's first block, handed to
+/// `chunk(tile, ro, wc, bb, b)`, which adds the run's `wc` blocks into y (`bb`: its first block
+/// in the tile, `b`: in the row).
 ///
 /// # Safety
 /// The call's bounds must have been checked by [`check_down`] (`gr` is its result).
@@ -811,13 +816,18 @@ unsafe fn down_tiles(
         }
         // SAFETY (caller): bounds checked by check_down.
         unsafe { down_coefficients(d, &so, wt, a, offset, &mut t.cq, &mut t.corr, &mut t.s) };
+        // the tile's blocks by the code pieces they lie in (a piece of `ch` blocks may hold
+        // several tiles, or a tile several pieces)
         let mut b = b0;
         while b < b0 + wt {
-            let wc = ch.min(nb - b);
-            ahead.codes(nb, ch, b, wc);
-            piece_offsets(rows, nb, gr, ch, b / ch, wc, &mut ro);
-            chunk(&t, &ro, wc, b - b0, b);
-            b += wc;
+            let c = b / ch;
+            let wc = ch.min(nb - c * ch);
+            let end = (c * ch + wc).min(b0 + wt);
+            ahead.codes(nb, ch, b, end - b);
+            piece_offsets(rows, nb, gr, ch, c, wc, &mut ro);
+            ro.iter_mut().for_each(|o| *o += b - c * ch);
+            chunk(&t, &ro, end - b, b - b0, b);
+            b = end;
         }
     }
 }
@@ -910,11 +920,25 @@ fn down_q4_0_i(
     let chunk = |t: &Tile, ro: &[usize; 32], wc: usize, bb: usize, b: usize| {
         let (cq, corr, s) = (&t.cq, &t.corr, &t.s);
         let mut k = 0;
-        // a whole chunk (both lines of each row's piece in one pass), then 4 blocks at a time
-        if wc == 8 {
-            // SAFETY: blocks 0..8 of each row's piece are inside qs (check_down).
-            unsafe { q4_blocks::<2>(qp, ro, n, cq, corr, s, bb, yp.add(32 * b), ie, io) };
-            k = 8;
+        // 8 blocks at a time (both lines of a row's 128-byte piece in one pass), then 4
+        while k + 8 <= wc {
+            let rk: [usize; 32] = std::array::from_fn(|i| ro[i] + k);
+            // SAFETY: blocks k..k+8 of each row's piece are inside qs (check_down).
+            unsafe {
+                q4_blocks::<2>(
+                    qp,
+                    &rk,
+                    n,
+                    cq,
+                    corr,
+                    s,
+                    bb + k,
+                    yp.add(32 * (b + k)),
+                    ie,
+                    io,
+                )
+            };
+            k += 8;
         }
         while k + 4 <= wc {
             let rk: [usize; 32] = std::array::from_fn(|i| ro[i] + k);
@@ -994,7 +1018,7 @@ fn down_q4_0(
 }
 
 /// Planar Q8_0 down kernel (`scalar::down_q8_0`, bit for bit). Codes are stored `+ 128`. Four
-/// rows at a time and, in whole chunks, four blocks at a time: two 64-byte loads per row
+/// rows at a time and, where a run allows, four blocks at a time: two 64-byte loads per row
 /// (blocks b, b+1 and b+2, b+3), each set of four rows regrouped by [`regroup4`] into columns
 /// 0..16 / 16..32 of two blocks, one `vpdpbusd` per register; eight independent accumulators.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
@@ -1016,7 +1040,11 @@ fn down_q8_0_i(
     let yp = y.as_mut_ptr();
     let chunk = |t: &Tile, ro: &[usize; 32], wc: usize, bb: usize, b: usize| {
         let (cq, corr, s) = (&t.cq, &t.corr, &t.s);
-        if wc == 4 {
+        let mut k0 = 0;
+        while k0 + 4 <= wc {
+            let (bb, b) = (bb + k0, b + k0);
+            let ro: [usize; 32] = std::array::from_fn(|i| ro[i] + k0);
+            k0 += 4;
             // acc[2j], acc[2j+1]: columns 0..16, 16..32 of block b + j
             let mut acc: [__m512i; 8] =
                 std::array::from_fn(|i| _mm512_set1_epi32(corr[bb + i / 2]));
@@ -1042,10 +1070,9 @@ fn down_q8_0_i(
                     };
                 }
             }
-            return;
         }
-        // a narrower last chunk: one block at a time
-        for k in 0..wc {
+        // the last 1-3 blocks of a narrower piece, one at a time
+        for k in k0..wc {
             if s[bb + k] == 0.0 {
                 continue;
             }
