@@ -111,6 +111,34 @@ fn row_seg_bf16(w: &Matrix, r: usize, c0: usize, n: usize, out: &mut [u16]) {
     }
 }
 
+/// Rows `r0..r1` of `w` as a bf16 panel of `nrp >= r1 - r0` rows of `w.cols` (the rows past
+/// `r1` zero, padding the last kernel group): bf16 weights that need no padding are used in
+/// place, anything else is converted into `pan`.
+#[cfg(target_arch = "x86_64")]
+fn nk_panel<'a>(
+    w: &'a Matrix,
+    r0: usize,
+    r1: usize,
+    nrp: usize,
+    pan: &'a mut Vec<u16>,
+) -> &'a [u16] {
+    let (kk, nr) = (w.cols, r1 - r0);
+    debug_assert!(nrp >= nr);
+    if let Storage::BF16(v) = &w.data {
+        if nr == nrp {
+            let s = &v[r0 * kk..r1 * kk];
+            // SAFETY: half::bf16 is #[repr(transparent)] over u16.
+            return unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u16, s.len()) };
+        }
+    }
+    pan.clear();
+    pan.resize(nrp * kk, 0);
+    for q in 0..nr {
+        row_seg_bf16(w, r0 + q, 0, kk, &mut pan[q * kk..(q + 1) * kk]);
+    }
+    &pan[..]
+}
+
 /// Blocks `b0..b0 + nb` of planar row `r` as bf16 through the GGUF block converter `conv`.
 #[cfg(target_arch = "x86_64")]
 fn planar_seg_bf16<B: PlanarBlock + Default>(
@@ -239,28 +267,7 @@ fn matmul_nk_on(w: &Matrix, x: &[f32], t: usize, y: &mut [f32], amx: bool) {
             let nrp = nr.div_ceil(4) * 4;
             PANEL.with(|pan| {
                 let mut pan = pan.borrow_mut();
-                // bf16 weights with whole groups of 4 are used in place.
-                let direct: Option<&[u16]> = match &w.data {
-                    Storage::BF16(v) if nr == nrp => {
-                        let s = &v[r0 * kk..r1 * kk];
-                        // SAFETY: half::bf16 is #[repr(transparent)] over u16.
-                        Some(unsafe {
-                            std::slice::from_raw_parts(s.as_ptr() as *const u16, s.len())
-                        })
-                    }
-                    _ => None,
-                };
-                let panel: &[u16] = match direct {
-                    Some(p) => p,
-                    None => {
-                        pan.clear();
-                        pan.resize(nrp * kk, 0);
-                        for q in 0..nr {
-                            row_seg_bf16(w, r0 + q, 0, kk, &mut pan[q * kk..(q + 1) * kk]);
-                        }
-                        &pan[..]
-                    }
-                };
+                let panel = nk_panel(w, r0, r1, nrp, &mut pan);
                 let mut tile = [[0f32; 4]; k::MR];
                 for ti in (0..tp).step_by(mr) {
                     let m = mr.min(t - ti);
@@ -317,26 +324,7 @@ fn matmul_nk_amx(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
         let nrp = nr.div_ceil(32) * 32;
         PANEL.with(|pan| {
             let mut pan = pan.borrow_mut();
-            // bf16 weights with whole groups of 32 rows are used in place.
-            let direct: Option<&[u16]> = match &w.data {
-                Storage::BF16(v) if nr == nrp => {
-                    let s = &v[r0 * kk..r1 * kk];
-                    // SAFETY: half::bf16 is #[repr(transparent)] over u16.
-                    Some(unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u16, s.len()) })
-                }
-                _ => None,
-            };
-            let panel: &[u16] = match direct {
-                Some(p) => p,
-                None => {
-                    pan.clear();
-                    pan.resize(nrp * kk, 0);
-                    for q in 0..nr {
-                        row_seg_bf16(w, r0 + q, 0, kk, &mut pan[q * kk..(q + 1) * kk]);
-                    }
-                    &pan[..]
-                }
-            };
+            let panel = nk_panel(w, r0, r1, nrp, &mut pan);
             let _tiles = amx::Tiles::configure();
             let mut c = [[0f32; 256]; 4];
             for g in (0..nr).step_by(32) {
