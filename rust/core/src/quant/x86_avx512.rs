@@ -669,6 +669,15 @@ unsafe fn down_finish(y: *mut f32, s: f32, acc0: __m512i, acc1: __m512i) {
     }
 }
 
+/// The sum of a Q4_0 high-nibble accumulator that was fed the codes' high nibbles in place
+/// (`q & 0xF0`, i.e. 16·q, which saves a shift per register) and started at 16·`corr`: every
+/// term is a multiple of 16, so the arithmetic shift gives the plain sum exactly.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn hi_sum(acc16: __m512i) -> __m512i {
+    _mm512_srai_epi32::<4>(acc16)
+}
+
 /// Four rows' 64-byte loads, each four 16-byte lanes, regrouped so that output `k` holds lane
 /// `k` of all four rows with byte `j` of row `i` at byte `4j + i` (`vpdpbusd` groups of four
 /// rows): two 128-bit shuffles per pair of rows and one `vpermt2b` per output.
@@ -853,11 +862,12 @@ unsafe fn q4_blocks<const H: usize>(
     ie: __m512i,
     io: __m512i,
 ) {
-    let m4 = _mm512_set1_epi8(0x0F);
-    // acc[2j], acc[2j + 1]: columns 0..16, 16..32 of block j (at most 8 blocks)
+    let (m4, mh) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0xF0u8 as i8));
+    // acc[2j], acc[2j + 1]: columns 0..16, 16..32 of block j (at most 8 blocks); the high
+    // nibbles are summed unshifted, as 16·q, so acc[2j + 1] holds 16× its sum (see hi_sum)
     let mut acc = [_mm512_setzero_si512(); 16];
     for (j, a) in acc.iter_mut().enumerate().take(8 * H) {
-        *a = _mm512_set1_epi32(corr[bb + j / 2]);
+        *a = _mm512_set1_epi32(corr[bb + j / 2] << (4 * (j % 2)));
     }
     for (q, cq) in cq.iter().enumerate().take(n / 4) {
         for h in 0..H {
@@ -870,7 +880,7 @@ unsafe fn q4_blocks<const H: usize>(
                 let blk = 4 * h + j;
                 let c = _mm512_set1_epi32(cq[bb + blk]);
                 acc[2 * blk] = _mm512_dpbusd_epi32(acc[2 * blk], _mm512_and_si512(*v, m4), c);
-                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(*v), m4);
+                let hi = _mm512_and_si512(*v, mh);
                 acc[2 * blk + 1] = _mm512_dpbusd_epi32(acc[2 * blk + 1], hi, c);
             }
         }
@@ -878,7 +888,7 @@ unsafe fn q4_blocks<const H: usize>(
     for j in 0..4 * H {
         if s[bb + j] != 0.0 {
             // SAFETY (caller): y holds 32·4H floats.
-            unsafe { down_finish(y.add(32 * j), s[bb + j], acc[2 * j], acc[2 * j + 1]) };
+            unsafe { down_finish(y.add(32 * j), s[bb + j], acc[2 * j], hi_sum(acc[2 * j + 1])) };
         }
     }
 }
@@ -914,7 +924,7 @@ fn down_q4_0_i(
         // SAFETY: 64 bytes.
         unsafe { _mm512_loadu_si512(t.as_ptr() as *const _) }
     };
-    let m4 = _mm512_set1_epi8(0x0F);
+    let (m4, mh) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0xF0u8 as i8));
     let qp = qs.as_ptr();
     let yp = y.as_mut_ptr();
     let chunk = |t: &Tile, ro: &[usize; 32], wc: usize, bb: usize, b: usize| {
@@ -965,7 +975,7 @@ fn down_q4_0_i(
                 continue;
             }
             let mut acc0 = _mm512_set1_epi32(corr[bb + k]);
-            let mut acc1 = acc0;
+            let mut acc1 = _mm512_set1_epi32(corr[bb + k] << 4);
             for (q, cq) in cq.iter().enumerate().take(n / 4) {
                 // SAFETY: inside the row's piece (check_down), k < wc.
                 let at = |i: usize| unsafe { qp.add(ro[4 * q + i] + k) as *const __m128i };
@@ -979,11 +989,10 @@ fn down_q4_0_i(
                 let v = _mm512_permutexvar_epi8(single, z);
                 let c = _mm512_set1_epi32(cq[bb + k]);
                 acc0 = _mm512_dpbusd_epi32(acc0, _mm512_and_si512(v, m4), c);
-                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
-                acc1 = _mm512_dpbusd_epi32(acc1, hi, c);
+                acc1 = _mm512_dpbusd_epi32(acc1, _mm512_and_si512(v, mh), c);
             }
             // SAFETY: y holds 32·nb floats (check_down).
-            unsafe { down_finish(yp.add(32 * (b + k)), s[bb + k], acc0, acc1) };
+            unsafe { down_finish(yp.add(32 * (b + k)), s[bb + k], acc0, hi_sum(acc1)) };
         }
     };
     // SAFETY: bounds checked by check_down.
