@@ -117,6 +117,7 @@ def run_one(model_dir: str, dtype: str, threads: int, prompt: int, decode: int) 
         "peak_rss_gb": rss_gb,
         "tier": sparselm.kernel_tier(),
         "prompt_engine": sparselm.prompt_engine(),
+        "down_layout": sparselm.down_layout(),
     }
 
 
@@ -170,7 +171,8 @@ def main() -> None:
                     f"({r['gb_s']:5.1f} GB/s, {100 * r['bandwidth_share']:3.0f}% of a plain read: "
                     f"{r['read_gb_s'][0]:.0f}/{r['read_gb_s'][1]:.0f} GB/s) | "
                     f"sparsity {100 * r['sparsity']:4.1f}% | RSS {r['peak_rss_gb']:.2f} GB | "
-                    f"load {r['load_s']:.1f}s | {r['tier']} | prompts {r['prompt_engine']}",
+                    f"load {r['load_s']:.1f}s | {r['tier']} | prompts {r['prompt_engine']} | "
+                    f"down {r['down_layout']}",
                     flush=True,
                 )
     meta = {"cpu": platform.processor() or platform.machine(), "commit": git_commit()}

@@ -449,7 +449,7 @@ def main() -> None:
                     print(
                         f"sparselm  {dtype:>5} threads={threads} sparse={'on ' if sparse else 'off'} "
                         f"prefill {r['prefill_tok_s']:6.2f} tok/s | decode {r['decode_tok_s']:5.2f} tok/s (read {_bw(r)}) | "
-                        f"RSS {r['peak_rss_gb']:.2f} GB | sparsity {100 * r['sparsity']:4.1f}% | {r['tier']}, prompts {r.get('prompt_engine', '?')} | "
+                        f"RSS {r['peak_rss_gb']:.2f} GB | sparsity {100 * r['sparsity']:4.1f}% | {r['tier']}, prompts {r.get('prompt_engine', '?')}, down {r.get('down_layout', '?')} | "
                         f"others used {100 * r['other_cpu_share']:.0f}% CPU{tag}",
                         flush=True,
                     )

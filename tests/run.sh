@@ -5,5 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --upgrade-strategy only-if-needed ".[test]"
 cargo test --workspace --exclude sparselm-py
+# The core again with the other down-projection layout than this CPU's default (the planar
+# kernels and plans of both are tested wherever the kernels exist).
+SPARSELM_DOWN_LAYOUT=groups cargo test -p sparselm-core --lib
+SPARSELM_DOWN_LAYOUT=rows cargo test -p sparselm-core --lib
 # Benchmarks run once with timing disabled so they cannot rot.
 python3 -m pytest -q -p no:cacheprovider tests benches/test_speed.py --benchmark-disable "$@"

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sparselm
+from conftest import rel_err
 from sparselm.testing import make_tiny_checkpoint
 
 #: format -> (max relative logit error, min top-1 agreement) vs the f32 engine.
@@ -290,6 +291,54 @@ print(json.dumps([s.feed([t]).tolist() for t in ids[4:12]]))
         outs.append(np.asarray(json.loads(r.stdout.strip().splitlines()[-1])))
     assert outs[0].shape == (8, 768)
     assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+def test_both_down_layouts_decode_within_budget(
+    dtype: str, wide_model: str, prompt: list[int]
+) -> None:
+    """``SPARSELM_DOWN_LAYOUT=rows|groups`` picks how quantized ``W_downᵀ`` is stored and read
+    in decode (whole-row Q8_0 pieces and only active rows read, or 128-byte pieces and busy
+    groups read whole). The two group the int8 coefficients of the down kernel differently, so
+    they agree to rounding, not bit for bit: both decode the same tokens within the format's
+    budget of the float32 model, and each reports the layout it runs."""
+    child = """
+import json, sys
+import sparselm
+m = sparselm.load(sys.argv[1], dtype=sys.argv[2])
+s = m.session()
+ids = [int(t) for t in sys.argv[3].split(",")]
+s.feed(ids[:4])
+out = [s.feed([t]).tolist() for t in ids[4:12]]
+print(json.dumps({"layout": sparselm.down_layout(), "logits": out}))
+"""
+    out = {}
+    for dt, layout in ((dtype, "rows"), (dtype, "groups"), ("f32", "rows")):
+        r = subprocess.run(
+            [sys.executable, "-c", child, wide_model, dt, ",".join(map(str, prompt))],
+            env=dict(os.environ, SPARSELM_DOWN_LAYOUT=layout),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        out[dt, layout] = json.loads(r.stdout.strip().splitlines()[-1])
+    if out[dtype, "rows"]["layout"] == "none":
+        pytest.skip("this CPU has no planar down kernel (AVX-512 VNNI + VBMI): one path only")
+    assert out[dtype, "rows"]["layout"] == "rows"
+    assert out[dtype, "groups"]["layout"] == "groups"
+    want = np.asarray(out["f32", "rows"]["logits"])
+    assert want.shape == (8, 768)
+    budget, min_agree = BUDGET[dtype]
+    for layout in ("rows", "groups"):
+        got = np.asarray(out[dtype, layout]["logits"])
+        err = rel_err(got, want)
+        agree = float((got.argmax(-1) == want.argmax(-1)).mean())
+        print(f"[formats] {dtype} decode, down layout {layout}: rel err {err:.2e}, top-1 {agree}")
+        assert err <= budget, (layout, err)
+        assert agree >= min_agree, (layout, agree)
+    # against each other: far closer than either is to float32
+    rows, groups = (np.asarray(out[dtype, k]["logits"]) for k in ("rows", "groups"))
+    assert rel_err(rows, groups) <= budget / 2
 
 
 #: format -> (max relative logit error, min top-1 agreement) of the bf16 prompt GEMM vs the

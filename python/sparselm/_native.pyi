@@ -11,6 +11,9 @@ def kernel_tier() -> str:
 def prompt_engine() -> str:
     """What runs the bf16 prompt GEMMs: 'amx-bf16', 'avx512-bf16' or 'none'."""
 
+def down_layout() -> str:
+    """How quantized decode down projections read W_down: 'rows', 'groups' or 'none'."""
+
 def default_threads() -> int:
     """The thread count of threads=0: one per physical core this process may run on."""
 

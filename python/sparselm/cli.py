@@ -17,7 +17,15 @@ from typing import Any, Callable, TextIO
 
 from ._errors import InvalidArgumentError, SparselmError
 from .generation import GenerationConfig, GenerationStats
-from .model import DTYPES, Model, bundled_model_path, kernel_tier, load, prompt_engine
+from .model import (
+    DTYPES,
+    Model,
+    bundled_model_path,
+    down_layout,
+    kernel_tier,
+    load,
+    prompt_engine,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -368,8 +376,9 @@ def _info_dict(model: Model) -> dict[str, Any]:
     try:
         tier: str | None = kernel_tier()
         engine: str | None = prompt_engine()
+        layout: str | None = down_layout()
     except ImportError:
-        tier = engine = None
+        tier = engine = layout = None
     gc = model.generation_config
     return {
         "path": str(model.path) if model.path else None,
@@ -382,6 +391,7 @@ def _info_dict(model: Model) -> dict[str, Any]:
         "kernel_tier": tier,
         "prompt_gemm": model.prompt_gemm,
         "prompt_engine": engine,
+        "down_layout": layout,
         "context_length": model.context_length,
         "vocab_size": model.vocab_size,
         "tokenizer_vocab_size": model.tokenizer.vocab_size,
@@ -424,6 +434,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("chat template", "yes" if info["chat_template"] else "no"),
         ("generation", f"{sampling}, max_new_tokens {gc.max_new_tokens}"),
     ]
+    if info["dtype"] in ("q8_0", "q4_0"):
+        rows.insert(7, ("down layout", info["down_layout"] or "?"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

@@ -44,6 +44,7 @@ __all__ = [
     "ModelConfig",
     "Session",
     "bundled_model_path",
+    "down_layout",
     "kernel_tier",
     "load",
     "memory_bandwidth",
@@ -122,6 +123,19 @@ def prompt_engine() -> str:
     ``SPARSELM_AMX=0`` environment variable (set before import) keeps prompts off the tiles.
     """
     return str(_load_native().prompt_engine())
+
+
+def down_layout() -> str:
+    """How Q8_0/Q4_0 models store and read ``W_down`` for the sparse decode down projection.
+
+    ``"rows"``: each Q8_0 row of ``W_downᵀ`` is one contiguous piece and only the rows of
+    active neurons are read (the default on Intel CPUs); ``"groups"``: 128-byte pieces, and a
+    group of 32 rows with at least 12 active ones is read whole (the default elsewhere);
+    ``"none"``: this CPU has no planar down kernel (AVX-512 VNNI + VBMI), rows are summed one
+    at a time. The ``SPARSELM_DOWN_LAYOUT=rows|groups`` environment variable (set before
+    import) overrides the default. Results agree within the format's rounding either way.
+    """
+    return str(_load_native().down_layout())
 
 
 def default_threads() -> int:

@@ -939,7 +939,8 @@ fn with_row16<B: Interleaved16, R>(
 
 /// Rows per group of the planar layout, and at most per call of its down kernel.
 pub const DOWN_GROUP: usize = quant::PLANAR_GROUP;
-/// A planar group with at least this many active rows is read whole, front to back (zero
+/// In [`quant::DownLayout::Groups`] (in `Rows` every group's active rows are pooled), a
+/// planar group with at least this many active rows is read whole, front to back (zero
 /// rows included: they add nothing, and the hardware prefetcher streams the group); the
 /// active rows of sparser groups are pooled 32 per kernel call and prefetched into L2 one call
 /// ahead. Measured on W_downᵀ 8192×2048 from DRAM, 2 threads (`examples/down_probe`): reading
@@ -950,10 +951,11 @@ pub const DOWN_GROUP: usize = quant::PLANAR_GROUP;
 pub const DOWN_DENSE_AT: usize = 12;
 
 /// The kernel calls ("units") of one planar down projection. The sorted active list is cut
-/// into the groups of [`DOWN_GROUP`] consecutive rows: a group with at least
-/// [`DOWN_DENSE_AT`] active rows is one unit with all its rows (zero rows included: they add
-/// nothing, and the group is read front to back); the active rows of sparser groups are
-/// pooled, in order, 32 per unit (rows of a partial last group in their own units). The units
+/// into the groups of [`DOWN_GROUP`] consecutive rows: in [`quant::DownLayout::Groups`], a
+/// group with at least [`DOWN_DENSE_AT`] active rows is one unit with all its rows (zero rows
+/// included: they add nothing, and the group is read front to back); the active rows of
+/// sparser groups (in `Rows`, of all groups) are pooled, in order, 32 per unit (rows of a
+/// partial last group in their own units). The units
 /// depend only on the active list, so a projection gives the same bits for any split of its
 /// units across threads up to the order of adding the partial sums.
 #[derive(Debug, Default)]
@@ -976,6 +978,11 @@ impl DownPlan {
         self.entries.clear();
         self.units.clear();
         let group = |j: u32| j as usize / DOWN_GROUP;
+        // Rows layout: every group's active rows are pooled (a group is never read whole)
+        let dense_at = match quant::down_layout() {
+            quant::DownLayout::Rows => usize::MAX,
+            quant::DownLayout::Groups => DOWN_DENSE_AT,
+        };
         let full = nrows / DOWN_GROUP; // groups below this index have 32 rows
                                        // the open pool of sparse rows (all from full groups, or all from the partial one)
         let (mut pool, mut np, mut pool_partial) = ([(0u32, 0f32); DOWN_GROUP], 0, false);
@@ -988,7 +995,7 @@ impl DownPlan {
             while e < active.len() && group(active[e].0) == g {
                 e += 1;
             }
-            if e - s >= DOWN_DENSE_AT {
+            if e - s >= dense_at {
                 let r0 = g * DOWN_GROUP;
                 let mut rows = [(0u32, 0f32); DOWN_GROUP];
                 let gr = quant::planar_group_rows(nrows, r0);
@@ -1271,7 +1278,14 @@ mod tests {
         }
         assert_eq!(seen.len(), active.len());
         assert!(active.iter().all(|&(j, v)| seen[&j] == v));
-        assert!(plan.units.iter().any(|u| u.2) && plan.units.iter().any(|u| !u.2));
+        match quant::down_layout() {
+            // busy groups whole, the rest pooled
+            quant::DownLayout::Groups => {
+                assert!(plan.units.iter().any(|u| u.2) && plan.units.iter().any(|u| !u.2))
+            }
+            // every group's active rows pooled
+            quant::DownLayout::Rows => assert!(plan.units.iter().all(|u| !u.2)),
+        }
         let nu = plan.units.len();
         let mut whole = vec![0f32; cols];
         assert_eq!(m.down_plan_run(&plan, 0..nu, &mut whole), plan.rows(0..nu));

@@ -30,6 +30,16 @@ fn prompt_engine() -> &'static str {
     sparselm_core::gemm::engine()
 }
 
+/// How quantized decode down projections store and read W_downᵀ: "rows", "groups", or "none"
+/// where this CPU has no planar down kernel (they then use the row AXPY).
+#[pyfunction]
+fn down_layout() -> &'static str {
+    if sparselm_core::quant::quant_kernels().down_q8_0.is_none() {
+        return "none";
+    }
+    sparselm_core::quant::down_layout().name()
+}
+
 /// The thread count of `threads = 0`: one per physical core this process may run on.
 #[pyfunction]
 fn default_threads() -> usize {
@@ -284,6 +294,7 @@ impl Session {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernel_tier, m)?)?;
     m.add_function(wrap_pyfunction!(prompt_engine, m)?)?;
+    m.add_function(wrap_pyfunction!(down_layout, m)?)?;
     m.add_function(wrap_pyfunction!(read_bandwidth, m)?)?;
     m.add_function(wrap_pyfunction!(default_threads, m)?)?;
     m.add_class::<Engine>()?;

@@ -522,7 +522,7 @@ pub fn prefetch_distance() -> usize {
 }
 
 /// CPUID leaf 0 names the vendor "GenuineIntel".
-fn cpu_vendor_is_intel() -> bool {
+pub(crate) fn cpu_vendor_is_intel() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         let r = std::arch::x86_64::__cpuid(0);
