@@ -298,7 +298,7 @@ def test_both_down_layouts_decode_within_budget(
     dtype: str, wide_model: str, prompt: list[int]
 ) -> None:
     """``SPARSELM_DOWN_LAYOUT=rows|groups`` picks how quantized ``W_downᵀ`` is stored and read
-    in decode (whole-row Q8_0 pieces and only active rows read, or 128-byte pieces and busy
+    in decode (whole-row pieces and only active rows read, or 128-byte pieces and busy
     groups read whole). The two group the int8 coefficients of the down kernel differently, so
     they agree to rounding, not bit for bit: both decode the same tokens within the format's
     budget of the float32 model, and each reports the layout it runs."""

@@ -117,7 +117,9 @@ def kernel_tier() -> str:
 def prompt_engine() -> str:
     """The hardware that runs the bf16 prompt GEMMs (``Model.prompt_gemm == "bf16"``).
 
-    ``"amx-bf16"``: Intel AMX tiles (Sapphire Rapids and later; Linux grants the tile state),
+    ``"amx-bf16"``: Intel AMX tiles (Sapphire Rapids and later; Linux grants the tile state):
+    bf16 tiles for float weights and, where the CPU also has AMX-INT8, int8 tiles for the
+    Q8_0/Q4_0 projections (bit-identical to their per-token GEMVs);
     ``"avx512-bf16"``: AVX512_BF16 vector instructions, ``"none"``: no bf16 GEMM on this CPU.
     Both engines round to bfloat16 and sum in float32; only the order of the sums differs. The
     ``SPARSELM_AMX=0`` environment variable (set before import) keeps prompts off the tiles.
@@ -128,8 +130,8 @@ def prompt_engine() -> str:
 def down_layout() -> str:
     """How Q8_0/Q4_0 models store and read ``W_down`` for the sparse decode down projection.
 
-    ``"rows"``: each Q8_0 row of ``W_downᵀ`` is one contiguous piece and only the rows of
-    active neurons are read (the default on Intel CPUs); ``"groups"``: 128-byte pieces, and a
+    ``"rows"``: each row of ``W_downᵀ`` is one contiguous piece and only the rows of active
+    neurons are read (the default on Intel CPUs); ``"groups"``: 128-byte pieces, and a
     group of 32 rows with at least 12 active ones is read whole (the default elsewhere);
     ``"none"``: this CPU has no planar down kernel (AVX-512 VNNI + VBMI), rows are summed one
     at a time. The ``SPARSELM_DOWN_LAYOUT=rows|groups`` environment variable (set before

@@ -24,7 +24,8 @@ fn kernel_tier() -> &'static str {
     sparselm_core::kernels::kernels().tier.name()
 }
 
-/// What runs the bf16 prompt GEMMs: "amx-bf16" (Intel AMX tiles), "avx512-bf16" or "none".
+/// What runs the bf16 prompt GEMMs: "amx-bf16" (Intel AMX tiles; Q8_0/Q4_0 projections on
+/// AMX-INT8 where present), "avx512-bf16" or "none".
 #[pyfunction]
 fn prompt_engine() -> &'static str {
     sparselm_core::gemm::engine()

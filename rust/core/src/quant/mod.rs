@@ -119,10 +119,11 @@
 //!     52 % of the kernel's samples on its `prefetcht1`s (the 16 L1 miss buffers full) and
 //!     the worker thread idle 5-10 %. Whole-row code pieces for Q8_0 (2 KiB) and 128-byte
 //!     scale pieces: 5.2-6.0×, dense groups unchanged; for Q4_0 (1 KiB) 3.5-4.0× but dense
-//!     groups 0.6 → 0.43× of the GEMV, not taken. Pooling the active rows of every group
-//!     (never reading a group whole) at 50 % zeros: Q8_0 0.63-0.67× → 1.13-1.16× of the
-//!     dense GEMV's speed, Q4_0 0.56-0.59× → 0.74-0.77×. Both are `DownLayout::Rows`, the
-//!     default on Intel only (see [`Planar`]). Q4_0 high nibbles summed in place (one shift
+//!     groups 0.6 → 0.43× of the GEMV. Pooling the active rows of every group (never
+//!     reading a group whole) at 50 % zeros: Q8_0 0.63-0.67× → 1.13-1.16× of the dense
+//!     GEMV's speed, Q4_0 0.56-0.59× → 0.74-0.77×, and with whole-row Q4_0 pieces 0.93-1.09×
+//!     (90 % zeros 3.78-3.96×). Whole rows and pooling are `DownLayout::Rows`, the default
+//!     on Intel only (see [`Planar`]). Q4_0 high nibbles summed in place (one shift
 //!     fewer per register): 90 % zeros 2.9-3.4× → 3.4-3.6×.
 
 use std::sync::OnceLock;
@@ -288,21 +289,22 @@ impl BlockQ8_0x16 {
 
 /// Rows per group of the planar layout (and per call of the down kernels).
 pub const PLANAR_GROUP: usize = 32;
-/// Bytes of one row's Q4_0 codes per chunk of the planar layout (two cache lines, 8 blocks).
-pub const PLANAR_CHUNK_BYTES_Q4: usize = 128;
-/// Bytes of one row's Q8_0 codes per chunk of the planar layout in [`DownLayout::Rows`]
-/// (64 blocks: a whole row of 2048 columns, one contiguous run the hardware prefetcher can
-/// follow); [`DownLayout::Groups`] uses 128 bytes (4 blocks), as for Q4_0.
-pub const PLANAR_CHUNK_BYTES_Q8_ROWS: usize = 2048;
+/// Bytes of one row's codes per chunk of the planar layout in [`DownLayout::Groups`] (two
+/// cache lines: 8 Q4_0 or 4 Q8_0 blocks).
+pub const PLANAR_CHUNK_BYTES_GROUPS: usize = 128;
+/// Bytes of one row's codes per chunk of the planar layout in [`DownLayout::Rows`]: 2 KiB, a
+/// whole row of 2048 columns in Q8_0 (1 KiB in Q4_0), one contiguous run the hardware
+/// prefetcher can follow.
+pub const PLANAR_CHUNK_BYTES_ROWS: usize = 2048;
 
 /// How the decode down projection stores and reads quantized `W_downᵀ` (see [`Planar`] and
 /// `tensor::DownPlan`), fixed once per process: `SPARSELM_DOWN_LAYOUT=rows|groups`, by default
 /// `rows` on Intel CPUs and `groups` elsewhere (PERF NOTES).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DownLayout {
-    /// Q8_0 rows as one piece of codes each (2 KiB at PLM-1.8B's width); only the active rows
-    /// of every group are read (pooled 32 per kernel call). Measured best on an Intel Xeon,
-    /// whose L2 streamer stops at each 4 KiB page.
+    /// Rows as one piece of codes each (Q8_0 2 KiB, Q4_0 1 KiB at PLM-1.8B's width); only the
+    /// active rows of every group are read (pooled 32 per kernel call). Measured best on an
+    /// Intel Xeon, whose L2 streamer stops at each 4 KiB page.
     Rows,
     /// 128-byte code pieces for both formats; a group with at least `tensor::DOWN_DENSE_AT`
     /// active rows is read whole, front to back. Measured best on an AMD Zen 4.
@@ -418,14 +420,14 @@ impl<T: Pod> std::fmt::Debug for Aligned<T> {
 ///
 /// Group `g` (rows `32g..32g + gr`, `gr = min(32, rows − 32g)`) occupies entries
 /// `32g·nb .. 32g·nb + gr·nb` of both arrays. Inside it, codes are stored by chunks of
-/// `ch` blocks ([`planar_chunk`]: 8 for Q4_0, 128 bytes; for Q8_0 64, 2 KiB, in
-/// [`DownLayout::Rows`] and 4, 128 bytes, in [`DownLayout::Groups`]; chunk `c = b / ch` has
-/// width `wc = min(ch, nb − ch·c)`), all rows of the group per chunk:
+/// `ch` blocks ([`planar_chunk`]: 2 KiB in [`DownLayout::Rows`], 128 for Q4_0 or 64 for Q8_0;
+/// 128 bytes in [`DownLayout::Groups`], 8 or 4 blocks; chunk `c = b / ch` has width
+/// `wc = min(ch, nb − ch·c)`), all rows of the group per chunk:
 /// `[gr·ch·c + li·wc + b % ch]` for local row `li`; scales by pieces of 64 blocks the same way:
 /// `[gr·64·t + li·wt + b % 64]` (`t = b / 64`). So a dense pass over a group reads both arrays
 /// front to back, and a sparse pass fetches per active row one contiguous piece of codes per
-/// chunk (at PLM-1.8B's width a Q8_0 row is one 2 KiB piece in the rows layout, a Q4_0 row
-/// eight 128-byte pieces) and one contiguous piece of 128 bytes per 64 scales.
+/// chunk (at PLM-1.8B's width one piece per row in the rows layout, 8 or 16 pieces in the
+/// groups layout) and one contiguous piece of 128 bytes per 64 scales.
 ///
 /// Piece sizes, measured (`examples/bw_probe DOWN=1`, 32 W_downᵀ 8192×2048 from DRAM,
 /// 2 threads, sparse time against the dense GEMV of W_down in the same line; Intel Xeon with
@@ -434,15 +436,18 @@ impl<T: Pod> std::fmt::Debug for Aligned<T> {
 /// had half the kernel's time on its `prefetcht1`s). Q8_0 rows as one 2 KiB piece with their
 /// scales as one 128-byte piece: 90 % zeros 3.2-3.7× → 5.2-6.0× faster than the dense GEMV,
 /// 0 % / 50 % zeros unchanged (0.55-0.62× of it). Q4_0 rows as one 1 KiB piece: 90 % zeros
-/// 2.7-3.5× → 3.5-4.0×, but 0 % / 50 % zeros 0.6× → 0.43-0.46× (a dense group is then 32
-/// interleaved row streams), so Q4_0 keeps 128-byte pieces. 512-byte pieces were no better
+/// 2.7-3.5× → 3.5-4.0×, but groups read whole (0 % / 50 % zeros) 0.6× → 0.43-0.46× of the
+/// GEMV (a dense group is then 32 interleaved row streams). 512-byte pieces were no better
 /// than 128 for either. Reading only the active rows of every group (pooled) instead of
 /// reading groups with ≥ 12 active rows whole, at 50 % zeros: Q8_0 0.63-0.67× → 1.13-1.16×
-/// of the dense GEMV's speed, Q4_0 0.56-0.59× → 0.74-0.77× (0 % zeros unchanged). Both make
-/// [`DownLayout::Rows`], the default on Intel. On the Zen 4 whole-row pieces had made dense
-/// groups 1.1-2.4× slower and pooling half-full groups was slower (kernels/mod.rs PERF
-/// NOTES), so other CPUs keep [`DownLayout::Groups`]. Scale pieces of 16 blocks (half a
-/// line) had measured 8-15 % slower at 90 % zeros than 32 on the Zen 4.
+/// of the dense GEMV's speed, Q4_0 (128-byte pieces) 0.56-0.59× → 0.74-0.77× (0 % zeros
+/// unchanged); pooled, whole-row Q4_0 pieces are better again: 90 % zeros 3.30-3.38× →
+/// 3.78-3.96×, 50 % 0.75-0.81× → 0.93-1.09×, 0 % 0.49-0.50× → 0.50-0.54× (2 alternated
+/// pairs). All of this makes [`DownLayout::Rows`], the default on Intel. On the Zen 4
+/// whole-row pieces had made dense groups 1.1-2.4× slower and pooling half-full groups was
+/// slower (kernels/mod.rs PERF NOTES), so other CPUs keep [`DownLayout::Groups`]. Scale
+/// pieces of 16 blocks (half a line) had measured 8-15 % slower at 90 % zeros than 32 on the
+/// Zen 4.
 #[derive(Debug, Clone)]
 pub struct Planar<Q: Pod> {
     /// Rows and blocks per row.
@@ -484,16 +489,15 @@ impl PlanarBlock for BlockQ8_0 {
     }
 }
 
-/// Blocks per code chunk for codes of type `Q` (8 for Q4_0; for Q8_0 64 in
-/// [`DownLayout::Rows`], 4 in [`DownLayout::Groups`]; see [`Planar`]).
+/// Blocks per code chunk for codes of type `Q` (Q4_0 / Q8_0: 128 / 64 in [`DownLayout::Rows`],
+/// 8 / 4 in [`DownLayout::Groups`]; see [`Planar`]).
 #[inline]
 pub fn planar_chunk<Q>() -> usize {
-    let q = std::mem::size_of::<Q>();
-    if q == 16 || down_layout() == DownLayout::Groups {
-        PLANAR_CHUNK_BYTES_Q4 / q
-    } else {
-        PLANAR_CHUNK_BYTES_Q8_ROWS / q
-    }
+    let bytes = match down_layout() {
+        DownLayout::Rows => PLANAR_CHUNK_BYTES_ROWS,
+        DownLayout::Groups => PLANAR_CHUNK_BYTES_GROUPS,
+    };
+    bytes / std::mem::size_of::<Q>()
 }
 
 /// Index of (local row `li`, block `b`) inside a planar group of `gr` rows with `nb` blocks per
