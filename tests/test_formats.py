@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -192,6 +193,33 @@ def _tiers() -> list[str]:
     return tiers
 
 
+def _run_child(script: str, model: str, dtype: str, ids: list[int], env: dict[str, str]) -> Any:
+    """Run ``script`` in a fresh interpreter with ``env`` (the engine reads its environment
+    variables once per process) on ``model``, ``dtype`` and the token ids; the JSON of its last
+    output line."""
+    r = subprocess.run(
+        [sys.executable, "-c", script, model, dtype, ",".join(map(str, ids))],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+#: Decode logits of tokens 4..12 fed one at a time after the first 4, and the down layout.
+_DECODE_CHILD = """
+import json, sys
+import sparselm
+m = sparselm.load(sys.argv[1], dtype=sys.argv[2])
+s = m.session()
+ids = [int(t) for t in sys.argv[3].split(",")]
+s.feed(ids[:4])
+out = [s.feed([t]).tolist() for t in ids[4:12]]
+print(json.dumps({"layout": sparselm.down_layout(), "logits": out}))
+"""
+
+
 @pytest.mark.parametrize("dtype", ["f32", "bf16", "q8_0", "q4_0"])
 def test_every_tier_via_env_override(dtype: str, wide_model: str, prompt: list[int]) -> None:
     out = {}
@@ -199,14 +227,7 @@ def test_every_tier_via_env_override(dtype: str, wide_model: str, prompt: list[i
         # f32 prompt products on every tier: the bf16 GEMM exists only on avx512 + BF16 CPUs
         # and has its own test below.
         env = dict(os.environ, SPARSELM_KERNEL=tier, SPARSELM_EXACT_GEMM="1")
-        r = subprocess.run(
-            [sys.executable, "-c", _CHILD, wide_model, dtype, ",".join(map(str, prompt[:16]))],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        res = json.loads(r.stdout.strip().splitlines()[-1])
+        res = _run_child(_CHILD, wide_model, dtype, prompt[:16], env)
         assert res["tier"] == tier, f"SPARSELM_KERNEL={tier} selected {res['tier']}"
         out[tier] = np.asarray(res["logits"])
     base = out["scalar"]
@@ -233,14 +254,8 @@ def test_amx_and_avx512_prompt_gemms_agree(dtype: str, wide_model: str, prompt: 
     relative). So the two agree far inside the bf16 GEMM's budget, not bit for bit."""
     out = {}
     for amx in ("1", "0"):
-        r = subprocess.run(
-            [sys.executable, "-c", _ENGINE_CHILD, wide_model, dtype, ",".join(map(str, prompt))],
-            env=dict(os.environ, SPARSELM_AMX=amx),
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        out[amx] = json.loads(r.stdout.strip().splitlines()[-1])
+        env = dict(os.environ, SPARSELM_AMX=amx)
+        out[amx] = _run_child(_ENGINE_CHILD, wide_model, dtype, prompt, env)
     if out["0"]["gemm"] != "bf16":
         pytest.skip("this CPU has no AVX512_BF16: no bf16 prompt GEMM to compare")
     cpuinfo = Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
@@ -265,30 +280,14 @@ def test_software_prefetch_changes_no_result(
     """``SPARSELM_PREFETCH`` (software prefetch distance of the decode GEMVs, bytes) only moves
     data into cache: decode logits are bit-identical with it off, at the default and at an
     odd distance."""
-    child = """
-import json, sys
-import numpy as np
-import sparselm
-m = sparselm.load(sys.argv[1], dtype=sys.argv[2])
-s = m.session()
-ids = [int(t) for t in sys.argv[3].split(",")]
-s.feed(ids[:4])
-print(json.dumps([s.feed([t]).tolist() for t in ids[4:12]]))
-"""
     outs = []
     for pf in ("0", None, "192"):
         env = dict(os.environ)
         env.pop("SPARSELM_PREFETCH", None)
         if pf is not None:
             env["SPARSELM_PREFETCH"] = pf
-        r = subprocess.run(
-            [sys.executable, "-c", child, wide_model, dtype, ",".join(map(str, prompt))],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        outs.append(np.asarray(json.loads(r.stdout.strip().splitlines()[-1])))
+        res = _run_child(_DECODE_CHILD, wide_model, dtype, prompt, env)
+        outs.append(np.asarray(res["logits"]))
     assert outs[0].shape == (8, 768)
     assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
 
@@ -302,26 +301,10 @@ def test_both_down_layouts_decode_within_budget(
     groups read whole). The two group the int8 coefficients of the down kernel differently, so
     they agree to rounding, not bit for bit: both decode the same tokens within the format's
     budget of the float32 model, and each reports the layout it runs."""
-    child = """
-import json, sys
-import sparselm
-m = sparselm.load(sys.argv[1], dtype=sys.argv[2])
-s = m.session()
-ids = [int(t) for t in sys.argv[3].split(",")]
-s.feed(ids[:4])
-out = [s.feed([t]).tolist() for t in ids[4:12]]
-print(json.dumps({"layout": sparselm.down_layout(), "logits": out}))
-"""
     out = {}
     for dt, layout in ((dtype, "rows"), (dtype, "groups"), ("f32", "rows")):
-        r = subprocess.run(
-            [sys.executable, "-c", child, wide_model, dt, ",".join(map(str, prompt))],
-            env=dict(os.environ, SPARSELM_DOWN_LAYOUT=layout),
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        out[dt, layout] = json.loads(r.stdout.strip().splitlines()[-1])
+        env = dict(os.environ, SPARSELM_DOWN_LAYOUT=layout)
+        out[dt, layout] = _run_child(_DECODE_CHILD, wide_model, dt, prompt, env)
     if out[dtype, "rows"]["layout"] == "none":
         pytest.skip("this CPU has no planar down kernel (AVX-512 VNNI + VBMI): one path only")
     assert out[dtype, "rows"]["layout"] == "rows"

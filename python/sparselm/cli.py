@@ -428,14 +428,18 @@ def cmd_info(args: argparse.Namespace) -> int:
             info["prompt_gemm"]
             + (f" ({info['prompt_engine']})" if info["prompt_gemm"] == "bf16" else ""),
         ),
+        # the layout applies to the quantized formats' down projection only
+        *(
+            [("down layout", info["down_layout"] or "?")]
+            if info["dtype"] in ("q8_0", "q4_0")
+            else []
+        ),
         ("context", f"{info['context_length']} positions"),
         ("vocab", f"{info['vocab_size']} (tokenizer: {info['tokenizer_vocab_size']})"),
         ("stop ids", ", ".join(map(str, info["stop_token_ids"])) or "none"),
         ("chat template", "yes" if info["chat_template"] else "no"),
         ("generation", f"{sampling}, max_new_tokens {gc.max_new_tokens}"),
     ]
-    if info["dtype"] in ("q8_0", "q4_0"):
-        rows.insert(7, ("down layout", info["down_layout"] or "?"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

@@ -307,7 +307,9 @@ pub enum DownLayout {
     /// Intel Xeon, whose L2 streamer stops at each 4 KiB page.
     Rows,
     /// 128-byte code pieces for both formats; a group with at least `tensor::DOWN_DENSE_AT`
-    /// active rows is read whole, front to back. Measured best on an AMD Zen 4.
+    /// active rows is read whole, front to back. Measured best on an AMD Zen 4 (there with
+    /// scale pieces of 32 blocks; both layouts now use [`PLANAR_SCALE_LINE`] = 64, which was
+    /// measured on the Intel Xeon only).
     Groups,
 }
 

@@ -931,43 +931,20 @@ fn down_q4_0_i(
         let (cq, corr, s) = (&t.cq, &t.corr, &t.s);
         let mut k = 0;
         // 8 blocks at a time (both lines of a row's 128-byte piece in one pass), then 4
-        while k + 8 <= wc {
-            let rk: [usize; 32] = std::array::from_fn(|i| ro[i] + k);
-            // SAFETY: blocks k..k+8 of each row's piece are inside qs (check_down).
-            unsafe {
-                q4_blocks::<2>(
-                    qp,
-                    &rk,
-                    n,
-                    cq,
-                    corr,
-                    s,
-                    bb + k,
-                    yp.add(32 * (b + k)),
-                    ie,
-                    io,
-                )
-            };
-            k += 8;
-        }
         while k + 4 <= wc {
             let rk: [usize; 32] = std::array::from_fn(|i| ro[i] + k);
-            // SAFETY: blocks k..k+4 of each row's piece are inside qs (check_down).
+            let (bk, wide) = (bb + k, k + 8 <= wc);
+            // SAFETY: blocks k..k+8 (wide) or k..k+4 of each row's piece are inside qs, and
+            // y holds their 32 columns each (check_down).
             unsafe {
-                q4_blocks::<1>(
-                    qp,
-                    &rk,
-                    n,
-                    cq,
-                    corr,
-                    s,
-                    bb + k,
-                    yp.add(32 * (b + k)),
-                    ie,
-                    io,
-                )
-            };
-            k += 4;
+                let yk = yp.add(32 * (b + k));
+                if wide {
+                    q4_blocks::<2>(qp, &rk, n, cq, corr, s, bk, yk, ie, io);
+                } else {
+                    q4_blocks::<1>(qp, &rk, n, cq, corr, s, bk, yk, ie, io);
+                }
+            }
+            k += if wide { 8 } else { 4 };
         }
         // the last 1-3 blocks of a narrower chunk, one at a time
         for k in k..wc {
