@@ -984,7 +984,21 @@ impl DownPlan {
             quant::DownLayout::Groups => DOWN_DENSE_AT,
         };
         let full = nrows / DOWN_GROUP; // groups below this index have 32 rows
-                                       // the open pool of sparse rows (all from full groups, or all from the partial one)
+        if dense_at == usize::MAX {
+            // every row pooled: the sorted list cut into runs of 32, the rows of full groups
+            // first, then those of the partial group (what the loop below gives, without its
+            // per-group scan: 3.5 µs → well under 1 at PLM-1.8B's 819 active rows)
+            let split = active.partition_point(|e| (e.0 as usize) < full * DOWN_GROUP);
+            self.entries.extend_from_slice(active);
+            for (lo, hi) in [(0, split), (split, active.len())] {
+                for s in (lo..hi).step_by(DOWN_GROUP) {
+                    let n = DOWN_GROUP.min(hi - s);
+                    self.units.push((s as u32, n as u32, false));
+                }
+            }
+            return;
+        }
+        // the open pool of sparse rows (all from full groups, or all from the partial one)
         let (mut pool, mut np, mut pool_partial) = ([(0u32, 0f32); DOWN_GROUP], 0, false);
         let mut s = 0;
         while s < active.len() {
@@ -1283,8 +1297,12 @@ mod tests {
             quant::DownLayout::Groups => {
                 assert!(plan.units.iter().any(|u| u.2) && plan.units.iter().any(|u| !u.2))
             }
-            // every group's active rows pooled
-            quant::DownLayout::Rows => assert!(plan.units.iter().all(|u| !u.2)),
+            // every group's active rows pooled, 32 per unit but for the last unit of the full
+            // groups and that of the partial one
+            quant::DownLayout::Rows => {
+                assert!(plan.units.iter().all(|u| !u.2));
+                assert!(plan.units.iter().filter(|u| u.1 < 32).count() <= 2);
+            }
         }
         let nu = plan.units.len();
         let mut whole = vec![0f32; cols];

@@ -613,31 +613,30 @@ unsafe fn down_coefficients(
     s: &mut [f32; 16],
 ) {
     let mask = (((1u32 << wt) - 1) & 0xFFFF) as __mmask16;
-    let p = |i: usize| {
+    // a_i·d_i per row, kept for the second pass (stores and loads are cheaper than converting
+    // the scales twice)
+    let mut pv = [_mm512_setzero_ps(); 32];
+    let mut m = _mm512_setzero_ps();
+    for (i, pv) in pv.iter_mut().enumerate().take(a.len()) {
         // SAFETY (caller): row i's tile has wt scales at so[i]; lanes past wt are masked.
         let dv =
             unsafe { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, d.add(so[i]) as *const i16)) };
-        _mm512_mul_ps(_mm512_set1_ps(a[i]), dv)
-    };
-    let mut m = _mm512_setzero_ps();
-    for i in 0..a.len() {
-        m = _mm512_max_ps(m, _mm512_abs_ps(p(i)));
+        *pv = _mm512_mul_ps(_mm512_set1_ps(a[i]), dv);
+        m = _mm512_max_ps(m, _mm512_abs_ps(*pv));
     }
     let c127 = _mm512_set1_ps(127.0);
     let nz = _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(m, _mm512_setzero_ps());
     let inv = _mm512_maskz_div_ps(nz, c127, m);
     let mut sum = _mm512_setzero_si512();
-    let lo8 = _mm512_set1_epi32(0xFF);
     for (q, cq) in cq.iter_mut().enumerate().take(a.len() / 4) {
         let mut packed = _mm512_setzero_si512();
         for kk in 0..4 {
-            let c = _mm512_cvtps_epi32(_mm512_mul_ps(p(4 * q + kk), inv));
+            let c = _mm512_cvtps_epi32(_mm512_mul_ps(pv[4 * q + kk], inv));
             sum = _mm512_add_epi32(sum, c);
-            let byte = _mm512_and_si512(c, lo8);
-            packed = _mm512_or_si512(
-                packed,
-                _mm512_sllv_epi32(byte, _mm512_set1_epi32(8 * kk as i32)),
-            );
+            // packed |= (c << 8kk) & (0xFF << 8kk): one shift and one ternary logic op
+            let sh = _mm512_sllv_epi32(c, _mm512_set1_epi32(8 * kk as i32));
+            let byte = _mm512_set1_epi32(0xFF << (8 * kk));
+            packed = _mm512_ternarylogic_epi32::<0xF8>(packed, sh, byte);
         }
         // SAFETY: cq is 16 i32.
         unsafe { _mm512_storeu_si512(cq.as_mut_ptr() as *mut _, packed) };
@@ -719,9 +718,11 @@ struct Tile {
 }
 
 /// The rows of the next kernel call (`next`), whose pieces a down kernel asks the CPU to load
-/// into L2 as it reaches the same chunk / scale line of its own rows: the prefetches of the
-/// next call spread over this one's compute instead of one burst that stalls on full miss
-/// buffers. A hint only; it changes no result.
+/// into L2. Where a row is several pieces ([`DownLayout::Groups`](super::DownLayout)), as the
+/// kernel reaches the same chunk / scale line of its own rows: the prefetches of the next call
+/// come in one burst per tile instead of one per call, which stalled on full miss buffers.
+/// Where a row is one piece, [`RowStream`] spreads them finer. A hint only; it changes no
+/// result.
 struct Ahead {
     next: *const u32,
     n: usize,
@@ -784,6 +785,117 @@ impl Ahead {
     }
 }
 
+/// The next call's rows prefetched into L2 as one stream of 64-byte lines, a few lines per
+/// step of the kernel's inner loop (one step per line of four of its own rows), so that the
+/// prefetches are spread evenly over the compute instead of stalling it in bursts on full miss
+/// buffers. The stream goes by runs of a tile's lines (16 blocks: 4 lines of Q4_0, 8 of Q8_0;
+/// the rows' scale lines are the last run), and in a run row by row. Measured on the Xeon
+/// (`examples/bw_probe DOWN=1`, in-process alternation, 90 % zeros), Q4_0: this order 119-124
+/// µs per layer against 127-137 for whole rows one after the other and 129-147 for the
+/// per-tile bursts of [`Ahead`]; single-line runs were slower (101-121 against 83-123 in a
+/// faster phase), 2- or 8-line runs equal within noise. Only where each row's codes and scales
+/// are one piece each ([`DownLayout::Rows`](super::DownLayout), up to 64 blocks per row);
+/// elsewhere [`Ahead`]'s per-tile bursts are used.
+struct RowStream {
+    code: [*const i8; 32],
+    scale: [*const i8; 32],
+    /// Rows, code lines per row, lines per row, lines per step.
+    n: usize,
+    code_lines: usize,
+    lines: usize,
+    per_step: usize,
+    /// Lines per run.
+    run: usize,
+    /// The next line: run `k`, row `row`, line `line` of the run.
+    k: usize,
+    row: usize,
+    line: usize,
+}
+
+impl RowStream {
+    /// The stream of `ahead`'s rows (code pieces of `ch` blocks), spread over `steps` calls of
+    /// [`Self::step`]; empty where rows are split into several pieces.
+    fn new(ahead: &Ahead, nb: usize, ch: usize, steps: usize) -> RowStream {
+        let mut st = RowStream {
+            code: [std::ptr::null(); 32],
+            scale: [std::ptr::null(); 32],
+            n: 0,
+            code_lines: (nb * ahead.qsz).div_ceil(64),
+            lines: (nb * ahead.qsz).div_ceil(64) + (2 * nb).div_ceil(64),
+            per_step: 0,
+            run: (PLANAR_TILE * ahead.qsz).div_ceil(64),
+            k: 0,
+            row: 0,
+            line: 0,
+        };
+        if nb == 0 || ch < nb || PLANAR_SCALE_LINE < nb || ahead.n > 32 {
+            return st;
+        }
+        for i in 0..ahead.n {
+            // SAFETY: `next` holds n rows (from a slice); rows outside the matrix are skipped,
+            // and a row's pieces lie inside the arrays.
+            unsafe {
+                let r = *ahead.next.add(i) as usize;
+                if r < ahead.nrows {
+                    let c = planar_pos(ahead.nrows, nb, ch, r, 0) * ahead.qsz;
+                    let sc = planar_pos(ahead.nrows, nb, PLANAR_SCALE_LINE, r, 0);
+                    st.code[st.n] = ahead.qs.add(c) as *const i8;
+                    st.scale[st.n] = ahead.d.add(sc) as *const i8;
+                    st.n += 1;
+                }
+            }
+        }
+        st.per_step = (st.n * st.lines).div_ceil(steps.max(1));
+        st
+    }
+
+    /// `ahead` if this stream is empty (the per-tile bursts then prefetch the next rows).
+    fn burst<'a>(&self, ahead: &'a Ahead) -> Option<&'a Ahead> {
+        (self.per_step == 0).then_some(ahead)
+    }
+
+    /// Prefetch the next `per_step` lines of the stream.
+    #[inline(always)]
+    fn step(&mut self) {
+        for _ in 0..self.per_step {
+            self.one();
+        }
+    }
+
+    #[inline(always)]
+    fn one(&mut self) {
+        if self.row >= self.n {
+            return;
+        }
+        let (row, line) = (self.row, self.k * self.run + self.line);
+        // SAFETY: line < lines of a row whose pieces lie inside the arrays (new); a prefetch
+        // never faults.
+        unsafe {
+            let p = if line < self.code_lines {
+                self.code[row].add(64 * line)
+            } else {
+                self.scale[row].add(64 * (line - self.code_lines))
+            };
+            _mm_prefetch::<_MM_HINT_T1>(p);
+        }
+        self.line += 1;
+        if self.line >= self.run || self.k * self.run + self.line >= self.lines {
+            self.line = 0;
+            self.row += 1;
+            if self.row == self.n && (self.k + 1) * self.run < self.lines {
+                (self.k, self.row) = (self.k + 1, 0);
+            }
+        }
+    }
+
+    /// Whatever the steps left (the rows past the last step).
+    fn rest(&mut self) {
+        while self.row < self.n {
+            self.one();
+        }
+    }
+}
+
 /// The loop both planar down kernels share: per scale tile of 16 blocks the coefficient pass
 /// (scales at `d`, code offset `offset`), then per run of the tile's blocks inside one code
 /// chunk of `ch` blocks (a chunk may span several tiles, as Q8_0's do, or a tile several
@@ -803,7 +915,7 @@ unsafe fn down_tiles(
     a: &[f32],
     offset: i32,
     ch: usize,
-    ahead: &Ahead,
+    ahead: Option<&Ahead>,
     mut chunk: impl FnMut(&Tile, &[usize; 32], usize, usize, usize),
 ) {
     let mut t = Tile {
@@ -820,7 +932,7 @@ unsafe fn down_tiles(
         let ws = PLANAR_SCALE_LINE.min(nb - c * PLANAR_SCALE_LINE);
         piece_offsets(rows, nb, gr, PLANAR_SCALE_LINE, c, ws, &mut so);
         so.iter_mut().for_each(|o| *o += l);
-        if l == 0 {
+        if let Some(ahead) = ahead.filter(|_| l == 0) {
             ahead.scales(nb, b0);
         }
         // SAFETY (caller): bounds checked by check_down.
@@ -832,7 +944,9 @@ unsafe fn down_tiles(
             let c = b / ch;
             let wc = ch.min(nb - c * ch);
             let end = (c * ch + wc).min(b0 + wt);
-            ahead.codes(nb, ch, b, end - b);
+            if let Some(ahead) = ahead {
+                ahead.codes(nb, ch, b, end - b);
+            }
             piece_offsets(rows, nb, gr, ch, c, wc, &mut ro);
             ro.iter_mut().for_each(|o| *o += b - c * ch);
             chunk(&t, &ro, end - b, b - b0, b);
@@ -861,13 +975,15 @@ unsafe fn q4_blocks<const H: usize>(
     y: *mut f32,
     ie: __m512i,
     io: __m512i,
+    pf: &mut RowStream,
 ) {
-    let (m4, mh) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0xF0u8 as i8));
-    // acc[2j], acc[2j + 1]: columns 0..16, 16..32 of block j (at most 8 blocks); the high
-    // nibbles are summed unshifted, as 16·q, so acc[2j + 1] holds 16× its sum (see hi_sum)
+    let mh = _mm512_set1_epi8(0xF0u8 as i8);
+    // acc[2j]: block j's whole code bytes (lo + 16·hi) summed, started at 17·corr;
+    // acc[2j + 1]: its high nibbles in place (16·hi), started at 16·corr (see hi_sum). Their
+    // difference is the low-nibble sum: one AND per register instead of two.
     let mut acc = [_mm512_setzero_si512(); 16];
     for (j, a) in acc.iter_mut().enumerate().take(8 * H) {
-        *a = _mm512_set1_epi32(corr[bb + j / 2] << (4 * (j % 2)));
+        *a = _mm512_set1_epi32(corr[bb + j / 2] * (16 + (j % 2 == 0) as i32));
     }
     for (q, cq) in cq.iter().enumerate().take(n / 4) {
         for h in 0..H {
@@ -875,11 +991,12 @@ unsafe fn q4_blocks<const H: usize>(
             let r: [__m512i; 4] = std::array::from_fn(|i| unsafe {
                 _mm512_loadu_si512(qp.add(ro[4 * q + i] + 4 * h) as *const _)
             });
+            pf.step();
             let v = regroup4(r, ie, io);
             for (j, v) in v.iter().enumerate() {
                 let blk = 4 * h + j;
                 let c = _mm512_set1_epi32(cq[bb + blk]);
-                acc[2 * blk] = _mm512_dpbusd_epi32(acc[2 * blk], _mm512_and_si512(*v, m4), c);
+                acc[2 * blk] = _mm512_dpbusd_epi32(acc[2 * blk], *v, c);
                 let hi = _mm512_and_si512(*v, mh);
                 acc[2 * blk + 1] = _mm512_dpbusd_epi32(acc[2 * blk + 1], hi, c);
             }
@@ -887,10 +1004,20 @@ unsafe fn q4_blocks<const H: usize>(
     }
     for j in 0..4 * H {
         if s[bb + j] != 0.0 {
+            let (lo, hi) = q4_sums(acc[2 * j], acc[2 * j + 1]);
             // SAFETY (caller): y holds 32·4H floats.
-            unsafe { down_finish(y.add(32 * j), s[bb + j], acc[2 * j], hi_sum(acc[2 * j + 1])) };
+            unsafe { down_finish(y.add(32 * j), s[bb + j], lo, hi) };
         }
     }
+}
+
+/// The low- and high-nibble sums of a Q4_0 block from its two accumulators: the whole code
+/// bytes' sum (`Σ (lo + 16·hi)·c + 17·corr`) and the high nibbles' in place (`Σ 16·hi·c +
+/// 16·corr`). Exact: both are integers and the second is a multiple of 16.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn q4_sums(full: __m512i, hi16: __m512i) -> (__m512i, __m512i) {
+    (_mm512_sub_epi32(full, hi16), hi_sum(hi16))
 }
 
 /// Planar Q4_0 down kernel (`scalar::down_q4_0`, bit for bit). Four rows at a time and, where a
@@ -924,9 +1051,14 @@ fn down_q4_0_i(
         // SAFETY: 64 bytes.
         unsafe { _mm512_loadu_si512(t.as_ptr() as *const _) }
     };
-    let (m4, mh) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0xF0u8 as i8));
+    let mh = _mm512_set1_epi8(0xF0u8 as i8);
     let qp = qs.as_ptr();
     let yp = y.as_mut_ptr();
+    let ch = planar_chunk::<[u8; 16]>();
+    let ahead = Ahead::new(next, nrows, d, qs);
+    // one (4 rows, 4 blocks) step per 64-byte line of four rows
+    let mut pf = RowStream::new(&ahead, nb, ch, n / 4 * nb.div_ceil(4));
+    let burst = pf.burst(&ahead);
     let chunk = |t: &Tile, ro: &[usize; 32], wc: usize, bb: usize, b: usize| {
         let (cq, corr, s) = (&t.cq, &t.corr, &t.s);
         let mut k = 0;
@@ -939,9 +1071,9 @@ fn down_q4_0_i(
             unsafe {
                 let yk = yp.add(32 * (b + k));
                 if wide {
-                    q4_blocks::<2>(qp, &rk, n, cq, corr, s, bk, yk, ie, io);
+                    q4_blocks::<2>(qp, &rk, n, cq, corr, s, bk, yk, ie, io, &mut pf);
                 } else {
-                    q4_blocks::<1>(qp, &rk, n, cq, corr, s, bk, yk, ie, io);
+                    q4_blocks::<1>(qp, &rk, n, cq, corr, s, bk, yk, ie, io, &mut pf);
                 }
             }
             k += if wide { 8 } else { 4 };
@@ -951,9 +1083,11 @@ fn down_q4_0_i(
             if s[bb + k] == 0.0 {
                 continue;
             }
-            let mut acc0 = _mm512_set1_epi32(corr[bb + k]);
+            // as in q4_blocks: whole bytes and high nibbles in place
+            let mut acc0 = _mm512_set1_epi32(corr[bb + k] * 17);
             let mut acc1 = _mm512_set1_epi32(corr[bb + k] << 4);
             for (q, cq) in cq.iter().enumerate().take(n / 4) {
+                pf.step();
                 // SAFETY: inside the row's piece (check_down), k < wc.
                 let at = |i: usize| unsafe { qp.add(ro[4 * q + i] + k) as *const __m128i };
                 // SAFETY: each row block is 16 bytes.
@@ -965,27 +1099,19 @@ fn down_q4_0_i(
                 };
                 let v = _mm512_permutexvar_epi8(single, z);
                 let c = _mm512_set1_epi32(cq[bb + k]);
-                acc0 = _mm512_dpbusd_epi32(acc0, _mm512_and_si512(v, m4), c);
+                acc0 = _mm512_dpbusd_epi32(acc0, v, c);
                 acc1 = _mm512_dpbusd_epi32(acc1, _mm512_and_si512(v, mh), c);
             }
+            let (lo, hi) = q4_sums(acc0, acc1);
             // SAFETY: y holds 32·nb floats (check_down).
-            unsafe { down_finish(yp.add(32 * (b + k)), s[bb + k], acc0, hi_sum(acc1)) };
+            unsafe { down_finish(yp.add(32 * (b + k)), s[bb + k], lo, hi) };
         }
     };
     // SAFETY: bounds checked by check_down.
     unsafe {
-        down_tiles(
-            d.as_ptr(),
-            gr,
-            nb,
-            rows,
-            a,
-            8,
-            planar_chunk::<[u8; 16]>(),
-            &Ahead::new(next, nrows, d, qs),
-            chunk,
-        )
+        down_tiles(d.as_ptr(), gr, nb, rows, a, 8, ch, burst, chunk);
     }
+    pf.rest();
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1024,6 +1150,11 @@ fn down_q8_0_i(
     let (ie, io) = (regroup_index(0), regroup_index(1));
     let qp = qs.as_ptr();
     let yp = y.as_mut_ptr();
+    let ch = planar_chunk::<[u8; 32]>();
+    let ahead = Ahead::new(next, nrows, d, qs);
+    // one (4 rows, 2 blocks) step per 64-byte line of four rows
+    let mut pf = RowStream::new(&ahead, nb, ch, n / 4 * nb.div_ceil(2));
+    let burst = pf.burst(&ahead);
     let chunk = |t: &Tile, ro: &[usize; 32], wc: usize, bb: usize, b: usize| {
         let (cq, corr, s) = (&t.cq, &t.corr, &t.s);
         let mut k0 = 0;
@@ -1040,6 +1171,7 @@ fn down_q8_0_i(
                     let r: [__m512i; 4] = std::array::from_fn(|i| unsafe {
                         _mm512_loadu_si512(qp.add(ro[4 * q + i] + 2 * h) as *const _)
                     });
+                    pf.step();
                     let v = regroup4(r, ie, io);
                     for (j, v) in v.iter().enumerate() {
                         let blk = 2 * h + j / 2;
@@ -1065,6 +1197,7 @@ fn down_q8_0_i(
             let mut acc0 = _mm512_set1_epi32(corr[bb + k]);
             let mut acc1 = acc0;
             for (q, cq) in cq.iter().enumerate().take(n / 4) {
+                pf.step();
                 // SAFETY: inside the row's piece (check_down), k < wc.
                 let at = |i: usize| unsafe { qp.add(ro[4 * q + i] + k) as *const __m256i };
                 // SAFETY: each row block is 32 bytes.
@@ -1090,18 +1223,9 @@ fn down_q8_0_i(
     };
     // SAFETY: bounds checked by check_down.
     unsafe {
-        down_tiles(
-            d.as_ptr(),
-            gr,
-            nb,
-            rows,
-            a,
-            128,
-            planar_chunk::<[u8; 32]>(),
-            &Ahead::new(next, nrows, d, qs),
-            chunk,
-        )
+        down_tiles(d.as_ptr(), gr, nb, rows, a, 128, ch, burst, chunk);
     }
+    pf.rest();
 }
 
 #[allow(clippy::too_many_arguments)]
