@@ -117,7 +117,8 @@ def run_one(model_dir: str, dtype: str, threads: int, prompt: int, decode: int) 
         "peak_rss_gb": rss_gb,
         "tier": sparselm.kernel_tier(),
         "prompt_engine": sparselm.prompt_engine(),
-        "down_layout": sparselm.down_layout(),
+        # the layout of the int8 down kernels: it applies to the quantized formats only
+        "down_layout": sparselm.down_layout() if eng.dtype in ("q8_0", "q4_0") else "n/a",
     }
 
 

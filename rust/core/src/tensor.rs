@@ -1076,7 +1076,8 @@ impl DownPlan {
 /// 2 threads (criterion `sparse_down_dram`), Q8_0 (34 lines per row) 78-103 → 48-54 µs (the
 /// burst of ~1100 prefetches per unit stalled on full miss buffers); Q4_0 (18 lines) 49-61 →
 /// 33-36 µs in two alternated pairs, and 73-80 → 57-60 µs in `examples/bw_probe` (an earlier
-/// build had measured the burst faster for Q4_0, PERF NOTES).
+/// build had measured the burst faster for Q4_0, PERF NOTES). In the rows layout the kernel
+/// spreads them finer still, a few lines per step of its inner loop (PERF NOTES, stop 18).
 fn plan_run<Q: quant::Pod>(
     p: &Planar<Q>,
     kernel: Option<quant::DownKernel<Q>>,

@@ -125,6 +125,25 @@
 //!     (90 % zeros 3.78-3.96×). Whole rows and pooling are `DownLayout::Rows`, the default
 //!     on Intel only (see [`Planar`]). Q4_0 high nibbles summed in place (one shift
 //!     fewer per register): 90 % zeros 2.9-3.4× → 3.4-3.6×.
+//!   - Stop 18, same Xeon kind. A pointer chase over 1 GiB on 2 MiB pages: 184-191 ns per
+//!     hop to random lines, 152 ns within one 2 MiB page, 51 ns within one 4 KiB page; a
+//!     pure read of random 1152-byte rows (`examples/rows_probe`, 90 % skipped) took 79-105
+//!     µs per layer-equivalent, so with 16 L1 miss buffers per core the Q4_0 down at 90 %
+//!     zeros (819 rows of 18 lines) has a floor near 5× the dense GEMV's time in a fast
+//!     phase and below it in a slow one. Changes: in the rows layout the next call's rows are
+//!     prefetched as one even stream inside the inner loop (`RowStream`, a few lines per step,
+//!     in runs of one tile's lines) instead of a burst per tile; the Q4_0 kernel sums whole
+//!     code bytes and the high nibbles (their difference is the low-nibble sum: one AND fewer
+//!     per register); the coefficient pass keeps `a·d` instead of converting the scales twice;
+//!     the rows layout's `DownPlan` cuts the sorted list (3.5 → 0.2 µs per projection). 90 %
+//!     zeros, `bw_probe DOWN=1`, 9 lines per side in alternated process pairs against the
+//!     stop-17 build, medians of three runs: Q4_0 3.85× → 4.31×, 4.50× → 4.81× (sparse time
+//!     130 → 123 µs) and 4.23× → 4.35×, still short of 5×; Q8_0 5.34× → 5.70×, 5.52× → 5.76×
+//!     and 5.40× → 5.69×. In-process order A/B (Q4_0, µs per layer):
+//!     tile runs 119-124, whole rows one after another 127-137, per-tile bursts 129-147;
+//!     single-line runs slower, 2- or 8-line runs equal within noise. Prefetch every 2nd or
+//!     4th line only (leaving the rest to the hardware): 2× slower. In-cache compute
+//!     (`examples/kern_probe`) differs by less than this machine's noise between builds.
 
 use std::sync::OnceLock;
 
