@@ -627,8 +627,9 @@ impl Matrix {
         (n, read.into_inner())
     }
 
-    /// The kernel calls of the planar down projection for `active` into `plan` (see
-    /// [`DownPlan`]); `false` (plan untouched) for other layouts.
+    /// The kernel calls of the planar down projection for `active` (sorted by row, as
+    /// `relu2_collect` gives it) into `plan` (see [`DownPlan`]); `false` (plan untouched) for
+    /// other layouts.
     pub fn down_plan(&self, active: &[(u32, f32)], plan: &mut DownPlan) -> bool {
         if !self.is_planar() {
             return false;
@@ -975,6 +976,10 @@ impl DownPlan {
     }
 
     fn build(&mut self, nrows: usize, active: &[(u32, f32)]) {
+        debug_assert!(
+            active.windows(2).all(|w| w[0].0 < w[1].0),
+            "DownPlan: the active list must be sorted by row"
+        );
         self.entries.clear();
         self.units.clear();
         let group = |j: u32| j as usize / DOWN_GROUP;

@@ -721,8 +721,8 @@ struct Tile {
 /// into L2. Where a row is several pieces ([`DownLayout::Groups`](super::DownLayout)), as the
 /// kernel reaches the same chunk / scale line of its own rows: the prefetches of the next call
 /// come in one burst per tile instead of one per call, which stalled on full miss buffers.
-/// Where a row is one piece, [`RowStream`] spreads them finer. A hint only; it changes no
-/// result.
+/// Where a row is one piece of at most 64 blocks, [`RowStream`] spreads them finer (this
+/// burst remains for wider rows). A hint only; it changes no result.
 struct Ahead {
     next: *const u32,
     n: usize,
@@ -789,7 +789,8 @@ impl Ahead {
 /// step of the kernel's inner loop (one step per line of four of its own rows), so that the
 /// prefetches are spread evenly over the compute instead of stalling it in bursts on full miss
 /// buffers. The stream goes by runs of a tile's lines (16 blocks: 4 lines of Q4_0, 8 of Q8_0;
-/// the rows' scale lines are the last run), and in a run row by row. Measured on the Xeon
+/// a row's lines are its code lines, then its scale lines, so at widths of whole tiles the
+/// scale lines are the last run), and in a run row by row. Measured on the Xeon
 /// (`examples/bw_probe DOWN=1`, in-process alternation, 90 % zeros), Q4_0: this order 119-124
 /// µs per layer against 127-137 for whole rows one after the other and 129-147 for the
 /// per-tile bursts of [`Ahead`]; single-line runs were slower (101-121 against 83-123 in a
@@ -799,10 +800,13 @@ impl Ahead {
 struct RowStream {
     code: [*const i8; 32],
     scale: [*const i8; 32],
-    /// Rows, code lines per row, lines per row, lines per step.
+    /// Rows in the stream.
     n: usize,
+    /// Code lines per row.
     code_lines: usize,
+    /// Lines per row (code, then scale lines).
     lines: usize,
+    /// Lines per [`Self::step`].
     per_step: usize,
     /// Lines per run.
     run: usize,
@@ -814,7 +818,9 @@ struct RowStream {
 
 impl RowStream {
     /// The stream of `ahead`'s rows (code pieces of `ch` blocks), spread over `steps` calls of
-    /// [`Self::step`]; empty where rows are split into several pieces.
+    /// [`Self::step`]. Empty (its `burst` then hands the per-tile bursts `ahead`) where rows are
+    /// split into several pieces or are wider than 64 blocks, for more than 32 next rows, and
+    /// at width 0; without rows inside the matrix it holds none.
     fn new(ahead: &Ahead, nb: usize, ch: usize, steps: usize) -> RowStream {
         let mut st = RowStream {
             code: [std::ptr::null(); 32],
@@ -1023,8 +1029,9 @@ fn q4_sums(full: __m512i, hi16: __m512i) -> (__m512i, __m512i) {
 /// Planar Q4_0 down kernel (`scalar::down_q4_0`, bit for bit). Four rows at a time and, where a
 /// chunk allows, 8 or 4 blocks at a time: one 64-byte load per row and 4 blocks, [`regroup4`]
 /// turns four rows' loads into one register per block with byte j of the four rows in 32-bit
-/// group j, and two `vpdpbusd` per block (low / high nibbles = columns j, 16 + j) add
-/// `Σ c_i · q_i` with the four int8 coefficients broadcast. Up to 16 independent accumulators
+/// group j, and two `vpdpbusd` per block add `Σ c_i · q_i` with the four int8 coefficients
+/// broadcast: one over the whole code bytes, one over the high nibbles in place, whose
+/// difference gives the low nibbles (columns j and 16 + j, see [`q4_sums`]). Up to 16 independent accumulators
 /// hide `vpdpbusd`'s latency; a whole 8-block chunk reads both cache lines of each row's piece
 /// in one pass.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
