@@ -66,6 +66,7 @@ def current_rss_gb() -> float:
 def run_one(model_dir: str, dtype: str, threads: int, prompt: int, decode: int) -> dict:
     import sparselm
     from sparselm import _native
+    from sparselm.model import QUANTIZED_DTYPES
     from sparselm.testing import tensor_shapes
 
     t0 = time.perf_counter()
@@ -118,7 +119,7 @@ def run_one(model_dir: str, dtype: str, threads: int, prompt: int, decode: int) 
         "tier": sparselm.kernel_tier(),
         "prompt_engine": sparselm.prompt_engine(),
         # the layout of the int8 down kernels: it applies to the quantized formats only
-        "down_layout": sparselm.down_layout() if eng.dtype in ("q8_0", "q4_0") else "n/a",
+        "down_layout": sparselm.down_layout() if eng.dtype in QUANTIZED_DTYPES else "n/a",
     }
 
 

@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --upgrade-strategy only-if-needed ".[test]"
 cargo test --workspace --exclude sparselm-py
-# The core again with the other down-projection layout than this CPU's default (the planar
-# kernels and plans of both are tested wherever the kernels exist).
+# The core again under each down-projection layout by name (one of the two repeats this CPU's
+# default, which the run above took from its vendor), so the planar kernels and plans of both
+# are tested wherever the kernels exist.
 SPARSELM_DOWN_LAYOUT=groups cargo test -p sparselm-core --lib
 SPARSELM_DOWN_LAYOUT=rows cargo test -p sparselm-core --lib
 # Benchmarks run once with timing disabled so they cannot rot.

@@ -19,6 +19,7 @@ from ._errors import InvalidArgumentError, SparselmError
 from .generation import GenerationConfig, GenerationStats
 from .model import (
     DTYPES,
+    QUANTIZED_DTYPES,
     Model,
     bundled_model_path,
     down_layout,
@@ -431,7 +432,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         # the layout applies to the quantized formats' down projection only
         *(
             [("down layout", info["down_layout"] or "?")]
-            if info["dtype"] in ("q8_0", "q4_0")
+            if info["dtype"] in QUANTIZED_DTYPES
             else []
         ),
         ("context", f"{info['context_length']} positions"),

@@ -54,6 +54,9 @@ __all__ = [
 #: The weight formats :func:`load` accepts. ``"auto"`` keeps the checkpoint's own dtype. The
 #: native engine may raise UnsupportedError for formats this build does not implement yet.
 DTYPES = ("auto", "f32", "f16", "bf16", "q8_0", "q4_0")
+# The block-quantized formats: the ones whose decode down projection has a layout
+# (``down_layout()``) and int8 kernels.
+QUANTIZED_DTYPES = ("q8_0", "q4_0")
 
 #: Attention modes of :meth:`Session.feed`.
 ATTENTION_MODES = ("auto", "dense", "absorbed")

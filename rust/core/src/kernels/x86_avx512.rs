@@ -27,15 +27,16 @@ unsafe fn load_bf16(p: *const bf16) -> __m512 {
     _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
 }
 
-/// Software prefetches (to L1) of the `len` bytes at `base + off`, one per 64-byte line. The
-/// addresses may lie past the end of the data: a prefetch never faults, and the pointer is only
-/// formed with wrapping arithmetic, never dereferenced.
+/// Software prefetches (`HINT`: `_MM_HINT_T0` to L1, `_MM_HINT_T1` to L2) of the `len` bytes
+/// at `base + off`, one per 64-byte line. The addresses may lie past the end of the data: a
+/// prefetch never faults, and the pointer is only formed with wrapping arithmetic, never
+/// dereferenced.
 #[inline(always)]
-pub(crate) fn prefetch_lines(base: *const u8, off: usize, len: usize) {
+pub(crate) fn prefetch_lines<const HINT: i32>(base: *const u8, off: usize, len: usize) {
     let mut o = 0;
     while o < len {
         // SAFETY: _mm_prefetch is a hint that touches no architectural state and cannot fault.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(off + o) as *const i8) };
+        unsafe { _mm_prefetch::<HINT>(base.wrapping_add(off + o) as *const i8) };
         o += 64;
     }
 }
@@ -52,7 +53,7 @@ macro_rules! dot_impl {
             // SAFETY (all loads below): i + 64 <= n or i + 16 <= n bounds every 16-wide load.
             while i + 64 <= n {
                 if pf > 0 {
-                    prefetch_lines(
+                    prefetch_lines::<_MM_HINT_T0>(
                         pw as *const u8,
                         i * std::mem::size_of::<$t>() + pf,
                         64 * std::mem::size_of::<$t>(),

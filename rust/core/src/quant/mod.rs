@@ -333,7 +333,7 @@ pub enum DownLayout {
 }
 
 impl DownLayout {
-    /// The name used by `SPARSELM_DOWN_LAYOUT` and reported by `sparselm.kernel_info()`.
+    /// The name used by `SPARSELM_DOWN_LAYOUT` and reported by `sparselm.down_layout()`.
     pub fn name(self) -> &'static str {
         match self {
             DownLayout::Rows => "rows",
@@ -600,28 +600,20 @@ impl<Q: Pod> Planar<Q> {
     pub fn prefetch_row(&self, r: usize) {
         #[cfg(target_arch = "x86_64")]
         {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+            use crate::kernels::x86_avx512::prefetch_lines;
+            use std::arch::x86_64::_MM_HINT_T1;
             let (d, qs, gr) = self.group(r / PLANAR_GROUP);
             let (li, nb) = (r % PLANAR_GROUP, self.nb);
             let ch = planar_chunk::<Q>();
             let qsz = std::mem::size_of::<Q>();
-            // SAFETY: prefetch is a hint that never faults; the addresses lie inside the group.
-            unsafe {
-                for b in (0..nb).step_by(ch) {
-                    let p = qs.as_ptr().add(planar_index(gr, nb, ch, li, b)) as *const i8;
-                    let len = ch.min(nb - b) * qsz;
-                    for off in (0..len).step_by(64) {
-                        _mm_prefetch::<_MM_HINT_T1>(p.add(off));
-                    }
-                }
-                for b in (0..nb).step_by(PLANAR_SCALE_LINE) {
-                    let p = d
-                        .as_ptr()
-                        .add(planar_index(gr, nb, PLANAR_SCALE_LINE, li, b));
-                    for off in (0..2 * PLANAR_SCALE_LINE.min(nb - b)).step_by(64) {
-                        _mm_prefetch::<_MM_HINT_T1>((p as *const i8).add(off));
-                    }
-                }
+            for b in (0..nb).step_by(ch) {
+                let off = planar_index(gr, nb, ch, li, b) * qsz;
+                prefetch_lines::<_MM_HINT_T1>(qs.as_ptr() as *const u8, off, ch.min(nb - b) * qsz);
+            }
+            for b in (0..nb).step_by(PLANAR_SCALE_LINE) {
+                let off = 2 * planar_index(gr, nb, PLANAR_SCALE_LINE, li, b);
+                let len = 2 * PLANAR_SCALE_LINE.min(nb - b);
+                prefetch_lines::<_MM_HINT_T1>(d.as_ptr() as *const u8, off, len);
             }
         }
         #[cfg(not(target_arch = "x86_64"))]

@@ -344,7 +344,7 @@ fn gemv16_q4_0_i(w: &[BlockQ4_0x16], x: &[BlockQ8_0], xsum8: &[i32], out: &mut [
     let size = std::mem::size_of::<BlockQ4_0x16>();
     for b in 0..nb {
         if pf > 0 {
-            prefetch_lines(w.as_ptr() as *const u8, b * size + pf, size);
+            prefetch_lines::<_MM_HINT_T0>(w.as_ptr() as *const u8, b * size + pf, size);
         }
         let (wb, xb) = (&w[b], &x[b]);
         let xg = |k: usize| {
@@ -394,7 +394,7 @@ fn gemv16_q8_0_i(w: &[BlockQ8_0x16], x: &[BlockQ8_0], xsum128: &[i32], out: &mut
     let size = std::mem::size_of::<BlockQ8_0x16>();
     for b in 0..nb {
         if pf > 0 {
-            prefetch_lines(w.as_ptr() as *const u8, b * size + pf, size);
+            prefetch_lines::<_MM_HINT_T0>(w.as_ptr() as *const u8, b * size + pf, size);
         }
         let (wb, xb) = (&w[b], &x[b]);
         let mut si = _mm512_setzero_si512();
@@ -757,9 +757,7 @@ impl Ahead {
                 if r < self.nrows {
                     let o = planar_pos(self.nrows, nb, PLANAR_SCALE_LINE, r, b0);
                     let len = 2 * PLANAR_SCALE_LINE.min(nb - b0);
-                    for off in (0..len).step_by(64) {
-                        _mm_prefetch::<_MM_HINT_T1>((self.d.add(o) as *const i8).add(off));
-                    }
+                    prefetch_lines::<_MM_HINT_T1>(self.d.add(o) as *const u8, 0, len);
                 }
             }
         }
@@ -775,10 +773,8 @@ impl Ahead {
             unsafe {
                 let r = *self.next.add(i) as usize;
                 if r < self.nrows {
-                    let p = self.qs.add(planar_pos(self.nrows, nb, ch, r, b) * self.qsz);
-                    for off in (0..len).step_by(64) {
-                        _mm_prefetch::<_MM_HINT_T1>(p.add(off) as *const i8);
-                    }
+                    let o = planar_pos(self.nrows, nb, ch, r, b) * self.qsz;
+                    prefetch_lines::<_MM_HINT_T1>(self.qs, o, len);
                 }
             }
         }
@@ -822,12 +818,13 @@ impl RowStream {
     /// split into several pieces or are wider than 64 blocks, for more than 32 next rows, and
     /// at width 0; without rows inside the matrix it holds none.
     fn new(ahead: &Ahead, nb: usize, ch: usize, steps: usize) -> RowStream {
+        let code_lines = (nb * ahead.qsz).div_ceil(64);
         let mut st = RowStream {
             code: [std::ptr::null(); 32],
             scale: [std::ptr::null(); 32],
             n: 0,
-            code_lines: (nb * ahead.qsz).div_ceil(64),
-            lines: (nb * ahead.qsz).div_ceil(64) + (2 * nb).div_ceil(64),
+            code_lines,
+            lines: code_lines + (2 * nb).div_ceil(64),
             per_step: 0,
             run: (PLANAR_TILE * ahead.qsz).div_ceil(64),
             k: 0,
@@ -1031,9 +1028,9 @@ fn q4_sums(full: __m512i, hi16: __m512i) -> (__m512i, __m512i) {
 /// turns four rows' loads into one register per block with byte j of the four rows in 32-bit
 /// group j, and two `vpdpbusd` per block add `Σ c_i · q_i` with the four int8 coefficients
 /// broadcast: one over the whole code bytes, one over the high nibbles in place, whose
-/// difference gives the low nibbles (columns j and 16 + j, see [`q4_sums`]). Up to 16 independent accumulators
-/// hide `vpdpbusd`'s latency; a whole 8-block chunk reads both cache lines of each row's piece
-/// in one pass.
+/// difference gives the low nibbles (columns j and 16 + j, see [`q4_sums`]). Up to 16
+/// independent accumulators hide `vpdpbusd`'s latency; a whole 8-block chunk reads both cache
+/// lines of each row's piece in one pass.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 fn down_q4_0_i(
