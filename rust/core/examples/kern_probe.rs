@@ -28,7 +28,7 @@ fn time<Q: sparselm_core::quant::Pod>(p: &Planar<Q>, kernel: DownKernel<Q>, sets
             } else {
                 &[]
             };
-            kernel(&p.d, &p.qs, p.rows, p.nb, &sets[u], &a, next, &mut y);
+            kernel(p, &sets[u], &a, next, &mut y);
         }
         per_call.push(t.elapsed().as_secs_f64() / calls as f64 * 1e9);
     }

@@ -162,7 +162,7 @@ fn planar_seg_bf16<B: PlanarBlock + Default>(
 /// Rows `r` and (with `two`) `r + 1` of a planar matrix (`r` even: one group), columns
 /// `c0..c0 + n` (whole blocks), as bf16 pairs `out[c] = bf16(w[r][c]) | bf16(w[r+1][c]) << 16`
 /// through `conv` (a `*_pair_to_bf16` kernel), one call per run of blocks stored
-/// consecutively (a code chunk / scale line; a 64-column panel is one run).
+/// consecutively (a code chunk / scale line or a record; a 64-column panel is one run).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::type_complexity)]
 fn planar_pairs<Q: quant::Pod>(
@@ -175,30 +175,18 @@ fn planar_pairs<Q: quant::Pod>(
     conv: fn((&[half::f16], &[Q]), Option<(&[half::f16], &[Q])>, &mut [u32]),
 ) {
     let (b0, nb) = (c0 / QBLOCK, n / QBLOCK);
-    let at = |r: usize, b: usize| {
-        (
-            quant::planar_pos(p.rows, p.nb, quant::PLANAR_SCALE_LINE, r, b),
-            quant::planar_pos(p.rows, p.nb, quant::planar_chunk::<Q>(), r, b),
-        )
-    };
+    let g = p.geom();
     let mut b = b0;
     while b < b0 + nb {
-        let ((s, q), (s1, q1)) = (at(r, b), if two { at(r + 1, b) } else { (0, 0) });
-        let mut e = b + 1;
-        while e < b0 + nb
-            && at(r, e) == (s + e - b, q + e - b)
-            && (!two || at(r + 1, e) == (s1 + e - b, q1 + e - b))
-        {
-            e += 1;
-        }
-        let m = e - b;
-        let hi = two.then(|| (&p.d[s1..s1 + m], &p.qs[q1..q1 + m]));
+        // blocks stored consecutively from b in both rows (the runs depend on b only)
+        let m = g.code_run(b).min(g.scale_run(b)).min(b0 + nb - b);
+        let hi = two.then(|| (p.scales(r + 1, b, m), p.codes(r + 1, b, m)));
         conv(
-            (&p.d[s..s + m], &p.qs[q..q + m]),
+            (p.scales(r, b, m), p.codes(r, b, m)),
             hi,
-            &mut out[(b - b0) * QBLOCK..(e - b0) * QBLOCK],
+            &mut out[(b - b0) * QBLOCK..(b + m - b0) * QBLOCK],
         );
-        b = e;
+        b += m;
     }
 }
 

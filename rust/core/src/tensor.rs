@@ -1119,16 +1119,7 @@ fn plan_run<Q: quant::Pod>(
         for i in n..n4 {
             (rows[i], a[i]) = (rows[0], 0.0);
         }
-        kernel(
-            &p.d,
-            &p.qs,
-            p.rows,
-            p.nb,
-            &rows[..n4],
-            &a[..n4],
-            &next[..nn],
-            y,
-        );
+        kernel(p, &rows[..n4], &a[..n4], &next[..nn], y);
         read += n;
     }
     read

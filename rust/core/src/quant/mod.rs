@@ -381,6 +381,8 @@ pub unsafe trait Pod: Copy + Send + Sync + 'static {}
 // SAFETY: integers / IEEE halves and arrays of them: any bits are valid, no padding.
 unsafe impl Pod for f16 {}
 // SAFETY: as above.
+unsafe impl Pod for u8 {}
+// SAFETY: as above.
 unsafe impl<const N: usize> Pod for [u8; N] {}
 
 /// A fixed-length buffer of `T` starting on a 64-byte boundary (cache-line aligned pieces).
@@ -434,21 +436,24 @@ impl<T: Pod> std::fmt::Debug for Aligned<T> {
     }
 }
 
-/// Quantized rows with block scales and codes in two 64-byte aligned arrays ("planar"), tiled
-/// by groups of [`PLANAR_GROUP`] rows: the layout of the decode down projection's int8 kernels
-/// (`down_q4_0` / `down_q8_0`). An in-memory layout only, with the same values (and, for Q4_0,
-/// the same bytes) as the GGUF blocks, which [`Planar::block`] gives back.
+/// Quantized rows with block scales and codes split apart ("planar"), in one 64-byte aligned
+/// buffer: the layout of the decode down projection's int8 kernels (`down_q4_0` /
+/// `down_q8_0`). An in-memory layout only, with the same values (and, for Q4_0, the same
+/// bytes) as the GGUF blocks, which [`Planar::block`] gives back. Where each block's scale and
+/// codes lie is the [`PlanarGeom`], one of two kinds chosen by the process's [`DownLayout`]:
 ///
-/// Group `g` (rows `32g..32g + gr`, `gr = min(32, rows − 32g)`) occupies entries
-/// `32g·nb .. 32g·nb + gr·nb` of both arrays. Inside it, codes are stored by chunks of
-/// `ch` blocks ([`planar_chunk`]: 2 KiB in [`DownLayout::Rows`], 128 for Q4_0 or 64 for Q8_0;
-/// 128 bytes in [`DownLayout::Groups`], 8 or 4 blocks; chunk `c = b / ch` has width
-/// `wc = min(ch, nb − ch·c)`), all rows of the group per chunk:
-/// `[gr·ch·c + li·wc + b % ch]` for local row `li`; scales by pieces of 64 blocks the same way:
-/// `[gr·64·t + li·wt + b % 64]` (`t = b / 64`). So a dense pass over a group reads both arrays
-/// front to back, and a sparse pass fetches per active row one contiguous piece of codes per
-/// chunk (at PLM-1.8B's width one piece per row in the rows layout, 8 or 16 pieces in the
-/// groups layout) and one contiguous piece of 128 bytes per 64 scales.
+/// - [`PlanarKind::Records`] ([`DownLayout::Rows`]): row `r` is one record at `r · stride`
+///   bytes: its `nb` code blocks, then its `nb` f16 scales, padded to whole cache lines. At
+///   PLM-1.8B's width a Q4_0 row of `W_downᵀ` is 1024 + 128 = 1152 bytes (18 lines), a Q8_0
+///   row 2048 + 128 = 2176 (34 lines): a sparse row is one contiguous run of lines.
+/// - [`PlanarKind::Tiled`] ([`DownLayout::Groups`]): codes first, then (from the next line)
+///   scales, each tiled by groups of [`PLANAR_GROUP`] rows. Group `g` (rows `32g..32g + gr`,
+///   `gr = min(32, rows − 32g)`) occupies entries `32g·nb .. 32g·nb + gr·nb` of both regions.
+///   Inside it, codes are stored by chunks of `ch` blocks ([`planar_chunk`]: 128 bytes, 8
+///   Q4_0 or 4 Q8_0 blocks; chunk `c = b / ch` has width `wc = min(ch, nb − ch·c)`), all rows
+///   of the group per chunk: `[gr·ch·c + li·wc + b % ch]` for local row `li`; scales by pieces
+///   of 64 blocks the same way: `[gr·64·t + li·wt + b % 64]` (`t = b / 64`). So a dense pass
+///   over a group reads both regions front to back.
 ///
 /// Piece sizes, measured (`examples/bw_probe DOWN=1`, 32 W_downᵀ 8192×2048 from DRAM,
 /// 2 threads, sparse time against the dense GEMV of W_down in the same line; Intel Xeon with
@@ -464,23 +469,150 @@ impl<T: Pod> std::fmt::Debug for Aligned<T> {
 /// of the dense GEMV's speed, Q4_0 (128-byte pieces) 0.56-0.59× → 0.74-0.77× (0 % zeros
 /// unchanged); pooled, whole-row Q4_0 pieces are better again: 90 % zeros 3.30-3.38× →
 /// 3.78-3.96×, 50 % 0.75-0.81× → 0.93-1.09×, 0 % 0.49-0.50× → 0.50-0.54× (2 alternated
-/// pairs). All of this makes [`DownLayout::Rows`], the default on Intel. On the Zen 4
-/// whole-row pieces had made dense groups 1.1-2.4× slower and pooling half-full groups was
-/// slower (kernels/mod.rs PERF NOTES), so other CPUs keep [`DownLayout::Groups`]. Scale
-/// pieces of 16 blocks (half a line) had measured 8-15 % slower at 90 % zeros than 32 on the
-/// Zen 4.
+/// pairs). All of this makes [`DownLayout::Rows`], the default on Intel. Stop 19: its rows
+/// became records (scales right after the codes instead of in a second array; PERF NOTES).
+/// On the Zen 4 whole-row pieces had made dense groups 1.1-2.4× slower and pooling half-full
+/// groups was slower (kernels/mod.rs PERF NOTES), so other CPUs keep [`DownLayout::Groups`].
+/// Scale pieces of 16 blocks (half a line) had measured 8-15 % slower at 90 % zeros than 32
+/// on the Zen 4.
 #[derive(Debug, Clone)]
 pub struct Planar<Q: Pod> {
     /// Rows and blocks per row.
     pub rows: usize,
     pub nb: usize,
-    /// Block scales.
-    pub d: Aligned<f16>,
-    /// Block codes: Q4_0 bytes as in GGUF; Q8_0 codes stored `+ 128` (unsigned).
-    pub qs: Aligned<Q>,
+    geom: PlanarGeom,
+    buf: Aligned<u8>,
+    _q: std::marker::PhantomData<Q>,
 }
 
-/// A GGUF block type with a planar form.
+/// How a [`Planar`] matrix places its blocks (see there).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlanarKind {
+    /// Codes then scales, tiled by groups of 32 rows: code pieces of `ch` blocks, scale pieces
+    /// of [`PLANAR_SCALE_LINE`]; the scale region starts at byte `scales_at`.
+    Tiled { ch: usize, scales_at: usize },
+    /// One record of `stride` bytes per row: codes, then scales, then padding.
+    Records { stride: usize },
+}
+
+/// The byte positions of a [`Planar`] matrix's codes and scales: `rows` rows of `nb` blocks
+/// whose codes take `qsz` bytes each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanarGeom {
+    pub rows: usize,
+    pub nb: usize,
+    pub qsz: usize,
+    pub kind: PlanarKind,
+}
+
+impl PlanarGeom {
+    /// The geometry of the process's [`DownLayout`] for `rows × nb` blocks of `qsz`-byte codes.
+    pub fn new(rows: usize, nb: usize, qsz: usize) -> PlanarGeom {
+        match down_layout() {
+            DownLayout::Rows => Self::records(rows, nb, qsz),
+            DownLayout::Groups => Self::tiled(rows, nb, qsz),
+        }
+    }
+
+    /// [`PlanarKind::Records`]: rows of whole cache lines.
+    pub fn records(rows: usize, nb: usize, qsz: usize) -> PlanarGeom {
+        let stride = (nb * (qsz + 2)).div_ceil(64) * 64;
+        let kind = PlanarKind::Records { stride };
+        PlanarGeom {
+            rows,
+            nb,
+            qsz,
+            kind,
+        }
+    }
+
+    /// [`PlanarKind::Tiled`] with 128-byte code pieces (`qsz` must divide 128).
+    pub fn tiled(rows: usize, nb: usize, qsz: usize) -> PlanarGeom {
+        assert!(
+            qsz > 0 && PLANAR_CHUNK_BYTES_GROUPS.is_multiple_of(qsz),
+            "PlanarGeom::tiled: codes of {qsz} bytes"
+        );
+        let kind = PlanarKind::Tiled {
+            ch: PLANAR_CHUNK_BYTES_GROUPS / qsz,
+            scales_at: (rows * nb * qsz).div_ceil(64) * 64,
+        };
+        PlanarGeom {
+            rows,
+            nb,
+            qsz,
+            kind,
+        }
+    }
+
+    /// Bytes of the whole matrix (a multiple of 64).
+    pub fn bytes(&self) -> usize {
+        match self.kind {
+            PlanarKind::Records { stride } => self.rows * stride,
+            PlanarKind::Tiled { scales_at, .. } => {
+                scales_at + (2 * self.rows * self.nb).div_ceil(64) * 64
+            }
+        }
+    }
+
+    /// Byte offset of the codes of (row `r`, block `b`).
+    #[inline]
+    pub fn code_at(&self, r: usize, b: usize) -> usize {
+        match self.kind {
+            PlanarKind::Records { stride } => r * stride + b * self.qsz,
+            PlanarKind::Tiled { ch, .. } => planar_pos(self.rows, self.nb, ch, r, b) * self.qsz,
+        }
+    }
+
+    /// Byte offset of the f16 scale of (row `r`, block `b`) (even).
+    #[inline]
+    pub fn scale_at(&self, r: usize, b: usize) -> usize {
+        match self.kind {
+            PlanarKind::Records { stride } => r * stride + self.nb * self.qsz + 2 * b,
+            PlanarKind::Tiled { scales_at, .. } => {
+                scales_at + 2 * planar_pos(self.rows, self.nb, PLANAR_SCALE_LINE, r, b)
+            }
+        }
+    }
+
+    /// Blocks from `b` on whose codes follow block `b`'s in memory, in every row (to the end of
+    /// its piece; `0` for `b ≥ nb`).
+    #[inline]
+    pub fn code_run(&self, b: usize) -> usize {
+        let piece = match self.kind {
+            PlanarKind::Records { .. } => self.nb,
+            PlanarKind::Tiled { ch, .. } => ch,
+        };
+        piece_run(piece, self.nb, b)
+    }
+
+    /// Blocks from `b` on whose scales follow block `b`'s in memory, in every row.
+    #[inline]
+    pub fn scale_run(&self, b: usize) -> usize {
+        let piece = match self.kind {
+            PlanarKind::Records { .. } => self.nb,
+            PlanarKind::Tiled { .. } => PLANAR_SCALE_LINE,
+        };
+        piece_run(piece, self.nb, b)
+    }
+
+    /// Whether a row's place depends on the size of its group ([`PlanarKind::Tiled`]): rows
+    /// of a partial last group then cannot share a kernel call with rows of full groups.
+    pub fn is_tiled(&self) -> bool {
+        matches!(self.kind, PlanarKind::Tiled { .. })
+    }
+}
+
+/// Blocks from `b` to the end of its piece, for pieces of `piece` blocks in rows of `nb`.
+#[inline]
+fn piece_run(piece: usize, nb: usize, b: usize) -> usize {
+    if b >= nb || piece == 0 {
+        return 0;
+    }
+    let c = b / piece;
+    (c * piece + piece.min(nb - c * piece)) - b
+}
+
+/// A ggml block type with a planar form.
 pub trait PlanarBlock: Copy {
     type Codes: Pod + std::fmt::Debug;
     fn split(&self) -> (f16, Self::Codes);
@@ -510,8 +642,9 @@ impl PlanarBlock for BlockQ8_0 {
     }
 }
 
-/// Blocks per code chunk for codes of type `Q` (Q4_0 / Q8_0: 128 / 64 in [`DownLayout::Rows`],
-/// 8 / 4 in [`DownLayout::Groups`]; see [`Planar`]).
+/// Blocks per code chunk of the tiled planar layout for codes of type `Q` (Q4_0 / Q8_0: 8 / 4
+/// in [`DownLayout::Groups`]; in [`DownLayout::Rows`] a row's codes are one piece, reported
+/// here as the 2 KiB of [`PLANAR_CHUNK_BYTES_ROWS`]; see [`Planar`]).
 #[inline]
 pub fn planar_chunk<Q>() -> usize {
     let bytes = match down_layout() {
@@ -521,8 +654,9 @@ pub fn planar_chunk<Q>() -> usize {
     bytes / std::mem::size_of::<Q>()
 }
 
-/// Index of (local row `li`, block `b`) inside a planar group of `gr` rows with `nb` blocks per
-/// row, for pieces of `tile` blocks (codes: [`planar_chunk`], scales: [`PLANAR_SCALE_LINE`]).
+/// Index of (local row `li`, block `b`) inside a tiled planar group of `gr` rows with `nb`
+/// blocks per row, for pieces of `tile` blocks (codes: [`planar_chunk`], scales:
+/// [`PLANAR_SCALE_LINE`]).
 #[inline]
 pub fn planar_index(gr: usize, nb: usize, tile: usize, li: usize, b: usize) -> usize {
     let c = b / tile;
@@ -530,7 +664,7 @@ pub fn planar_index(gr: usize, nb: usize, tile: usize, li: usize, b: usize) -> u
     gr * tile * c + li * w + b % tile
 }
 
-/// Index of (row `r`, block `b`) in the planar arrays of a matrix with `rows` rows and `nb`
+/// Index of (row `r`, block `b`) in a tiled planar region of a matrix with `rows` rows and `nb`
 /// blocks per row, for pieces of `tile` blocks (see [`Planar`]).
 #[inline]
 pub fn planar_pos(rows: usize, nb: usize, tile: usize, r: usize, b: usize) -> usize {
@@ -546,53 +680,103 @@ pub fn planar_group_rows(rows: usize, r: usize) -> usize {
 }
 
 impl<Q: Pod> Planar<Q> {
-    /// Split `[rows, nb]` GGUF blocks (row-major) into the planar form.
+    /// Split `[rows, nb]` GGUF blocks (row-major) into the planar form of the process's
+    /// [`DownLayout`].
     pub fn from_blocks<B: PlanarBlock<Codes = Q>>(
         blocks: &[B],
         rows: usize,
         nb: usize,
     ) -> Planar<Q> {
-        assert_eq!(blocks.len(), rows * nb, "Planar::from_blocks shape");
-        let mut d = Aligned::<f16>::zeroed(rows * nb);
-        let mut qs = Aligned::<Q>::zeroed(rows * nb);
-        let ch = planar_chunk::<Q>();
-        for r in 0..rows {
-            let (g, li) = (r / PLANAR_GROUP, r % PLANAR_GROUP);
-            let gr = PLANAR_GROUP.min(rows - g * PLANAR_GROUP);
-            let base = g * PLANAR_GROUP * nb;
-            for b in 0..nb {
-                let (dv, q) = blocks[r * nb + b].split();
-                d[base + planar_index(gr, nb, PLANAR_SCALE_LINE, li, b)] = dv;
-                qs[base + planar_index(gr, nb, ch, li, b)] = q;
-            }
-        }
-        Planar { rows, nb, d, qs }
+        Self::from_blocks_in(blocks, rows, nb, PlanarGeom::new(rows, nb, size_of::<Q>()))
     }
 
-    /// Group `g`: its scales, codes and row count.
+    /// [`Self::from_blocks`] into the geometry `geom` (of `rows × nb` blocks of `Q`).
+    pub fn from_blocks_in<B: PlanarBlock<Codes = Q>>(
+        blocks: &[B],
+        rows: usize,
+        nb: usize,
+        geom: PlanarGeom,
+    ) -> Planar<Q> {
+        assert_eq!(blocks.len(), rows * nb, "Planar::from_blocks shape");
+        assert!(
+            (geom.rows, geom.nb, geom.qsz) == (rows, nb, size_of::<Q>()),
+            "Planar::from_blocks_in geometry"
+        );
+        let mut buf = Aligned::<u8>::zeroed(geom.bytes());
+        for r in 0..rows {
+            for b in 0..nb {
+                let (dv, q) = blocks[r * nb + b].split();
+                let s = geom.scale_at(r, b);
+                buf[s..s + 2].copy_from_slice(&dv.to_le_bytes());
+                let c = geom.code_at(r, b);
+                // SAFETY: Q is Pod (plain bytes, no padding) of size_of::<Q>() bytes.
+                let qb = unsafe {
+                    std::slice::from_raw_parts(&q as *const Q as *const u8, size_of::<Q>())
+                };
+                buf[c..c + size_of::<Q>()].copy_from_slice(qb);
+            }
+        }
+        Planar {
+            rows,
+            nb,
+            geom,
+            buf,
+            _q: std::marker::PhantomData,
+        }
+    }
+
+    /// Where the blocks lie in [`Self::bytes`].
     #[inline]
-    pub fn group(&self, g: usize) -> (&[f16], &[Q], usize) {
-        let s = g * PLANAR_GROUP * self.nb;
-        let gr = PLANAR_GROUP.min(self.rows - g * PLANAR_GROUP);
-        (
-            &self.d[s..s + gr * self.nb],
-            &self.qs[s..s + gr * self.nb],
-            gr,
-        )
+    pub fn geom(&self) -> &PlanarGeom {
+        &self.geom
+    }
+
+    /// The whole buffer (64-byte aligned, [`PlanarGeom::bytes`] long).
+    #[inline]
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// The scales of blocks `b..b + m` of row `r`, which must be stored consecutively
+    /// (`m ≤` [`PlanarGeom::scale_run`]`(b)`).
+    #[inline]
+    pub fn scales(&self, r: usize, b: usize, m: usize) -> &[f16] {
+        assert!(
+            r < self.rows && m <= self.geom.scale_run(b),
+            "Planar::scales range"
+        );
+        let s = self.geom.scale_at(r, b);
+        let bytes = &self.buf[s..s + 2 * m];
+        // SAFETY: s is even and the buffer 64-byte aligned, so the f16s are aligned; any bits
+        // are a valid f16; the length is 2m bytes.
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const f16, m) }
+    }
+
+    /// The codes of blocks `b..b + m` of row `r`, which must be stored consecutively
+    /// (`m ≤` [`PlanarGeom::code_run`]`(b)`).
+    #[inline]
+    pub fn codes(&self, r: usize, b: usize, m: usize) -> &[Q] {
+        assert!(
+            r < self.rows && m <= self.geom.code_run(b),
+            "Planar::codes range"
+        );
+        let c = self.geom.code_at(r, b);
+        let bytes = &self.buf[c..c + m * size_of::<Q>()];
+        assert!(
+            std::mem::align_of::<Q>() == 1,
+            "Planar codes are byte arrays"
+        );
+        // SAFETY: Q is Pod of alignment 1 (checked): any bits are valid; m·size_of::<Q>() bytes.
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const Q, m) }
     }
 
     /// Block `b` of row `r` in GGUF form.
     #[inline]
     pub fn block<B: PlanarBlock<Codes = Q>>(&self, r: usize, b: usize) -> B {
-        let (d, qs, gr) = self.group(r / PLANAR_GROUP);
-        let li = r % PLANAR_GROUP;
-        B::join(
-            d[planar_index(gr, self.nb, PLANAR_SCALE_LINE, li, b)],
-            &qs[planar_index(gr, self.nb, planar_chunk::<Q>(), li, b)],
-        )
+        B::join(self.scales(r, b, 1)[0], &self.codes(r, b, 1)[0])
     }
 
-    /// Prefetch hint for all of row `r` (its code pieces and scale tiles) into L2: the sparse
+    /// Prefetch hint for all of row `r` (its code pieces and scale pieces) into L2: the sparse
     /// down projection's scattered rows defeat the hardware prefetcher. (Into L1 instead, the
     /// prefetches of a group's rows outnumber the L1 miss buffers: 90 % zeros measured 0.22
     /// vs 0.08 ms for Q4_0 8192×2048 from DRAM.)
@@ -602,25 +786,31 @@ impl<Q: Pod> Planar<Q> {
         {
             use crate::kernels::x86_avx512::prefetch_lines;
             use std::arch::x86_64::_MM_HINT_T1;
-            let (d, qs, gr) = self.group(r / PLANAR_GROUP);
-            let (li, nb) = (r % PLANAR_GROUP, self.nb);
-            let ch = planar_chunk::<Q>();
-            let qsz = std::mem::size_of::<Q>();
-            for b in (0..nb).step_by(ch) {
-                let off = planar_index(gr, nb, ch, li, b) * qsz;
-                prefetch_lines::<_MM_HINT_T1>(qs.as_ptr() as *const u8, off, ch.min(nb - b) * qsz);
+            let (g, base) = (&self.geom, self.buf.as_ptr());
+            if r >= self.rows {
+                return;
             }
-            for b in (0..nb).step_by(PLANAR_SCALE_LINE) {
-                let off = 2 * planar_index(gr, nb, PLANAR_SCALE_LINE, li, b);
-                let len = 2 * PLANAR_SCALE_LINE.min(nb - b);
-                prefetch_lines::<_MM_HINT_T1>(d.as_ptr() as *const u8, off, len);
+            if let PlanarKind::Records { stride } = g.kind {
+                prefetch_lines::<_MM_HINT_T1>(base, r * stride, g.nb * (g.qsz + 2));
+                return;
+            }
+            let mut b = 0;
+            while b < g.nb {
+                let m = g.code_run(b);
+                prefetch_lines::<_MM_HINT_T1>(base, g.code_at(r, b), m * g.qsz);
+                b += m;
+            }
+            let mut b = 0;
+            while b < g.nb {
+                let m = g.scale_run(b);
+                prefetch_lines::<_MM_HINT_T1>(base, g.scale_at(r, b), 2 * m);
+                b += m;
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = r;
     }
 }
-
 const _: () = assert!(std::mem::size_of::<BlockQ8_0x16>() == 16 * 34);
 const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
 const _: () = assert!(std::mem::align_of::<BlockQ8_0>() == 2);
@@ -866,21 +1056,21 @@ pub struct QuantKernels {
     pub gemm16_q8_0: Option<fn(&[BlockQ8_0x16], &[BlockQ8_0], &[i32], usize, &mut [f32])>,
     /// The Q4_0 twin of `axpy4_q8_0` (four `axpy_q4_0` calls, same order, one pass over `y`).
     pub axpy4_q4_0: Option<fn(&[f32; 4], [&[BlockQ4_0]; 4], &mut [f32])>,
-    /// `y += Σ_i a[i] · row[rows[i]]` over planar Q4_0 rows `(d, qs)` of a matrix with `nrows`
-    /// rows of `nb` blocks (`Planar`), with the coefficients of each block quantized to int8 as
-    /// specified by `scalar::down_q4_0`, bit for bit. `rows.len() == a.len()`, a multiple of 4,
-    /// at most 32 (pad with any listed row and a zero coefficient); the rows lie in groups of
-    /// the same size (all in full groups of 32, or all in the partial last group);
+    /// `y += Σ_i a[i] · row[rows[i]]` over rows of a planar Q4_0 matrix (`Planar`, `nb`
+    /// blocks per row), with the coefficients of each block quantized to int8 as specified by
+    /// `scalar::down_q4_0`, bit for bit; the `next` rows (those of the following call) are
+    /// prefetched, a hint that changes no result. `rows.len() == a.len()`, a multiple of 4, at
+    /// most 32 (pad with any listed row and a zero coefficient); in a tiled matrix the rows lie
+    /// in groups of the same size (all in full groups of 32, or all in the partial last group);
     /// `y.len() >= 32·nb`. `None`: down projections keep the GGUF layout and the f32 AXPY.
     pub down_q4_0: Option<DownKernel<[u8; 16]>>,
     /// The Q8_0 twin of `down_q4_0` (`scalar::down_q8_0`).
     pub down_q8_0: Option<DownKernel<[u8; 32]>>,
 }
 
-/// Signature of the planar int8 down-projection kernels: `(d, qs, nrows, nb, rows, a, next,
-/// y)`; `next` lists the rows of the following call, which the kernel prefetches as it goes (a
+/// Signature of the planar int8 down-projection kernels: `(matrix, rows, a, next, y)`; `next` lists the rows of the following call, which the kernel prefetches as it goes (a
 /// hint: any rows, or none; rows outside the matrix are ignored; results do not depend on it).
-pub type DownKernel<Q> = fn(&[f16], &[Q], usize, usize, &[u32], &[f32], &[u32], &mut [f32]);
+pub type DownKernel<Q> = fn(&Planar<Q>, &[u32], &[f32], &[u32], &mut [f32]);
 
 const SCALAR: QuantKernels = QuantKernels {
     tier_name: "scalar",

@@ -7,10 +7,7 @@
 
 use half::f16;
 
-use super::{
-    planar_chunk, planar_pos, quantize_block_q8_0, BlockQ4_0, BlockQ8_0, PLANAR_SCALE_LINE, QK4_0,
-    QK8_0,
-};
+use super::{quantize_block_q8_0, BlockQ4_0, BlockQ8_0, Planar, Pod, QK4_0, QK8_0};
 
 /// Number of interleaved f32 partial sums of the dot kernels (one per `__m256` lane).
 pub const LANES: usize = 8;
@@ -133,8 +130,8 @@ fn code_q4_0(qs: &[u8; 16], j: usize) -> i32 {
     (if j < 16 { byte & 0x0F } else { byte >> 4 }) as i32 - 8
 }
 
-/// The specification of the int8 down-projection kernel over a set of planar rows of a matrix
-/// with `nrows` rows (`super::Planar`), generic over the code format through `code(block, j)`.
+/// The specification of the int8 down-projection kernel over a set of rows of a planar matrix
+/// `w` (`super::Planar`, `nb` blocks per row, in either geometry), generic over the code format through `code(block, j)`.
 ///
 /// For each block `b < nb` (columns `32b..32b + 32`), with `p_i = a[i] · d_{rows[i], b}`:
 /// - `m = max_i |p_i|`; if `m == 0` the block is skipped (`y` unchanged);
@@ -145,22 +142,16 @@ fn code_q4_0(qs: &[u8; 16], j: usize) -> i32 {
 /// Entries with `a[i] == 0` contribute exactly nothing (they change neither `m` nor `acc`), so
 /// visiting only the non-zero activations gives the bits of visiting all of them.
 #[inline]
-#[allow(clippy::too_many_arguments)]
-fn down_group<Q>(
-    d: &[f16],
-    qs: &[Q],
-    nrows: usize,
-    nb: usize,
+fn down_group<Q: Pod>(
+    w: &Planar<Q>,
     rows: &[u32],
     a: &[f32],
     y: &mut [f32],
     code: impl Fn(&Q, usize) -> i32,
 ) {
     let n = rows.len().min(a.len());
-    for (b, yb) in y.chunks_exact_mut(32).take(nb).enumerate() {
-        let p = |i: usize| {
-            a[i] * d[planar_pos(nrows, nb, PLANAR_SCALE_LINE, rows[i] as usize, b)].to_f32()
-        };
+    for (b, yb) in y.chunks_exact_mut(32).take(w.nb).enumerate() {
+        let p = |i: usize| a[i] * w.scales(rows[i] as usize, b, 1)[0].to_f32();
         let m = (0..n).fold(0f32, |m, i| m.max(p(i).abs()));
         if m == 0.0 {
             continue;
@@ -169,7 +160,7 @@ fn down_group<Q>(
         let mut acc = [0i32; 32];
         for i in 0..n {
             let c = (p(i) * inv).round_ties_even() as i32;
-            let blk = &qs[planar_pos(nrows, nb, planar_chunk::<Q>(), rows[i] as usize, b)];
+            let blk = &w.codes(rows[i] as usize, b, 1)[0];
             for (j, v) in acc.iter_mut().enumerate() {
                 *v += c * code(blk, j);
             }
@@ -181,29 +172,11 @@ fn down_group<Q>(
 }
 
 /// [`down_group`] over planar Q4_0 rows: `y += Σ_i a[i] · row[rows[i]]` with int8 coefficients.
-#[allow(clippy::too_many_arguments)]
-pub fn down_q4_0(
-    d: &[f16],
-    qs: &[[u8; 16]],
-    nrows: usize,
-    nb: usize,
-    rows: &[u32],
-    a: &[f32],
-    y: &mut [f32],
-) {
-    down_group(d, qs, nrows, nb, rows, a, y, code_q4_0);
+pub fn down_q4_0(w: &Planar<[u8; 16]>, rows: &[u32], a: &[f32], y: &mut [f32]) {
+    down_group(w, rows, a, y, code_q4_0);
 }
 
 /// [`down_group`] over planar Q8_0 rows (codes stored `+ 128`).
-#[allow(clippy::too_many_arguments)]
-pub fn down_q8_0(
-    d: &[f16],
-    qs: &[[u8; 32]],
-    nrows: usize,
-    nb: usize,
-    rows: &[u32],
-    a: &[f32],
-    y: &mut [f32],
-) {
-    down_group(d, qs, nrows, nb, rows, a, y, |q, j| q[j] as i32 - 128);
+pub fn down_q8_0(w: &Planar<[u8; 32]>, rows: &[u32], a: &[f32], y: &mut [f32]) {
+    down_group(w, rows, a, y, |q, j| q[j] as i32 - 128);
 }

@@ -1048,18 +1048,23 @@ fn gemm16_equals_gemv16_per_token() {
     }
 }
 
-/// Planar rows for the down kernels: `n_rows` rows of `nb` blocks in pattern `p`.
+/// Planar rows for the down kernels: `n_rows` rows of `nb` blocks in pattern `p`, records
+/// (`tiled == false`) or tiled.
 fn gen_planar(
     n_rows: usize,
     nb: usize,
     p: Pattern,
     seed: u32,
+    tiled: bool,
 ) -> (Planar<[u8; 16]>, Planar<[u8; 32]>) {
     let w4 = gen_q4(n_rows * nb, p, seed);
     let w8 = gen_q8(n_rows * nb, p, seed + 1);
+    let [r4, t4] = geoms(n_rows, nb, 16);
+    let [r8, t8] = geoms(n_rows, nb, 32);
+    let (g4, g8) = if tiled { (t4, t8) } else { (r4, r8) };
     (
-        Planar::from_blocks(&w4, n_rows, nb),
-        Planar::from_blocks(&w8, n_rows, nb),
+        Planar::from_blocks_in(&w4, n_rows, nb, g4),
+        Planar::from_blocks_in(&w8, n_rows, nb, g8),
     )
 }
 
@@ -1089,66 +1094,100 @@ fn gen_rows(n_rows: usize, n: usize, zeros_pct: u32, r: &mut Rng) -> (Vec<u32>, 
     (rows, a)
 }
 
+/// Both planar geometries of a `rows × nb` matrix with `qsz`-byte codes.
+fn geoms(rows: usize, nb: usize, qsz: usize) -> [PlanarGeom; 2] {
+    [
+        PlanarGeom::records(rows, nb, qsz),
+        PlanarGeom::tiled(rows, nb, qsz),
+    ]
+}
+
+/// Every block of `p` lies in its own bytes, inside the buffer, and the runs the geometry
+/// reports are consecutive in memory.
+fn check_placement<Q: Pod>(p: &Planar<Q>) {
+    let g = *p.geom();
+    assert_eq!(g.bytes() % 64, 0);
+    assert_eq!(p.bytes().len(), g.bytes());
+    assert_eq!(p.bytes().as_ptr() as usize % 64, 0, "buffer line-aligned");
+    let mut owner = vec![false; g.bytes()];
+    let mut claim = |at: usize, len: usize, what: &str| {
+        for o in &mut owner[at..at + len] {
+            assert!(!*o, "{what}: byte {at} claimed twice ({g:?})");
+            *o = true;
+        }
+    };
+    for r in 0..g.rows {
+        for b in 0..g.nb {
+            claim(g.code_at(r, b), g.qsz, "codes");
+            claim(g.scale_at(r, b), 2, "scale");
+            assert_eq!(g.scale_at(r, b) % 2, 0);
+            let (cr, sr) = (g.code_run(b), g.scale_run(b));
+            assert!(cr >= 1 && b + cr <= g.nb && sr >= 1 && b + sr <= g.nb);
+            for k in 1..cr {
+                assert_eq!(g.code_at(r, b + k), g.code_at(r, b) + k * g.qsz);
+            }
+            for k in 1..sr {
+                assert_eq!(g.scale_at(r, b + k), g.scale_at(r, b) + 2 * k);
+            }
+        }
+        // a row's first code piece starts on a cache line (in a tiled matrix, where the
+        // pieces are whole lines)
+        if !g.is_tiled() || g.nb * g.qsz >= PLANAR_CHUNK_BYTES_GROUPS {
+            assert_eq!(g.code_at(r, 0) % 64, 0, "{g:?} row {r}");
+        }
+    }
+    assert_eq!(g.code_run(g.nb), 0);
+}
+
 #[test]
 fn planar_round_trips_gguf_blocks() {
-    // 70 rows: two full groups and a group of 6; 19 blocks: Q4_0 chunks of 8, 8, 3, Q8_0
-    // chunks of 4 × 4 and 3; scale tiles of 16 and 3
-    let (rows, nb) = (70, 19);
-    let w4 = gen_q4(rows * nb, Pattern::Random, 11);
-    let w8 = gen_q8(rows * nb, Pattern::Extreme, 12);
-    let (p4, p8) = (
-        Planar::from_blocks(&w4, rows, nb),
-        Planar::from_blocks(&w8, rows, nb),
-    );
-    let mut seen4 = std::collections::HashSet::new();
-    for r in 0..rows {
-        for b in 0..nb {
-            assert_eq!(
-                p4.block::<BlockQ4_0>(r, b),
-                w4[r * nb + b],
-                "row {r} block {b}"
-            );
-            assert_eq!(
-                p8.block::<BlockQ8_0>(r, b),
-                w8[r * nb + b],
-                "row {r} block {b}"
-            );
-            let (_, _, gr) = p4.group(r / PLANAR_GROUP);
-            let i = r / PLANAR_GROUP * PLANAR_GROUP * nb
-                + planar_index(gr, nb, planar_chunk::<[u8; 16]>(), r % PLANAR_GROUP, b);
-            assert!(seen4.insert(i), "two blocks share code slot {i}");
+    // 70 rows: two full groups and a group of 6; 19 blocks: tiled Q4_0 chunks of 8, 8, 3, Q8_0
+    // chunks of 4 × 4 and 3; scale tiles of 16 and 3; 64 and 65 blocks: one whole scale piece
+    // and one more
+    for (rows, nb) in [(70, 19), (40, 64), (33, 65), (5, 1)] {
+        let w4 = gen_q4(rows * nb, Pattern::Random, 11);
+        let w8 = gen_q8(rows * nb, Pattern::Extreme, 12);
+        for (g4, g8) in geoms(rows, nb, 16).into_iter().zip(geoms(rows, nb, 32)) {
+            let p4 = Planar::from_blocks_in(&w4, rows, nb, g4);
+            let p8 = Planar::from_blocks_in(&w8, rows, nb, g8);
+            check_placement(&p4);
+            check_placement(&p8);
+            for r in 0..rows {
+                for b in 0..nb {
+                    assert_eq!(
+                        p4.block::<BlockQ4_0>(r, b),
+                        w4[r * nb + b],
+                        "{g4:?} {r} {b}"
+                    );
+                    assert_eq!(
+                        p8.block::<BlockQ8_0>(r, b),
+                        w8[r * nb + b],
+                        "{g8:?} {r} {b}"
+                    );
+                }
+            }
+            match g4.kind {
+                // a record: the row's codes, then its scales, the stride whole lines
+                PlanarKind::Records { stride } => {
+                    assert_eq!(stride, (nb * 18).div_ceil(64) * 64);
+                    assert_eq!(g4.code_at(3, 0), 3 * stride);
+                    assert_eq!(g4.scale_at(3, 0), 3 * stride + 16 * nb);
+                    assert_eq!(g4.code_run(0), nb);
+                }
+                // tiled: a group's chunk is one 128-byte piece per row
+                PlanarKind::Tiled { ch, .. } => {
+                    assert_eq!(ch, 8);
+                    if rows > 64 {
+                        assert_eq!(g4.code_at(32 + 5, 0), 32 * nb * 16 + 5 * 8 * 16);
+                    }
+                    assert_eq!(g4.code_run(0), 8.min(nb));
+                }
+            }
         }
+        // the process's default geometry follows its down layout
+        let g = PlanarGeom::new(rows, nb, 16);
+        assert_eq!(g.is_tiled(), down_layout() == DownLayout::Groups);
     }
-    // a group's first chunk is one contiguous piece per row: 128 bytes, line-aligned, in the
-    // groups layout; the whole row (19 blocks here) in the rows layout
-    let (_, qs, gr) = p4.group(1);
-    assert_eq!(gr, 32);
-    let li = 5;
-    let w = planar_chunk::<[u8; 16]>().min(nb);
-    assert_eq!(
-        w,
-        if down_layout() == DownLayout::Rows {
-            nb
-        } else {
-            8
-        }
-    );
-    for k in 0..w {
-        assert_eq!(qs[li * w + k], w4[(32 + li) * nb + k].qs);
-    }
-    let (_, qs8, _) = p8.group(1);
-    let w8c = planar_chunk::<[u8; 32]>().min(nb);
-    for k in 0..w8c {
-        assert_eq!(
-            BlockQ8_0::join(p8.group(1).0[0], &qs8[li * w8c + k]).qs,
-            w8[(32 + li) * nb + k].qs
-        );
-    }
-    if down_layout() == DownLayout::Groups {
-        assert_eq!(qs[li * 8..].as_ptr() as usize % 64, 0);
-        assert_eq!(qs8[li * 4..].as_ptr() as usize % 64, 0);
-    }
-    assert_eq!(p4.group(2).2, 6);
 }
 
 #[test]
@@ -1160,12 +1199,16 @@ fn every_down_kernel_is_bit_identical_to_scalar() {
         };
         tested += 1;
         for (pi, &p) in PATTERNS.iter().enumerate() {
-            for nb in [0usize, 1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 64, 65, 96, 129] {
+            for (nb, tiled) in [0usize, 1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 64, 65, 96, 129]
+                .into_iter()
+                .flat_map(|nb| [(nb, false), (nb, true)])
+            {
                 let seed = (pi * 100 + nb) as u32 + 900_000;
-                // 104 rows: three full groups and a partial group of 8 (rows 96..104); a call
-                // takes rows from any full groups, or from the partial one only
+                // 104 rows: three full groups and a partial group of 8 (rows 96..104); in a
+                // tiled matrix a call takes rows from any full groups, or from the partial one
+                // only; records mix them
                 let nrows = 104;
-                let (p4, p8) = gen_planar(nrows, nb, p, seed);
+                let (p4, p8) = gen_planar(nrows, nb, p, seed, tiled);
                 let mut r = Rng::new(seed + 7);
                 for (n, partial) in [
                     (1usize, false),
@@ -1175,11 +1218,13 @@ fn every_down_kernel_is_bit_identical_to_scalar() {
                     (29, true),
                     (32, false),
                 ] {
-                    let (d4s, q4s, d8s, q8s) = (&p4.d[..], &p4.qs[..], &p8.d[..], &p8.qs[..]);
                     for zeros in [0u32, 50, 90, 100] {
-                        let (mut rows, a) =
-                            gen_rows(if partial { 8 } else { 96 }, n, zeros, &mut r);
-                        if partial {
+                        let (mut rows, a) = if !tiled && partial {
+                            gen_rows(nrows, n, zeros, &mut r)
+                        } else {
+                            gen_rows(if partial { 8 } else { 96 }, n, zeros, &mut r)
+                        };
+                        if partial && tiled {
                             rows.iter_mut().for_each(|x| *x += 96);
                         }
                         // rows of any group size to prefetch for a following call
@@ -1189,20 +1234,12 @@ fn every_down_kernel_is_bit_identical_to_scalar() {
                         // y with one float in front (misaligned) and 3 behind (untouched)
                         let y0: Vec<f32> = (0..nb * 32 + 4).map(|_| r.unit()).collect();
                         let mut want4 = y0.clone();
-                        scalar::down_q4_0(
-                            d4s,
-                            q4s,
-                            nrows,
-                            nb,
-                            &rows,
-                            &a,
-                            &mut want4[1..nb * 32 + 1],
-                        );
+                        scalar::down_q4_0(&p4, &rows, &a, &mut want4[1..nb * 32 + 1]);
                         let mut got4 = y0.clone();
-                        d4(d4s, q4s, nrows, nb, &rows, &a, &[], &mut got4[1..]);
+                        d4(&p4, &rows, &a, &[], &mut got4[1..]);
                         // prefetching other rows (the next call's) changes nothing
                         let mut ahead4 = y0.clone();
-                        d4(d4s, q4s, nrows, nb, &rows, &a, &next, &mut ahead4[1..]);
+                        d4(&p4, &rows, &a, &next, &mut ahead4[1..]);
                         assert!(
                             ahead4
                                 .iter()
@@ -1217,28 +1254,20 @@ fn every_down_kernel_is_bit_identical_to_scalar() {
                             .all(|(x, y)| x.to_bits() == y.to_bits());
                         assert!(
                             same,
-                            "{} down_q4_0 {p:?} nb={nb} n={n} zeros={zeros}",
+                            "{} down_q4_0 {p:?} nb={nb} n={n} zeros={zeros} tiled={tiled}",
                             k.tier_name
                         );
                         let mut want8 = y0.clone();
-                        scalar::down_q8_0(
-                            d8s,
-                            q8s,
-                            nrows,
-                            nb,
-                            &rows,
-                            &a,
-                            &mut want8[1..nb * 32 + 1],
-                        );
+                        scalar::down_q8_0(&p8, &rows, &a, &mut want8[1..nb * 32 + 1]);
                         let mut got8 = y0.clone();
-                        d8(d8s, q8s, nrows, nb, &rows, &a, &next, &mut got8[1..]);
+                        d8(&p8, &rows, &a, &next, &mut got8[1..]);
                         let same = got8
                             .iter()
                             .zip(&want8)
                             .all(|(x, y)| x.to_bits() == y.to_bits());
                         assert!(
                             same,
-                            "{} down_q8_0 {p:?} nb={nb} n={n} zeros={zeros}",
+                            "{} down_q8_0 {p:?} nb={nb} n={n} zeros={zeros} tiled={tiled}",
                             k.tier_name
                         );
                     }
@@ -1320,9 +1349,9 @@ fn down_spec_is_the_axpy_sum_within_coefficient_rounding() {
                 }
             }
             if fmt == 0 {
-                scalar::down_q4_0(&p4.d, &p4.qs, n_rows, nb, &rows, &a, &mut y);
+                scalar::down_q4_0(&p4, &rows, &a, &mut y);
             } else {
-                scalar::down_q8_0(&p8.d, &p8.qs, n_rows, nb, &rows, &a, &mut y);
+                scalar::down_q8_0(&p8, &rows, &a, &mut y);
             }
             for j in 0..nb * 32 {
                 let err = (y[j] as f64 - exact[j]).abs();
@@ -1340,9 +1369,9 @@ fn down_spec_is_the_axpy_sum_within_coefficient_rounding() {
             let a2: Vec<f32> = keep.iter().map(|&i| a[i]).collect();
             let mut y2 = vec![0f32; nb * 32];
             if fmt == 0 {
-                scalar::down_q4_0(&p4.d, &p4.qs, n_rows, nb, &rows2, &a2, &mut y2);
+                scalar::down_q4_0(&p4, &rows2, &a2, &mut y2);
             } else {
-                scalar::down_q8_0(&p8.d, &p8.qs, n_rows, nb, &rows2, &a2, &mut y2);
+                scalar::down_q8_0(&p8, &rows2, &a2, &mut y2);
             }
             assert!(
                 y.iter().zip(&y2).all(|(p, q)| p.to_bits() == q.to_bits()),

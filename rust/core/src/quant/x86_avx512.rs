@@ -13,11 +13,10 @@ use std::arch::x86_64::*;
 use crate::kernels::x86_avx512::prefetch_lines;
 
 use super::x86_avx2::{halves8, lanes, transpose_sum8};
-use half::f16;
 
 use super::{
-    planar_chunk, planar_group_rows, planar_pos, scalar, BlockQ4_0, BlockQ4_0x16, BlockQ8_0,
-    BlockQ8_0x16, QuantKernels, PLANAR_GROUP, PLANAR_SCALE_LINE, PLANAR_TILE, QK8_0,
+    planar_group_rows, scalar, BlockQ4_0, BlockQ4_0x16, BlockQ8_0, BlockQ8_0x16, Planar,
+    PlanarGeom, QuantKernels, PLANAR_GROUP, PLANAR_SCALE_LINE, PLANAR_TILE, QK8_0,
 };
 
 pub(super) const KERNELS: QuantKernels = QuantKernels {
@@ -542,68 +541,44 @@ pub(super) fn vbmi_detected() -> bool {
     vnni_detected() && std::is_x86_feature_detected!("avx512vbmi")
 }
 
-/// Bounds of a down-kernel call, checked once so the loops can use raw loads; returns the
-/// rows' common group size.
-fn check_down<Q>(
-    d: &[f16],
-    qs: &[Q],
-    nrows: usize,
-    nb: usize,
-    rows: &[u32],
-    a: &[f32],
-    y: &[f32],
-) -> usize {
+/// Bounds of a down-kernel call, checked once so the loops can use raw loads: the rows lie
+/// inside `w` (and, in a tiled matrix, in groups of one size), `y` holds `32·nb` floats.
+fn check_down<Q: super::Pod>(w: &Planar<Q>, rows: &[u32], a: &[f32], y: &[f32]) {
+    let g = w.geom();
     assert!(
         rows.len() == a.len() && rows.len().is_multiple_of(4) && rows.len() <= 32,
         "down kernel: rows/coefficients must be a multiple of 4, at most 32"
     );
-    assert!(y.len() >= 32 * nb, "down kernel: y shorter than 32·nb");
+    assert!(y.len() >= 32 * g.nb, "down kernel: y shorter than 32·nb");
     assert!(
-        d.len() >= nrows * nb && qs.len() >= nrows * nb,
-        "down kernel: arrays shorter than nrows·nb"
+        w.bytes().len() >= g.bytes() && g.qsz == std::mem::size_of::<Q>(),
+        "down kernel: buffer shorter than its geometry"
     );
     assert!(
-        rows.iter().all(|&r| (r as usize) < nrows),
+        rows.iter().all(|&r| (r as usize) < g.rows),
         "down kernel: row out of range"
     );
-    let gr = rows
-        .first()
-        .map_or(PLANAR_GROUP, |&r| planar_group_rows(nrows, r as usize));
-    assert!(
-        rows.iter()
-            .all(|&r| planar_group_rows(nrows, r as usize) == gr),
-        "down kernel: rows from groups of different sizes"
-    );
-    gr
-}
-
-/// Per listed row, the index of its piece of tile/chunk `c` (of `tile` blocks, width `w`) in
-/// the planar arrays: group base + `gr·tile·c + li·w`.
-#[inline]
-fn piece_offsets(
-    rows: &[u32],
-    nb: usize,
-    gr: usize,
-    tile: usize,
-    c: usize,
-    w: usize,
-    out: &mut [usize; 32],
-) {
-    for (o, &r) in out.iter_mut().zip(rows) {
-        let r = r as usize;
-        *o = r / PLANAR_GROUP * PLANAR_GROUP * nb + gr * tile * c + r % PLANAR_GROUP * w;
+    if g.is_tiled() {
+        let gr = rows
+            .first()
+            .map_or(PLANAR_GROUP, |&r| planar_group_rows(g.rows, r as usize));
+        assert!(
+            rows.iter()
+                .all(|&r| planar_group_rows(g.rows, r as usize) == gr),
+            "down kernel: rows from groups of different sizes"
+        );
     }
 }
 
 /// Pass 1 of a planar down kernel for one scale tile (`wt` blocks; lanes beyond are zero):
-/// row `i`'s scales start at `d + so[i]`. Per block the int8 coefficients of each row, packed
+/// row `i`'s scales start at byte `so[i]` of `base`. Per block the int8 coefficients of each row, packed
 /// four rows per 32-bit group into `cq[q]`, the coefficient sums times `-offset` into `corr`,
 /// and the scales `s`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn down_coefficients(
-    d: *const f16,
+    base: *const u8,
     so: &[usize; 32],
     wt: usize,
     a: &[f32],
@@ -619,8 +594,12 @@ unsafe fn down_coefficients(
     let mut m = _mm512_setzero_ps();
     for (i, pv) in pv.iter_mut().enumerate().take(a.len()) {
         // SAFETY (caller): row i's tile has wt scales at so[i]; lanes past wt are masked.
-        let dv =
-            unsafe { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, d.add(so[i]) as *const i16)) };
+        let dv = unsafe {
+            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                mask,
+                base.add(so[i]) as *const i16,
+            ))
+        };
         *pv = _mm512_mul_ps(_mm512_set1_ps(a[i]), dv);
         m = _mm512_max_ps(m, _mm512_abs_ps(*pv));
     }
@@ -718,64 +697,57 @@ struct Tile {
 }
 
 /// The rows of the next kernel call (`next`), whose pieces a down kernel asks the CPU to load
-/// into L2. Where a row is several pieces ([`DownLayout::Groups`](super::DownLayout)), as the
-/// kernel reaches the same chunk / scale line of its own rows: the prefetches of the next call
-/// come in one burst per tile instead of one per call, which stalled on full miss buffers.
-/// Where a row is one piece of at most 64 blocks, [`RowStream`] spreads them finer (this
-/// burst remains for wider rows). A hint only; it changes no result.
+/// into L2. In a tiled matrix ([`DownLayout::Groups`](super::DownLayout)), where a row is
+/// several pieces, as the kernel reaches the same chunk / scale line of its own rows: the
+/// prefetches of the next call come in one burst per tile instead of one per call, which
+/// stalled on full miss buffers. Where each row is one record, [`RowStream`] spreads them
+/// finer. A hint only; it changes no result.
 struct Ahead {
     next: *const u32,
     n: usize,
-    nrows: usize,
-    d: *const f16,
-    qs: *const u8,
-    /// Bytes per block of codes.
-    qsz: usize,
+    geom: PlanarGeom,
+    base: *const u8,
 }
 
 impl Ahead {
-    /// The hint for rows `next` of the planar matrix `(d, qs)` with `nrows` rows.
-    fn new<Q>(next: &[u32], nrows: usize, d: &[f16], qs: &[Q]) -> Ahead {
+    /// The hint for rows `next` of the planar matrix `w`.
+    fn new<Q: super::Pod>(next: &[u32], w: &Planar<Q>) -> Ahead {
         Ahead {
             next: next.as_ptr(),
             n: next.len(),
-            nrows,
-            d: d.as_ptr(),
-            qs: qs.as_ptr() as *const u8,
-            qsz: std::mem::size_of::<Q>(),
+            geom: *w.geom(),
+            base: w.bytes().as_ptr(),
         }
+    }
+
+    /// Row `i` of `next` if it lies inside the matrix.
+    #[inline(always)]
+    fn row(&self, i: usize) -> Option<usize> {
+        // SAFETY: `next` holds n rows (from a slice) and i < n at every caller.
+        let r = unsafe { *self.next.add(i) } as usize;
+        (r < self.geom.rows).then_some(r)
     }
 
     /// Prefetch the scale piece starting at block `b0` of each next row (every line of it).
     #[inline(always)]
-    fn scales(&self, nb: usize, b0: usize) {
+    fn scales(&self, b0: usize) {
+        let len = 2 * self.geom.scale_run(b0);
         for i in 0..self.n {
-            // SAFETY: `next` holds n rows (from a slice); rows outside the matrix are skipped,
-            // so the address lies inside the scale array (and a prefetch never faults).
-            unsafe {
-                let r = *self.next.add(i) as usize;
-                if r < self.nrows {
-                    let o = planar_pos(self.nrows, nb, PLANAR_SCALE_LINE, r, b0);
-                    let len = 2 * PLANAR_SCALE_LINE.min(nb - b0);
-                    prefetch_lines::<_MM_HINT_T1>(self.d.add(o) as *const u8, 0, len);
-                }
+            if let Some(r) = self.row(i) {
+                // the piece lies inside the buffer (and a prefetch never faults)
+                prefetch_lines::<_MM_HINT_T1>(self.base, self.geom.scale_at(r, b0), len);
             }
         }
     }
 
-    /// Prefetch blocks `b..b + wc` of each next row's code piece (`ch` blocks per chunk),
-    /// every line of them.
+    /// Prefetch blocks `b..b + wc` of each next row's codes (stored consecutively), every
+    /// line of them.
     #[inline(always)]
-    fn codes(&self, nb: usize, ch: usize, b: usize, wc: usize) {
-        let len = wc * self.qsz;
+    fn codes(&self, b: usize, wc: usize) {
+        let len = wc * self.geom.qsz;
         for i in 0..self.n {
-            // SAFETY: as in `scales`; the piece's `len` bytes lie inside the code array.
-            unsafe {
-                let r = *self.next.add(i) as usize;
-                if r < self.nrows {
-                    let o = planar_pos(self.nrows, nb, ch, r, b) * self.qsz;
-                    prefetch_lines::<_MM_HINT_T1>(self.qs, o, len);
-                }
+            if let Some(r) = self.row(i) {
+                prefetch_lines::<_MM_HINT_T1>(self.base, self.geom.code_at(r, b), len);
             }
         }
     }
@@ -790,9 +762,8 @@ impl Ahead {
 /// (`examples/bw_probe DOWN=1`, in-process alternation, 90 % zeros), Q4_0: this order 119-124
 /// µs per layer against 127-137 for whole rows one after the other and 129-147 for the
 /// per-tile bursts of [`Ahead`]; single-line runs were slower (101-121 against 83-123 in a
-/// faster phase), 2- or 8-line runs equal within noise. Only where each row's codes and scales
-/// are one piece each ([`DownLayout::Rows`](super::DownLayout), up to 64 blocks per row);
-/// elsewhere [`Ahead`]'s per-tile bursts are used.
+/// faster phase), 2- or 8-line runs equal within noise. Only where each row is one record
+/// ([`DownLayout::Rows`](super::DownLayout)); tiled matrices use [`Ahead`]'s per-tile bursts.
 struct RowStream {
     code: [*const i8; 32],
     scale: [*const i8; 32],
@@ -813,39 +784,33 @@ struct RowStream {
 }
 
 impl RowStream {
-    /// The stream of `ahead`'s rows (code pieces of `ch` blocks), spread over `steps` calls of
-    /// [`Self::step`]. Empty (its `burst` then hands the per-tile bursts `ahead`) where rows are
-    /// split into several pieces or are wider than 64 blocks, for more than 32 next rows, and
-    /// at width 0; without rows inside the matrix it holds none.
-    fn new(ahead: &Ahead, nb: usize, ch: usize, steps: usize) -> RowStream {
-        let code_lines = (nb * ahead.qsz).div_ceil(64);
+    /// The stream of `ahead`'s rows, spread over `steps` calls of [`Self::step`]. Empty (its
+    /// `burst` then hands the per-tile bursts `ahead`) in a tiled matrix, for more than 32 next
+    /// rows, and at width 0; without rows inside the matrix it holds none.
+    fn new(ahead: &Ahead, steps: usize) -> RowStream {
+        let g = &ahead.geom;
+        let code_lines = (g.nb * g.qsz).div_ceil(64);
         let mut st = RowStream {
             code: [std::ptr::null(); 32],
             scale: [std::ptr::null(); 32],
             n: 0,
             code_lines,
-            lines: code_lines + (2 * nb).div_ceil(64),
+            lines: code_lines + (2 * g.nb).div_ceil(64),
             per_step: 0,
-            run: (PLANAR_TILE * ahead.qsz).div_ceil(64),
+            run: (PLANAR_TILE * g.qsz).div_ceil(64),
             k: 0,
             row: 0,
             line: 0,
         };
-        if nb == 0 || ch < nb || PLANAR_SCALE_LINE < nb || ahead.n > 32 {
+        if g.nb == 0 || g.is_tiled() || ahead.n > 32 {
             return st;
         }
         for i in 0..ahead.n {
-            // SAFETY: `next` holds n rows (from a slice); rows outside the matrix are skipped,
-            // and a row's pieces lie inside the arrays.
-            unsafe {
-                let r = *ahead.next.add(i) as usize;
-                if r < ahead.nrows {
-                    let c = planar_pos(ahead.nrows, nb, ch, r, 0) * ahead.qsz;
-                    let sc = planar_pos(ahead.nrows, nb, PLANAR_SCALE_LINE, r, 0);
-                    st.code[st.n] = ahead.qs.add(c) as *const i8;
-                    st.scale[st.n] = ahead.d.add(sc) as *const i8;
-                    st.n += 1;
-                }
+            if let Some(r) = ahead.row(i) {
+                // a record's codes and scales lie inside the buffer
+                st.code[st.n] = ahead.base.wrapping_add(g.code_at(r, 0)) as *const i8;
+                st.scale[st.n] = ahead.base.wrapping_add(g.scale_at(r, 0)) as *const i8;
+                st.n += 1;
             }
         }
         st.per_step = (st.n * st.lines).div_ceil(steps.max(1));
@@ -871,16 +836,13 @@ impl RowStream {
             return;
         }
         let (row, line) = (self.row, self.k * self.run + self.line);
-        // SAFETY: line < lines of a row whose pieces lie inside the arrays (new); a prefetch
-        // never faults.
-        unsafe {
-            let p = if line < self.code_lines {
-                self.code[row].add(64 * line)
-            } else {
-                self.scale[row].add(64 * (line - self.code_lines))
-            };
-            _mm_prefetch::<_MM_HINT_T1>(p);
-        }
+        let p = if line < self.code_lines {
+            self.code[row].wrapping_add(64 * line)
+        } else {
+            self.scale[row].wrapping_add(64 * (line - self.code_lines))
+        };
+        // SAFETY: a prefetch is a hint that never faults (and p lies in the row's record).
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(p) };
         self.line += 1;
         if self.line >= self.run || self.k * self.run + self.line >= self.lines {
             self.line = 0;
@@ -900,24 +862,22 @@ impl RowStream {
 }
 
 /// The loop both planar down kernels share: per scale tile of 16 blocks the coefficient pass
-/// (scales at `d`, code offset `offset`), then per run of the tile's blocks inside one code
-/// chunk of `ch` blocks (a chunk may span several tiles, as Q8_0's do, or a tile several
-/// chunks, as Q4_0's do) the rows' offsets `ro` of the run's first block, handed to
-/// `chunk(tile, ro, wc, bb, b)`, which adds the run's `wc` blocks into y (`bb`: its first block
-/// in the tile, `b`: in the row).
+/// (code offset `offset`), then per run of the tile's blocks stored consecutively (a code
+/// piece may span several tiles, as a record's and a tiled Q8_0 chunk do, or a tile several
+/// pieces, as tiled Q4_0 chunks do) the rows' byte offsets `ro` of the run's first block in
+/// `base`, handed to `chunk(tile, ro, wc, bb, b)`, which adds the run's `wc` blocks into y
+/// (`bb`: its first block in the tile, `b`: in the row).
 ///
 /// # Safety
-/// The call's bounds must have been checked by [`check_down`] (`gr` is its result).
+/// The call's bounds must have been checked by [`check_down`]; `base` is the matrix's buffer.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn down_tiles(
-    d: *const f16,
-    gr: usize,
-    nb: usize,
+    base: *const u8,
+    g: &PlanarGeom,
     rows: &[u32],
     a: &[f32],
     offset: i32,
-    ch: usize,
     ahead: Option<&Ahead>,
     mut chunk: impl FnMut(&Tile, &[usize; 32], usize, usize, usize),
 ) {
@@ -927,31 +887,28 @@ unsafe fn down_tiles(
         s: [0.0; 16],
     };
     let (mut so, mut ro) = ([0usize; 32], [0usize; 32]);
+    let nb = g.nb;
     for ti in 0..nb.div_ceil(PLANAR_TILE) {
         let b0 = ti * PLANAR_TILE;
         let wt = PLANAR_TILE.min(nb - b0);
-        // the tile lies in the row's scale line b0 / 32 (of width ws), b0 % 32 blocks in
-        let (c, l) = (b0 / PLANAR_SCALE_LINE, b0 % PLANAR_SCALE_LINE);
-        let ws = PLANAR_SCALE_LINE.min(nb - c * PLANAR_SCALE_LINE);
-        piece_offsets(rows, nb, gr, PLANAR_SCALE_LINE, c, ws, &mut so);
-        so.iter_mut().for_each(|o| *o += l);
-        if let Some(ahead) = ahead.filter(|_| l == 0) {
-            ahead.scales(nb, b0);
+        // a tile never straddles two scale pieces (64 blocks, or a whole record)
+        for (o, &r) in so.iter_mut().zip(rows) {
+            *o = g.scale_at(r as usize, b0);
+        }
+        if let Some(ahead) = ahead.filter(|_| b0.is_multiple_of(PLANAR_SCALE_LINE)) {
+            ahead.scales(b0);
         }
         // SAFETY (caller): bounds checked by check_down.
-        unsafe { down_coefficients(d, &so, wt, a, offset, &mut t.cq, &mut t.corr, &mut t.s) };
-        // the tile's blocks by the code pieces they lie in (a piece of `ch` blocks may hold
-        // several tiles, or a tile several pieces)
+        unsafe { down_coefficients(base, &so, wt, a, offset, &mut t.cq, &mut t.corr, &mut t.s) };
         let mut b = b0;
         while b < b0 + wt {
-            let c = b / ch;
-            let wc = ch.min(nb - c * ch);
-            let end = (c * ch + wc).min(b0 + wt);
+            let end = (b + g.code_run(b)).min(b0 + wt);
             if let Some(ahead) = ahead {
-                ahead.codes(nb, ch, b, end - b);
+                ahead.codes(b, end - b);
             }
-            piece_offsets(rows, nb, gr, ch, c, wc, &mut ro);
-            ro.iter_mut().for_each(|o| *o += b - c * ch);
+            for (o, &r) in ro.iter_mut().zip(rows) {
+                *o = g.code_at(r as usize, b);
+            }
             chunk(&t, &ro, end - b, b - b0, b);
             b = end;
         }
@@ -959,7 +916,7 @@ unsafe fn down_tiles(
 }
 
 /// `4·H` consecutive blocks of planar Q4_0 pieces for every row (four at a time): row `i`'s
-/// first block is at `qp + ro[i]`; `bb` is the first block's index in the coefficient tile,
+/// first block is at byte `ro[i]` of `qp`; `bb` is the first block's index in the coefficient tile,
 /// `y` its first output column.
 ///
 /// # Safety
@@ -968,7 +925,7 @@ unsafe fn down_tiles(
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn q4_blocks<const H: usize>(
-    qp: *const [u8; 16],
+    qp: *const u8,
     ro: &[usize; 32],
     n: usize,
     cq: &[[i32; 16]; 8],
@@ -992,7 +949,7 @@ unsafe fn q4_blocks<const H: usize>(
         for h in 0..H {
             // SAFETY (caller): blocks 4h..4h+4 of the row's piece are 64 contiguous bytes.
             let r: [__m512i; 4] = std::array::from_fn(|i| unsafe {
-                _mm512_loadu_si512(qp.add(ro[4 * q + i] + 4 * h) as *const _)
+                _mm512_loadu_si512(qp.add(ro[4 * q + i] + 64 * h) as *const _)
             });
             pf.step();
             let v = regroup4(r, ie, io);
@@ -1033,17 +990,9 @@ fn q4_sums(full: __m512i, hi16: __m512i) -> (__m512i, __m512i) {
 /// lines of each row's piece in one pass.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-fn down_q4_0_i(
-    d: &[f16],
-    qs: &[[u8; 16]],
-    nrows: usize,
-    nb: usize,
-    rows: &[u32],
-    a: &[f32],
-    next: &[u32],
-    y: &mut [f32],
-) {
-    let gr = check_down(d, qs, nrows, nb, rows, a, y);
+fn down_q4_0_i(w: &Planar<[u8; 16]>, rows: &[u32], a: &[f32], next: &[u32], y: &mut [f32]) {
+    check_down(w, rows, a, y);
+    let (g, nb) = (w.geom(), w.nb);
     let n = rows.len();
     let (ie, io) = (regroup_index(0), regroup_index(1));
     // one block of four rows as [r0 | r1 | r2 | r3] → groups of four rows (vpermb)
@@ -1056,22 +1005,21 @@ fn down_q4_0_i(
         unsafe { _mm512_loadu_si512(t.as_ptr() as *const _) }
     };
     let mh = _mm512_set1_epi8(0xF0u8 as i8);
-    let qp = qs.as_ptr();
+    let qp = w.bytes().as_ptr();
     let yp = y.as_mut_ptr();
-    let ch = planar_chunk::<[u8; 16]>();
-    let ahead = Ahead::new(next, nrows, d, qs);
+    let ahead = Ahead::new(next, w);
     // one (4 rows, 4 blocks) step per 64-byte line of four rows
-    let mut pf = RowStream::new(&ahead, nb, ch, n / 4 * nb.div_ceil(4));
+    let mut pf = RowStream::new(&ahead, n / 4 * nb.div_ceil(4));
     let burst = pf.burst(&ahead);
     let chunk = |t: &Tile, ro: &[usize; 32], wc: usize, bb: usize, b: usize| {
         let (cq, corr, s) = (&t.cq, &t.corr, &t.s);
         let mut k = 0;
         // 8 blocks at a time (both lines of a row's 128-byte piece in one pass), then 4
         while k + 4 <= wc {
-            let rk: [usize; 32] = std::array::from_fn(|i| ro[i] + k);
+            let rk: [usize; 32] = std::array::from_fn(|i| ro[i] + 16 * k);
             let (bk, wide) = (bb + k, k + 8 <= wc);
-            // SAFETY: blocks k..k+8 (wide) or k..k+4 of each row's piece are inside qs, and
-            // y holds their 32 columns each (check_down).
+            // SAFETY: blocks k..k+8 (wide) or k..k+4 of each row's piece are inside the
+            // buffer, and y holds their 32 columns each (check_down).
             unsafe {
                 let yk = yp.add(32 * (b + k));
                 if wide {
@@ -1093,7 +1041,7 @@ fn down_q4_0_i(
             for (q, cq) in cq.iter().enumerate().take(n / 4) {
                 pf.step();
                 // SAFETY: inside the row's piece (check_down), k < wc.
-                let at = |i: usize| unsafe { qp.add(ro[4 * q + i] + k) as *const __m128i };
+                let at = |i: usize| unsafe { qp.add(ro[4 * q + i] + 16 * k) as *const __m128i };
                 // SAFETY: each row block is 16 bytes.
                 let z = unsafe {
                     let z = _mm512_castsi128_si512(_mm_loadu_si128(at(0)));
@@ -1113,24 +1061,14 @@ fn down_q4_0_i(
     };
     // SAFETY: bounds checked by check_down.
     unsafe {
-        down_tiles(d.as_ptr(), gr, nb, rows, a, 8, ch, burst, chunk);
+        down_tiles(qp, g, rows, a, 8, burst, chunk);
     }
     pf.rest();
 }
 
-#[allow(clippy::too_many_arguments)]
-fn down_q4_0(
-    d: &[f16],
-    qs: &[[u8; 16]],
-    nrows: usize,
-    nb: usize,
-    rows: &[u32],
-    a: &[f32],
-    next: &[u32],
-    y: &mut [f32],
-) {
+fn down_q4_0(w: &Planar<[u8; 16]>, rows: &[u32], a: &[f32], next: &[u32], y: &mut [f32]) {
     // SAFETY: handed out only when vbmi_detected() (which implies vnni_detected()).
-    unsafe { down_q4_0_i(d, qs, nrows, nb, rows, a, next, y) }
+    unsafe { down_q4_0_i(w, rows, a, next, y) }
 }
 
 /// Planar Q8_0 down kernel (`scalar::down_q8_0`, bit for bit). Codes are stored `+ 128`. Four
@@ -1139,32 +1077,23 @@ fn down_q4_0(
 /// 0..16 / 16..32 of two blocks, one `vpdpbusd` per register; eight independent accumulators.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-fn down_q8_0_i(
-    d: &[f16],
-    qs: &[[u8; 32]],
-    nrows: usize,
-    nb: usize,
-    rows: &[u32],
-    a: &[f32],
-    next: &[u32],
-    y: &mut [f32],
-) {
-    let gr = check_down(d, qs, nrows, nb, rows, a, y);
+fn down_q8_0_i(w: &Planar<[u8; 32]>, rows: &[u32], a: &[f32], next: &[u32], y: &mut [f32]) {
+    check_down(w, rows, a, y);
+    let (g, nb) = (w.geom(), w.nb);
     let n = rows.len();
     let (ie, io) = (regroup_index(0), regroup_index(1));
-    let qp = qs.as_ptr();
+    let qp = w.bytes().as_ptr();
     let yp = y.as_mut_ptr();
-    let ch = planar_chunk::<[u8; 32]>();
-    let ahead = Ahead::new(next, nrows, d, qs);
+    let ahead = Ahead::new(next, w);
     // one (4 rows, 2 blocks) step per 64-byte line of four rows
-    let mut pf = RowStream::new(&ahead, nb, ch, n / 4 * nb.div_ceil(2));
+    let mut pf = RowStream::new(&ahead, n / 4 * nb.div_ceil(2));
     let burst = pf.burst(&ahead);
     let chunk = |t: &Tile, ro: &[usize; 32], wc: usize, bb: usize, b: usize| {
         let (cq, corr, s) = (&t.cq, &t.corr, &t.s);
         let mut k0 = 0;
         while k0 + 4 <= wc {
             let (bb, b) = (bb + k0, b + k0);
-            let ro: [usize; 32] = std::array::from_fn(|i| ro[i] + k0);
+            let ro: [usize; 32] = std::array::from_fn(|i| ro[i] + 32 * k0);
             k0 += 4;
             // acc[2j], acc[2j+1]: columns 0..16, 16..32 of block b + j
             let mut acc: [__m512i; 8] =
@@ -1173,7 +1102,7 @@ fn down_q8_0_i(
                 for h in 0..2 {
                     // SAFETY: blocks 2h, 2h+1 of the row's piece are 64 contiguous bytes.
                     let r: [__m512i; 4] = std::array::from_fn(|i| unsafe {
-                        _mm512_loadu_si512(qp.add(ro[4 * q + i] + 2 * h) as *const _)
+                        _mm512_loadu_si512(qp.add(ro[4 * q + i] + 64 * h) as *const _)
                     });
                     pf.step();
                     let v = regroup4(r, ie, io);
@@ -1203,7 +1132,7 @@ fn down_q8_0_i(
             for (q, cq) in cq.iter().enumerate().take(n / 4) {
                 pf.step();
                 // SAFETY: inside the row's piece (check_down), k < wc.
-                let at = |i: usize| unsafe { qp.add(ro[4 * q + i] + k) as *const __m256i };
+                let at = |i: usize| unsafe { qp.add(ro[4 * q + i] + 32 * k) as *const __m256i };
                 // SAFETY: each row block is 32 bytes.
                 let (z1, z2) = unsafe {
                     (
@@ -1227,22 +1156,12 @@ fn down_q8_0_i(
     };
     // SAFETY: bounds checked by check_down.
     unsafe {
-        down_tiles(d.as_ptr(), gr, nb, rows, a, 128, ch, burst, chunk);
+        down_tiles(qp, g, rows, a, 128, burst, chunk);
     }
     pf.rest();
 }
 
-#[allow(clippy::too_many_arguments)]
-fn down_q8_0(
-    d: &[f16],
-    qs: &[[u8; 32]],
-    nrows: usize,
-    nb: usize,
-    rows: &[u32],
-    a: &[f32],
-    next: &[u32],
-    y: &mut [f32],
-) {
+fn down_q8_0(w: &Planar<[u8; 32]>, rows: &[u32], a: &[f32], next: &[u32], y: &mut [f32]) {
     // SAFETY: handed out only when vbmi_detected() (which implies vnni_detected()).
-    unsafe { down_q8_0_i(d, qs, nrows, nb, rows, a, next, y) }
+    unsafe { down_q8_0_i(w, rows, a, next, y) }
 }
