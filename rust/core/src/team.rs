@@ -301,6 +301,23 @@ pub fn par_chunks<T: Send, const N: usize>(
     })
 }
 
+/// Threads of the team entered by a live [`Scope`] on this thread, else of the current rayon
+/// pool.
+pub fn current_threads() -> usize {
+    with_current(|team| team.map_or_else(rayon::current_num_threads, Team::threads)).max(1)
+}
+
+/// `f(i)` for `i < n`, in parallel on the team entered by a live [`Scope`] on this thread,
+/// else on the current rayon pool (for tasks that share out their work themselves).
+pub fn par_tasks(n: usize, f: impl Fn(usize) + Sync) {
+    with_current(|team| match team {
+        Some(t) => t.run(n, &f),
+        // a closure, not `f` itself: rayon needs a Send function and `f` is only Sync
+        #[allow(clippy::redundant_closure)]
+        None => (0..n).into_par_iter().for_each(|i| f(i)),
+    })
+}
+
 /// `f(start, chunk)` over disjoint chunks of `buf` that together cover it, in parallel, each
 /// thread streaming through memory front to back: `buf` is cut into one contiguous range of
 /// whole `unit`-element units per thread; a thread takes its own range from the front, each
@@ -406,10 +423,17 @@ impl Span {
     }
 }
 
-struct SendPtr<T>(*mut T);
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
 // SAFETY: used only to hand disjoint sub-slices of one &mut [T] (T: Send) to tasks.
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 unsafe impl<T: Send> Send for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so that closures capture the whole wrapper).
+    pub(crate) fn get(&self) -> *mut T {
+        self.0
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
-use crate::team::{par_chunks, par_ranges};
+use crate::team::{current_threads, par_chunks, par_ranges, par_tasks, SendPtr};
 
 use crate::kernels::kernels;
 use crate::quant::{
@@ -578,15 +578,24 @@ impl Matrix {
         }
     }
 
-    /// `Σ_{(j, a) ∈ active} a · row[j]` over the current rayon pool, as partial sums: part `i`
-    /// of `parts` (resized to `n · cols`) is thread `i`'s share; returns `(n, rows read)`.
-    /// The active list (or, for the planar layout, its [`DownPlan`] in `plan`) is split into
-    /// one contiguous run per thread, and each thread sums its rows into its own partial
-    /// (8 KiB at PLM-1.8B's width, it stays in L1). Whole rows read front to back keep the
-    /// hardware prefetcher streaming; splitting columns instead (each thread reading half of
-    /// every row) measured 1.3-1.8x slower from DRAM (PERF NOTES in kernels/mod.rs). A planar
-    /// plan depends only on the active list and is split at unit boundaries by rows read, so
-    /// the result depends on the thread count only through the order of adding the partials.
+    /// `Σ_{(j, a) ∈ active} a · row[j]` over the current team (or rayon pool), as partial sums:
+    /// `parts` (resized to `n · cols`) holds `n` partials whose sum, added in order, is the
+    /// result; returns `(n, rows read)`.
+    ///
+    /// Planar matrices: the [`DownPlan`]'s units are cut into its fixed spans
+    /// ([`DownPlan::spans`]), one partial per span, and the threads claim spans as they go (the
+    /// next one claimed before the last unit of the current one, whose kernel call prefetches
+    /// the claimed span's first rows). A span's partial is the same whichever thread sums it,
+    /// so the result depends on the active list only, not on the thread count or timing; and a
+    /// thread slowed by the machine (the other vCPU of this VM at times ran 40-50 µs behind in
+    /// a 90 µs projection) leaves the last spans to the other one. PERF NOTES (stop 19) in
+    /// quant/mod.rs.
+    ///
+    /// Other matrices: the active list is split into one contiguous run per thread, each summed
+    /// into its own partial (8 KiB at PLM-1.8B's width, it stays in L1). Whole rows read front
+    /// to back keep the hardware prefetcher streaming; splitting columns instead (each thread
+    /// reading half of every row) measured 1.3-1.8x slower from DRAM (PERF NOTES in
+    /// kernels/mod.rs).
     pub fn sparse_axpy_par(
         &self,
         active: &[(u32, f32)],
@@ -594,22 +603,33 @@ impl Matrix {
         parts: &mut Vec<f32>,
     ) -> (usize, usize) {
         let d = self.cols;
-        let threads = rayon::current_num_threads().max(1);
+        let threads = current_threads();
         if self.down_plan(active, plan) {
             let plan = &*plan;
-            let cuts = plan.split(threads);
-            let n = (cuts.len() - 1).max(1);
+            let spans = plan.spans();
+            let n = spans.len().max(1);
             parts.resize(n * d, 0.0);
-            let read = AtomicUsize::new(0);
-            par_chunks([&mut parts[..n * d]], [d], |pi, [y]| {
-                let r = match (cuts.get(pi), cuts.get(pi + 1)) {
-                    (Some(&a), Some(&b)) => self.down_plan_run(plan, a..b, y),
-                    _ => {
-                        y.fill(0.0);
-                        0
-                    }
-                };
-                read.fetch_add(r, Ordering::Relaxed);
+            if spans.is_empty() {
+                parts[..d].fill(0.0);
+                return (1, 0);
+            }
+            let out = SendPtr(parts.as_mut_ptr());
+            let (claim, read) = (AtomicUsize::new(0), AtomicUsize::new(0));
+            let take = || {
+                let s = claim.fetch_add(1, Ordering::Relaxed);
+                spans.get(s).map(|r| (s, r.clone()))
+            };
+            par_tasks(threads.min(n), |_| {
+                let mut cur = take();
+                let mut first = true;
+                while let Some((s, units)) = cur {
+                    // SAFETY: span s is claimed once (atomic counter), so the partials written
+                    // are disjoint, and parts holds n·d floats for the whole call.
+                    let y = unsafe { std::slice::from_raw_parts_mut(out.get().add(s * d), d) };
+                    let (r, then) = self.down_plan_follow(plan, units, y, first, &take);
+                    read.fetch_add(r, Ordering::Relaxed);
+                    (cur, first) = (then, false);
+                }
             });
             return (n, read.into_inner());
         }
@@ -647,10 +667,29 @@ impl Matrix {
         units: std::ops::Range<usize>,
         y: &mut [f32],
     ) -> usize {
+        self.down_plan_follow(plan, units, y, true, &|| None).0
+    }
+
+    /// [`Self::down_plan_run`], then what follows: before the last unit, `then()` names the
+    /// next span this thread will run (its index and units), whose first unit the last kernel
+    /// call prefetches; returned with the rows read. `first`: prefetch the first unit's rows
+    /// up front (no earlier call did).
+    fn down_plan_follow<F: Fn() -> Option<(usize, std::ops::Range<usize>)>>(
+        &self,
+        plan: &DownPlan,
+        units: std::ops::Range<usize>,
+        y: &mut [f32],
+        first: bool,
+        then: &F,
+    ) -> (usize, Option<(usize, std::ops::Range<usize>)>) {
         y.fill(0.0);
         match &self.data {
-            Storage::Q4_0P(p) => plan_run(p, quant_kernels().down_q4_0, plan, units, y),
-            Storage::Q8_0P(p) => plan_run(p, quant_kernels().down_q8_0, plan, units, y),
+            Storage::Q4_0P(p) => {
+                plan_run(p, quant_kernels().down_q4_0, plan, units, y, first, then)
+            }
+            Storage::Q8_0P(p) => {
+                plan_run(p, quant_kernels().down_q8_0, plan, units, y, first, then)
+            }
             _ => panic!("down_plan_run on a matrix without the planar layout"),
         }
     }
@@ -1048,21 +1087,35 @@ impl DownPlan {
         }
     }
 
-    /// Unit boundaries `cuts` (`cuts[0] = 0`, last = all units) that split the units into at
-    /// most `parts` consecutive runs of about equal rows read: one run per thread.
-    pub fn split(&self, parts: usize) -> Vec<usize> {
-        let total = self.rows(0..self.units.len()).max(1);
-        let mut cuts = vec![0usize];
-        let mut acc = 0usize;
-        for (k, u) in self.units.iter().enumerate() {
-            acc += u.1 as usize;
-            if cuts.len() < parts && acc * parts >= total * cuts.len() {
-                cuts.push(k + 1);
+    /// The plan's spans: consecutive runs of units, fixed by the number of units only, that
+    /// the threads claim one at a time, each summed into its own partial (see
+    /// [`Matrix::sparse_axpy_par`]). Counted from the end they hold 1, 1, 2, 4, 8, … units and
+    /// the first span the rest (26 units: 10, 8, 4, 2, 1, 1), so that two threads finish
+    /// within about one unit of each other whichever is slowed; none for an empty plan.
+    pub fn spans(&self) -> Vec<std::ops::Range<usize>> {
+        let mut sizes = Vec::new();
+        let (mut left, mut next) = (self.units.len(), 1);
+        while left > 0 {
+            let take = if sizes.len() < 2 { 1 } else { next };
+            if take >= left {
+                sizes.push(left);
+                break;
+            }
+            sizes.push(take);
+            left -= take;
+            if sizes.len() >= 2 {
+                next = take * 2;
             }
         }
-        cuts.push(self.units.len());
-        cuts.dedup();
-        cuts
+        let mut start = 0;
+        sizes
+            .iter()
+            .rev()
+            .map(|&n| {
+                start += n;
+                start - n..start
+            })
+            .collect()
     }
 
     /// Rows read by units `units`.
@@ -1079,32 +1132,39 @@ impl DownPlan {
 /// 33-36 µs in two alternated pairs, and 73-80 → 57-60 µs in `examples/bw_probe` (an earlier
 /// build had measured the burst faster for Q4_0, PERF NOTES). In the rows layout the kernel
 /// spreads them finer still, a few lines per step of its inner loop (PERF NOTES, stop 18).
-fn plan_run<Q: quant::Pod>(
+fn plan_run<Q: quant::Pod, F: Fn() -> Option<(usize, std::ops::Range<usize>)>>(
     p: &Planar<Q>,
     kernel: Option<quant::DownKernel<Q>>,
     plan: &DownPlan,
     units: std::ops::Range<usize>,
     y: &mut [f32],
-) -> usize {
+    first: bool,
+    then: &F,
+) -> (usize, Option<(usize, std::ops::Range<usize>)>) {
     let kernel = kernel.expect("the planar layout exists only with its kernel");
     let us = &plan.units[units];
     let entries = |u: &(u32, u32, bool)| &plan.entries[u.0 as usize..(u.0 + u.1) as usize];
-    let prefetch = |u: &(u32, u32, bool)| {
+    // the first unit's rows up front (unless an earlier call prefetched them)
+    if let Some(u) = us.first().filter(|u| first && !u.2) {
         for &(j, _) in entries(u) {
             p.prefetch_row(j as usize);
         }
-    };
-    // the first unit's rows up front
-    if let Some(u) = us.first().filter(|u| !u.2) {
-        prefetch(u);
     }
     let (mut rows, mut a) = ([0u32; DOWN_GROUP], [0f32; DOWN_GROUP]);
     let mut next = [0u32; DOWN_GROUP];
     let mut read = 0;
+    let mut follow = None;
     for (k, u) in us.iter().enumerate() {
-        // the next pooled unit: handed to the kernel as `next`, which prefetches it
+        // the next pooled unit (after the last one, the first of the span that follows):
+        // handed to the kernel as `next`, which prefetches it
+        let v = if k + 1 < us.len() {
+            us.get(k + 1)
+        } else {
+            follow = then();
+            follow.as_ref().and_then(|(_, r)| plan.units.get(r.start))
+        };
         let mut nn = 0;
-        if let Some(v) = us.get(k + 1).filter(|u| !u.2) {
+        if let Some(v) = v.filter(|v| !v.2) {
             for (x, &(j, _)) in next.iter_mut().zip(entries(v)) {
                 *x = j;
             }
@@ -1122,7 +1182,10 @@ fn plan_run<Q: quant::Pod>(
         kernel(p, &rows[..n4], &a[..n4], &next[..nn], y);
         read += n;
     }
-    read
+    if us.is_empty() {
+        follow = then();
+    }
+    (read, follow)
 }
 
 /// Run `f` on blocks `b0..b0 + nb` of row `r` of a planar matrix (`nbr` blocks per row),
@@ -1310,6 +1373,76 @@ mod tests {
                     (a[c] + b[c] - whole[c]).abs() <= 1e-5 * scale,
                     "cut {cut} col {c}"
                 );
+            }
+        }
+        // spans: consecutive, covering every unit, 1, 1, 2, 4, … units from the end
+        let spans = plan.spans();
+        assert_eq!(spans.first().map(|r| r.start), Some(0));
+        assert_eq!(spans.last().map(|r| r.end), Some(nu));
+        assert!(spans.windows(2).all(|w| w[0].end == w[1].start));
+        let sizes: Vec<usize> = spans.iter().rev().map(|r| r.len()).collect();
+        for (i, &n) in sizes.iter().enumerate().take(sizes.len() - 1) {
+            assert_eq!(n, if i < 2 { 1 } else { 1 << (i - 1) }, "{sizes:?}");
+        }
+        assert!(sizes[sizes.len() - 1] >= 1);
+        let many = DownPlan {
+            entries: Vec::new(),
+            units: vec![(0, 1, false); 26],
+        };
+        let lens: Vec<usize> = many.spans().iter().map(|r| r.len()).collect();
+        assert_eq!(lens, [10, 8, 4, 2, 1, 1]);
+        assert!(DownPlan::new().spans().is_empty());
+    }
+
+    /// The planar sparse down projection gives the same bits on 1, 2 and 3 threads (spans, not
+    /// threads, fix its partials), and the partials add up to the one-pass sum.
+    #[test]
+    fn planar_sparse_down_is_independent_of_threads() {
+        let (rows, cols) = (1000usize, 256usize);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 2654435761usize) % 997) as f32 / 498.5 - 1.0)
+            .collect();
+        for dt in [DType::Q4_0, DType::Q8_0] {
+            let m = Matrix::from_f32(rows, cols, &w, dt).into_down_layout();
+            if !m.is_planar() {
+                return; // no planar kernel on this CPU
+            }
+            for keep in [1u32, 3, 10, 50] {
+                let active: Vec<(u32, f32)> = (0..rows as u32)
+                    .filter(|j| j.wrapping_mul(2654435761) % 100 < keep)
+                    .map(|j| (j, 0.5 + (j % 5) as f32))
+                    .collect();
+                let mut sums = Vec::new();
+                for threads in [1usize, 2, 3] {
+                    let team = crate::team::Team::new(threads).unwrap();
+                    let _scope = crate::team::Scope::enter(&team);
+                    let (mut plan, mut parts) = (DownPlan::new(), Vec::new());
+                    let (n, read) = m.sparse_axpy_par(&active, &mut plan, &mut parts);
+                    // (groups read whole count their zero rows)
+                    assert_eq!(read, plan.rows(0..plan.units.len()));
+                    assert!(read >= active.len());
+                    assert_eq!(n, plan.spans().len().max(1));
+                    let mut y = parts[..cols].to_vec();
+                    for p in parts[cols..n * cols].chunks(cols) {
+                        y.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+                    }
+                    let mut whole = vec![0f32; cols];
+                    m.down_plan_run(&plan, 0..plan.units.len(), &mut whole);
+                    let scale = whole.iter().fold(1e-6f32, |x, v| x.max(v.abs()));
+                    assert!(y
+                        .iter()
+                        .zip(&whole)
+                        .all(|(a, b)| (a - b).abs() <= 1e-5 * scale));
+                    sums.push(y);
+                }
+                for y in &sums[1..] {
+                    assert!(
+                        y.iter()
+                            .zip(&sums[0])
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{dt:?} keep {keep}: thread counts differ"
+                    );
+                }
             }
         }
     }
