@@ -38,16 +38,33 @@ const SPIN: Duration = Duration::from_micros(300);
 
 type Task<'a> = &'a (dyn Fn(usize) + Sync);
 
+/// A value alone on its cache line(s).
+#[repr(align(64))]
+struct Own<T>(T);
+
+impl<T> std::ops::Deref for Own<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// The words a region's publication writes each sit on their own cache line: idle workers
+/// spin reading `claim` (and `stop`), the caller spins on `done`, so a store to one never
+/// pulls the line another thread is polling. Measured on the Xeon VM (stop 19, a loop of
+/// empty two-thread regions): 1.7 µs per region with all of them in one line, 1.4 µs apart.
+/// What is left is mostly the caller's serialised stores, each waiting for its line to come
+/// back from the other core (~0.2 µs per transfer on this VM).
 struct Shared {
     /// epoch << 32 | next task index
-    claim: AtomicU64,
+    claim: Own<AtomicU64>,
     /// The current region's task function: a pointer to the `&dyn Fn` on `run`'s stack
     /// (valid while the region runs).
-    job: AtomicPtr<Task<'static>>,
-    ntasks: AtomicUsize,
-    done: AtomicUsize,
+    job: Own<AtomicPtr<Task<'static>>>,
+    ntasks: Own<AtomicUsize>,
+    done: Own<AtomicUsize>,
+    stop: Own<AtomicBool>,
     parked: AtomicUsize,
-    stop: AtomicBool,
     panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
     lock: Mutex<()>,
     wake: Condvar,
@@ -78,12 +95,12 @@ impl Team {
     pub fn new(threads: usize) -> std::io::Result<Team> {
         let threads = threads.max(1);
         let shared = Arc::new(Shared {
-            claim: AtomicU64::new(0),
-            job: AtomicPtr::new(std::ptr::null_mut()),
-            ntasks: AtomicUsize::new(0),
-            done: AtomicUsize::new(0),
+            claim: Own(AtomicU64::new(0)),
+            job: Own(AtomicPtr::new(std::ptr::null_mut())),
+            ntasks: Own(AtomicUsize::new(0)),
+            done: Own(AtomicUsize::new(0)),
+            stop: Own(AtomicBool::new(false)),
             parked: AtomicUsize::new(0),
-            stop: AtomicBool::new(false),
             panic: Mutex::new(None),
             lock: Mutex::new(()),
             wake: Condvar::new(),
