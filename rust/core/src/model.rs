@@ -596,7 +596,8 @@ impl Model {
                 .extend(up.iter().enumerate().map(|(j, &a)| (j as u32, a)));
         }
         // y = Σ_{j active} act_j · W_downᵀ[j]     [d]
-        // One partial y per thread (Matrix::sparse_axpy_par), then the partials are added.
+        // Partial ys (Matrix::sparse_axpy_par: one per span of the planar plan, else one per
+        // thread), then the partials are added in order.
         let (nparts, read) = down_t.sparse_axpy_par(&st.active, &mut st.plan, &mut st.parts);
         let (first, rest) = st.parts[..nparts * d].split_at(d);
         let out = &mut st.proj[i * d..(i + 1) * d];

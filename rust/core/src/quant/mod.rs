@@ -144,6 +144,31 @@
 //!     single-line runs slower, 2- or 8-line runs equal within noise. Prefetch every 2nd or
 //!     4th line only (leaving the rest to the hardware): 2× slower. In-cache compute
 //!     (`examples/kern_probe`) differs by less than this machine's noise between builds.
+//!   - Stop 19, same Xeon kind. (1) Records: in the rows layout a row is one record, its codes
+//!     then its scales (Q4_0 1024 + 128 bytes, 18 lines) instead of codes and scales in two
+//!     arrays (`PlanarGeom`). (2) Spans: the plan's units are cut into fixed spans (1, 1, 2,
+//!     4, … units from the end), one partial each, claimed by the threads as they go, the next
+//!     span claimed before the last unit of the current one so that its first rows are
+//!     prefetched by that call. Timestamps in the two tasks had shown the second thread
+//!     ending 4 µs after the first in a fast phase and 40-50 µs after it in a slow one (a
+//!     90 µs projection): the other vCPU is slowed at times. (3) The team's published words
+//!     on their own cache lines (an empty region 1.7 → 1.4 µs). 90 % zeros, `bw_probe DOWN=1`
+//!     against the stop-18 build, 9 lines per side in alternated process pairs, medians of
+//!     three runs: Q4_0 4.26× → 4.74×, 4.44× → 4.59×, 4.20× → 4.61× (sparse 103-119 →
+//!     101-113 µs), still short of 5×; Q8_0 4.98× → 6.10×, 4.56× → 6.03×, 5.09× → 5.77×.
+//!     Records alone (before spans), 9 lines each: Q4_0 4.2× → 4.35×.
+//!     Measured and dropped (in-process or alternated A/B, 90 % zeros, Q4_0 µs per layer):
+//!     a record's scale lines prefetched first (144 against 117) and a record laid out as
+//!     segments of a scale line and its 32 blocks (109 against 94): the stream in ascending
+//!     address order with the scale lines last was best both times; records padded so that
+//!     none straddles a 4 KiB page (130 against 118); prefetching only a row's first 2 or 4
+//!     lines (160-171 against 102-117); front-loading the stream 1.5-3× faster than even
+//!     (equal or slower); the last 32 or 64 rows of a plan in 16-row units (equal within
+//!     noise). The floor: with the kernel's main loop reduced to its loads and prefetches
+//!     (no shuffles or dot products) a layer took 92 against 96 µs, so the compute costs
+//!     about 5 %; the rest is the rate of random 18-line rows through 16 miss buffers per
+//!     core. Per-line cost is lower for Q8_0's 34-line rows (5.2 against 7.0 ns per line
+//!     on 2 threads), which the record layout cannot change for Q4_0.
 
 use std::sync::OnceLock;
 
