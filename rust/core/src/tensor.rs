@@ -1124,7 +1124,9 @@ impl DownPlan {
     }
 }
 
-/// Run units `units` of `plan` through `kernel` into `y` (accumulating); rows read. The next
+/// Run units `units` of `plan` through `kernel` into `y` (accumulating); returns the rows
+/// read and the span `then()` named before the last unit (see
+/// [`Matrix::down_plan_follow`]), whose first unit that last call prefetched. The next
 /// pooled unit's rows are prefetched while one unit is computed, by the kernel chunk by chunk
 /// as it computes (its `next` rows), not all at once before the call: 90 % zeros from DRAM on
 /// 2 threads (criterion `sparse_down_dram`), Q8_0 (34 lines per row) 78-103 → 48-54 µs (the
@@ -1413,10 +1415,14 @@ mod tests {
                     .map(|j| (j, 0.5 + (j % 5) as f32))
                     .collect();
                 let mut sums = Vec::new();
+                // one plan and one buffer of partials for all runs, poisoned before each, as
+                // decode reuses them: every partial in use must be written in full
+                let (mut plan, mut parts) = (DownPlan::new(), Vec::new());
                 for threads in [1usize, 2, 3] {
                     let team = crate::team::Team::new(threads).unwrap();
                     let _scope = crate::team::Scope::enter(&team);
-                    let (mut plan, mut parts) = (DownPlan::new(), Vec::new());
+                    parts.clear();
+                    parts.resize(64 * cols, f32::NAN);
                     let (n, read) = m.sparse_axpy_par(&active, &mut plan, &mut parts);
                     // (groups read whole count their zero rows)
                     assert_eq!(read, plan.rows(0..plan.units.len()));
@@ -1433,6 +1439,7 @@ mod tests {
                         .iter()
                         .zip(&whole)
                         .all(|(a, b)| (a - b).abs() <= 1e-5 * scale));
+                    assert!(n <= 64, "more partials than the poisoned buffer");
                     sums.push(y);
                 }
                 for y in &sums[1..] {

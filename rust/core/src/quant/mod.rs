@@ -333,13 +333,9 @@ impl BlockQ8_0x16 {
 
 /// Rows per group of the planar layout (and per call of the down kernels).
 pub const PLANAR_GROUP: usize = 32;
-/// Bytes of one row's codes per chunk of the planar layout in [`DownLayout::Groups`] (two
-/// cache lines: 8 Q4_0 or 4 Q8_0 blocks).
+/// Bytes of one row's codes per chunk of the tiled planar layout ([`DownLayout::Groups`]; two
+/// cache lines: 8 Q4_0 or 4 Q8_0 blocks). In [`DownLayout::Rows`] a row is one record.
 pub const PLANAR_CHUNK_BYTES_GROUPS: usize = 128;
-/// Bytes of one row's codes per chunk of the planar layout in [`DownLayout::Rows`]: 2 KiB, a
-/// whole row of 2048 columns in Q8_0 (1 KiB in Q4_0), one contiguous run the hardware
-/// prefetcher can follow.
-pub const PLANAR_CHUNK_BYTES_ROWS: usize = 2048;
 
 /// How the decode down projection stores and reads quantized `W_downᵀ` (see [`Planar`] and
 /// `tensor::DownPlan`), fixed once per process: `SPARSELM_DOWN_LAYOUT=rows|groups`, by default
@@ -389,8 +385,9 @@ pub fn down_layout() -> DownLayout {
 }
 /// Blocks per scale tile of the planar layout (one 16-lane vector of scales per row).
 pub const PLANAR_TILE: usize = 16;
-/// Blocks per stored piece of a row's scales in the planar layout: two cache lines of f16
-/// scales (four coefficient tiles), so a sparse row's scales are `nb / 64` runs of 128 bytes.
+/// Blocks per stored piece of a row's scales in the tiled planar layout: two cache lines of
+/// f16 scales (four coefficient tiles), so a sparse row's scales are `nb / 64` runs of 128
+/// bytes there (a record keeps all of them in one run after its codes).
 pub const PLANAR_SCALE_LINE: usize = 64;
 
 /// One cache line, the allocation unit of [`Aligned`].
@@ -524,10 +521,10 @@ pub enum PlanarKind {
 /// whose codes take `qsz` bytes each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PlanarGeom {
-    pub rows: usize,
-    pub nb: usize,
-    pub qsz: usize,
-    pub kind: PlanarKind,
+    pub(crate) rows: usize,
+    pub(crate) nb: usize,
+    pub(crate) qsz: usize,
+    pub(crate) kind: PlanarKind,
 }
 
 impl PlanarGeom {
@@ -539,8 +536,13 @@ impl PlanarGeom {
         }
     }
 
-    /// [`PlanarKind::Records`]: rows of whole cache lines.
+    /// [`PlanarKind::Records`]: rows of whole cache lines (`qsz` must be even, so that the
+    /// f16 scales after the codes are aligned).
     pub fn records(rows: usize, nb: usize, qsz: usize) -> PlanarGeom {
+        assert!(
+            qsz > 0 && qsz.is_multiple_of(2),
+            "PlanarGeom::records: codes of {qsz} bytes"
+        );
         let stride = (nb * (qsz + 2)).div_ceil(64) * 64;
         let kind = PlanarKind::Records { stride };
         PlanarGeom {
@@ -620,10 +622,23 @@ impl PlanarGeom {
         piece_run(piece, self.nb, b)
     }
 
-    /// Whether a row's place depends on the size of its group ([`PlanarKind::Tiled`]): rows
-    /// of a partial last group then cannot share a kernel call with rows of full groups.
+    /// Whether the geometry is [`PlanarKind::Tiled`], where a row's place depends on the size
+    /// of its group: rows of a partial last group cannot share a down-kernel call with rows of
+    /// full groups there (records have no such limit).
     pub fn is_tiled(&self) -> bool {
         matches!(self.kind, PlanarKind::Tiled { .. })
+    }
+}
+
+/// Prefetch every cache line that bytes `off..off + len` of a planar buffer (`base`, 64-byte
+/// aligned) touch: pieces need not start on a line (a tiled Q4_0 chunk of 3 blocks, a record's
+/// scales after an odd number of code lines).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn planar_prefetch<const HINT: i32>(base: *const u8, off: usize, len: usize) {
+    if len > 0 {
+        let skew = off % 64;
+        crate::kernels::x86_avx512::prefetch_lines::<HINT>(base, off - skew, len + skew);
     }
 }
 
@@ -665,18 +680,6 @@ impl PlanarBlock for BlockQ8_0 {
             qs: qs.map(|q| (q ^ 0x80) as i8),
         }
     }
-}
-
-/// Blocks per code chunk of the tiled planar layout for codes of type `Q` (Q4_0 / Q8_0: 8 / 4
-/// in [`DownLayout::Groups`]; in [`DownLayout::Rows`] a row's codes are one piece, reported
-/// here as the 2 KiB of [`PLANAR_CHUNK_BYTES_ROWS`]; see [`Planar`]).
-#[inline]
-pub fn planar_chunk<Q>() -> usize {
-    let bytes = match down_layout() {
-        DownLayout::Rows => PLANAR_CHUNK_BYTES_ROWS,
-        DownLayout::Groups => PLANAR_CHUNK_BYTES_GROUPS,
-    };
-    bytes / std::mem::size_of::<Q>()
 }
 
 /// Index of (local row `li`, block `b`) inside a tiled planar group of `gr` rows with `nb`
@@ -723,16 +726,17 @@ impl<Q: Pod> Planar<Q> {
         geom: PlanarGeom,
     ) -> Planar<Q> {
         assert_eq!(blocks.len(), rows * nb, "Planar::from_blocks shape");
+        let q = size_of::<Q>();
         assert!(
-            (geom.rows, geom.nb, geom.qsz) == (rows, nb, size_of::<Q>()),
-            "Planar::from_blocks_in geometry"
+            geom == PlanarGeom::records(rows, nb, q) || geom == PlanarGeom::tiled(rows, nb, q),
+            "Planar::from_blocks_in: a geometry of other dimensions"
         );
         let mut buf = Aligned::<u8>::zeroed(geom.bytes());
         for r in 0..rows {
             for b in 0..nb {
                 let (dv, q) = blocks[r * nb + b].split();
                 let s = geom.scale_at(r, b);
-                buf[s..s + 2].copy_from_slice(&dv.to_le_bytes());
+                buf[s..s + 2].copy_from_slice(&dv.to_ne_bytes());
                 let c = geom.code_at(r, b);
                 // SAFETY: Q is Pod (plain bytes, no padding) of size_of::<Q>() bytes.
                 let qb = unsafe {
@@ -771,9 +775,10 @@ impl<Q: Pod> Planar<Q> {
             "Planar::scales range"
         );
         let s = self.geom.scale_at(r, b);
+        assert!(s.is_multiple_of(2), "Planar::scales alignment");
         let bytes = &self.buf[s..s + 2 * m];
-        // SAFETY: s is even and the buffer 64-byte aligned, so the f16s are aligned; any bits
-        // are a valid f16; the length is 2m bytes.
+        // SAFETY: s is even (checked) and the buffer 64-byte aligned, so the f16s are aligned;
+        // any bits are a valid f16; the length is 2m bytes.
         unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const f16, m) }
     }
 
@@ -809,26 +814,25 @@ impl<Q: Pod> Planar<Q> {
     pub fn prefetch_row(&self, r: usize) {
         #[cfg(target_arch = "x86_64")]
         {
-            use crate::kernels::x86_avx512::prefetch_lines;
             use std::arch::x86_64::_MM_HINT_T1;
             let (g, base) = (&self.geom, self.buf.as_ptr());
             if r >= self.rows {
                 return;
             }
             if let PlanarKind::Records { stride } = g.kind {
-                prefetch_lines::<_MM_HINT_T1>(base, r * stride, g.nb * (g.qsz + 2));
+                planar_prefetch::<_MM_HINT_T1>(base, r * stride, g.nb * (g.qsz + 2));
                 return;
             }
             let mut b = 0;
             while b < g.nb {
                 let m = g.code_run(b);
-                prefetch_lines::<_MM_HINT_T1>(base, g.code_at(r, b), m * g.qsz);
+                planar_prefetch::<_MM_HINT_T1>(base, g.code_at(r, b), m * g.qsz);
                 b += m;
             }
             let mut b = 0;
             while b < g.nb {
                 let m = g.scale_run(b);
-                prefetch_lines::<_MM_HINT_T1>(base, g.scale_at(r, b), 2 * m);
+                planar_prefetch::<_MM_HINT_T1>(base, g.scale_at(r, b), 2 * m);
                 b += m;
             }
         }

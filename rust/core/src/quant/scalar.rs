@@ -134,8 +134,9 @@ fn code_q4_0(qs: &[u8; 16], j: usize) -> i32 {
 /// `w` (`super::Planar`, `nb` blocks per row, in either geometry), generic over the code format through `code(block, j)`.
 ///
 /// For each block `b < nb` (columns `32b..32b + 32`), with `p_i = a[i] · d_{rows[i], b}`:
-/// - `m = max_i |p_i|`; if `m == 0` the block is skipped (`y` unchanged);
-/// - `inv = 127 / m`, `s = m / 127`, `c_i = round_ties_even(p_i · inv)` (in −127..=127);
+/// - `m = max_i |p_i|`, `inv = 127 / m`; if `inv` is not finite (`m == 0`, or `m` below
+///   about 3.7e-37) the block is skipped (`y` unchanged);
+/// - `s = m / 127`, `c_i = round_ties_even(p_i · inv)` (in −127..=127);
 /// - `acc_j = Σ_i c_i · code_{rows[i], b, j}` in i32 (exact);
 /// - `y[32b + j] = fma(s, acc_j as f32, y[32b + j])`.
 ///
@@ -153,10 +154,12 @@ fn down_group<Q: Pod>(
     for (b, yb) in y.chunks_exact_mut(32).take(w.nb).enumerate() {
         let p = |i: usize| a[i] * w.scales(rows[i] as usize, b, 1)[0].to_f32();
         let m = (0..n).fold(0f32, |m, i| m.max(p(i).abs()));
-        if m == 0.0 {
+        let inv = 127.0 / m;
+        // m = 0, or m so small (below ~3.7e-37) that 127 / m overflows: the block adds nothing
+        if !inv.is_finite() {
             continue;
         }
-        let (inv, s) = (127.0 / m, m / 127.0);
+        let s = m / 127.0;
         let mut acc = [0i32; 32];
         for i in 0..n {
             let c = (p(i) * inv).round_ties_even() as i32;

@@ -604,8 +604,11 @@ unsafe fn down_coefficients(
         m = _mm512_max_ps(m, _mm512_abs_ps(*pv));
     }
     let c127 = _mm512_set1_ps(127.0);
-    let nz = _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(m, _mm512_setzero_ps());
-    let inv = _mm512_maskz_div_ps(nz, c127, m);
+    // blocks whose 127 / m is not finite (m = 0, or m below ~3.7e-37) add nothing: their
+    // coefficients and scale are 0, as in the spec
+    let q = _mm512_div_ps(c127, m);
+    let ok = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(q, _mm512_set1_ps(f32::INFINITY));
+    let inv = _mm512_maskz_mov_ps(ok, q);
     let mut sum = _mm512_setzero_si512();
     for (q, cq) in cq.iter_mut().enumerate().take(a.len() / 4) {
         let mut packed = _mm512_setzero_si512();
@@ -624,7 +627,7 @@ unsafe fn down_coefficients(
     // SAFETY: corr and s are 16 lanes.
     unsafe {
         _mm512_storeu_si512(corr.as_mut_ptr() as *mut _, corr_v);
-        _mm512_storeu_ps(s.as_mut_ptr(), _mm512_div_ps(m, c127));
+        _mm512_storeu_ps(s.as_mut_ptr(), _mm512_maskz_div_ps(ok, m, c127));
     }
 }
 
@@ -735,7 +738,7 @@ impl Ahead {
         for i in 0..self.n {
             if let Some(r) = self.row(i) {
                 // the piece lies inside the buffer (and a prefetch never faults)
-                prefetch_lines::<_MM_HINT_T1>(self.base, self.geom.scale_at(r, b0), len);
+                super::planar_prefetch::<_MM_HINT_T1>(self.base, self.geom.scale_at(r, b0), len);
             }
         }
     }
@@ -747,7 +750,7 @@ impl Ahead {
         let len = wc * self.geom.qsz;
         for i in 0..self.n {
             if let Some(r) = self.row(i) {
-                prefetch_lines::<_MM_HINT_T1>(self.base, self.geom.code_at(r, b), len);
+                super::planar_prefetch::<_MM_HINT_T1>(self.base, self.geom.code_at(r, b), len);
             }
         }
     }
@@ -756,22 +759,21 @@ impl Ahead {
 /// The next call's rows prefetched into L2 as one stream of 64-byte lines, a few lines per
 /// step of the kernel's inner loop (one step per line of four of its own rows), so that the
 /// prefetches are spread evenly over the compute instead of stalling it in bursts on full miss
-/// buffers. The stream goes by runs of a tile's lines (16 blocks: 4 lines of Q4_0, 8 of Q8_0;
-/// a row's lines are its code lines, then its scale lines, so at widths of whole tiles the
-/// scale lines are the last run), and in a run row by row. Measured on the Xeon
+/// buffers. A record's lines (its codes, then its scales) go in ascending order by runs of a
+/// tile's lines (16 blocks: 4 lines of Q4_0, 8 of Q8_0; at widths of whole tiles the scale
+/// lines are the last run), and in a run row by row. (Scale lines first, or a record laid out
+/// as segments of a scale line and its codes, measured slower: PERF NOTES, stop 19.) Measured on the Xeon
 /// (`examples/bw_probe DOWN=1`, in-process alternation, 90 % zeros), Q4_0: this order 119-124
 /// µs per layer against 127-137 for whole rows one after the other and 129-147 for the
 /// per-tile bursts of [`Ahead`]; single-line runs were slower (101-121 against 83-123 in a
 /// faster phase), 2- or 8-line runs equal within noise. Only where each row is one record
 /// ([`DownLayout::Rows`](super::DownLayout)); tiled matrices use [`Ahead`]'s per-tile bursts.
 struct RowStream {
-    code: [*const i8; 32],
-    scale: [*const i8; 32],
+    /// The rows' records (each 64-byte aligned).
+    rec: [*const i8; 32],
     /// Rows in the stream.
     n: usize,
-    /// Code lines per row.
-    code_lines: usize,
-    /// Lines per row (code, then scale lines).
+    /// Lines per record that hold blocks (its codes, then its scales).
     lines: usize,
     /// Lines per [`Self::step`].
     per_step: usize,
@@ -789,13 +791,10 @@ impl RowStream {
     /// rows, and at width 0; without rows inside the matrix it holds none.
     fn new(ahead: &Ahead, steps: usize) -> RowStream {
         let g = &ahead.geom;
-        let code_lines = (g.nb * g.qsz).div_ceil(64);
         let mut st = RowStream {
-            code: [std::ptr::null(); 32],
-            scale: [std::ptr::null(); 32],
+            rec: [std::ptr::null(); 32],
             n: 0,
-            code_lines,
-            lines: code_lines + (2 * g.nb).div_ceil(64),
+            lines: (g.nb * (g.qsz + 2)).div_ceil(64),
             per_step: 0,
             run: (PLANAR_TILE * g.qsz).div_ceil(64),
             k: 0,
@@ -807,9 +806,9 @@ impl RowStream {
         }
         for i in 0..ahead.n {
             if let Some(r) = ahead.row(i) {
-                // a record's codes and scales lie inside the buffer
-                st.code[st.n] = ahead.base.wrapping_add(g.code_at(r, 0)) as *const i8;
-                st.scale[st.n] = ahead.base.wrapping_add(g.scale_at(r, 0)) as *const i8;
+                // a record starts with its first block's codes, on a cache line, inside the
+                // buffer
+                st.rec[st.n] = ahead.base.wrapping_add(g.code_at(r, 0)) as *const i8;
                 st.n += 1;
             }
         }
@@ -835,16 +834,12 @@ impl RowStream {
         if self.row >= self.n {
             return;
         }
-        let (row, line) = (self.row, self.k * self.run + self.line);
-        let p = if line < self.code_lines {
-            self.code[row].wrapping_add(64 * line)
-        } else {
-            self.scale[row].wrapping_add(64 * (line - self.code_lines))
-        };
+        let line = self.k * self.run + self.line;
+        let p = self.rec[self.row].wrapping_add(64 * line);
         // SAFETY: a prefetch is a hint that never faults (and p lies in the row's record).
         unsafe { _mm_prefetch::<_MM_HINT_T1>(p) };
         self.line += 1;
-        if self.line >= self.run || self.k * self.run + self.line >= self.lines {
+        if self.line >= self.run || line + 1 >= self.lines {
             self.line = 0;
             self.row += 1;
             if self.row == self.n && (self.k + 1) * self.run < self.lines {
