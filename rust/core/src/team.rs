@@ -357,8 +357,7 @@ pub fn par_ranges<T: Send>(
     let len = buf.len();
     let units = len.div_ceil(unit);
     assert!(units < (1 << 31), "par_ranges: too many units");
-    let threads = with_current(|team| team.map_or_else(rayon::current_num_threads, Team::threads))
-        .clamp(1, units.max(1));
+    let threads = current_threads().min(units.max(1));
     if threads == 1 {
         if len > 0 {
             f(0, buf);

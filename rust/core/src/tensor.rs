@@ -1254,6 +1254,13 @@ fn row_chunk(rows: usize) -> usize {
 mod tests {
     use super::*;
 
+    /// `n` weights in −1..1, a fixed hash of the index modulo `m` (scaled by `2/m`).
+    fn seeded_weights(n: usize, m: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 2654435761usize) % m) as f32 / (m as f32 / 2.0) - 1.0)
+            .collect()
+    }
+
     /// The planar down layout (where this CPU has its kernel): same rows as the GGUF layout,
     /// and `sparse_axpy` equal to the f32 AXPY of the rows within the int8 coefficient
     /// rounding at every sparsity (dense groups, pooled sparse rows, a partial last group).
@@ -1262,9 +1269,7 @@ mod tests {
         // 200 rows: six groups of 32 and one of 8; 20 blocks per row: Q4_0 chunks 8, 8, 4,
         // Q8_0 chunks of 4; scale tiles 16 and 4
         let (rows, cols) = (200usize, 640usize);
-        let w: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 2654435761usize) % 1999) as f32 / 999.5 - 1.0)
-            .collect();
+        let w = seeded_weights(rows * cols, 1999);
         for dt in [DType::Q8_0, DType::Q4_0] {
             let plain = Matrix::from_f32(rows, cols, &w, dt);
             let planar = plain.clone().into_down_layout();
@@ -1312,9 +1317,7 @@ mod tests {
     #[test]
     fn down_plan_units_and_thread_splits() {
         let (rows, cols) = (200usize, 128usize); // groups: six of 32, one of 8
-        let w: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 2654435761usize) % 997) as f32 / 498.5 - 1.0)
-            .collect();
+        let w = seeded_weights(rows * cols, 997);
         let m = Matrix::from_f32(rows, cols, &w, DType::Q4_0).into_down_layout();
         let mut plan = DownPlan::new();
         // group 1 dense (rows 32..64 all active), others sparse, the partial group too
@@ -1401,9 +1404,7 @@ mod tests {
     #[test]
     fn planar_sparse_down_is_independent_of_threads() {
         let (rows, cols) = (1000usize, 256usize);
-        let w: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 2654435761usize) % 997) as f32 / 498.5 - 1.0)
-            .collect();
+        let w = seeded_weights(rows * cols, 997);
         for dt in [DType::Q4_0, DType::Q8_0] {
             let m = Matrix::from_f32(rows, cols, &w, dt).into_down_layout();
             if !m.is_planar() {

@@ -778,12 +778,7 @@ impl<Q: Pod> Planar<Q> {
             r < self.rows && m <= self.geom.scale_run(b),
             "Planar::scales range"
         );
-        let s = self.geom.scale_at(r, b);
-        assert!(s.is_multiple_of(2), "Planar::scales alignment");
-        let bytes = &self.buf[s..s + 2 * m];
-        // SAFETY: s is even (checked) and the buffer 64-byte aligned, so the f16s are aligned;
-        // any bits are a valid f16; the length is 2m bytes.
-        unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const f16, m) }
+        self.view(self.geom.scale_at(r, b), m)
     }
 
     /// The codes of blocks `b..b + m` of row `r`, which must be stored consecutively
@@ -794,14 +789,20 @@ impl<Q: Pod> Planar<Q> {
             r < self.rows && m <= self.geom.code_run(b),
             "Planar::codes range"
         );
-        let c = self.geom.code_at(r, b);
-        let bytes = &self.buf[c..c + m * size_of::<Q>()];
+        self.view(self.geom.code_at(r, b), m)
+    }
+
+    /// `m` values of type `T` at byte `at` of the buffer (bounds and alignment checked).
+    #[inline]
+    fn view<T: Pod>(&self, at: usize, m: usize) -> &[T] {
+        let bytes = &self.buf[at..at + m * size_of::<T>()];
         assert!(
-            std::mem::align_of::<Q>() == 1,
-            "Planar codes are byte arrays"
+            (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()),
+            "Planar view alignment"
         );
-        // SAFETY: Q is Pod of alignment 1 (checked): any bits are valid; m·size_of::<Q>() bytes.
-        unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const Q, m) }
+        // SAFETY: the m·size_of::<T>() bytes lie in the buffer and are aligned for T (both
+        // checked); T is Pod, so any bits are a valid T.
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, m) }
     }
 
     /// Block `b` of row `r` in GGUF form.

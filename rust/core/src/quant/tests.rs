@@ -1048,6 +1048,11 @@ fn gemm16_equals_gemv16_per_token() {
     }
 }
 
+/// Whether two float slices hold the same bits, element for element.
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
 /// Planar rows for the down kernels: `n_rows` rows of `nb` blocks in pattern `p`, records
 /// (`tiled == false`) or tiled.
 fn gen_planar(
@@ -1250,25 +1255,16 @@ fn every_down_kernel_is_bit_identical_to_scalar() {
                         let mut burst4 = y0.clone();
                         d4(&p4, &rows, &a, &many, &mut burst4[1..]);
                         assert!(
-                            burst4
-                                .iter()
-                                .zip(&got4)
-                                .all(|(x, y)| x.to_bits() == y.to_bits()),
+                            same_bits(&burst4, &got4),
                             "{} down_q4_0 with 40 next rows",
                             k.tier_name
                         );
                         assert!(
-                            ahead4
-                                .iter()
-                                .zip(&got4)
-                                .all(|(x, y)| x.to_bits() == y.to_bits()),
+                            same_bits(&ahead4, &got4),
                             "{} down_q4_0 with next rows",
                             k.tier_name
                         );
-                        let same = got4
-                            .iter()
-                            .zip(&want4)
-                            .all(|(x, y)| x.to_bits() == y.to_bits());
+                        let same = same_bits(&got4, &want4);
                         assert!(
                             same,
                             "{} down_q4_0 {p:?} nb={nb} n={n} zeros={zeros} tiled={tiled}",
@@ -1278,10 +1274,7 @@ fn every_down_kernel_is_bit_identical_to_scalar() {
                         scalar::down_q8_0(&p8, &rows, &a, &mut want8[1..nb * 32 + 1]);
                         let mut got8 = y0.clone();
                         d8(&p8, &rows, &a, &next, &mut got8[1..]);
-                        let same = got8
-                            .iter()
-                            .zip(&want8)
-                            .all(|(x, y)| x.to_bits() == y.to_bits());
+                        let same = same_bits(&got8, &want8);
                         assert!(
                             same,
                             "{} down_q8_0 {p:?} nb={nb} n={n} zeros={zeros} tiled={tiled}",
