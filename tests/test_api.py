@@ -1336,6 +1336,22 @@ def test_cli_info(cli_model: dict[str, Any], capsys: Any) -> None:
     info = json.loads(out)
     assert info["num_parameters"] == 1_825_458_176 and info["dtype"] == "f32"
     assert info["config"]["kv_lora_rank"] == 512 and info["generation_config"]["temperature"] == 0
+    # the down layout applies to the quantized formats only
+    assert info["down_layout"] is None and "down layout" not in run_cli(["info"], capsys)[1]
+
+
+def test_cli_info_reports_the_down_layout_of_quantized_models(
+    monkeypatch: pytest.MonkeyPatch, tok: Tokenizer, capsys: Any
+) -> None:
+    def fake_load(path: Any = None, **kw: Any) -> Model:
+        return make_model(tok, config=PLM_1_8B, dtype="q4_0")[0]
+
+    monkeypatch.setattr(cli_mod, "load", fake_load)
+    code, out, _ = run_cli(["info", "--json"], capsys)
+    info = json.loads(out)
+    assert code == 0 and info["dtype"] == "q4_0"
+    assert info["down_layout"] == sparselm.down_layout()
+    assert f"down layout {info['down_layout']}" in " ".join(run_cli(["info"], capsys)[1].split())
 
 
 def test_python_dash_m_help() -> None:

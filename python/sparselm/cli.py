@@ -392,7 +392,8 @@ def _info_dict(model: Model) -> dict[str, Any]:
         "kernel_tier": tier,
         "prompt_gemm": model.prompt_gemm,
         "prompt_engine": engine,
-        "down_layout": layout,
+        # the layout applies to the quantized formats' down projection only (null otherwise)
+        "down_layout": layout if model.dtype in QUANTIZED_DTYPES else None,
         "context_length": model.context_length,
         "vocab_size": model.vocab_size,
         "tokenizer_vocab_size": model.tokenizer.vocab_size,

@@ -13,7 +13,7 @@
 //! function and count are written), then opening it at index 0. Workers claim task
 //! indices with a compare-and-swap that fails if the epoch moved, so a worker can never run a
 //! task of a region other than the one whose function it read; the caller works too, then
-//! waits until every task has finished (`done`). Idle workers spin for [`SPIN`] and then park
+//! waits until every task has finished (`done`). Idle workers spin for `SPIN` (300 µs) and then park
 //! on a condvar; the publisher wakes them only if one is parked (no lost wake-up: both sides
 //! use SeqCst and the parked side re-checks under the mutex). A panicking task is caught on
 //! the worker and re-raised on the caller after the region has drained.
@@ -258,7 +258,7 @@ thread_local! {
     static CURRENT: Cell<*const Team> = const { Cell::new(std::ptr::null()) };
 }
 
-/// While alive, [`current`] on this thread returns `team` (restored on drop).
+/// While alive, [`with_current`] on this thread sees `team` (restored on drop).
 pub struct Scope {
     prev: *const Team,
 }

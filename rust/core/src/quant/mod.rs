@@ -475,7 +475,7 @@ impl<T: Pod> std::fmt::Debug for Aligned<T> {
 /// - [`PlanarKind::Tiled`] ([`DownLayout::Groups`]): codes first, then (from the next line)
 ///   scales, each tiled by groups of [`PLANAR_GROUP`] rows. Group `g` (rows `32g..32g + gr`,
 ///   `gr = min(32, rows − 32g)`) occupies entries `32g·nb .. 32g·nb + gr·nb` of both regions.
-///   Inside it, codes are stored by chunks of `ch` blocks ([`planar_chunk`]: 128 bytes, 8
+///   Inside it, codes are stored by chunks of `ch` blocks ([`PLANAR_CHUNK_BYTES_GROUPS`]: 128 bytes, 8
 ///   Q4_0 or 4 Q8_0 blocks; chunk `c = b / ch` has width `wc = min(ch, nb − ch·c)`), all rows
 ///   of the group per chunk: `[gr·ch·c + li·wc + b % ch]` for local row `li`; scales by pieces
 ///   of 64 blocks the same way: `[gr·64·t + li·wt + b % 64]` (`t = b / 64`). So a dense pass
@@ -687,7 +687,7 @@ impl PlanarBlock for BlockQ8_0 {
 }
 
 /// Index of (local row `li`, block `b`) inside a tiled planar group of `gr` rows with `nb`
-/// blocks per row, for pieces of `tile` blocks (codes: [`planar_chunk`], scales:
+/// blocks per row, for pieces of `tile` blocks (codes: chunks of [`PLANAR_CHUNK_BYTES_GROUPS`], scales:
 /// [`PLANAR_SCALE_LINE`]).
 #[inline]
 pub fn planar_index(gr: usize, nb: usize, tile: usize, li: usize, b: usize) -> usize {

@@ -174,12 +174,12 @@ fn down_group<Q: Pod>(
     }
 }
 
-/// [`down_group`] over planar Q4_0 rows: `y += Σ_i a[i] · row[rows[i]]` with int8 coefficients.
+/// `down_group` (above) over planar Q4_0 rows: `y += Σ_i a[i] · row[rows[i]]` with int8 coefficients.
 pub fn down_q4_0(w: &Planar<[u8; 16]>, rows: &[u32], a: &[f32], y: &mut [f32]) {
     down_group(w, rows, a, y, code_q4_0);
 }
 
-/// [`down_group`] over planar Q8_0 rows (codes stored `+ 128`).
+/// `down_group` (above) over planar Q8_0 rows (codes stored `+ 128`).
 pub fn down_q8_0(w: &Planar<[u8; 32]>, rows: &[u32], a: &[f32], y: &mut [f32]) {
     down_group(w, rows, a, y, |q, j| q[j] as i32 - 128);
 }
