@@ -173,6 +173,19 @@
 //!     pairs): 82-98 µs per layer for the read, 94-115 for the kernel; per layer each thread
 //!     waits 6 µs for its first 32 rows, computes its last call for 3 µs with nothing left
 //!     to fetch, and dispatch takes 1-2 µs (timestamps in the tasks).
+//!   - Stop 20, same Xeon kind, measured and dropped (Q4_0, 90 % zeros, `bw_probe DOWN=1`,
+//!     modes alternated line by line in one process, medians of 9-16 lines, µs per layer):
+//!     the stream's hint NTA instead of T1, 343 against 120 (the lines leave L1 before the
+//!     next call reads them); T2 and T0, equal to T1 within noise; rows-layout units of 8,
+//!     16 or 24 rows instead of 32, 140, 117 and 105 against 102 (about 1.1 µs of thread
+//!     time per extra kernel call); two 32-row units per kernel call, one stream over the 64
+//!     rows of the next call (same bits), 145 against 110; the stream in the order the next
+//!     call consumes it (a scale line, then the two tiles it scales), 128 against 116. The
+//!     arithmetic of the floor: 819 rows of 18 lines are 14,742 lines; with 16 L1 miss
+//!     buffers per core and 150-190 ns per line (the pointer chase above), 2 threads need
+//!     69-88 µs with every buffer busy all the time; the pure read of such rows measured
+//!     82-98 µs, the kernel 85-100 µs in the same phases, against a dense GEMV of W_down of
+//!     430-520 µs.
 
 use std::sync::OnceLock;
 
