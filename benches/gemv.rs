@@ -10,7 +10,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use sparselm_core::kernels::kernels;
-use sparselm_core::team::{Scope, Team};
+use sparselm_core::team::{with_team, Team};
 use sparselm_core::tensor::{DType, DownPlan, Matrix};
 
 /// The engine's allocator (weights on transparent huge pages), as the frontends install it.
@@ -156,11 +156,12 @@ fn sparse_down_dram(c: &mut Criterion) {
             ));
             g.bench_function(BenchmarkId::new("zeros", format!("{zeros}%")), |b| {
                 pool.install(|| {
-                    let _decode = Scope::enter(&team);
-                    b.iter(|| {
-                        layer = (layer + 1) % layers;
-                        ms[layer].sparse_axpy_par(&active, &mut plan, &mut parts);
-                        black_box(&parts);
+                    with_team(&team, || {
+                        b.iter(|| {
+                            layer = (layer + 1) % layers;
+                            ms[layer].sparse_axpy_par(&active, &mut plan, &mut parts);
+                            black_box(&parts);
+                        })
                     })
                 })
             });
@@ -174,10 +175,11 @@ fn sparse_down_dram(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(dense[0].nbytes() as u64));
         g.bench_function("dense", |b| {
             pool.install(|| {
-                let _decode = Scope::enter(&team);
-                b.iter(|| {
-                    layer = (layer + 1) % layers;
-                    dense[layer].matvec(black_box(&act), &mut y);
+                with_team(&team, || {
+                    b.iter(|| {
+                        layer = (layer + 1) % layers;
+                        dense[layer].matvec(black_box(&act), &mut y);
+                    })
                 })
             })
         });

@@ -268,14 +268,7 @@ impl Model {
             AttnMode::Dense => true,
             AttnMode::Absorbed => false,
         };
-        self.pool.install(|| {
-            // A single token's forward pass is ~200 short parallel regions: they run on the
-            // spinning team; prompts (GEMMs) on the rayon pool.
-            let _team = self
-                .team
-                .as_ref()
-                .filter(|_| t == 1)
-                .map(crate::team::Scope::enter);
+        let mut pass = || {
             // h = E[token]                                               [T, d]
             for (i, &tok) in tokens.iter().enumerate() {
                 self.weights
@@ -301,6 +294,14 @@ impl Model {
                 let last = &st.h[(t - 1) * d..t * d];
                 rmsnorm(last, &self.weights.norm, eps, &mut st.a[..d]);
                 out.matvec(&st.a[..d], &mut st.logits[..v]);
+            }
+        };
+        self.pool.install(|| {
+            // A single token's forward pass is ~200 short parallel regions: they run on the
+            // spinning team; prompts (GEMMs) on the rayon pool.
+            match self.team.as_ref().filter(|_| t == 1) {
+                Some(team) => crate::team::with_team(team, pass),
+                None => pass(),
             }
         });
         Ok(())

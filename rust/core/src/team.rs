@@ -254,40 +254,46 @@ fn worker(s: &Shared) {
 }
 
 thread_local! {
-    /// The team of the forward pass running on this thread (see [`Scope`]).
+    /// The team of the forward pass running on this thread (see [`with_team`]).
     static CURRENT: Cell<*const Team> = const { Cell::new(std::ptr::null()) };
 }
 
-/// While alive, [`with_current`] on this thread sees `team` (restored on drop).
-pub struct Scope {
+/// Restores this thread's previous team when dropped (also when `f` of [`with_team`] panics).
+/// Private, and made only by [`with_team`], which drops it before its borrow of the team ends:
+/// a guard that could be leaked, outlive its team or be dropped out of order would leave
+/// [`CURRENT`] pointing at a freed team.
+struct Restore {
     prev: *const Team,
 }
 
-impl Scope {
-    pub fn enter(team: &Team) -> Scope {
-        Scope {
-            prev: CURRENT.with(|c| c.replace(team as *const Team)),
-        }
-    }
-}
-
-impl Drop for Scope {
+impl Drop for Restore {
     fn drop(&mut self) {
         CURRENT.with(|c| c.set(self.prev));
     }
 }
 
-/// Run `f` with the team entered by a live [`Scope`] on this thread, if any.
+/// Run `f` with `team` as this thread's team: the parallel helpers below ([`par_chunks`],
+/// [`par_tasks`], [`par_ranges`], [`current_threads`]) called inside `f` run on it instead of
+/// the rayon pool. Calls nest; the previous team is restored when `f` returns or panics.
+pub fn with_team<R>(team: &Team, f: impl FnOnce() -> R) -> R {
+    let _restore = Restore {
+        prev: CURRENT.with(|c| c.replace(team as *const Team)),
+    };
+    f()
+}
+
+/// Run `f` with the team of the innermost [`with_team`] running on this thread, if any.
 pub fn with_current<R>(f: impl FnOnce(Option<&Team>) -> R) -> R {
     let p = CURRENT.with(|c| c.get());
-    // SAFETY: a non-null pointer was set by a Scope that borrows the team and is still alive
-    // (it restores the previous value when dropped, and Scopes nest on one thread).
+    // SAFETY: a non-null pointer was set by a `with_team` call that is still running on this
+    // thread (its guard restores the previous value before the call returns, including on
+    // unwinding, and such calls nest), so the team it borrows is alive.
     f(unsafe { p.as_ref() })
 }
 
 /// `f(i, [chunk i of each buffer])` in parallel, where buffer `k` is cut into chunks of
 /// `chunks[k]` elements (as many tasks as buffer 0 has chunks; the others must have at least as
-/// many): on the team entered by a live [`Scope`] on this thread, else on the current rayon
+/// many): on the team of a running [`with_team`] on this thread, else on the current rayon
 /// pool.
 pub fn par_chunks<T: Send, const N: usize>(
     bufs: [&mut [T]; N],
@@ -318,13 +324,13 @@ pub fn par_chunks<T: Send, const N: usize>(
     })
 }
 
-/// Threads of the team entered by a live [`Scope`] on this thread, else of the current rayon
+/// Threads of the team of a running [`with_team`] on this thread, else of the current rayon
 /// pool.
 pub fn current_threads() -> usize {
     with_current(|team| team.map_or_else(rayon::current_num_threads, Team::threads)).max(1)
 }
 
-/// `f(i)` for `i < n`, in parallel on the team entered by a live [`Scope`] on this thread,
+/// `f(i)` for `i < n`, in parallel on the team of a running [`with_team`] on this thread,
 /// else on the current rayon pool (for tasks that share out their work themselves).
 pub fn par_tasks(n: usize, f: impl Fn(usize) + Sync) {
     with_current(|team| match team {
@@ -340,7 +346,7 @@ pub fn par_tasks(n: usize, f: impl Fn(usize) + Sync) {
 /// whole `unit`-element units per thread; a thread takes its own range from the front, each
 /// claim half of what is left of it but at least `grain` units, then helps with the others'
 /// ranges from their back ends the same way. Chunk boundaries fall on units (the last chunk may
-/// be short). On the team entered by a live [`Scope`] on this thread, else on the current rayon
+/// be short). On the team of a running [`with_team`] on this thread, else on the current rayon
 /// pool.
 ///
 /// Why not [`par_chunks`] with many small tasks: every claim is a locked compare-and-swap,
@@ -493,11 +499,12 @@ mod tests {
         // after parking
         std::thread::sleep(Duration::from_millis(5));
         let mut v = vec![0u32; 1001];
-        let _scope = Scope::enter(&team);
-        par_chunks([&mut v[..]], [16], |i, [c]| {
-            for (k, x) in c.iter_mut().enumerate() {
-                *x = (i * 16 + k) as u32;
-            }
+        with_team(&team, || {
+            par_chunks([&mut v[..]], [16], |i, [c]| {
+                for (k, x) in c.iter_mut().enumerate() {
+                    *x = (i * 16 + k) as u32;
+                }
+            })
         });
         assert!(v.iter().enumerate().all(|(i, &x)| x == i as u32));
     }
@@ -518,6 +525,22 @@ mod tests {
             count.fetch_add(1, SeqCst);
         });
         assert_eq!(count.load(SeqCst), 8);
+    }
+
+    /// `with_team` nests, and restores the previous team when its closure returns or panics.
+    #[test]
+    fn with_team_nests_and_restores_on_panic() {
+        let (a, b) = (Team::new(2).unwrap(), Team::new(3).unwrap());
+        assert!(with_current(|t| t.is_none()));
+        with_team(&a, || {
+            assert_eq!(current_threads(), 2);
+            with_team(&b, || assert_eq!(current_threads(), 3));
+            assert_eq!(current_threads(), 2);
+            let r = catch_unwind(AssertUnwindSafe(|| with_team(&b, || panic!("inner"))));
+            assert!(r.is_err());
+            assert_eq!(current_threads(), 2);
+        });
+        assert!(with_current(|t| t.is_none()));
     }
 
     #[test]
@@ -567,12 +590,13 @@ mod tests {
         ];
         for threads in [1, 2, 3, 4, 8, 9] {
             let team = Team::new(threads).unwrap();
-            let _s = Scope::enter(&team);
-            for &(len, unit, grain) in &shapes {
-                check(len, unit, grain);
-            }
-            // inside a task the region runs inline on the calling thread
-            team.run(2, &|_| check(333, 16, 1));
+            with_team(&team, || {
+                for &(len, unit, grain) in &shapes {
+                    check(len, unit, grain);
+                }
+                // inside a task the region runs inline on the calling thread
+                team.run(2, &|_| check(333, 16, 1));
+            });
         }
         for &(len, unit, grain) in &shapes {
             check(len, unit, grain);
@@ -583,18 +607,19 @@ mod tests {
     #[test]
     fn par_ranges_helps_a_slow_thread() {
         let team = Team::new(2).unwrap();
-        let _s = Scope::enter(&team);
         let mut v = vec![0usize; 64];
         let by: Mutex<Vec<(usize, std::thread::ThreadId)>> = Mutex::new(Vec::new());
-        par_ranges(&mut v, 1, 1, |start, c| {
-            // the first chunk of range 0 (units 0..32) is slow
-            if start == 0 {
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            c.fill(1);
-            by.lock()
-                .unwrap()
-                .push((start, std::thread::current().id()));
+        with_team(&team, || {
+            par_ranges(&mut v, 1, 1, |start, c| {
+                // the first chunk of range 0 (units 0..32) is slow
+                if start == 0 {
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                c.fill(1);
+                by.lock()
+                    .unwrap()
+                    .push((start, std::thread::current().id()));
+            })
         });
         assert!(v.iter().all(|&x| x == 1));
         let by = by.into_inner().unwrap();

@@ -1421,10 +1421,11 @@ mod tests {
                 let (mut plan, mut parts) = (DownPlan::new(), Vec::new());
                 for threads in [1usize, 2, 3] {
                     let team = crate::team::Team::new(threads).unwrap();
-                    let _scope = crate::team::Scope::enter(&team);
                     parts.clear();
                     parts.resize(64 * cols, f32::NAN);
-                    let (n, read) = m.sparse_axpy_par(&active, &mut plan, &mut parts);
+                    let (n, read) = crate::team::with_team(&team, || {
+                        m.sparse_axpy_par(&active, &mut plan, &mut parts)
+                    });
                     // (groups read whole count their zero rows)
                     assert_eq!(read, plan.rows(0..plan.units.len()));
                     assert!(read >= active.len());
@@ -1528,9 +1529,14 @@ mod tests {
                 let mut want = vec![0f32; rows];
                 whole.matvec(&x[..cols], &mut want);
                 for on_team in [false, true] {
-                    let _scope = on_team.then(|| crate::team::Scope::enter(&team));
                     let mut got = vec![f32::NAN; rows];
-                    matvec_blocks(&blocks, &x[..cols], &mut got);
+                    if on_team {
+                        crate::team::with_team(&team, || {
+                            matvec_blocks(&blocks, &x[..cols], &mut got)
+                        });
+                    } else {
+                        matvec_blocks(&blocks, &x[..cols], &mut got);
+                    }
                     for r in 0..rows {
                         assert!(
                             (got[r] - want[r]).abs() <= tol(want[r]),

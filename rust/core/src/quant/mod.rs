@@ -432,9 +432,14 @@ pub struct Aligned<T: Pod> {
 }
 
 impl<T: Pod> Aligned<T> {
-    /// `len` zeroed elements.
+    /// `len` zeroed elements. Panics if their size overflows `usize` (or the allocation
+    /// fails), never hands out a slice longer than its buffer.
     pub fn zeroed(len: usize) -> Self {
-        let bytes = len * std::mem::size_of::<T>();
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .unwrap_or_else(|| {
+                panic!("Aligned::zeroed: {len} elements overflow the address space")
+            });
         Aligned {
             buf: vec![Line([0; 64]); bytes.div_ceil(64)],
             len,

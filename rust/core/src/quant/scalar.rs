@@ -134,9 +134,11 @@ fn code_q4_0(qs: &[u8; 16], j: usize) -> i32 {
 /// `w` (`super::Planar`, `nb` blocks per row, in either geometry), generic over the code format through `code(block, j)`.
 ///
 /// For each block `b < nb` (columns `32b..32b + 32`), with `p_i = a[i] · d_{rows[i], b}`:
-/// - `m = max_i |p_i|`, `inv = 127 / m`; if `inv` is not finite (`m == 0`, or `m` below
-///   about 3.7e-37) the block is skipped (`y` unchanged);
-/// - `s = m / 127`, `c_i = round_ties_even(p_i · inv)` (in −127..=127);
+/// - `m = max_i |p_i|` (NaN products ignored, as `f32::max` does), `inv = 127 / m`; if `inv`
+///   is not finite (`m == 0`, or `m` below about 3.7e-37) the block is skipped (`y`
+///   unchanged);
+/// - `s = m / 127`, `c_i = round_ties_even(p_i · inv)` (in −127..=127; 0 for a NaN product,
+///   as `NaN as i32`);
 /// - `acc_j = Σ_i c_i · code_{rows[i], b, j}` in i32 (exact);
 /// - `y[32b + j] = fma(s, acc_j as f32, y[32b + j])`.
 ///

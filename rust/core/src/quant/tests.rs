@@ -170,6 +170,16 @@ fn scalar_k() -> QuantKernels {
     quant_kernels_for(Tier::Scalar).expect("scalar always available")
 }
 
+/// A length whose byte size overflows `usize` panics instead of handing out a slice longer
+/// than the buffer.
+#[test]
+fn aligned_zeroed_rejects_sizes_that_overflow() {
+    let r = std::panic::catch_unwind(|| Aligned::<[u8; 2]>::zeroed(1 << (usize::BITS - 1)));
+    assert!(r.is_err());
+    let a = Aligned::<[u8; 2]>::zeroed(33);
+    assert_eq!((a.len(), a.as_ptr() as usize % 64), (33, 0));
+}
+
 #[test]
 fn layout_is_ggml() {
     assert_eq!(std::mem::size_of::<BlockQ8_0>(), 34);
@@ -1223,17 +1233,26 @@ fn every_down_kernel_is_bit_identical_to_scalar() {
                     (29, true),
                     (32, false),
                 ] {
-                    // the last case: activations so small that 127 / max|a·d| overflows for
-                    // some blocks (those add nothing)
-                    for (zeros, scale) in
-                        [(0u32, 1.0), (50, 1.0), (90, 1.0), (100, 1.0), (50, 1e-39)]
-                    {
+                    // activations so small that 127 / max|a·d| overflows for some blocks
+                    // (those add nothing), and a NaN activation in the second row (ignored by
+                    // the maximum, coefficient 0: the other rows' sum is unchanged)
+                    for (zeros, scale, nan) in [
+                        (0u32, 1.0, false),
+                        (50, 1.0, false),
+                        (90, 1.0, false),
+                        (100, 1.0, false),
+                        (50, 1e-39, false),
+                        (0, 1.0, true),
+                    ] {
                         let (mut rows, mut a) = if !tiled && partial {
                             gen_rows(nrows, n, zeros, &mut r)
                         } else {
                             gen_rows(if partial { 8 } else { 96 }, n, zeros, &mut r)
                         };
                         a.iter_mut().for_each(|v| *v *= scale);
+                        if let Some(v) = a.get_mut(1).filter(|_| nan) {
+                            *v = f32::NAN;
+                        }
                         if partial && tiled {
                             rows.iter_mut().for_each(|x| *x += 96);
                         }

@@ -601,7 +601,9 @@ unsafe fn down_coefficients(
             ))
         };
         *pv = _mm512_mul_ps(_mm512_set1_ps(a[i]), dv);
-        m = _mm512_max_ps(m, _mm512_abs_ps(*pv));
+        // max_ps returns its second operand when either is NaN: a NaN product never wins, as
+        // in the spec's f32::max
+        m = _mm512_max_ps(_mm512_abs_ps(*pv), m);
     }
     let c127 = _mm512_set1_ps(127.0);
     // blocks whose 127 / m is not finite (m = 0, or m below ~3.7e-37) add nothing: their
@@ -613,7 +615,10 @@ unsafe fn down_coefficients(
     for (q, cq) in cq.iter_mut().enumerate().take(a.len() / 4) {
         let mut packed = _mm512_setzero_si512();
         for kk in 0..4 {
-            let c = _mm512_cvtps_epi32(_mm512_mul_ps(pv[4 * q + kk], inv));
+            // a NaN product's coefficient is 0, as the spec's `NaN as i32` (cvtps gives
+            // i32::MIN, which would reach the correction sum)
+            let t = _mm512_mul_ps(pv[4 * q + kk], inv);
+            let c = _mm512_maskz_cvtps_epi32(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(t, t), t);
             sum = _mm512_add_epi32(sum, c);
             // packed |= (c << 8kk) & (0xFF << 8kk): one shift and one ternary logic op
             let sh = _mm512_sllv_epi32(c, _mm512_set1_epi32(8 * kk as i32));
