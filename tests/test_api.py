@@ -1369,3 +1369,85 @@ def test_python_dash_m_help() -> None:
     assert out.returncode == 0, out.stderr
     for opt in ("--max-new-tokens", "--temperature", "--top-k", "--top-p", "--min-p", "--stop"):
         assert opt in out.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# Numbers and text the native layer cannot take: typed errors, not OverflowError / TypeError
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_new_tokens": 2**70},
+        {"top_k": 2**64},
+        {"max_length": 2**63},
+        {"top_p": 1e-300},  # 0 in float32
+        {"repetition_penalty": 3.5e38},  # inf in float32
+        {"repetition_penalty": 1e-300},  # 0 in float32
+    ],
+)
+def test_numbers_out_of_the_native_range_are_invalid_arguments(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(InvalidArgumentError):
+        GenerationConfig(**kwargs)
+
+
+def test_generation_config_do_sample_must_be_a_bool() -> None:
+    with pytest.raises(InvalidArgumentError, match="do_sample"):
+        GenerationConfig.from_hf_dict({"do_sample": "false", "temperature": 0.7})
+    assert GenerationConfig.from_hf_dict({"do_sample": None, "temperature": 0.7}).greedy
+
+
+def test_threads_beyond_what_the_machine_can_use_are_rejected_before_loading() -> None:
+    with pytest.raises(InvalidArgumentError, match="threads"):
+        sparselm.load("/nonexistent/model", threads=10**6)
+    with pytest.raises(InvalidArgumentError, match="threads"):
+        sparselm.load("/nonexistent/model", threads=2**70)
+    assert model_mod.max_threads() >= 64
+
+
+def test_lone_surrogates_and_bad_ids_in_the_tokenizer(tok: Tokenizer) -> None:
+    with pytest.raises(InvalidArgumentError, match="surrogate"):
+        tok.encode("abc\ud800")
+    with pytest.raises(InvalidArgumentError, match="surrogate"):
+        tok.apply_chat_template([{"role": "user", "content": "\udcff"}])
+    with pytest.raises(InvalidArgumentError):
+        tok.decode([2**40])
+    with pytest.raises(InvalidArgumentError):
+        tok.id_to_token(1.7)  # type: ignore[arg-type]
+    assert tok.id_to_token(2**40) is None and tok.id_to_token(-1) is None
+
+
+def test_mappings_and_sets_are_not_token_prompts(tok: Tokenizer) -> None:
+    model, _ = make_model(tok)
+    bads: list[Any] = [{1: 2}, {1, 2}]
+    for bad in bads:
+        with pytest.raises(InvalidArgumentError, match="sequence of ints"):
+            model.generate(bad)
+
+
+def test_cli_rejects_text_that_is_not_utf8(cli_model: dict[str, Any], capsys: Any) -> None:
+    # Python turns undecodable argv bytes into lone surrogates (surrogateescape)
+    code, _, err = run_cli(["generate", "hi \udcff"], capsys)
+    assert code == 2 and "not valid Unicode" in err and "Traceback" not in err
+    code, _, err = run_cli(["generate", "hi", "--max-new-tokens", str(10**23)], capsys)
+    assert code == 2 and "max_new_tokens" in err
+
+
+def test_write_checkpoint_checks_its_arguments_before_writing(tmp_path: Path) -> None:
+    from sparselm import testing
+
+    cases: list[dict[str, Any]] = [{"vocab_size": 100}, {"shards": 10**6}]
+    for kw in cases:
+        target = tmp_path / f"m{len(kw)}-{next(iter(kw.values()))}"
+        with pytest.raises(ValueError):
+            testing.make_tiny_checkpoint(target, **kw)
+        assert not target.exists() or not any(target.iterdir()), kw
+    done = Path(testing.make_tiny_checkpoint(tmp_path / "ok"))
+    assert (done / "config.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

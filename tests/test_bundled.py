@@ -111,6 +111,16 @@ def test_quantized_formats_agree_with_f32(
     assert ppl_q < ppl_ref * 1.05
 
 
+def test_cli_info_shows_the_checkpoint_architectures(capsys: pytest.CaptureFixture[str]) -> None:
+    """`architectures` comes from config.json (the engine keeps only the fields it checks)."""
+    from sparselm import cli
+
+    assert cli.main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["architectures"] == ["PLMForCausalLM"] and info["bundled"]
+    assert info["down_layout"] is None  # the bundled checkpoint is bf16, not quantized
+
+
 def test_chat_template_and_stop_tokens(model: sparselm.Model) -> None:
     out = model.chat([{"role": "user", "content": "Who is Mr. Darcy?"}], max_new_tokens=16)
     assert isinstance(out, str)

@@ -91,6 +91,16 @@ def test_filters_that_collapse_to_greedy(model, prompt, kwargs) -> None:
         )
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 1e-38, 1e-30])
+def test_tiny_temperatures_are_greedy(model, prompt, temperature) -> None:
+    """Temperatures so small that 1/T or logit/T leave float32's range sample the limit, the
+    greedy token, with any filter (they gave NaN probabilities and padding ids)."""
+    greedy = model.generate(prompt, max_new_tokens=12, temperature=0)
+    for kwargs in ({}, {"top_k": 5}, {"top_p": 0.5}, {"min_p": 0.5}):
+        got = model.generate(prompt, max_new_tokens=12, temperature=temperature, seed=1, **kwargs)
+        assert got == greedy, kwargs
+
+
 def test_greedy_text_matches_reference(model, small_ckpt, stops) -> None:
     tok = model.tokenizer
     text_prompt = "What is the capital of France?"

@@ -373,6 +373,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _architectures(model: Model) -> list[str]:
+    """``architectures`` of the checkpoint's config.json (the engine keeps only the fields it
+    validates), or [] if the file cannot be read or has none."""
+    found = model.config.get("architectures")
+    if not found and model.path is not None:
+        try:
+            with open(os.path.join(model.path, "config.json"), encoding="utf-8") as f:
+                found = json.load(f).get("architectures")
+        except (OSError, ValueError, AttributeError):
+            found = None
+    if not isinstance(found, (list, tuple)):
+        return []
+    return [str(a) for a in found]
+
+
 def _info_dict(model: Model) -> dict[str, Any]:
     try:
         tier: str | None = kernel_tier()
@@ -385,7 +400,7 @@ def _info_dict(model: Model) -> dict[str, Any]:
         "path": str(model.path) if model.path else None,
         "bundled": model.path is not None and model.path == bundled_model_path().resolve(),
         "model_type": model.config.get("model_type"),
-        "architectures": list(model.config.get("architectures") or []),
+        "architectures": _architectures(model),
         "num_parameters": model.num_parameters,
         "dtype": model.dtype,
         "threads": model.threads,
@@ -483,6 +498,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except InvalidArgumentError as exc:
         _error(str(exc))
+        return 2
+    except UnicodeDecodeError as exc:
+        _error(f"input is not valid UTF-8 ({exc.reason} at byte {exc.start})")
         return 2
     except SparselmError as exc:
         _error(str(exc))

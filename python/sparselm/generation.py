@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import struct
 import time
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
@@ -106,12 +107,24 @@ def _is_real(x: object) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
+# The largest int a count or id may be (the native layer takes 64-bit sizes).
+MAX_INT = 2**63 - 1
+
+
+def f32_value(x: float) -> float:
+    """``x`` rounded to float32 as the native sampler sees it (inf beyond float32's range)."""
+    if not math.isfinite(x) or abs(x) >= 3.4028235677973366e38:  # float32's largest, rounded
+        return math.copysign(math.inf, x)
+    return float(struct.unpack("f", struct.pack("f", x))[0])
+
+
 def as_id_list(ids: Any, what: str = "ids", vocab_size: int | None = None) -> list[int]:
     """Validate token ids (a sequence or 1-D NumPy array of ints in [0, vocab_size)).
 
     Returns them as a list of Python ints; raises InvalidArgumentError naming the first bad one.
     """
-    if isinstance(ids, (str, bytes, bytearray)):
+    if isinstance(ids, (str, bytes, bytearray, Mapping, set, frozenset)):
+        # (a mapping or set would iterate as its keys, in no meaningful order)
         raise InvalidArgumentError(f"{what} must be a sequence of ints, got {type(ids).__name__}")
     ndim = getattr(ids, "ndim", None)
     if ndim is not None and ndim != 1:
@@ -128,7 +141,7 @@ def as_id_list(ids: Any, what: str = "ids", vocab_size: int | None = None) -> li
     for i, x in enumerate(out):
         if not is_int(x):
             raise InvalidArgumentError(f"{what}[{i}] must be an int, got {type(x).__name__} {x!r}")
-        if x < 0 or (vocab_size is not None and x >= vocab_size):
+        if x < 0 or x > MAX_INT or (vocab_size is not None and x >= vocab_size):
             bound = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
             raise InvalidArgumentError(f"{what}[{i}] = {x} is out of range: ids must be {bound}")
     return [int(x) for x in out]
@@ -217,8 +230,8 @@ class GenerationConfig:
             raise InvalidArgumentError(
                 f"max_new_tokens must be an int >= 0, got {type(mnt).__name__} {mnt!r}"
             )
-        if mnt < 0:
-            raise InvalidArgumentError(f"max_new_tokens must be >= 0, got {mnt}")
+        if not 0 <= mnt <= MAX_INT:
+            raise InvalidArgumentError(f"max_new_tokens must be in [0, 2**63), got {mnt}")
         t = self.temperature
         if not _is_real(t) or math.isnan(t):
             raise InvalidArgumentError(f"temperature must be a number >= 0, got {t!r}")
@@ -227,18 +240,29 @@ class GenerationConfig:
                 f"temperature must be finite and >= 0 (0 means greedy), got {t!r}"
             )
         k = self.top_k
-        if not is_int(k) or k < 0:
-            raise InvalidArgumentError(f"top_k must be an int >= 0 (0 disables it), got {k!r}")
+        if not is_int(k) or not 0 <= k <= MAX_INT:
+            raise InvalidArgumentError(
+                f"top_k must be an int in [0, 2**63) (0 disables it), got {k!r}"
+            )
         p = self.top_p
         if not _is_real(p) or math.isnan(p) or not 0.0 < p <= 1.0:
             raise InvalidArgumentError(f"top_p must be in (0, 1] (1 disables it), got {p!r}")
+        if f32_value(p) == 0.0:
+            raise InvalidArgumentError(
+                f"top_p = {p!r} is 0 in float32, the sampler's precision: use at least 1e-38"
+            )
         mp = self.min_p
         if not _is_real(mp) or math.isnan(mp) or not 0.0 <= mp <= 1.0:
             raise InvalidArgumentError(f"min_p must be in [0, 1] (0 disables it), got {mp!r}")
         rp = self.repetition_penalty
-        if not _is_real(rp) or math.isnan(rp) or rp <= 0 or math.isinf(rp):
+        if not _is_real(rp) or math.isnan(rp) or rp <= 0 or math.isinf(f32_value(rp)):
             raise InvalidArgumentError(
-                f"repetition_penalty must be a finite number > 0 (1 disables it), got {rp!r}"
+                "repetition_penalty must be a number > 0 within float32's range "
+                f"(1 disables it), got {rp!r}"
+            )
+        if f32_value(rp) == 0.0:
+            raise InvalidArgumentError(
+                f"repetition_penalty = {rp!r} is 0 in float32, the sampler's precision"
             )
         seed = self.seed
         if seed is not None:
@@ -250,8 +274,10 @@ class GenerationConfig:
                 raise InvalidArgumentError(f"seed must be in [0, 2**64), got {seed}")
         normalize_stop(self.stop)
         ml = self.max_length
-        if ml is not None and (not is_int(ml) or ml < 1):
-            raise InvalidArgumentError(f"max_length must be an int >= 1 or None, got {ml!r}")
+        if ml is not None and (not is_int(ml) or not 1 <= ml <= MAX_INT):
+            raise InvalidArgumentError(
+                f"max_length must be an int in [1, 2**63) or None, got {ml!r}"
+            )
 
     # -- derived ------------------------------------------------------------------------------
 
@@ -309,7 +335,13 @@ class GenerationConfig:
             return default if v is None else v
 
         kwargs: dict[str, Any] = {}
-        if bool(d.get("do_sample", False)):
+        do_sample = d.get("do_sample", False)
+        if do_sample is not None and not isinstance(do_sample, bool):
+            # (a string such as "false" is truthy: it must not turn sampling on)
+            raise InvalidArgumentError(
+                f"do_sample must be true or false, got {type(do_sample).__name__} {do_sample!r}"
+            )
+        if do_sample:
             kwargs["temperature"] = get("temperature", 1.0)
             kwargs["top_k"] = get("top_k", 50)
             kwargs["top_p"] = get("top_p", 1.0)

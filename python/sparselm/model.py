@@ -303,11 +303,27 @@ def _check_dtype(dtype: Any) -> str:
     return dtype
 
 
+def max_threads() -> int:
+    """The most threads ``load(threads=...)`` accepts: 8 per CPU this process may run on, at
+    least 64. Decode threads spin between the ~200 short parallel regions of a token, so more
+    threads than CPUs only slow it down, and thousands took minutes just to start."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(64, 8 * cpus)
+
+
 def _check_threads(threads: Any) -> int:
     if threads is None:
         return 0  # native: one per physical core (default_threads())
     if not is_int(threads) or threads < 1:
         raise InvalidArgumentError(f"threads must be None or an int >= 1, got {threads!r}")
+    if threads > max_threads():
+        raise InvalidArgumentError(
+            f"threads={threads} is more than this machine can use: at most {max_threads()} "
+            "(8 per CPU available to this process); None picks one per physical core"
+        )
     return int(threads)
 
 
@@ -388,7 +404,8 @@ def load(
             bundled with the package.
         dtype: Weight format in memory: ``"auto"`` (the file's dtype), ``"f32"``, ``"f16"``,
             ``"bf16"``, ``"q8_0"`` or ``"q4_0"``.
-        threads: Worker threads (``None``: one per physical core, see :func:`default_threads`).
+        threads: Worker threads (``None``: one per physical core, see :func:`default_threads`;
+            at most :func:`max_threads`).
         max_seq: Default context length of sessions (``None``: the model's
             ``max_position_embeddings``). Smaller values use less KV-cache memory.
 

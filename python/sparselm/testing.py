@@ -211,6 +211,10 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        # mkstemp makes the file 0600; give it the mode a plain open() would (0666 & ~umask)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -630,18 +634,22 @@ def _tokenizer_config() -> dict[str, Any]:
     }
 
 
+def _check_tokenizer_vocab(vocab_size: int) -> None:
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(
+            f"vocab_size {vocab_size} is too small for a byte-level tokenizer "
+            f"(>= {256 + len(SPECIAL_TOKENS)})"
+        )
+
+
 def write_tokenizer(model_dir: PathLike, vocab_size: int) -> str:
     """Write tokenizer.json + tokenizer_config.json sized for a model with ``vocab_size`` rows.
 
     Up to 8 of the highest embedding rows are left as padding (never produced by the tokenizer),
     as in PLM-1.8B where rows 151,646.. are padding. Returns the tokenizer.json text.
     """
-    n_regular = min(vocab_size - len(SPECIAL_TOKENS) - 8, 2000)
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(
-            f"vocab_size {vocab_size} is too small for a byte-level tokenizer (>= 259)"
-        )
-    n_regular = max(n_regular, 256)
+    _check_tokenizer_vocab(vocab_size)
+    n_regular = max(min(vocab_size - len(SPECIAL_TOKENS) - 8, 2000), 256)
     text = tokenizer_json(n_regular)
     tok = json.loads(text)
     n_total = len(tok["model"]["vocab"]) + len(tok["added_tokens"])
@@ -684,22 +692,26 @@ def write_checkpoint(
     plus model.safetensors.index.json (``{"metadata": {"total_size"}, "weight_map"}``); and, when
     ``tokenizer`` is true, tokenizer.json + tokenizer_config.json. ``dtype`` is the stored dtype
     of every tensor ('f32', 'f16' or 'bf16'); config.json's torch_dtype says the same.
+
+    Arguments are checked before anything is written, every file is written atomically, and
+    config.json comes last: a directory left by a failure part-way never looks like a model.
     """
     st = _st_dtype(dtype)
     if st not in _TORCH_DTYPE_NAMES:
         raise ValueError(f"write_checkpoint stores f32, f16 or bf16, not {dtype!r}")
+    names = sorted(weights)
+    if shards > 1 and shards > len(names):
+        raise ValueError(f"cannot split {len(names)} tensors into {shards} shards")
+    if tokenizer:
+        _check_tokenizer_vocab(int(config["vocab_size"]))
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     cfg = dict(config)
     cfg["torch_dtype"] = _TORCH_DTYPE_NAMES[st]
-    _write_json(os.path.join(path, "config.json"), cfg)
 
-    names = sorted(weights)
     if shards <= 1:
         write_safetensors(os.path.join(path, "model.safetensors"), weights, st)
     else:
-        if shards > len(names):
-            raise ValueError(f"cannot split {len(names)} tensors into {shards} shards")
         # Greedy split by bytes, keeping name order; every shard gets at least one tensor.
         sizes = [int(np.asarray(weights[n]).size) for n in names]
         total = sum(sizes)
@@ -732,6 +744,7 @@ def write_checkpoint(
 
     if tokenizer:
         write_tokenizer(path, int(config["vocab_size"]))
+    _write_json(os.path.join(path, "config.json"), cfg)
     return path
 
 

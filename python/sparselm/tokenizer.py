@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import tokenizers
 
 from ._errors import FormatError, InvalidArgumentError, ModelIOError, SparselmError
-from .generation import as_id_list, eos_ids_from_hf_dict
+from .generation import as_id_list, eos_ids_from_hf_dict, is_int
 
 if TYPE_CHECKING:
     import jinja2
@@ -61,6 +61,19 @@ def _token_content(value: Any) -> str | None:
     return None
 
 
+def check_unicode(text: str, what: str) -> None:
+    """Raise InvalidArgumentError if ``text`` holds a lone surrogate (no UTF-8 form exists, so
+    no tokenizer can read it; Python makes such strings of undecodable bytes, e.g. in
+    ``sys.argv``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgumentError(
+            f"{what} is not valid Unicode: lone surrogate {text[exc.start]!r} at index "
+            f"{exc.start} (from bytes that are not UTF-8?)"
+        ) from None
+
+
 def validate_messages(messages: Any) -> list[dict[str, Any]]:
     """Check a chat: a non-empty list of mappings with string ``role`` and ``content``.
 
@@ -87,6 +100,7 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
                 raise InvalidArgumentError(
                     f"messages[{i}][{key!r}] must be a string, got {type(m[key]).__name__}"
                 )
+            check_unicode(m[key], f"messages[{i}][{key!r}]")
         if not m["role"]:
             raise InvalidArgumentError(f"messages[{i}]['role'] must not be empty")
         out.append(dict(m))
@@ -299,11 +313,14 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise InvalidArgumentError(f"text must be a str, got {type(text).__name__}")
+        check_unicode(text, "text")
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``; with ``skip_special_tokens`` special tokens are left out."""
-        ids_list = as_id_list(ids, "ids")
+        # (the tokenizer's ids are 32-bit; ids in that range but past its vocabulary decode
+        # to nothing, as in `tokenizers`)
+        ids_list = as_id_list(ids, "ids", vocab_size=2**32)
         return str(self._tok.decode(ids_list, skip_special_tokens=skip_special_tokens))
 
     def token_to_id(self, token: str) -> int | None:
@@ -313,6 +330,12 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         """The token string of an id, or None if the id is not in the vocab."""
+        if not is_int(token_id):
+            raise InvalidArgumentError(
+                f"token_id must be an int, got {type(token_id).__name__} {token_id!r}"
+            )
+        if not 0 <= token_id < 2**32:  # the tokenizer's ids are 32-bit
+            return None
         t = self._tok.id_to_token(int(token_id))
         return None if t is None else str(t)
 

@@ -149,14 +149,14 @@ impl Sampler {
         if p.is_greedy() {
             return argmax(logits);
         }
-        let inv_t = 1.0 / p.temperature;
+        // Candidates keep the raw logits (dividing by T > 0 keeps their order); T is applied
+        // in f64 to the differences from the maximum, so a tiny T (1/T or l/T past f32's
+        // range, 1e-40 say) gives 0 for the best token and -inf for the rest instead of
+        // inf - inf = NaN: the limit, greedy.
+        let inv_t = 1.0 / p.temperature as f64;
         self.cand.clear();
-        self.cand.extend(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(i, &l)| (l * inv_t, i as u32)),
-        );
+        self.cand
+            .extend(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
         let desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         if p.top_k > 0 && p.top_k < self.cand.len() {
             self.cand.select_nth_unstable_by(p.top_k - 1, desc);
@@ -165,7 +165,11 @@ impl Sampler {
         self.cand.sort_unstable_by(desc);
         // softmax over the candidates (f64), in place of the logits
         let m = self.cand[0].0 as f64;
-        let mut probs: Vec<f64> = self.cand.iter().map(|c| (c.0 as f64 - m).exp()).collect();
+        let mut probs: Vec<f64> = self
+            .cand
+            .iter()
+            .map(|c| ((c.0 as f64 - m) * inv_t).exp())
+            .collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= total);
         let mut keep = probs.len();
@@ -250,6 +254,24 @@ mod tests {
         assert_ne!(draw(7), draw(8));
         let ones = draw(7).iter().filter(|&&t| t == 1).count() as f64 / 4000.0;
         assert!((ones - 0.75).abs() < 0.03, "{ones}");
+    }
+
+    /// Temperatures so small that 1/T or logit/T leave f32's range sample the best token
+    /// (the limit), with any filters, instead of NaN probabilities.
+    #[test]
+    fn tiny_temperatures_sample_the_best_token() {
+        let logits: Vec<f32> = vec![0.5, 3.0, -2.0, 2.9, 1.0];
+        for t in [1e-45f32, 1e-40, 1e-38, 1e-30] {
+            for (top_k, top_p, min_p) in
+                [(0, 1.0, 0.0), (3, 1.0, 0.0), (0, 0.5, 0.0), (0, 1.0, 0.5)]
+            {
+                let mut s = Sampler::new(params(t, top_k, top_p, min_p, 7)).unwrap();
+                for _ in 0..20 {
+                    let got = s.sample(&mut logits.clone(), &[]);
+                    assert_eq!(got, 1, "T={t} top_k={top_k} top_p={top_p} min_p={min_p}");
+                }
+            }
+        }
     }
 
     #[test]
