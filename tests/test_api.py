@@ -1403,7 +1403,7 @@ def test_threads_beyond_what_the_machine_can_use_are_rejected_before_loading() -
         sparselm.load("/nonexistent/model", threads=10**6)
     with pytest.raises(InvalidArgumentError, match="threads"):
         sparselm.load("/nonexistent/model", threads=2**70)
-    assert model_mod.max_threads() >= 64
+    assert sparselm.max_threads() >= 64
 
 
 def test_lone_surrogates_and_bad_ids_in_the_tokenizer(tok: Tokenizer) -> None:

@@ -43,6 +43,7 @@ from .model import (
     down_layout,
     kernel_tier,
     load,
+    max_threads,
     memory_bandwidth,
     prompt_engine,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "down_layout",
     "kernel_tier",
     "load",
+    "max_threads",
     "memory_bandwidth",
     "prompt_engine",
 ]

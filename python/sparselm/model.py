@@ -47,6 +47,7 @@ __all__ = [
     "down_layout",
     "kernel_tier",
     "load",
+    "max_threads",
     "memory_bandwidth",
     "prompt_engine",
 ]
