@@ -255,12 +255,12 @@ class GenerationConfig:
         if not _is_real(mp) or math.isnan(mp) or not 0.0 <= mp <= 1.0:
             raise InvalidArgumentError(f"min_p must be in [0, 1] (0 disables it), got {mp!r}")
         rp = self.repetition_penalty
-        if not _is_real(rp) or math.isnan(rp) or rp <= 0 or math.isinf(f32_value(rp)):
+        if not _is_real(rp) or math.isnan(rp) or rp <= 0 or math.isinf(rp32 := f32_value(rp)):
             raise InvalidArgumentError(
                 "repetition_penalty must be a number > 0 within float32's range "
                 f"(1 disables it), got {rp!r}"
             )
-        if f32_value(rp) == 0.0:
+        if rp32 == 0.0:
             raise InvalidArgumentError(
                 f"repetition_penalty = {rp!r} is 0 in float32, the sampler's precision"
             )

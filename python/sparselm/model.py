@@ -320,9 +320,9 @@ def _check_threads(threads: Any) -> int:
         return 0  # native: one per physical core (default_threads())
     if not is_int(threads) or threads < 1:
         raise InvalidArgumentError(f"threads must be None or an int >= 1, got {threads!r}")
-    if threads > max_threads():
+    if threads > (limit := max_threads()):
         raise InvalidArgumentError(
-            f"threads={threads} is more than this machine can use: at most {max_threads()} "
+            f"threads={threads} is more than this machine can use: at most {limit} "
             "(8 per CPU available to this process); None picks one per physical core"
         )
     return int(threads)

@@ -61,6 +61,10 @@ def _token_content(value: Any) -> str | None:
     return None
 
 
+# Token ids of `tokenizers` are 32-bit.
+_ID_LIMIT = 2**32
+
+
 def check_unicode(text: str, what: str) -> None:
     """Raise InvalidArgumentError if ``text`` holds a lone surrogate (no UTF-8 form exists, so
     no tokenizer can read it; Python makes such strings of undecodable bytes, e.g. in
@@ -318,9 +322,8 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``; with ``skip_special_tokens`` special tokens are left out."""
-        # (the tokenizer's ids are 32-bit; ids in that range but past its vocabulary decode
-        # to nothing, as in `tokenizers`)
-        ids_list = as_id_list(ids, "ids", vocab_size=2**32)
+        # (ids below _ID_LIMIT but past the vocabulary decode to nothing, as in `tokenizers`)
+        ids_list = as_id_list(ids, "ids", vocab_size=_ID_LIMIT)
         return str(self._tok.decode(ids_list, skip_special_tokens=skip_special_tokens))
 
     def token_to_id(self, token: str) -> int | None:
@@ -334,7 +337,7 @@ class Tokenizer:
             raise InvalidArgumentError(
                 f"token_id must be an int, got {type(token_id).__name__} {token_id!r}"
             )
-        if not 0 <= token_id < 2**32:  # the tokenizer's ids are 32-bit
+        if not 0 <= token_id < _ID_LIMIT:
             return None
         t = self._tok.id_to_token(int(token_id))
         return None if t is None else str(t)
