@@ -353,6 +353,32 @@ def test_index_without_weight_map(sl, tmp_path) -> None:
     _raises(sl, sl.FormatError, path, "weight_map")
 
 
+@pytest.mark.parametrize("shard", [".", "", "..", "sub/model.safetensors", "nul\x00.safetensors"])
+def test_index_shard_names_must_be_plain_file_names(sl, tmp_path, shard: str) -> None:
+    cfg = testing.random_plm_config(**TINY)
+    path = testing.write_checkpoint(
+        tmp_path / "sharded", cfg, testing.random_plm_weights(cfg, 4), shards=2
+    )
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    index["weight_map"][EMB] = shard
+    with open(index_path, "w") as f:
+        json.dump(index, f)
+    _raises(sl, sl.FormatError, path, "plain file name")
+
+
+def test_shard_that_is_a_directory(sl, tmp_path) -> None:
+    cfg = testing.random_plm_config(**TINY)
+    path = testing.write_checkpoint(
+        tmp_path / "sharded", cfg, testing.random_plm_weights(cfg, 4), shards=2
+    )
+    shard = os.path.join(path, "model-00002-of-00002.safetensors")
+    os.remove(shard)
+    os.mkdir(shard)
+    _raises(sl, sl.FormatError, path, "not a regular file")
+
+
 def test_unknown_load_dtype(sl, tiny_template: str) -> None:
     _raises(sl, (sl.InvalidArgumentError, sl.DtypeError), tiny_template, "f13", dtype="f13")
 

@@ -48,7 +48,7 @@ fn checkpoint_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<HashMap<String, 
         let file = file.as_str().ok_or_else(|| {
             Error::format(&index, format!("weight_map['{name}'] is not a file name"))
         })?;
-        if file.contains('/') || file.contains('\\') || file == ".." {
+        if file.is_empty() || file.contains(['/', '\\', '\0']) || file == "." || file == ".." {
             return Err(Error::format(
                 &index,
                 format!("shard name '{file}' must be a plain file name"),
@@ -69,6 +69,10 @@ fn checkpoint_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<HashMap<String, 
 
 fn map_file(path: &Path) -> Result<Mmap> {
     let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = f.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::format(path, "not a regular file"));
+    }
     // SAFETY: the mapping is read-only and private to this process; we only read it while the
     // Mmap lives. Concurrent truncation of the file by another process is outside our contract
     // (the same caveat as every mmap-based loader).

@@ -647,9 +647,10 @@ impl Matrix {
         (n, read.into_inner())
     }
 
-    /// The kernel calls of the planar down projection for `active` (sorted by row, as
-    /// `relu2_collect` gives it) into `plan` (see [`DownPlan`]); `false` (plan untouched) for
-    /// other layouts.
+    /// The kernel calls of the planar down projection for `active` into `plan` (see
+    /// [`DownPlan`]); `false` (plan untouched) for other layouts. `active` is expected sorted
+    /// by row with distinct rows, as `relu2_collect` gives it; any other list is planned in
+    /// that form (sorted, a repeated row's coefficients added), at the cost of a copy.
     pub fn down_plan(&self, active: &[(u32, f32)], plan: &mut DownPlan) -> bool {
         if !self.is_planar() {
             return false;
@@ -1015,10 +1016,21 @@ impl DownPlan {
     }
 
     fn build(&mut self, nrows: usize, active: &[(u32, f32)]) {
-        debug_assert!(
-            active.windows(2).all(|w| w[0].0 < w[1].0),
-            "DownPlan: the active list must be sorted by row"
-        );
+        if !active.windows(2).all(|w| w[0].0 < w[1].0) {
+            // not the sorted list of distinct rows the decode loop gives (public callers may
+            // pass any order): plan its canonical form, rows sorted and a repeated row's
+            // coefficients added, so every layout and split sums the same terms
+            let mut sorted = active.to_vec();
+            sorted.sort_by_key(|e| e.0);
+            let mut merged: Vec<(u32, f32)> = Vec::with_capacity(sorted.len());
+            for (j, a) in sorted {
+                match merged.last_mut() {
+                    Some(last) if last.0 == j => last.1 += a,
+                    _ => merged.push((j, a)),
+                }
+            }
+            return self.build(nrows, &merged);
+        }
         self.entries.clear();
         self.units.clear();
         let group = |j: u32| j as usize / DOWN_GROUP;
@@ -1308,6 +1320,53 @@ mod tests {
                     assert!(yp.iter().all(|&v| v == 0.0));
                 }
             }
+        }
+    }
+
+    /// `sparse_axpy` is public: an active list out of order, or with a row twice, gives on the
+    /// planar layout the bits of its canonical form (sorted, the repeated row's coefficients
+    /// added), and agrees with the GGUF layout's AXPY (which sums the list as given).
+    #[test]
+    fn planar_sparse_down_accepts_any_active_order() {
+        let (rows, cols) = (200usize, 640usize);
+        let w = seeded_weights(rows * cols, 1999);
+        for dt in [DType::Q8_0, DType::Q4_0] {
+            let plain = Matrix::from_f32(rows, cols, &w, dt);
+            let planar = plain.clone().into_down_layout();
+            if !planar.is_planar() {
+                continue;
+            }
+            // rows of a dense group (32..64), sparse ones and the partial group, reversed,
+            // with row 40 and row 197 (partial group) listed twice
+            let mut canon: Vec<(u32, f32)> = (0..rows as u32)
+                .filter(|&j| (32..64).contains(&j) || j % 7 == 0 || j >= 195)
+                .map(|j| (j, 0.3 + (j % 5) as f32 * 0.25))
+                .collect();
+            let mut messy: Vec<(u32, f32)> = canon.iter().rev().copied().collect();
+            messy.insert(3, (40, 0.5));
+            messy.push((197, -0.75));
+            for e in canon.iter_mut() {
+                e.1 += match e.0 {
+                    40 => 0.5,
+                    197 => -0.75,
+                    _ => 0.0,
+                };
+            }
+            let (mut yc, mut ym, mut yr) = (vec![0f32; cols], vec![0f32; cols], vec![0f32; cols]);
+            planar.sparse_axpy(&canon, &mut yc);
+            planar.sparse_axpy(&messy, &mut ym);
+            plain.sparse_axpy(&messy, &mut yr);
+            assert_eq!(
+                yc.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                ym.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{dt:?}"
+            );
+            let scale = yr.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = ym
+                .iter()
+                .zip(&yr)
+                .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(err <= 2e-2 * scale, "{dt:?}: {err} (scale {scale})");
         }
     }
 
