@@ -164,6 +164,10 @@ class FakeSession:
     def finish_reason(self) -> str | None:
         return self._finish
 
+    @property
+    def pending(self) -> int | None:
+        return self._pending
+
     def reset(self) -> None:
         self._tokens = []
         self._finish = None
@@ -171,12 +175,14 @@ class FakeSession:
 
     def truncate(self, n: int) -> None:
         del self._tokens[n:]
+        self._pending = None
 
     def feed(
         self, ids: Sequence[int], attention: str = "auto", all_logits: bool = False
     ) -> np.ndarray:
         if len(self._tokens) + len(ids) > self._max_seq:
             raise ContextLengthError("fake: does not fit")
+        self._pending = None
         self._tokens.extend(ids)
         out = np.zeros((len(ids), self.engine.vocab_size), np.float32)
         return out if all_logits else out[-1]
@@ -225,7 +231,12 @@ class FakeSession:
         self._pending = None
 
     def next_token(self) -> int | None:
+        # as the engine: the last returned id is fed when the next one is asked for, so a run
+        # that ends by its length or the context leaves it pending
         if self._finish is not None:
+            return None
+        if self._left <= 0:
+            self._finish = "length"
             return None
         if self._pending is not None:
             if len(self._tokens) >= self._max_seq:
@@ -233,9 +244,6 @@ class FakeSession:
                 return None
             self._tokens.append(self._pending)
             self._pending = None
-        if self._left <= 0:
-            self._finish = "length"
-            return None
         tok = next(self._script, None)
         self._decoded += 1
         if tok is None or tok in self._stop:

@@ -121,6 +121,47 @@ def test_cli_info_shows_the_checkpoint_architectures(capsys: pytest.CaptureFixtu
     assert info["down_layout"] is None  # the bundled checkpoint is bf16, not quantized
 
 
+def test_session_continues_after_every_returned_token(model: sparselm.Model) -> None:
+    """A run's last token reaches the cache only when the next one is computed; a continued
+    session must still start after it, whatever ended the run (its length, a stop string, a
+    closed stream), so greedy runs split in two equal one run of the same length."""
+    ids = model.tokenizer.encode("Once upon a time")
+    whole = model.generate(ids, max_new_tokens=12)
+    session = model.session()
+    first = session.generate(ids, max_new_tokens=5)  # ended by its length
+    assert session.tokens == ids + first[:-1]  # the last one is not computed yet
+    assert first + session.generate([], max_new_tokens=7) == whole
+
+    text = model.generate("Once upon a time", max_new_tokens=12)
+    session = model.session()
+    head = session.generate("Once upon a time", max_new_tokens=6)
+    assert head + session.generate("", max_new_tokens=6) == text
+
+    # a stop string: the returned text is cut before it, the session holds its tokens
+    stop = whole[6:8]
+    stop_text = model.tokenizer.decode(stop)
+    session = model.session()
+    cut = session.generate("Once upon a time", max_new_tokens=12, stop=stop_text)
+    assert stop_text not in cut and text.startswith(cut + stop_text)
+    assert session.generate([], max_new_tokens=4) == whole[8:12]
+
+    # a stream closed after three pieces
+    session = model.session()
+    stream = session.generate(ids, max_new_tokens=12, stream=True)
+    got = [next(stream) for _ in range(3)]
+    stream.close()
+    assert got + session.generate([], max_new_tokens=9) == whole
+
+
+def test_a_run_ended_by_the_context_cannot_continue(model: sparselm.Model) -> None:
+    ids = model.tokenizer.encode("Once upon a time")
+    session = model.session(max_seq=len(ids) + 3)
+    out = session.generate(ids, max_new_tokens=10)
+    assert len(out) == 4 and session.n_past == len(ids) + 3  # the 4th was never computed
+    with pytest.raises(sparselm.ContextLengthError):
+        session.generate([], max_new_tokens=1)
+
+
 def test_chat_template_and_stop_tokens(model: sparselm.Model) -> None:
     out = model.chat([{"role": "user", "content": "Who is Mr. Darcy?"}], max_new_tokens=16)
     assert isinstance(out, str)

@@ -61,6 +61,9 @@ class Session:
     @property
     def tokens(self) -> list[int]: ...
     @property
+    def pending(self) -> int | None:
+        """The last generated id when it is not in the cache yet (fed by the next run)."""
+    @property
     def finish_reason(self) -> str | None:
         """After generation ends: 'stop' (a stop id was sampled), 'length' (max_new_tokens),
         'context' (the cache is full). None while running or before any generation."""

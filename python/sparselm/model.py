@@ -1088,7 +1088,10 @@ class Session:
 
         Same options and return types as :meth:`Model.generate`. The cached tokens (earlier
         prompts and generated tokens) are reused, not recomputed. An empty prompt continues
-        from where the session stands (it must not be empty itself).
+        from where the session stands (it must not be empty itself): after every token the
+        earlier runs generated, including those of a stop string cut from the returned text
+        (not an eos token, which is never returned). The last token of a run is not in
+        :attr:`tokens` yet; it is computed at the start of the next run.
         """
         m = self._model
         config = m._resolve_config(
@@ -1108,7 +1111,9 @@ class Session:
             raise InvalidArgumentError("stop strings need a text prompt")
         if not isinstance(stream, bool):
             raise InvalidArgumentError(f"stream must be a bool, got {type(stream).__name__}")
-        ids = self.tokens + new_ids
+        # the last token a run returned reaches the cache only when the next one is computed
+        pending = self._native.pending
+        ids = self.tokens + ([] if pending is None else [pending]) + new_ids
         if not ids:
             raise InvalidArgumentError("prompt must not be empty (the session has no tokens yet)")
         self._check_fits(len(ids), f"the session holds {self.n_past} tokens + {len(new_ids)} new")

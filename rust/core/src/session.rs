@@ -58,6 +58,9 @@ pub struct Session {
     state: State,
     tokens: Vec<u32>,
     gen: Option<Generation>,
+    /// The last id a finished generation returned without feeding it (ended by its length or
+    /// the context), until the cache changes.
+    unfed: Option<u32>,
     finish: Option<FinishReason>,
     stats: GenStats,
 }
@@ -73,6 +76,7 @@ impl Session {
             state,
             tokens: Vec::new(),
             gen: None,
+            unfed: None,
             finish: None,
             stats: GenStats::default(),
         })
@@ -94,6 +98,19 @@ impl Session {
         &self.tokens
     }
 
+    /// The last generated id when it is not in the cache yet: a returned id is fed to the
+    /// model only when the next one is asked for, so after a generation that ended by its
+    /// length or the context, or that the caller stopped (a stop string, a closed stream), the
+    /// cache lacks it. A continuation starts from [`Self::tokens`] followed by this id. None
+    /// after `feed`, `start`, `truncate` or `reset`, and after a stop id (the last returned id
+    /// was fed before the stop id was sampled).
+    pub fn pending(&self) -> Option<u32> {
+        match &self.gen {
+            Some(g) => g.pending,
+            None => self.unfed,
+        }
+    }
+
     pub fn finish_reason(&self) -> Option<FinishReason> {
         self.finish
     }
@@ -109,6 +126,7 @@ impl Session {
     pub fn reset(&mut self) {
         self.tokens.clear();
         self.gen = None;
+        self.unfed = None;
         self.finish = None;
     }
 
@@ -116,12 +134,14 @@ impl Session {
     pub fn truncate(&mut self, n: usize) {
         self.tokens.truncate(n);
         self.gen = None;
+        self.unfed = None;
     }
 
     /// Append `ids` to the cache. Returns the logits of the last id (`[V]`) or of every id
     /// (`[n, V]`, row-major) when `all_logits`.
     pub fn feed(&mut self, ids: &[u32], mode: AttnMode, all_logits: bool) -> Result<&[f32]> {
         self.gen = None;
+        self.unfed = None;
         let pos = self.tokens.len();
         self.model
             .forward(ids, pos, &mut self.cache, &mut self.state, mode, all_logits)?;
@@ -197,11 +217,13 @@ impl Session {
         };
         if g.generated >= g.max_new {
             self.finish = Some(FinishReason::Length);
+            self.unfed = g.pending;
             return Ok(None);
         }
         if let Some(tok) = g.pending.take() {
             if self.tokens.len() >= self.cache.max_seq {
                 self.finish = Some(FinishReason::Context);
+                self.unfed = Some(tok);
                 return Ok(None);
             }
             let pos = self.tokens.len();

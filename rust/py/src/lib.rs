@@ -183,6 +183,11 @@ impl Session {
     }
 
     #[getter]
+    fn pending(&self) -> Option<u32> {
+        self.inner.pending()
+    }
+
+    #[getter]
     fn finish_reason(&self) -> Option<&'static str> {
         self.inner.finish_reason().map(|f| f.name())
     }
