@@ -953,6 +953,31 @@ def test_chat_template_environment(tok: Tokenizer) -> None:
     assert len(tok.apply_chat_template(msgs, chat_template="{{ strftime_now('%Y') }}")) == 4
 
 
+def test_chat_template_like_transformers(tok: Tokenizer) -> None:
+    """``tools``/``documents`` are defined (None), ``{% generation %}`` blocks render their
+    body with their whitespace control, and CRLF line ends read as newlines; the native CLI's
+    renderer has a test with the same template and output (rust/cli/src/template.rs)."""
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    src = (
+        "{% for m in messages %}{% if m.role == 'assistant' %}<a>\n  {%- generation -%}\n  "
+        "{{ m.content }}  {%+ endgeneration %}</a>{% else %}{{ m.content }}{% endif %}"
+        "{% endfor %}{% if tools is not none %}T{% endif %}{% if documents is none %}D{% endif %}"
+        "{{ '{% generation %}' }}{# {% generation %} #}{% set generationx = 1 %}"
+        "{% raw %}{% generation %}{% endraw %}{{ {'k': '}}'}['k'] }}"
+    )
+    want = "a<a>b  </a>D{% generation %}{% generation %}}}"
+    assert tok.apply_chat_template(msgs, chat_template=src) == want
+    assert tok.apply_chat_template(msgs, chat_template=src, tools=[{"n": 1}]).startswith(
+        "a<a>b  </a>TD"
+    )
+    lf = "{% for m in messages %}\n[{{ m.content }}]\n{% endfor %}\n{{ 'x\ny' }}"
+    for source in (lf, lf.replace("\n", "\r\n"), lf.replace("\n", "\r")):
+        assert tok.apply_chat_template(msgs, chat_template=source) == "[a]\n[b]\nx\ny"
+    # a Python error inside the template's expressions is a SparselmError too
+    with pytest.raises(InvalidArgumentError, match="TypeError"):
+        tok.apply_chat_template(msgs, chat_template="{{ tools | tojson }}{{ 1 + 'x' }}")
+
+
 def test_chat_template_errors(tok: Tokenizer, tmp_path: Path, tokenizer_json: str) -> None:
     msgs = [{"role": "user", "content": "Hi"}]
     raising = "{{ raise_exception('roles must alternate') }}"

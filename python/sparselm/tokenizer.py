@@ -138,8 +138,20 @@ def _compile_template(source: str) -> jinja2.Template:
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    class GenerationBlocks(jinja2.ext.Extension):
+        """transformers' ``{% generation %}`` ... ``{% endgeneration %}``: it marks the
+        assistant's text for token masks; rendered, it is its body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: jinja2.parser.Parser) -> list[jinja2.nodes.Node]:
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
     env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[jinja2.ext.loopcontrols, GenerationBlocks],
     )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
@@ -384,6 +396,8 @@ class Tokenizer:
                 self._compiled = _compile_template(self._chat_template)
             template = self._compiled
         variables: dict[str, Any] = {k: v for k, v in self._special.items() if v is not None}
+        # transformers always defines these (None unless given)
+        variables.update(tools=None, documents=None)
         variables.update(template_kwargs)
         variables["messages"] = msgs
         variables["add_generation_prompt"] = bool(add_generation_prompt)
@@ -391,8 +405,14 @@ class Tokenizer:
 
         try:
             return str(template.render(**variables))
-        except jinja2.TemplateError as exc:
-            raise InvalidArgumentError(f"rendering the chat template failed: {exc}") from exc
+        except SparselmError:
+            raise  # raise_exception() in the template
+        except (jinja2.TemplateError, ArithmeticError, LookupError, TypeError, ValueError) as exc:
+            # also Python errors of the template's own expressions (a filter given the wrong
+            # type, a missing key, ...)
+            raise InvalidArgumentError(
+                f"rendering the chat template failed: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def __repr__(self) -> str:
         where = f"{self._name!r}, " if self._name else ""

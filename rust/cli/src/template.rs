@@ -53,7 +53,7 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
-        env.add_template_owned(NAME, source.to_string())
+        env.add_template_owned(NAME, normalized(source))
             .map_err(|e| format!("the chat template is not valid Jinja: {}", describe(&e)))?;
         Ok(ChatTemplate { env })
     }
@@ -76,6 +76,9 @@ impl ChatTemplate {
             .collect();
         let mut vars: Vec<(&str, Value)> =
             special.iter().map(|&(k, v)| (k, Value::from(v))).collect();
+        // transformers always defines these (None unless given)
+        vars.push(("tools", Value::from(())));
+        vars.push(("documents", Value::from(())));
         vars.push(("messages", Value::from(msgs)));
         vars.push(("add_generation_prompt", Value::from(add_generation_prompt)));
         let ctx = Value::from_pairs(vars);
@@ -91,6 +94,107 @@ impl ChatTemplate {
             }
         })
     }
+}
+
+/// The source as Jinja2 (and so transformers) reads it: line ends `\r\n` and `\r` become `\n`,
+/// and transformers' `{% generation %}` … `{% endgeneration %}` (which marks the assistant's
+/// text for token masks and renders its body unchanged) an always-true `if` block with the same
+/// whitespace control. Only tags are rewritten: text inside `{{ }}`, other tags, comments and
+/// `{% raw %}` blocks is copied as it is.
+fn normalized(source: &str) -> String {
+    let text = source.replace("\r\n", "\n").replace('\r', "\n");
+    let b = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let (mut i, mut copied) = (0, 0);
+    while i + 1 < b.len() {
+        if b[i] != b'{' || !matches!(b[i + 1], b'{' | b'%' | b'#') {
+            i += 1;
+            continue;
+        }
+        let rest = &text[i..];
+        if let Some((len, lead, word, trail)) = block_tag(rest) {
+            match word {
+                "generation" | "endgeneration" => {
+                    out.push_str(&text[copied..i]);
+                    let word = if word == "generation" { "if true" } else { "endif" };
+                    out.push_str(&format!("{{%{lead} {word} {trail}%}}"));
+                    i += len;
+                    copied = i;
+                    continue;
+                }
+                "raw" => {
+                    // to the end of the matching endraw tag (or of the source)
+                    let mut k = i + len;
+                    i = loop {
+                        match text[k..].find("{%") {
+                            Some(at) => match block_tag(&text[k + at..]) {
+                                Some((l, _, "endraw", _)) => break k + at + l,
+                                _ => k += at + 2,
+                            },
+                            None => break b.len(),
+                        }
+                    };
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        let close = match b[i + 1] {
+            b'{' => "}}",
+            b'%' => "%}",
+            _ => "#}",
+        };
+        i = match closing(&rest[2..], close, b[i + 1] != b'#') {
+            Some(at) => i + 2 + at + 2,
+            None => b.len(),
+        };
+    }
+    out.push_str(&text[copied..]);
+    out
+}
+
+/// `{%[-+]? name [-+]?%}` (a tag of one word and nothing else) at the start of `s`: its length,
+/// whitespace-control marks and name.
+fn block_tag(s: &str) -> Option<(usize, &str, &str, &str)> {
+    fn mark(t: &str) -> &str {
+        if t.starts_with(['-', '+']) {
+            &t[..1]
+        } else {
+            ""
+        }
+    }
+    let body = s.strip_prefix("{%")?;
+    let lead = mark(body);
+    let t = body[lead.len()..].trim_start();
+    let n = t
+        .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .unwrap_or(t.len());
+    let (word, t) = t.split_at(n);
+    let t = t.trim_start();
+    let trail = mark(t);
+    let t = t[trail.len()..].strip_prefix("%}")?;
+    Some((s.len() - t.len(), lead, word, trail))
+}
+
+/// Where `close` ends an expression, tag or comment body `s`: outside string literals and
+/// brackets (`strings`; a comment has neither).
+fn closing(s: &str, close: &str, strings: bool) -> Option<usize> {
+    let b = s.as_bytes();
+    let (mut quote, mut depth, mut k) = (None, 0usize, 0);
+    while k < b.len() {
+        match quote {
+            Some(_) if b[k] == b'\\' => k += 1,
+            Some(q) if b[k] == q => quote = None,
+            Some(_) => {}
+            None if depth == 0 && s[k..].starts_with(close) => return Some(k),
+            None if strings && matches!(b[k], b'\'' | b'"') => quote = Some(b[k]),
+            None if strings && matches!(b[k], b'(' | b'[' | b'{') => depth += 1,
+            None if strings && matches!(b[k], b')' | b']' | b'}') => depth = depth.saturating_sub(1),
+            None => {}
+        }
+        k += 1;
+    }
+    None
 }
 
 /// The error text with the line it points at (minijinja keeps the cause chain separate).
@@ -383,6 +487,33 @@ mod tests {
         );
     }
 
+    /// As Jinja2 reads a template (and so transformers and the Python API): CRLF and CR line
+    /// ends are newlines; `{% generation %}` blocks render their body, whitespace control kept;
+    /// `tools` and `documents` are defined as none.
+    #[test]
+    fn crlf_generation_blocks_and_tools_like_transformers() {
+        let lf = "{% for m in messages %}\n[{{ m.content }}]\n{% endfor %}\n{{ 'x\ny' }}";
+        let crlf = lf.replace('\n', "\r\n");
+        let cr = lf.replace('\n', "\r");
+        let msgs = [Message::new("user", "a"), Message::new("assistant", "b")];
+        let want = ChatTemplate::new(lf).unwrap().render(&msgs, true, &[]).unwrap();
+        assert_eq!(want, "[a]\n[b]\nx\ny");
+        for src in [crlf, cr] {
+            let t = ChatTemplate::new(&src).unwrap();
+            assert_eq!(t.render(&msgs, true, &[]).unwrap(), want, "{src:?}");
+        }
+        let src = "{% for m in messages %}{% if m.role == 'assistant' %}<a>\n  {%- generation -%}\n  \
+                   {{ m.content }}  {%+ endgeneration %}</a>{% else %}{{ m.content }}{% endif %}{% endfor %}\
+                   {% if tools is not none %}T{% endif %}{% if documents is none %}D{% endif %}\
+                   {{ '{% generation %}' }}{# {% generation %} #}{% set generationx = 1 %}\
+                   {% raw %}{% generation %}{% endraw %}{{ {'k': '}}'}['k'] }}";
+        let t = ChatTemplate::new(src).unwrap();
+        assert_eq!(
+            t.render(&msgs, true, &[]).unwrap(),
+            "a<a>b  </a>D{% generation %}{% generation %}}}"
+        );
+    }
+
     #[test]
     fn trim_and_lstrip_blocks() {
         let src = "{% for m in messages %}\n    {% if m.role == 'user' %}\n[{{ m.content }}]\n    {% endif %}\n{% endfor %}";
@@ -447,6 +578,8 @@ mod tests {
             "no HTML or non-ASCII escaping: {one}"
         );
         assert!(one.contains("\", \""), "Python's ', ' separator: {one}");
+        // keys in insertion order, as Python's dicts keep them
+        assert!(one.starts_with("{\"role\": \"user\", \"content\": "), "{one}");
         let (pretty, ascii) = rest.split_once('|').unwrap();
         assert!(pretty.starts_with("[\n  {\n    \""), "{pretty}");
         assert_eq!(
