@@ -553,3 +553,126 @@ def test_fuzz_mutated_safetensors(sl, tiny_template: str, tmp_path) -> None:
     run()
     print(f"[fuzz] {outcomes}")
     assert outcomes["raised"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# files that are not what they claim to be (found by review): typed errors, no hang, no abort
+# ----------------------------------------------------------------------------------------------
+
+
+def test_fifo_shard_is_rejected_without_blocking(sl, tmp_path) -> None:
+    """Opening a FIFO for reading blocks until a writer comes: the loader must look first.
+    Run in a child so that a regression fails on the timeout instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    cfg = testing.random_plm_config(**TINY)
+    path = testing.write_checkpoint(
+        tmp_path / "sharded", cfg, testing.random_plm_weights(cfg, 4), shards=2
+    )
+    shard = os.path.join(path, "model-00002-of-00002.safetensors")
+    os.remove(shard)
+    os.mkfifo(shard)
+    code = (
+        "import sys, sparselm\n"
+        "try:\n"
+        f"    sparselm.load({path!r})\n"
+        "except sparselm.FormatError as e:\n"
+        "    print('FormatError', e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.startswith("FormatError") and "not a regular file" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "name,content",
+    [
+        ("config.json", b'{"a": "\xff\xfe"}'),
+        ("config.json", b"[" * 100_000 + b"]" * 100_000),
+        ("config.json", b'{"n": ' + b"9" * 5000 + b"}"),
+        ("tokenizer_config.json", b'{"chat_template": "\xff"}'),
+        ("generation_config.json", b'{"do_sample": false, "x": "\xc3"}'),
+        ("generation_config.json", b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+        ("chat_template.jinja", b"{{ messages }}\xff"),
+    ],
+)
+def test_malformed_text_files_are_format_errors(sl, model_dir: str, name: str, content: bytes):
+    Path(model_dir, name).write_bytes(content)
+    err = _raises(sl, sl.FormatError, model_dir)
+    assert name in str(err), str(err)
+
+
+def test_added_token_ids_must_be_ascii_decimals(sl, model_dir: str) -> None:
+    p = Path(model_dir, "tokenizer_config.json")
+    cfg = json.loads(p.read_text())
+    cfg["added_tokens_decoder"] = {"²": {"content": "<x>", "special": True}}
+    p.write_text(json.dumps(cfg))
+    _raises(sl, sl.FormatError, model_dir, "added_tokens_decoder")
+
+
+@pytest.mark.parametrize("eos", [2**63, 2**32 + 5, -1, [3, 2**40]])
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json"])
+def test_eos_ids_out_of_range_are_rejected(sl, model_dir: str, name: str, eos) -> None:
+    """They were accepted, then broke every generate() (2**63) or were truncated onto a real
+    token (2**32 + 5 stopped on token 5)."""
+    p = Path(model_dir, name)
+    cfg = json.loads(p.read_text()) if p.is_file() else {}
+    cfg["eos_token_id"] = eos
+    p.write_text(json.dumps(cfg))
+    _raises(sl, sl.FormatError, model_dir, name, "eos_token_id")
+
+
+@pytest.mark.parametrize(
+    "component",
+    [
+        ("normalizer", {"type": "Precompiled", "precompiled_charsmap": "AAAA"}),
+        ("pre_tokenizer", {"type": "FixedLength", "length": 0}),
+    ],
+)
+def test_tokenizer_that_panics_is_a_format_error(sl, model_dir: str, component) -> None:
+    """tokenizers panics (a BaseException) on these; the load must say which file is bad."""
+    p = Path(model_dir, "tokenizer.json")
+    tj = json.loads(p.read_text())
+    tj[component[0]] = component[1]
+    p.write_text(json.dumps(tj))
+    _raises(sl, sl.FormatError, model_dir, "tokenizer.json")
+
+
+def test_tokenizer_ids_beyond_the_model_vocab(sl, model_dir: str) -> None:
+    p = Path(model_dir, "tokenizer.json")
+    tj = json.loads(p.read_text())
+    vocab = tj["model"]["vocab"]
+    tok = next(t for t, i in vocab.items() if i > 100)
+    vocab[tok] = 5000  # TINY's vocab_size is 300; the token count stays below it
+    p.write_text(json.dumps(tj))
+    _raises(sl, sl.FormatError, model_dir, "token id 5000", "vocab_size is 300")
+
+
+def test_overlong_path_is_a_model_io_error(sl, tmp_path) -> None:
+    _raises(sl, sl.ModelIOError, str(tmp_path / ("a" * 5000)))
+
+
+def test_huge_context_caches_fail_cleanly(sl, tmp_path) -> None:
+    """A tiny file can declare a context whose latent cache is terabytes: sessions must raise
+    OutOfMemoryError (a Rust allocation failure used to abort the process), and logits() of a
+    short prompt must not allocate the whole context at all."""
+    cfg = testing.random_plm_config(
+        hidden_size=2,
+        num_attention_heads=1,
+        qk_nope_head_dim=1,
+        qk_rope_head_dim=2,
+        v_head_dim=1,
+        kv_lora_rank=16384,
+        intermediate_size=2,
+        vocab_size=300,
+        num_hidden_layers=64,
+        max_position_embeddings=1 << 20,
+    )
+    path = testing.write_checkpoint(tmp_path / "huge", cfg, testing.random_plm_weights(cfg, 1))
+    model = sl.load(path)
+    assert model.logits([1, 2, 3]).shape == (3, 300)
+    with pytest.raises(sl.OutOfMemoryError, match="KV cache"):
+        model.session()
+    assert model.session(max_seq=64).generate([1, 2, 3], max_new_tokens=2)  # still usable

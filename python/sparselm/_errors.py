@@ -62,6 +62,10 @@ class InvalidArgumentError(SparselmError, ValueError):
     """An argument has an invalid value (sampling parameters, token ids, dtype names...)."""
 
 
+class OutOfMemoryError(SparselmError, MemoryError):
+    """A buffer could not be allocated (e.g. the KV cache of a very long context)."""
+
+
 #: Map from the native error kind (see rust/py/src/errors.rs) to the class raised.
 NATIVE_KINDS = {
     "io": ModelIOError,
@@ -73,4 +77,5 @@ NATIVE_KINDS = {
     "unsupported": UnsupportedError,
     "context": ContextLengthError,
     "argument": InvalidArgumentError,
+    "memory": OutOfMemoryError,
 }

@@ -72,6 +72,8 @@ class NativeSession(Protocol):
     def tokens(self) -> list[int]: ...
     @property
     def finish_reason(self) -> str | None: ...
+    @property
+    def pending(self) -> int | None: ...
     def reset(self) -> None: ...
     def truncate(self, n: int) -> None: ...
     def feed(
@@ -361,11 +363,13 @@ def eos_ids_from_hf_dict(d: Mapping[str, Any]) -> tuple[int, ...]:
     v = d.get("eos_token_id")
     if v is None:
         return ()
-    if is_int(v):
-        return (int(v),)
-    if isinstance(v, (list, tuple)) and all(is_int(x) for x in v):
-        return tuple(int(x) for x in v)
-    raise InvalidArgumentError(f"eos_token_id must be an int or a list of ints, got {v!r}")
+    ids = [v] if is_int(v) else v
+    if not isinstance(ids, (list, tuple)) or not all(is_int(x) for x in ids):
+        raise InvalidArgumentError(f"eos_token_id must be an int or a list of ints, got {v!r}")
+    bad = [x for x in ids if not 0 <= x < 2**32]
+    if bad:
+        raise InvalidArgumentError(f"eos_token_id {bad[0]} is not a token id (0 <= id < 2**32)")
+    return tuple(int(x) for x in ids)
 
 
 # --------------------------------------------------------------------------------------------

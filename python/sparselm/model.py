@@ -32,7 +32,7 @@ from .generation import (
     as_id_list,
     is_int,
 )
-from .tokenizer import Message, Tokenizer, validate_messages
+from .tokenizer import Message, Tokenizer, read_json_object, validate_messages
 
 if TYPE_CHECKING:
     import numpy as np
@@ -357,9 +357,13 @@ def resolve_model_dir(path: PathLike | None) -> Path:
     if not raw:
         raise InvalidArgumentError("path must not be empty")
     d = Path(raw).expanduser()
-    if not d.exists():
+    try:
+        exists, is_dir = d.exists(), d.is_dir()
+    except OSError as exc:  # e.g. a name too long, or a component not searchable
+        raise ModelIOError(f"cannot open the model directory {raw!r}: {exc}") from exc
+    if not exists:
         raise ModelIOError(f"model directory not found: {raw}")
-    if not d.is_dir():
+    if not is_dir:
         hint = f"; did you mean {d.parent}?" if d.suffix in (".json", ".safetensors") else ""
         raise ModelIOError(
             "expected a model directory (with config.json, model.safetensors and "
@@ -375,14 +379,7 @@ def _read_generation_config(d: Path) -> GenerationConfig | None:
     p = d / "generation_config.json"
     if not p.is_file():
         return None
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ModelIOError(f"cannot read {p}: {exc.strerror or exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{p}: invalid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise FormatError(f"{p}: expected a JSON object")
+    data = read_json_object(p)
     try:
         return GenerationConfig.from_hf_dict(data)
     except InvalidArgumentError as exc:
@@ -488,10 +485,16 @@ class Model:
                 "(max_position_embeddings)"
             )
         self._context_length = max_seq if max_seq is not None else n_ctx
+        where = f" in {self._path}" if self._path else ""
         if tokenizer.vocab_size > self._vocab_size:
             raise FormatError(
-                f"the tokenizer{' in ' + str(self._path) if self._path else ''} has "
-                f"{tokenizer.vocab_size} tokens but the model's vocab_size is {self._vocab_size}"
+                f"the tokenizer{where} has {tokenizer.vocab_size} tokens but the model's "
+                f"vocab_size is {self._vocab_size}"
+            )
+        if tokenizer.max_token_id >= self._vocab_size:
+            raise FormatError(
+                f"the tokenizer{where} has token id {tokenizer.max_token_id} but the model's "
+                f"vocab_size is {self._vocab_size}"
             )
         self.generation_config = generation_config or GenerationConfig()
         self._last_stats: GenerationStats | None = None

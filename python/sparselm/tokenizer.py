@@ -38,15 +38,26 @@ _DEFAULT_EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file: ModelIOError if it cannot be read, FormatError if it is not UTF-8."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ModelIOError(f"cannot read {path}: {exc.strerror or exc}") from exc
     try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{path}: not UTF-8 text: {exc}") from exc
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; every way it can be malformed is a FormatError."""
+    text = read_text_file(path)
+    try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{path}: invalid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        # JSONDecodeError, integers past Python's digit limit, nesting past the recursion limit
+        raise FormatError(f"{path}: invalid JSON: {type(exc).__name__}: {exc}") from exc
     if not isinstance(data, dict):
         raise FormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -142,7 +153,7 @@ def _compile_template(source: str) -> jinja2.Template:
         """transformers' ``{% generation %}`` ... ``{% endgeneration %}``: it marks the
         assistant's text for token masks; rendered, it is its body."""
 
-        tags = {"generation"}
+        tags = {"generation"}  # noqa: RUF012 (jinja2.ext.Extension declares it so)
 
         def parse(self, parser: jinja2.parser.Parser) -> list[jinja2.nodes.Node]:
             next(parser.stream)
@@ -197,6 +208,7 @@ class Tokenizer:
         self._tok = tokenizer
         self._chat_template = chat_template
         self._compiled: jinja2.Template | None = None
+        self._max_id: int | None = None
         self._special: dict[str, str | None] = dict.fromkeys(_SPECIAL_TOKEN_KEYS)
         for k, v in (special_tokens or {}).items():
             if k not in self._special:
@@ -230,22 +242,26 @@ class Tokenizer:
             raise ModelIOError(f"no tokenizer.json in {d}")
         try:
             tok = tokenizers.Tokenizer.from_file(str(tj))
-        except Exception as exc:  # tokenizers raises a bare Exception on parse errors
-            raise FormatError(f"{tj}: cannot load the tokenizer: {exc}") from exc
+            tok.encode("Hello, world! 123")  # a component that cannot run fails here, not later
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            # tokenizers raises a bare Exception on parse errors, and a PanicException (a
+            # BaseException) where its Rust code panics on a component it accepted
+            raise FormatError(
+                f"{tj}: cannot load the tokenizer: {type(exc).__name__}: {exc}"
+            ) from exc
 
         cfg: dict[str, Any] = {}
         cfg_path = d / "tokenizer_config.json"
         if cfg_path.is_file():
-            cfg = _read_json(cfg_path)
+            cfg = read_json_object(cfg_path)
         _apply_added_tokens_decoder(tok, cfg, cfg_path)
 
         template: str | None = None
         jinja_path = d / "chat_template.jinja"
         if jinja_path.is_file():
-            try:
-                template = jinja_path.read_text(encoding="utf-8")
-            except OSError as exc:
-                raise ModelIOError(f"cannot read {jinja_path}: {exc.strerror or exc}") from exc
+            template = read_text_file(jinja_path)
         else:
             template = _pick_template(cfg.get("chat_template"), cfg_path)
 
@@ -253,13 +269,17 @@ class Tokenizer:
         # config.json belongs to the engine, which validates it and reports its errors (as
         # ConfigError); here it is only a best-effort source of eos ids.
         try:
-            extra_eos.extend(eos_ids_from_hf_dict(_read_json(d / "config.json")))
+            model_cfg = read_json_object(d / "config.json")
         except (SparselmError, OSError):
-            pass
+            model_cfg = {}
+        try:
+            extra_eos.extend(eos_ids_from_hf_dict(model_cfg))
+        except InvalidArgumentError as exc:
+            raise FormatError(f"{d / 'config.json'}: {exc}") from exc
         gen_path = d / "generation_config.json"
         if gen_path.is_file():
             try:
-                extra_eos.extend(eos_ids_from_hf_dict(_read_json(gen_path)))
+                extra_eos.extend(eos_ids_from_hf_dict(read_json_object(gen_path)))
             except InvalidArgumentError as exc:
                 raise FormatError(f"{gen_path}: {exc}") from exc
 
@@ -283,6 +303,14 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of tokens, added/special tokens included."""
         return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def max_token_id(self) -> int:
+        """The largest id of any token (-1 for an empty vocabulary); ids need not be dense."""
+        if self._max_id is None:
+            ids = self._tok.get_vocab(with_added_tokens=True).values()
+            self._max_id = max(ids, default=-1)
+        return self._max_id
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -447,9 +475,13 @@ def _apply_added_tokens_decoder(
     decoder = cfg.get("added_tokens_decoder") or {}
     if not isinstance(decoder, dict):
         raise FormatError(f"{path}: added_tokens_decoder must be an object")
-    for key, spec in sorted(decoder.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else -1):
+
+    def is_id(key: str) -> bool:
+        return key.isascii() and key.isdecimal() and len(key) <= 10
+
+    for key, spec in sorted(decoder.items(), key=lambda kv: int(kv[0]) if is_id(kv[0]) else -1):
         content = _token_content(spec)
-        if not key.isdigit() or content is None:
+        if not is_id(key) or content is None:
             raise FormatError(f"{path}: bad added_tokens_decoder entry {key!r}: {spec!r}")
         want = int(key)
         have = tok.token_to_id(content)

@@ -116,7 +116,11 @@ fn normalized(source: &str) -> String {
             match word {
                 "generation" | "endgeneration" => {
                     out.push_str(&text[copied..i]);
-                    let word = if word == "generation" { "if true" } else { "endif" };
+                    let word = if word == "generation" {
+                        "if true"
+                    } else {
+                        "endif"
+                    };
                     out.push_str(&format!("{{%{lead} {word} {trail}%}}"));
                     i += len;
                     copied = i;
@@ -189,7 +193,9 @@ fn closing(s: &str, close: &str, strings: bool) -> Option<usize> {
             None if depth == 0 && s[k..].starts_with(close) => return Some(k),
             None if strings && matches!(b[k], b'\'' | b'"') => quote = Some(b[k]),
             None if strings && matches!(b[k], b'(' | b'[' | b'{') => depth += 1,
-            None if strings && matches!(b[k], b')' | b']' | b'}') => depth = depth.saturating_sub(1),
+            None if strings && matches!(b[k], b')' | b']' | b'}') => {
+                depth = depth.saturating_sub(1)
+            }
             None => {}
         }
         k += 1;
@@ -496,7 +502,10 @@ mod tests {
         let crlf = lf.replace('\n', "\r\n");
         let cr = lf.replace('\n', "\r");
         let msgs = [Message::new("user", "a"), Message::new("assistant", "b")];
-        let want = ChatTemplate::new(lf).unwrap().render(&msgs, true, &[]).unwrap();
+        let want = ChatTemplate::new(lf)
+            .unwrap()
+            .render(&msgs, true, &[])
+            .unwrap();
         assert_eq!(want, "[a]\n[b]\nx\ny");
         for src in [crlf, cr] {
             let t = ChatTemplate::new(&src).unwrap();
@@ -579,7 +588,10 @@ mod tests {
         );
         assert!(one.contains("\", \""), "Python's ', ' separator: {one}");
         // keys in insertion order, as Python's dicts keep them
-        assert!(one.starts_with("{\"role\": \"user\", \"content\": "), "{one}");
+        assert!(
+            one.starts_with("{\"role\": \"user\", \"content\": "),
+            "{one}"
+        );
         let (pretty, ascii) = rest.split_once('|').unwrap();
         assert!(pretty.starts_with("[\n  {\n    \""), "{pretty}");
         assert_eq!(

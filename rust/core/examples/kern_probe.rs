@@ -66,7 +66,10 @@ fn main() {
             .flatten()
             .expect("DTYPES: q4_0 or q8_0");
         print!("{dt:?} ({}): ", k.tier_name);
-        match Matrix::from_f32(rows, cols, &w, dt).into_down_layout().data {
+        match Matrix::from_f32(rows, cols, &w, dt)
+            .into_down_layout()
+            .into_storage()
+        {
             Storage::Q4_0P(p) => time(&p, k.down_q4_0.expect("a planar kernel"), &sets),
             Storage::Q8_0P(p) => time(&p, k.down_q8_0.expect("a planar kernel"), &sets),
             _ => println!("no planar int8 kernel for this format on this CPU"),

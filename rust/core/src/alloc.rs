@@ -226,6 +226,23 @@ unsafe impl GlobalAlloc for HugePageAlloc {
     }
 }
 
+/// `n` zero floats from the global allocator's zeroed allocation (no page is touched), or None
+/// where the allocation fails (a `vec![0.0; n]` would abort the process instead).
+pub fn try_zeroed_f32(n: usize) -> Option<Vec<f32>> {
+    if n == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<f32>(n).ok()?;
+    // SAFETY: the layout has a non-zero size.
+    let p = unsafe { std::alloc::alloc_zeroed(layout) } as *mut f32;
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: p was allocated by the global allocator with the layout of n f32s (length and
+    // capacity n), and zero bytes are valid f32s.
+    Some(unsafe { Vec::from_raw_parts(p, n, n) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -80,7 +80,10 @@ impl Fields<'_> {
 impl ModelConfig {
     /// Parse and validate `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = Error::read_text(path).map_err(|e| match e {
+            Error::Format { path, msg } => Error::Config { path, msg },
+            e => e,
+        })?;
         Self::from_json_str(&text, path)
     }
 
@@ -198,6 +201,14 @@ impl ModelConfig {
                     "'{name}' = {v} exceeds the supported maximum {max}"
                 )));
             }
+        }
+        // RoPE tables hold max_position_embeddings × qk_rope_head_dim floats (256 MiB here)
+        if self.max_position_embeddings * self.qk_rope_head_dim > 1 << 26 {
+            return Err(err(format!(
+                "max_position_embeddings x qk_rope_head_dim = {} x {} exceeds the supported \
+                 maximum 2^26",
+                self.max_position_embeddings, self.qk_rope_head_dim
+            )));
         }
         if self.rms_norm_eps >= 1.0 {
             return Err(err(format!(

@@ -49,6 +49,9 @@ pub enum Error {
     /// A caller passed an invalid argument.
     #[error("{0}")]
     Argument(String),
+    /// A buffer could not be allocated (e.g. a KV cache for a very long context).
+    #[error("{0}")]
+    Memory(String),
 }
 
 impl Error {
@@ -64,7 +67,15 @@ impl Error {
             Error::Unsupported(_) => "unsupported",
             Error::Context { .. } => "context",
             Error::Argument(_) => "argument",
+            Error::Memory(_) => "memory",
         }
+    }
+
+    /// A text file read whole: an I/O error, or a format error when it is not UTF-8.
+    pub(crate) fn read_text(path: &std::path::Path) -> Result<String, Error> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        String::from_utf8(bytes)
+            .map_err(|e| Error::format(path, format!("not UTF-8 text: {}", e.utf8_error())))
     }
 
     pub(crate) fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {

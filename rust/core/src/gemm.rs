@@ -236,7 +236,10 @@ fn matmul_nk_on(w: &Matrix, x: &[f32], t: usize, y: &mut [f32], amx: bool) {
     {
         assert!(available(), "bf16 GEMM unavailable");
         let (n, kk) = (w.rows, w.cols);
-        assert!(x.len() >= t * kk && y.len() >= t * n, "matmul_nk shapes");
+        assert!(
+            x.len() >= t.saturating_mul(kk) && y.len() >= t.saturating_mul(n),
+            "matmul_nk shapes"
+        );
         let mr = k::MR;
         let tp = t.div_ceil(mr) * mr;
         // activations [tp, K] in bf16, zero rows pad the last tile
@@ -289,7 +292,10 @@ fn matmul_nk_on(w: &Matrix, x: &[f32], t: usize, y: &mut [f32], amx: bool) {
 fn matmul_nk_amx(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
     use crate::amx;
     let (n, kk) = (w.rows, w.cols);
-    assert!(x.len() >= t * kk && y.len() >= t * n, "matmul_nk shapes");
+    assert!(
+        x.len() >= t.saturating_mul(kk) && y.len() >= t.saturating_mul(n),
+        "matmul_nk shapes"
+    );
     assert!(use_amx(kk), "AMX GEMM unavailable for K = {kk}");
     let ks = kk / amx::K_STEP;
     let tiles = t.div_ceil(32) * 2; // token tiles of 16, in pairs
@@ -361,7 +367,10 @@ fn matmul_kn_on(w: &Matrix, a: &[f32], t: usize, sparse: bool, y: &mut [f32], am
     {
         assert!(available(), "bf16 GEMM unavailable");
         let (kk, n) = (w.rows, w.cols);
-        assert!(a.len() >= t * kk && y.len() >= t * n, "matmul_kn shapes");
+        assert!(
+            a.len() >= t.saturating_mul(kk) && y.len() >= t.saturating_mul(n),
+            "matmul_kn shapes"
+        );
         assert!(!amx || use_amx(kk), "AMX GEMM unavailable for K = {kk}");
         // tokens per tile: 16 rows of an AMX tile, or the AVX-512 kernel's 6
         let mr = if amx { 16 } else { k::MR };
@@ -543,7 +552,10 @@ fn use_amx_int8() -> bool {
 /// [`matmul_q16`] on AMX-INT8 tiles (`amx`, which needs `use_amx_int8()`) or AVX-512 VNNI.
 fn matmul_q16_on(w: &Matrix, x: &[f32], t: usize, y: &mut [f32], amx: bool) {
     let (n, kk) = (w.rows, w.cols);
-    assert!(x.len() >= t * kk && y.len() >= t * n, "matmul_q16 shapes");
+    assert!(
+        x.len() >= t.saturating_mul(kk) && y.len() >= t.saturating_mul(n),
+        "matmul_q16 shapes"
+    );
     let nb = kk / QBLOCK;
     let mut xq = vec![BlockQ8_0::default(); t * nb];
     for j in 0..t {
@@ -729,6 +741,18 @@ mod tests {
             v.push(true);
         }
         v
+    }
+
+    /// Shapes whose products overflow fail the shape checks (a panic) instead of wrapping past
+    /// them into out-of-bounds stores (this once segfaulted).
+    #[test]
+    fn shape_checks_do_not_wrap() {
+        if !available() {
+            return;
+        }
+        let w = Matrix::from_f32(1usize << 60, 0, &[], DType::F32);
+        let r = std::panic::catch_unwind(|| matmul_nk(&w, &[], 16, &mut [0f32; 1]));
+        assert!(r.is_err(), "matmul_nk: 16 · 2^60 rows passed");
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //! (302 MB at the 4096-token context of PLM-1.8B); an f16 cache is the lever if memory, not
 //! time, becomes the limit.
 
+use crate::error::{Error, Result};
+
 /// Latent KV cache `[layers, max_seq, kv_lora_rank + qk_rope_head_dim]`, f32.
 #[derive(Debug, Clone)]
 pub struct LatentCache {
@@ -23,18 +25,30 @@ pub struct LatentCache {
 }
 
 impl LatentCache {
-    pub fn new(layers: usize, max_seq: usize, rank: usize, rope: usize) -> LatentCache {
+    /// A zeroed cache; [`Error::Memory`] (not an abort) when it cannot be allocated.
+    pub fn new(layers: usize, max_seq: usize, rank: usize, rope: usize) -> Result<LatentCache> {
+        let too_big = || {
+            Error::Memory(format!(
+                "cannot allocate the KV cache: {layers} layers x {max_seq} positions x {} \
+                 values (f32); a smaller max_seq needs less",
+                rank + rope
+            ))
+        };
+        let n = layers
+            .checked_mul(max_seq)
+            .and_then(|x| x.checked_mul(rank + rope))
+            .ok_or_else(too_big)?;
         // Zeroed allocation: pages are only touched as positions are written, and on base
         // pages, so a short context commits only what it writes.
-        let data = vec![0f32; layers * max_seq * (rank + rope)];
+        let data = crate::alloc::try_zeroed_f32(n).ok_or_else(too_big)?;
         crate::alloc::no_huge_pages(&data);
-        LatentCache {
+        Ok(LatentCache {
             layers,
             max_seq,
             rank,
             rope,
             data,
-        }
+        })
     }
 
     pub fn row_dim(&self) -> usize {

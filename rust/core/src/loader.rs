@@ -35,7 +35,7 @@ fn checkpoint_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<HashMap<String, 
             ),
         ));
     }
-    let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+    let text = Error::read_text(&index)?;
     let v: Value = serde_json::from_str(&text)
         .map_err(|e| Error::format(&index, format!("invalid JSON: {e}")))?;
     let map = v
@@ -68,11 +68,12 @@ fn checkpoint_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<HashMap<String, 
 }
 
 fn map_file(path: &Path) -> Result<Mmap> {
-    let f = File::open(path).map_err(|e| Error::io(path, e))?;
-    let meta = f.metadata().map_err(|e| Error::io(path, e))?;
+    // before opening: opening a FIFO for reading would block until a writer comes
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if !meta.is_file() {
         return Err(Error::format(path, "not a regular file"));
     }
+    let f = File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: the mapping is read-only and private to this process; we only read it while the
     // Mmap lives. Concurrent truncation of the file by another process is outside our contract
     // (the same caveat as every mmap-based loader).

@@ -34,7 +34,10 @@ impl PlainRead {
     /// About `bytes` bytes, a whole number of 8-word rows per share of up to `threads`.
     pub fn new(bytes: usize, threads: usize) -> Result<PlainRead> {
         let threads = threads.max(1);
-        let words = bytes / 8 / (8 * threads) * (8 * threads);
+        let share = threads.checked_mul(8).ok_or_else(|| {
+            Error::Argument(format!("read_bandwidth: {threads} threads is too many"))
+        })?;
+        let words = bytes / 8 / share * share;
         if words == 0 {
             return Err(Error::Argument(format!(
                 "read_bandwidth: {bytes} bytes is too small for {threads} threads"
@@ -84,5 +87,7 @@ mod tests {
         assert!(read_bandwidth(0, 1 << 20, 1).is_err());
         assert!(read_bandwidth(1, 1 << 20, 0).is_err());
         assert!(read_bandwidth(4, 16, 1).is_err());
+        // 8 · threads overflows: an error, not a division by zero
+        assert!(PlainRead::new(1 << 20, 1 << 61).is_err());
     }
 }

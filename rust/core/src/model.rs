@@ -214,12 +214,12 @@ impl Model {
                 c.max_position_embeddings
             )));
         }
-        Ok(LatentCache::new(
+        LatentCache::new(
             c.num_hidden_layers,
             max_seq,
             c.kv_lora_rank,
             c.qk_rope_head_dim,
-        ))
+        )
     }
 
     /// Check token ids and context room for feeding `tokens` at `pos0`.

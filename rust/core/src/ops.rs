@@ -28,11 +28,13 @@ pub fn softmax(x: &mut [f32]) {
 /// `i < dim/2`, computed in f64.
 pub fn rope_tables(max_pos: usize, dim: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
     let half = dim / 2;
+    let inv_freq: Vec<f64> = (0..half)
+        .map(|i| theta.powf(-(2.0 * i as f64) / dim as f64))
+        .collect();
     let mut cos = Vec::with_capacity(max_pos * half);
     let mut sin = Vec::with_capacity(max_pos * half);
     for p in 0..max_pos {
-        for i in 0..half {
-            let inv_freq = theta.powf(-(2.0 * i as f64) / dim as f64);
+        for &inv_freq in &inv_freq {
             let a = p as f64 * inv_freq;
             cos.push(a.cos() as f32);
             sin.push(a.sin() as f32);

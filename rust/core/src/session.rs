@@ -69,7 +69,7 @@ impl Session {
     /// A session with a cache of `max_seq` positions (0: the model's context length).
     pub fn new(model: Arc<Model>, max_seq: usize) -> Result<Session> {
         let cache = model.new_cache(max_seq)?;
-        let state = State::new(&model.config, cache.max_seq);
+        let state = State::new(&model.config, cache.max_seq)?;
         Ok(Session {
             model,
             cache,

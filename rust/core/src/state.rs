@@ -2,6 +2,7 @@
 //! step (one token) allocates nothing once the session has warmed up.
 
 use crate::config::ModelConfig;
+use crate::error::{Error, Result};
 
 #[derive(Debug, Default)]
 pub struct State {
@@ -28,13 +29,30 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(c: &ModelConfig, max_seq: usize) -> State {
+    /// The buffers of a session of `max_seq` positions; [`Error::Memory`] (not an abort) when
+    /// the attention scores `[heads, max_seq]` cannot be allocated.
+    pub fn new(c: &ModelConfig, max_seq: usize) -> Result<State> {
         let h = c.num_attention_heads;
+        let too_big = || {
+            Error::Memory(format!(
+                "cannot allocate attention scores for {h} heads x {max_seq} positions; a \
+                 smaller max_seq needs less"
+            ))
+        };
+        let scores = h
+            .checked_mul(max_seq)
+            .and_then(crate::alloc::try_zeroed_f32)
+            .ok_or_else(too_big)?;
+        let mut positions = Vec::new();
+        positions
+            .try_reserve_exact(max_seq)
+            .map_err(|_| too_big())?;
+        positions.extend(0..max_seq as u32);
         let mut s = State {
             q_lat: vec![0.0; h * (c.kv_lora_rank + c.qk_rope_head_dim)],
             ctx: vec![0.0; h * c.kv_lora_rank],
-            scores: vec![0.0; h * max_seq],
-            positions: (0..max_seq as u32).collect(),
+            scores,
+            positions,
             active: Vec::with_capacity(c.intermediate_size),
             parts: Vec::new(),
             zeros: vec![0; c.num_hidden_layers],
@@ -44,7 +62,7 @@ impl State {
             ..State::default()
         };
         s.ensure(c, 1, false);
-        s
+        Ok(s)
     }
 
     /// Size the per-token buffers for `t` rows (grows only).

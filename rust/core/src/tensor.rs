@@ -98,16 +98,37 @@ pub enum Storage {
 /// Row-major `[rows, cols]` weights.
 #[derive(Debug, Clone)]
 pub struct Matrix {
-    pub rows: usize,
-    pub cols: usize,
-    pub data: Storage,
+    // crate-private: the kernels trust `data` to hold `rows × cols` values in its layout, which
+    // only the constructors guarantee
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) data: Storage,
 }
 
 impl Matrix {
+    /// `(rows, cols)`.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// The stored values, in their layout.
+    pub fn storage(&self) -> &Storage {
+        &self.data
+    }
+
+    /// The stored values, taken out of the matrix.
+    pub fn into_storage(self) -> Storage {
+        self.data
+    }
+
     /// Build from f32 values, stored as `dtype` (round to nearest even; quantized types per
     /// row, in parallel). A quantized dtype needs `cols % 32 == 0`; other matrices stay f32.
     pub fn from_f32(rows: usize, cols: usize, v: &[f32], dtype: DType) -> Matrix {
-        assert_eq!(v.len(), rows * cols, "Matrix::from_f32 length");
+        assert!(
+            rows.checked_mul(cols) == Some(v.len()),
+            "Matrix::from_f32: {} values for {rows} x {cols}",
+            v.len()
+        );
         let dtype = if dtype.is_quantized() && !cols.is_multiple_of(QBLOCK) {
             DType::F32
         } else {
@@ -372,6 +393,9 @@ impl Matrix {
     pub fn prefetch_row(&self, r: usize) {
         #[cfg(target_arch = "x86_64")]
         {
+            if r >= self.rows {
+                return;
+            }
             let (ptr, len): (*const u8, usize) = match &self.data {
                 Storage::F32(w) => (w[r * self.cols..].as_ptr().cast(), self.cols * 4),
                 Storage::F16(w) => (w[r * self.cols..].as_ptr().cast(), self.cols * 2),
@@ -397,10 +421,11 @@ impl Matrix {
             };
             let mut off = 0;
             while off < len {
-                // SAFETY: prefetch is a hint that never faults; the address lies inside the row.
+                // SAFETY: prefetch is a hint that never faults; the address lies inside the row
+                // (r < rows), and wrapping_add makes no in-bounds claim anyway.
                 unsafe {
                     std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                        ptr.add(off) as *const i8,
+                        ptr.wrapping_add(off) as *const i8,
                     )
                 };
                 off += 64;

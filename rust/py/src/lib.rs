@@ -146,7 +146,10 @@ impl Engine {
                     "logits() needs at least one token id".into(),
                 ));
             }
-            let mut s = CoreSession::new(model, 0)?;
+            // a cache of the prompt's length (not the whole context); a prompt longer than the
+            // context fails in feed with a context error
+            let ctx = model.config.max_position_embeddings;
+            let mut s = CoreSession::new(model, n.min(ctx))?;
             Ok(s.feed(&ids, AttnMode::Auto, true)?.to_vec())
         })?;
         Ok(PyArray1::from_vec(py, out).reshape([n, v])?.into_any())
@@ -239,10 +242,10 @@ impl Session {
     ) -> PyResult<()> {
         let v = self.inner.model().config.vocab_size;
         let prompt = ids_u32(py, prompt_ids, v)?;
+        // ids outside u32 can never be sampled; dropped, not truncated onto a real id
         let stop: Vec<u32> = stop_ids
             .into_iter()
-            .filter(|&t| t >= 0)
-            .map(|t| t as u32)
+            .filter_map(|t| u32::try_from(t).ok())
             .collect();
         let params = SamplingParams {
             temperature,

@@ -275,15 +275,25 @@ use half::{bf16, f16};
 
 use crate::error::{Error, Result};
 
+/// Elements spanned by `rows` rows of `len` elements `stride` apart, `(rows − 1)·stride + len`,
+/// saturating: a span that overflows never passes a `slice.len() >= span` bounds check (the
+/// SIMD kernels' checks before their unchecked loads and stores).
+#[inline]
+pub(crate) fn span(rows: usize, stride: usize, len: usize) -> usize {
+    rows.saturating_sub(1)
+        .saturating_mul(stride)
+        .saturating_add(len)
+}
+
 #[cfg(target_arch = "aarch64")]
-pub mod aarch64_neon;
+pub(crate) mod aarch64_neon;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
-pub mod x86_avx2;
+pub(crate) mod x86_avx2;
 #[cfg(target_arch = "x86_64")]
-pub mod x86_avx512;
+pub(crate) mod x86_avx512;
 #[cfg(target_arch = "x86_64")]
-pub mod x86_bf16;
+pub(crate) mod x86_bf16;
 
 /// A SIMD instruction-set tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -562,6 +572,37 @@ mod tests {
 
     fn close(a: f32, b: f32, n: usize) -> bool {
         (a - b).abs() <= 1e-6 * (n as f32 + 1.0) * (1.0 + b.abs())
+    }
+
+    /// Strides and lengths whose bounds arithmetic overflows fail the kernels' checks (a panic)
+    /// instead of wrapping past them into unchecked loads (these once segfaulted).
+    #[test]
+    fn tile_bounds_checks_do_not_wrap() {
+        for tier in Tier::available() {
+            let k = Kernels::for_tier(tier).unwrap();
+            let (w, x) = ([1f32; 8], [1f32; 8]);
+            // 3·xs ≡ 2 (mod 2^64): 3·xs + k wraps to a small number
+            let xs = 0xAAAA_AAAA_AAAA_AAABusize.wrapping_mul(2);
+            for (ws, xs, n) in [(1, 1, usize::MAX - 1), (2, xs, usize::MAX - 1), (2, xs, 6)] {
+                let r = std::panic::catch_unwind(|| {
+                    let mut out = [0f32; 16];
+                    (k.tile4x4_f32)(&w, ws, &x, xs, n, &mut out);
+                });
+                assert!(
+                    r.is_err(),
+                    "{tier:?}: ws {ws} xs {xs} k {n} passed the bounds check"
+                );
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if x86_bf16::supported() {
+            let r = std::panic::catch_unwind(|| {
+                let mut out = [[0f32; 4]; x86_bf16::MR];
+                let lda = 0xCCCC_CCCC_CCCC_CCCDusize.wrapping_mul(3);
+                x86_bf16::tile_nk(&[0], lda, &[0], 1, usize::MAX - 2, &mut out);
+            });
+            assert!(r.is_err(), "tile_nk passed the bounds check");
+        }
     }
 
     #[test]

@@ -160,7 +160,10 @@ axpy_impl!(
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile2x4_f32(w: &[f32], ws: usize, x: &[f32], xs: usize, k: usize, out: &mut [f32]) {
-    assert!(w.len() >= ws + k && x.len() >= 3 * xs + k, "tile2x4 bounds");
+    assert!(
+        w.len() >= super::span(2, ws, k) && x.len() >= super::span(4, xs, k),
+        "tile2x4 bounds"
+    );
     let (pw, px) = (w.as_ptr(), x.as_ptr());
     let mut acc = [_mm256_setzero_ps(); 8];
     let mut p = 0;

@@ -141,7 +141,7 @@ axpy_impl!(
 #[target_feature(enable = "avx512f")]
 unsafe fn tile4x4_f32_i(w: &[f32], ws: usize, x: &[f32], xs: usize, k: usize, out: &mut [f32; 16]) {
     assert!(
-        w.len() >= 3 * ws + k && x.len() >= 3 * xs + k,
+        w.len() >= super::span(4, ws, k) && x.len() >= super::span(4, xs, k),
         "tile4x4 bounds"
     );
     let (pw, px) = (w.as_ptr(), x.as_ptr());

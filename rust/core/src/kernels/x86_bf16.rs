@@ -341,7 +341,7 @@ unsafe fn tile_nk_i(
     out: &mut [[f32; 4]; MR],
 ) {
     assert!(
-        a.len() >= (MR - 1) * lda + k && b.len() >= (NR_NK - 1) * ldb + k,
+        a.len() >= super::span(MR, lda, k) && b.len() >= super::span(NR_NK, ldb, k),
         "tile_nk bounds"
     );
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
@@ -408,7 +408,7 @@ unsafe fn tile_kn_i(
         (1..=MR).contains(&m) && (1..=NR_KN).contains(&n),
         "tile_kn tile size"
     );
-    assert!(c.len() >= (m - 1) * ldc + n, "tile_kn output bounds");
+    assert!(c.len() >= super::span(m, ldc, n), "tile_kn output bounds");
     let kp = b.len() / NR_KN;
     assert!(
         pairs

@@ -998,6 +998,26 @@ fn gemv16_q8_0_matches_row_dots() {
     }
 }
 
+/// A token count whose shape products overflow fails the prompt kernels' checks (a panic)
+/// instead of wrapping into out-of-bounds stores (this once segfaulted).
+#[test]
+fn gemm16_shape_checks_do_not_wrap() {
+    for tier in crate::kernels::Tier::available() {
+        let Some(k) = quant_kernels_for(tier) else {
+            continue;
+        };
+        let t = (1usize << 60) + 1; // 16·t wraps to 16
+        if let Some(m4) = k.gemm16_q4_0 {
+            let r = std::panic::catch_unwind(|| m4(&[], &[], &[], t, &mut [0f32; 16]));
+            assert!(r.is_err(), "{tier:?} gemm16_q4_0");
+        }
+        if let Some(m8) = k.gemm16_q8_0 {
+            let r = std::panic::catch_unwind(|| m8(&[], &[], &[], t, &mut [0f32; 16]));
+            assert!(r.is_err(), "{tier:?} gemm16_q8_0");
+        }
+    }
+}
+
 #[test]
 fn gemm16_equals_gemv16_per_token() {
     // Same operations per (row, token): bit-identical to the GEMV kernels.

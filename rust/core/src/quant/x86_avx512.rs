@@ -444,7 +444,9 @@ const GT: usize = 4;
 fn gemm16_q4_0_i(w: &[BlockQ4_0x16], x: &[BlockQ8_0], xsum8: &[i32], t: usize, out: &mut [f32]) {
     let nb = w.len();
     assert!(
-        x.len() >= t * nb && xsum8.len() >= t * nb && out.len() >= 16 * t,
+        x.len() >= t.saturating_mul(nb)
+            && xsum8.len() >= t.saturating_mul(nb)
+            && out.len() >= t.saturating_mul(16),
         "gemm16_q4_0 shapes"
     );
     let m4 = _mm512_set1_epi8(0x0F);
@@ -494,7 +496,9 @@ fn gemm16_q4_0(w: &[BlockQ4_0x16], x: &[BlockQ8_0], xsum8: &[i32], t: usize, out
 fn gemm16_q8_0_i(w: &[BlockQ8_0x16], x: &[BlockQ8_0], xsum128: &[i32], t: usize, out: &mut [f32]) {
     let nb = w.len();
     assert!(
-        x.len() >= t * nb && xsum128.len() >= t * nb && out.len() >= 16 * t,
+        x.len() >= t.saturating_mul(nb)
+            && xsum128.len() >= t.saturating_mul(nb)
+            && out.len() >= t.saturating_mul(16),
         "gemm16_q8_0 shapes"
     );
     let mut t0 = 0;
