@@ -1280,6 +1280,23 @@ def test_cli_generate_model_dir_and_options(cli_model: dict[str, Any], capsys: A
     assert "mlp sparsity: 87.5%" in err and "finish: stop_string" in err
 
 
+def test_cli_option_values_may_start_with_a_dash(cli_model: dict[str, Any], capsys: Any) -> None:
+    """As in the native CLI, an option's value is the next argument whatever it looks like
+    (argparse alone rejected ``--stop --``); after ``--`` nothing is an option."""
+    cli_model["reply"] = "Hi -- there!"
+    argv = ["generate", "Hi", "--stop", "--", "--system", "-be brief-", "-m", "-odd-dir", "-q"]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert out == "Hi \n" and cli_model["path"] == "-odd-dir"
+    tok = cli_model["model"].tokenizer
+    prompt = tok.decode(cli_model["engine"].sessions[0].starts[0]["prompt"])
+    assert "-be brief-" in prompt
+    code, out, err = run_cli(["generate", "-q", "--", "--stop"], capsys)
+    assert code == 0 and out == "Hi -- there!\n"
+    tok = cli_model["model"].tokenizer
+    assert cli_model["engine"].sessions[0].starts[0]["prompt"] == tok.encode("--stop")
+
+
 def test_cli_generate_model_option_and_chat(cli_model: dict[str, Any], capsys: Any) -> None:
     code, out, _ = run_cli(["generate", "--model", "/m", "Hi", "--chat", "-q"], capsys)
     assert code == 0 and out == "Hi there!\n" and cli_model["path"] == "/m"

@@ -477,10 +477,76 @@ def _error(message: str) -> None:
     print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
 
 
+# Options that take a value: the next argument is always their value, even one that starts with
+# '-' (``--stop --``, ``--system "-be brief-"``), as in the native CLI.
+_VALUE_OPTIONS = frozenset(
+    {
+        "--model",
+        "--dtype",
+        "--threads",
+        "--max-seq",
+        "--max-new-tokens",
+        "--temperature",
+        "--top-k",
+        "--top-p",
+        "--min-p",
+        "--repetition-penalty",
+        "--seed",
+        "--stop",
+        "--system",
+    }
+)
+# Text options whose value argparse may still mangle as ``--opt=VALUE`` (Python 3.11 drops a
+# value of exactly "--"): passed as a placeholder and put back after parsing.
+_TEXT_OPTIONS = {"--model": "model", "--stop": "stop", "--system": "system"}
+_HELD = "\x00sparselm-arg-"
+
+
+def _bind_option_values(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``--opt VALUE`` as ``--opt=VALUE`` (argparse would take a VALUE starting with '-' for an
+    option), text values starting with '-' held back as placeholders (returned second); ``--``
+    and what follows are kept as they are."""
+    out: list[str] = []
+    held: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            out.extend(argv[i:])
+            break
+        name = "--model" if a == "-m" else a
+        if name in _VALUE_OPTIONS and i + 1 < len(argv):
+            value = argv[i + 1]
+            if name in _TEXT_OPTIONS and value.startswith("-"):
+                held.append(value)
+                value = f"{_HELD}{len(held) - 1}"
+            out.append(f"{name}={value}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out, held
+
+
+def _restore_held(args: argparse.Namespace, held: list[str]) -> None:
+    def back(v: Any) -> Any:
+        if isinstance(v, str) and v.startswith(_HELD):
+            return held[int(v[len(_HELD) :])]
+        if isinstance(v, list):
+            return [back(x) for x in v]
+        return v
+
+    for attr in _TEXT_OPTIONS.values():
+        if hasattr(args, attr):
+            setattr(args, attr, back(getattr(args, attr)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``sparselm`` command; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    bound, held = _bind_option_values(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(bound)
+    _restore_held(args, held)
     reconfigure: Callable[..., Any] | None = getattr(sys.stdout, "reconfigure", None)
     if reconfigure is not None:
         try:

@@ -108,10 +108,10 @@ impl ModelConfig {
             }
             None => return Err(f.err("missing required field 'model_type' (expected \"plm\")".into())),
         }
-        if let Some(act) = f.str("hidden_act") {
-            if act != "relu2" {
+        if let Some(act) = f.get("hidden_act") {
+            if act.as_str() != Some("relu2") {
                 return Err(Error::Unsupported(format!(
-                    "{}: hidden_act '{act}' is not supported (PLM uses \"relu2\")",
+                    "{}: hidden_act {act} is not supported (PLM uses \"relu2\")",
                     path.display()
                 )));
             }
@@ -138,6 +138,12 @@ impl ModelConfig {
         if !f.bool_or("rope_interleave", true)? {
             return Err(Error::Unsupported(format!(
                 "{}: rope_interleave=false (half-split RoPE) is not supported; PLM rotates adjacent pairs",
+                path.display()
+            )));
+        }
+        if f.bool_or("mlp_bias", false)? {
+            return Err(Error::Unsupported(format!(
+                "{}: mlp_bias=true is not supported (PLM has no biases)",
                 path.display()
             )));
         }
@@ -308,9 +314,28 @@ mod tests {
             assert_eq!(e.kind(), "config", "{k}: {e}");
             assert!(e.to_string().contains(k) || k == "model_type", "{e}");
         }
+        for (k, v) in [
+            ("q_lora_rank", serde_json::json!(1536)),
+            ("hidden_act", serde_json::json!(5)),
+            ("hidden_act", serde_json::json!(["relu2"])),
+            ("hidden_act", serde_json::json!("gelu")),
+            ("mlp_bias", serde_json::json!(true)),
+            ("attention_bias", serde_json::json!(true)),
+        ] {
+            let mut c = base();
+            c[k] = v;
+            let e = parse(&c).unwrap_err();
+            assert_eq!(e.kind(), "unsupported", "{k}: {e}");
+            assert!(e.to_string().contains(k), "{e}");
+        }
         let mut c = base();
-        c["q_lora_rank"] = serde_json::json!(1536);
-        assert_eq!(parse(&c).unwrap_err().kind(), "unsupported");
+        c["mlp_bias"] = serde_json::json!(false);
+        c["max_position_embeddings"] = serde_json::json!(1 << 20);
+        c["qk_rope_head_dim"] = serde_json::json!(128); // 2^27 RoPE table entries
+        let e = parse(&c).unwrap_err();
+        assert!(e.to_string().contains("qk_rope_head_dim"), "{e}");
+        c["qk_rope_head_dim"] = serde_json::json!(64);
+        assert!(parse(&c).is_ok());
         assert_eq!(
             ModelConfig::from_json_str("{", Path::new("x"))
                 .unwrap_err()
