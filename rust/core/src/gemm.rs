@@ -486,26 +486,25 @@ fn matmul_kn_on(w: &Matrix, a: &[f32], t: usize, sparse: bool, y: &mut [f32], am
                         let m = mr.min(t - ti);
                         let s = list.partition_point(|&p| (p as usize) < p0);
                         let e = list.partition_point(|&p| (p as usize) < p1);
-                        // SAFETY: rows ti..ti+m, columns c0..c0+nc of y; the columns belong
-                        // to this task alone and (ti+m-1)·n + c0 + nc <= t·n <= y.len().
-                        let c = unsafe {
-                            std::slice::from_raw_parts_mut(
+                        // SAFETY: rows ti..ti+m, columns c0..c0+nc of y, which lie in y:
+                        // (ti+m-1)·n + c0 + nc <= t·n <= y.len(); the columns belong to this
+                        // task alone. A pointer, not a slice: the rows' span holds other
+                        // tasks' columns, written at the same time.
+                        unsafe {
+                            k::tile_kn(
+                                &ab[ti * kp..],
+                                kp,
+                                m,
+                                &list[s..e],
+                                p0,
+                                panel,
                                 out.get().add(ti * n + c0),
                                 (m - 1) * n + nc,
+                                n,
+                                nc,
+                                p0 > 0,
                             )
                         };
-                        k::tile_kn(
-                            &ab[ti * kp..],
-                            kp,
-                            m,
-                            &list[s..e],
-                            p0,
-                            panel,
-                            c,
-                            n,
-                            nc,
-                            p0 > 0,
-                        );
                     }
                     p0 = p1;
                 }

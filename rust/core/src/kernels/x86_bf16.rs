@@ -399,7 +399,8 @@ unsafe fn tile_kn_i(
     pairs: &[u32],
     p0: usize,
     b: &[u32],
-    c: &mut [f32],
+    c: *mut f32,
+    c_len: usize,
     ldc: usize,
     n: usize,
     accumulate: bool,
@@ -408,7 +409,7 @@ unsafe fn tile_kn_i(
         (1..=MR).contains(&m) && (1..=NR_KN).contains(&n),
         "tile_kn tile size"
     );
-    assert!(c.len() >= super::span(m, ldc, n), "tile_kn output bounds");
+    assert!(c_len >= super::span(m, ldc, n), "tile_kn output bounds");
     let kp = b.len() / NR_KN;
     assert!(
         pairs
@@ -417,14 +418,14 @@ unsafe fn tile_kn_i(
         "tile_kn pair index"
     );
     assert!(
-        a.len() >= (MR - 1) * lda + p0 + kp,
+        a.len() >= super::span(MR, lda, p0.saturating_add(kp)),
         "tile_kn activation bounds"
     );
     let masks: [__mmask16; 4] = [0, 1, 2, 3].map(|j| {
         let v = n.saturating_sub(16 * j).min(16);
         ((1u32 << v) - 1) as u16
     });
-    let (pa, pb, pc) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+    let (pa, pb, pc) = (a.as_ptr(), b.as_ptr(), c);
     let mut acc = [[_mm512_setzero_ps(); 4]; MR];
     // SAFETY: rows i < m and lanes under masks[j] lie inside c (assert above); pair indices
     // lie in [p0, p0 + kp), so panel loads stay inside b and activation loads inside a.
@@ -462,21 +463,30 @@ unsafe fn tile_kn_i(
 /// rows `i < m` and columns `col < n`, where a `u32` holds the bf16 pair (k = 2p, 2p+1) and the
 /// product of two pairs is `lo·lo + hi·hi`. `a` must hold 6 rows (rows ≥ m are computed and
 /// dropped); `b` is the panel of pairs `[p0, p0 + kp)`, `[kp][64]`.
+///
+/// `c` is a pointer (with `c_len`, checked against the tile's span) rather than a slice so
+/// that threads can write disjoint columns of the same rows at once.
+///
+/// # Safety
+/// `c` is valid for reads and writes of `c_len` floats, and during the call nothing else reads
+/// or writes the elements `c[i·ldc + col]`, `i < m`, `col < n`. This module is reached only
+/// after `supported()`.
 #[allow(clippy::too_many_arguments)]
-pub fn tile_kn(
+pub unsafe fn tile_kn(
     a: &[u32],
     lda: usize,
     m: usize,
     pairs: &[u32],
     p0: usize,
     b: &[u32],
-    c: &mut [f32],
+    c: *mut f32,
+    c_len: usize,
     ldc: usize,
     n: usize,
     accumulate: bool,
 ) {
-    // SAFETY: callers reach this module only after `supported()`.
-    unsafe { tile_kn_i(a, lda, m, pairs, p0, b, c, ldc, n, accumulate) }
+    // SAFETY: the caller's contract above; the CPU features by `supported()`.
+    unsafe { tile_kn_i(a, lda, m, pairs, p0, b, c, c_len, ldc, n, accumulate) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
