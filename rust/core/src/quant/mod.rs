@@ -186,6 +186,22 @@
 //!     69-88 µs with every buffer busy all the time; the pure read of such rows measured
 //!     82-98 µs, the kernel 85-100 µs in the same phases, against a dense GEMV of W_down of
 //!     430-520 µs.
+//!   - Stop 21, same Xeon kind, measured and dropped. (1) A trigger for the L2 streamer: the
+//!     first 1, 2 or 4 lines of each row of the call after next, spread through the stream
+//!     (or as a burst before each call), so that the hardware could fetch the rest of those
+//!     rows before the stream asks for them. In a pure read (`rows_probe`, rows read one after
+//!     another, each line's prefetch 4 rows ahead, the first 2 lines 16 rows ahead) it was
+//!     6-7 % faster in a quiet phase (1.70 against 1.83, 1.84 against 1.96 ms per 32 layers),
+//!     but in the kernel (`bw_probe DOWN=1`, modes alternated line by line, 8 lines each,
+//!     medians) 2 lines 89 against 88 µs, 1 line 80 against 76, 4 lines 74.5 against 76, and
+//!     the burst 92 against 88: no gain. (2) The kernel's read order costs nothing in a pure
+//!     read: 32-row units read in runs of 4 lines across the rows (the kernel's tile order),
+//!     or 4 rows at a time, or row after row, each line prefetching the next unit's line in
+//!     the same order, took 2.00 / 2.11 / 2.57 and 2.41 / 2.44 / 2.67 ms per 32 layers
+//!     against 2.19 ms (twice) for rows one after another 4 rows ahead; that read's prefetch
+//!     distance matters a little (2-8 rows 2.13-2.23 ms, 16-32 rows 2.55-2.61). The kernel
+//!     in the same quiet phase: medians of 76-89 µs per layer (2.4-2.8 ms per 32 layers),
+//!     4.9-5.3× the dense GEMV; so about 15-30 % above the pure read of its rows.
 
 use std::sync::OnceLock;
 
