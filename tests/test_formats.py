@@ -569,6 +569,32 @@ def test_quantized_load_with_intermediate_not_multiple_of_32(dtype: str, tmp_pat
     assert float(np.abs(step - want[-1]).max() / np.abs(want).max()) <= BUDGET[dtype][0]
 
 
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+def test_quantized_load_that_keeps_every_matrix_f32_is_exact(dtype: str, tmp_path: Path) -> None:
+    """No width is a multiple of 32, so a quantized load keeps every matrix in f32: its prompts
+    must then take the f32 path too (they were rounded to bf16, 1e-2 off the f32 model)."""
+    d = make_tiny_checkpoint(
+        tmp_path / "m",
+        seed=3,
+        hidden_size=72,
+        intermediate_size=200,
+        num_attention_heads=3,
+        qk_nope_head_dim=12,
+        qk_rope_head_dim=6,
+        v_head_dim=20,
+        kv_lora_rank=24,
+        vocab_size=301,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
+    )
+    ids = [(7 * i + 3) % 301 for i in range(40)]
+    f32 = sparselm.load(d, dtype="f32")
+    m = sparselm.load(d, dtype=dtype)
+    assert m.prompt_gemm == f32.prompt_gemm == "f32"
+    want, got = f32.logits(ids), m.logits(ids)
+    assert float(np.abs(got - want).max() / np.abs(want).max()) <= 1e-5
+
+
 def test_default_threads_is_one_per_physical_core(wide_model: str) -> None:
     """``threads=None`` runs one thread per physical core this process may use: within
     1..os.cpu_count(), equal to the distinct sibling sets of the allowed CPUs where Linux

@@ -69,8 +69,9 @@ pub struct Model {
     /// `SPARSELM_DENSE_MLP=rows` keeps `W_downᵀ` and visits every row, zeros included.
     pub sparse_mlp: bool,
     /// Prompt GEMMs (T > 1) in bf16 × bf16 → f32 (`crate::gemm`), and int8 (VNNI) for
-    /// matrices in the interleaved Q8_0/Q4_0 layout: on when the CPU has AVX512_BF16 and the
-    /// weights are not f32. `SPARSELM_EXACT_GEMM=1` keeps the f32 path.
+    /// matrices in the interleaved Q8_0/Q4_0 layout: on when the CPU has AVX512_BF16 and some
+    /// weights are not f32; matrices stored in f32 keep the f32 path either way.
+    /// `SPARSELM_EXACT_GEMM=1` keeps the f32 path for all.
     pub fast_gemm: bool,
 }
 
@@ -156,7 +157,8 @@ impl Model {
         );
         let sparse_mlp = mode == MlpMode::Sparse;
         let exact = std::env::var("SPARSELM_EXACT_GEMM").is_ok_and(|v| !v.is_empty() && v != "0");
-        let fast_gemm = gemm::available() && dtype != DType::F32 && !exact;
+        // per matrix too (`matmul`): an f32 matrix keeps the f32 path in any model
+        let fast_gemm = gemm::available() && !weights.all_f32() && !exact;
         let use_team =
             std::env::var("SPARSELM_DECODE_TEAM").map_or(true, |v| v.is_empty() || v != "0");
         let n = pool.current_num_threads();
@@ -179,7 +181,7 @@ impl Model {
 
     /// `Y = X Wᵀ` for `t` tokens: the bf16 GEMM for prompts when enabled, else `Matrix::matmul`.
     fn matmul(&self, w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
-        if self.fast_gemm && t > 1 {
+        if self.fast_gemm && t > 1 && w.dtype() != DType::F32 {
             if w.is_interleaved() {
                 // int8 VNNI, inputs quantized to Q8_0 as in decoding
                 gemm::matmul_q16(w, x, t, y);
@@ -638,7 +640,8 @@ impl Model {
         // call (three quarters of a 4-token q4_0 prompt's time at PLM-1.8B); per token, the
         // rows are read as decode reads them, the second token on from cache (PERF NOTES in
         // kernels/mod.rs).
-        if t == 1 || (self.fast_gemm && t <= DOWN_PER_TOKEN_MAX) {
+        let fast = self.fast_gemm && down_t.dtype() != DType::F32;
+        if t == 1 || (fast && t <= DOWN_PER_TOKEN_MAX) {
             for i in 0..t {
                 let (active, read) = self.down_token(down_t, i, st);
                 count_mlp(st, l, ni, active, (t == 1).then_some(read));
@@ -653,7 +656,7 @@ impl Model {
             relu2_collect(&mut st.up[i * ni..(i + 1) * ni], &mut st.active);
             count_mlp(st, l, ni, st.active.len(), None);
         }
-        if self.fast_gemm {
+        if fast {
             // y = act · W_downᵀ, skipping neuron pairs that are zero in a whole 6-token tile
             gemm::matmul_kn(
                 down_t,

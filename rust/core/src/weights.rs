@@ -157,6 +157,22 @@ impl Weights {
     }
 
     /// Bytes of weight matrices (norms excluded).
+    /// Every matrix a prompt multiplies is stored in f32 (a quantized load of widths that are
+    /// not multiples of 32 keeps them all in f32).
+    pub fn all_f32(&self) -> bool {
+        let f32 = |m: &Matrix| m.dtype() == crate::tensor::DType::F32;
+        f32(self.output())
+            && self.layers.iter().all(|l| {
+                [&l.q_proj, &l.kv_a, &l.kv_bk, &l.kv_bv, &l.o_proj, &l.up]
+                    .into_iter()
+                    .all(f32)
+                    && match &l.down {
+                        Down::Transposed(m) => f32(m),
+                        Down::Dense(blocks) => blocks.iter().all(f32),
+                    }
+            })
+    }
+
     pub fn nbytes(&self) -> usize {
         let mut n = self.embed.nbytes() + self.lm_head.as_ref().map_or(0, Matrix::nbytes);
         for l in &self.layers {
