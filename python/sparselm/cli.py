@@ -12,8 +12,8 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
-from typing import Any, Callable, TextIO
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TextIO
 
 from ._errors import InvalidArgumentError, SparselmError
 from .generation import GenerationConfig, GenerationStats

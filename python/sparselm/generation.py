@@ -26,14 +26,12 @@ import math
 import numbers
 import struct
 import time
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import (
     TYPE_CHECKING,
     Any,
-    Callable,
     Protocol,
-    Union,
 )
 
 from ._errors import InvalidArgumentError
@@ -52,7 +50,7 @@ __all__ = [
 ]
 
 #: A stop argument: one string, several strings, or None for no stop strings.
-StopArg = Union[str, Sequence[str], None]
+StopArg = str | Sequence[str] | None
 
 #: Every value ``finish_reason`` can take in :attr:`sparselm.Model.last_stats`.
 FINISH_REASONS = ("stop", "length", "context", "stop_string", "cancelled")

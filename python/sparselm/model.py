@@ -17,10 +17,10 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType, ModuleType
-from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol, Union, overload
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Union, overload
 
 from ._errors import ContextLengthError, DtypeError, FormatError, InvalidArgumentError, ModelIOError
 from .generation import (

@@ -2,7 +2,7 @@
 # Release artifacts for ARM64 Linux (aarch64-unknown-linux-gnu), cross-built on an x86_64 Debian 12
 # host with Debian's rustc (tools/arm64/setup.sh installs it):
 #   dist/sparselm-cli-aarch64-unknown-linux-gnu.tar.gz   the native CLI + README + LICENSE note
-#   dist/sparselm-<version>-cp39-abi3-manylinux_2_34_aarch64.whl   one wheel for CPython >= 3.9
+#   dist/sparselm-<version>-cp310-abi3-manylinux_2_34_aarch64.whl   one wheel for CPython >= 3.10
 # Release profile (LTO, codegen-units = 1). Runtime dispatch picks neon / neon-dotprod at
 # start-up, so the same binaries run on Cortex-A72 (Pi 4) and Cortex-A76 (Pi 5).
 set -euo pipefail

@@ -259,9 +259,19 @@ pub fn generate(a: GenerateArgs) -> Result<(), CliError> {
         Prompt::Stdin => read_stdin_prompt()?,
         Prompt::Missing if !io::stdin().is_terminal() => read_stdin_prompt()?,
         Prompt::Missing => {
-            return Err(CliError::Usage(
-                "generate: the PROMPT argument is required (or pipe it on standard input)".into(),
-            ))
+            // one argument is the model directory here (no bundled model without Python)
+            let hint = if a.model.dir.is_dir() {
+                String::new()
+            } else {
+                format!(
+                    "; '{}' was taken as MODEL_DIR: the native CLI has no bundled model, so it \
+                     needs `sparselm generate MODEL_DIR PROMPT`",
+                    a.model.dir.display()
+                )
+            };
+            return Err(CliError::Usage(format!(
+                "generate: the PROMPT argument is required (or pipe it on standard input){hint}"
+            )));
         }
     };
     if prompt.is_empty() {
