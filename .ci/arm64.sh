@@ -118,6 +118,9 @@ build_wheel() {
     return "${PIPESTATUS[0]}"
 }
 step "wheel build aarch64 (abi3, $PROFILE)" build_wheel
+# The arm64 CPython's third-party packages, pinned (the versions the x86_64 tests ran with when
+# this was last changed; a new release must not change a CI run).
+ARM_SITE_PINS=(numpy==2.4.6 tokenizers==0.23.3 jinja2==3.1.6 markupsafe==3.0.3 tqdm==4.70.1)
 site_install() {
     local site=$WORK/site plat=(--platform manylinux_2_34_aarch64 --platform manylinux_2_28_aarch64
         --platform manylinux_2_27_aarch64 --platform manylinux_2_17_aarch64
@@ -125,7 +128,7 @@ site_install() {
     # Third-party deps once (cached in the site folder); our wheel every run.
     if [ ! -d "$site/numpy" ] || [ ! -d "$site/tokenizers" ]; then
         python3 -m pip install --quiet --no-deps --target "$site" "${plat[@]}" --python-version 3.11 \
-            --implementation cp --only-binary=:all: numpy tokenizers jinja2 markupsafe tqdm || return 1
+            --implementation cp --only-binary=:all: "${ARM_SITE_PINS[@]}" || return 1
     fi
     rm -rf "$site"/sparselm "$site"/sparselm-*.dist-info
     python3 -m pip install --quiet --no-deps --target "$site" "${plat[@]}" --python-version 3.11 \
