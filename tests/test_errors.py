@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,18 @@ def model_dir(tiny_template: str, tmp_path) -> str:
     dst = str(tmp_path / "model")
     shutil.copytree(tiny_template, dst)
     return dst
+
+
+@pytest.fixture
+def sharded_dir(tmp_path) -> str:
+    """A fresh tiny checkpoint in two shards (model.safetensors.index.json, SHARD_2 the second)."""
+    cfg = testing.random_plm_config(**TINY)
+    return testing.write_checkpoint(
+        tmp_path / "sharded", cfg, testing.random_plm_weights(cfg, 4), shards=2
+    )
+
+
+SHARD_2 = "model-00002-of-00002.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -334,49 +348,33 @@ def test_unknown_dtype_string_in_file(sl, model_dir: str) -> None:
     assert UP in str(err) or "Q7_WEIRD" in str(err), str(err)  # the tensor or the bad value
 
 
-def test_missing_shard(sl, tmp_path) -> None:
-    cfg = testing.random_plm_config(**TINY)
-    path = testing.write_checkpoint(
-        tmp_path / "sharded", cfg, testing.random_plm_weights(cfg, 4), shards=2
-    )
-    os.remove(os.path.join(path, "model-00002-of-00002.safetensors"))
-    _raises(sl, sl.ModelIOError, path, "model-00002-of-00002.safetensors")
+def test_missing_shard(sl, sharded_dir: str) -> None:
+    os.remove(os.path.join(sharded_dir, SHARD_2))
+    _raises(sl, sl.ModelIOError, sharded_dir, SHARD_2)
 
 
-def test_index_without_weight_map(sl, tmp_path) -> None:
-    cfg = testing.random_plm_config(**TINY)
-    path = testing.write_checkpoint(
-        tmp_path / "sharded", cfg, testing.random_plm_weights(cfg, 4), shards=2
-    )
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+def test_index_without_weight_map(sl, sharded_dir: str) -> None:
+    with open(os.path.join(sharded_dir, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}}, f)
-    _raises(sl, sl.FormatError, path, "weight_map")
+    _raises(sl, sl.FormatError, sharded_dir, "weight_map")
 
 
 @pytest.mark.parametrize("shard", [".", "", "..", "sub/model.safetensors", "nul\x00.safetensors"])
-def test_index_shard_names_must_be_plain_file_names(sl, tmp_path, shard: str) -> None:
-    cfg = testing.random_plm_config(**TINY)
-    path = testing.write_checkpoint(
-        tmp_path / "sharded", cfg, testing.random_plm_weights(cfg, 4), shards=2
-    )
-    index_path = os.path.join(path, "model.safetensors.index.json")
+def test_index_shard_names_must_be_plain_file_names(sl, sharded_dir: str, shard: str) -> None:
+    index_path = os.path.join(sharded_dir, "model.safetensors.index.json")
     with open(index_path) as f:
         index = json.load(f)
     index["weight_map"][EMB] = shard
     with open(index_path, "w") as f:
         json.dump(index, f)
-    _raises(sl, sl.FormatError, path, "plain file name")
+    _raises(sl, sl.FormatError, sharded_dir, "plain file name")
 
 
-def test_shard_that_is_a_directory(sl, tmp_path) -> None:
-    cfg = testing.random_plm_config(**TINY)
-    path = testing.write_checkpoint(
-        tmp_path / "sharded", cfg, testing.random_plm_weights(cfg, 4), shards=2
-    )
-    shard = os.path.join(path, "model-00002-of-00002.safetensors")
+def test_shard_that_is_a_directory(sl, sharded_dir: str) -> None:
+    shard = os.path.join(sharded_dir, SHARD_2)
     os.remove(shard)
     os.mkdir(shard)
-    _raises(sl, sl.FormatError, path, "not a regular file")
+    _raises(sl, sl.FormatError, sharded_dir, "not a regular file")
 
 
 def test_unknown_load_dtype(sl, tiny_template: str) -> None:
@@ -560,23 +558,16 @@ def test_fuzz_mutated_safetensors(sl, tiny_template: str, tmp_path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def test_fifo_shard_is_rejected_without_blocking(sl, tmp_path) -> None:
+def test_fifo_shard_is_rejected_without_blocking(sl, sharded_dir: str) -> None:
     """Opening a FIFO for reading blocks until a writer comes: the loader must look first.
     Run in a child so that a regression fails on the timeout instead of hanging the suite."""
-    import subprocess
-    import sys
-
-    cfg = testing.random_plm_config(**TINY)
-    path = testing.write_checkpoint(
-        tmp_path / "sharded", cfg, testing.random_plm_weights(cfg, 4), shards=2
-    )
-    shard = os.path.join(path, "model-00002-of-00002.safetensors")
+    shard = os.path.join(sharded_dir, SHARD_2)
     os.remove(shard)
     os.mkfifo(shard)
     code = (
         "import sys, sparselm\n"
         "try:\n"
-        f"    sparselm.load({path!r})\n"
+        f"    sparselm.load({sharded_dir!r})\n"
         "except sparselm.FormatError as e:\n"
         "    print('FormatError', e)\n"
     )

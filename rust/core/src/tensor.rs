@@ -1298,6 +1298,16 @@ mod tests {
             .collect()
     }
 
+    /// `(max |got − want|, max |want|)`.
+    fn max_err(got: &[f32], want: &[f32]) -> (f32, f32) {
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = got
+            .iter()
+            .zip(want)
+            .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        (err, scale)
+    }
+
     /// The planar down layout (where this CPU has its kernel): same rows as the GGUF layout,
     /// and `sparse_axpy` equal to the f32 AXPY of the rows within the int8 coefficient
     /// rounding at every sparsity (dense groups, pooled sparse rows, a partial last group).
@@ -1332,11 +1342,7 @@ mod tests {
                 let (mut yp, mut yr) = (vec![0f32; cols], vec![0f32; cols]);
                 planar.sparse_axpy(&active, &mut yp);
                 plain.sparse_axpy(&active, &mut yr);
-                let scale = yr.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let err = yp
-                    .iter()
-                    .zip(&yr)
-                    .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+                let (err, scale) = max_err(&yp, &yr);
                 assert!(
                     err <= 2e-2 * scale,
                     "{dt:?} {zeros}% zeros: {err} (scale {scale})"
@@ -1386,11 +1392,7 @@ mod tests {
                 ym.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 "{dt:?}"
             );
-            let scale = yr.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let err = ym
-                .iter()
-                .zip(&yr)
-                .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            let (err, scale) = max_err(&ym, &yr);
             assert!(err <= 2e-2 * scale, "{dt:?}: {err} (scale {scale})");
         }
     }
