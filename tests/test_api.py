@@ -437,7 +437,13 @@ def test_generation_config_replace() -> None:
 def test_generation_config_from_hf_dict() -> None:
     assert GenerationConfig.from_hf_dict({}) == GenerationConfig()
     greedy = GenerationConfig.from_hf_dict({"do_sample": False, "temperature": 0.7, "top_p": 0.8})
-    assert greedy.greedy and greedy.top_p == 1.0
+    # greedy, but the stated filter is kept for a call that samples (absent ones stay off)
+    assert greedy.greedy and (greedy.top_k, greedy.top_p, greedy.min_p) == (0, 0.8, 0.0)
+    assert greedy.replace(temperature=0.7).top_p == 0.8
+    g2 = GenerationConfig.from_hf_dict({"top_k": 20, "min_p": 0.05})
+    assert g2.greedy and (g2.top_k, g2.top_p, g2.min_p) == (20, 1.0, 0.05)
+    with pytest.raises(InvalidArgumentError, match="top_p"):
+        GenerationConfig.from_hf_dict({"do_sample": False, "top_p": 0})
     s = GenerationConfig.from_hf_dict(
         {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.1}
     )

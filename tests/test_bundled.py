@@ -200,3 +200,27 @@ def test_decode_reports_down_bytes_it_skipped(
     else:
         assert 0 < skipped <= zero_bytes * (1 + 1e-9)
     assert decode(True)["down_bytes_skipped_per_token"] == 0
+
+
+def test_greedy_generation_config_filters_apply_when_a_call_samples(tmp_path) -> None:
+    # do_sample false with top_k 1: greedy by default, and a call's temperature samples with
+    # the model's top_k = 1, i.e. still the argmax (before, the filter was dropped and the
+    # call sampled from the whole vocabulary).
+    d = tmp_path / "m"
+    d.mkdir()
+    for f in MODEL.iterdir():
+        (d / f.name).symlink_to(f)
+    (d / "generation_config.json").write_text('{"do_sample": false, "top_k": 1}')
+    m = sparselm.load(d)
+    assert m.generation_config.greedy and m.generation_config.top_k == 1
+    greedy = m.generate("Once upon a time", max_new_tokens=24)
+    hot = [
+        m.generate("Once upon a time", max_new_tokens=24, temperature=1.5, seed=s) for s in (1, 2)
+    ]
+    assert hot == [greedy, greedy]
+    # top_k = 0 from the call turns the filter off: the same seeds now sample other text
+    free = [
+        m.generate("Once upon a time", max_new_tokens=24, temperature=1.5, seed=s, top_k=0)
+        for s in (1, 2)
+    ]
+    assert greedy not in free

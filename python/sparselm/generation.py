@@ -182,7 +182,9 @@ class GenerationConfig:
     Attributes:
         max_new_tokens: Upper bound on the number of generated tokens (>= 0).
         temperature: Softmax temperature; ``0`` means greedy (argmax) decoding.
-        top_k: Keep only the ``top_k`` most likely tokens; ``0`` disables the filter.
+        top_k: Keep only the ``top_k`` most likely tokens; ``0`` disables the filter. Exactly
+            ``top_k`` are kept, as llama.cpp does: of tokens tied at the boundary the lower ids
+            stay (transformers keeps every tied token).
         top_p: Nucleus sampling: keep the smallest set of tokens whose probability mass reaches
             ``top_p``; in (0, 1], ``1`` disables the filter.
         min_p: Drop tokens whose probability is below ``min_p`` times the most likely token's;
@@ -325,9 +327,13 @@ class GenerationConfig:
 
         Follows transformers' semantics: ``do_sample`` false (or absent) means greedy whatever
         the temperature; when sampling, an absent ``temperature``/``top_k``/``top_p`` takes
-        transformers' default (1.0 / 50 / 1.0). ``repetition_penalty``, ``max_new_tokens``,
-        ``max_length`` and ``stop_strings`` apply in both modes. Token ids (``eos_token_id``...)
-        are not sampling settings: see :func:`eos_ids_from_hf_dict`. Unknown keys are ignored.
+        transformers' default (1.0 / 50 / 1.0). In greedy mode the filters the file states
+        (``top_k``, ``top_p``, ``min_p``) are kept all the same, so that a call that turns
+        sampling on with a ``temperature`` samples with the model's own filters, as
+        transformers does for ``generate(do_sample=True, temperature=...)``; absent ones stay
+        off. ``repetition_penalty``, ``max_new_tokens``, ``max_length`` and ``stop_strings``
+        apply in both modes. Token ids (``eos_token_id``...) are not sampling settings: see
+        :func:`eos_ids_from_hf_dict`. Unknown keys are ignored.
         """
 
         def get(key: str, default: Any) -> Any:
@@ -344,8 +350,11 @@ class GenerationConfig:
         if do_sample:
             kwargs["temperature"] = get("temperature", 1.0)
             kwargs["top_k"] = get("top_k", 50)
-            kwargs["top_p"] = get("top_p", 1.0)
-            kwargs["min_p"] = get("min_p", 0.0)
+        else:
+            # greedy: temperature stays 0; the stated filters wait for a call that samples
+            kwargs["top_k"] = get("top_k", 0)
+        kwargs["top_p"] = get("top_p", 1.0)
+        kwargs["min_p"] = get("min_p", 0.0)
         kwargs["repetition_penalty"] = get("repetition_penalty", 1.0)
         if d.get("max_new_tokens") is not None:
             kwargs["max_new_tokens"] = d["max_new_tokens"]

@@ -294,8 +294,10 @@ impl GenDefaults {
 
     /// transformers' semantics: `do_sample` false (or absent) means greedy whatever the
     /// temperature; when sampling, absent temperature/top_k/top_p take transformers' defaults
-    /// (1.0 / 50 / 1.0). repetition_penalty, max_new_tokens, max_length and stop_strings apply in
-    /// both modes. Unknown keys are ignored.
+    /// (1.0 / 50 / 1.0). In greedy mode the stated filters (top_k, top_p, min_p) are kept all
+    /// the same, for a `--temperature` that turns sampling on (absent ones stay off).
+    /// repetition_penalty, max_new_tokens, max_length and stop_strings apply in both modes.
+    /// Unknown keys are ignored. Mirrors `GenerationConfig.from_hf_dict`.
     pub fn from_hf(d: &Map<String, Value>) -> Result<GenDefaults, String> {
         let get = |k: &str| d.get(k).filter(|v| !v.is_null());
         let num = |k: &str, default: f64| -> Result<f32, String> {
@@ -326,9 +328,11 @@ impl GenDefaults {
         if do_sample {
             g.params.temperature = num("temperature", 1.0)?;
             g.params.top_k = int("top_k")?.unwrap_or(50);
-            g.params.top_p = num("top_p", 1.0)?;
-            g.params.min_p = num("min_p", 0.0)?;
+        } else {
+            g.params.top_k = int("top_k")?.unwrap_or(0);
         }
+        g.params.top_p = num("top_p", 1.0)?;
+        g.params.min_p = num("min_p", 0.0)?;
         g.params.repetition_penalty = num("repetition_penalty", 1.0)?;
         if let Some(n) = int("max_new_tokens")? {
             g.max_new_tokens = n;
@@ -392,6 +396,17 @@ mod tests {
             .unwrap();
         assert!(g.params.is_greedy());
         assert_eq!(g.max_new_tokens, 256);
+        // the stated filter is kept for a --temperature that samples; absent ones stay off
+        assert_eq!(
+            (g.params.top_k, g.params.top_p, g.params.min_p),
+            (20, 1.0, 0.0)
+        );
+        let g = hf(serde_json::json!({"do_sample": false, "top_p": 0.8, "min_p": 0.05})).unwrap();
+        assert!(g.params.is_greedy());
+        assert_eq!(
+            (g.params.top_k, g.params.top_p, g.params.min_p),
+            (0, 0.8, 0.05)
+        );
         let g = hf(
             serde_json::json!({"do_sample": true, "temperature": 0.7, "top_p": 0.8,
                                        "repetition_penalty": 1.05, "max_new_tokens": 64,
@@ -414,6 +429,9 @@ mod tests {
             .unwrap_err()
             .contains("do_sample"));
         assert!(hf(serde_json::json!({"do_sample": true, "top_p": 0}))
+            .unwrap_err()
+            .contains("top_p"));
+        assert!(hf(serde_json::json!({"do_sample": false, "top_p": 0}))
             .unwrap_err()
             .contains("top_p"));
         assert!(hf(serde_json::json!({"max_new_tokens": -1}))
