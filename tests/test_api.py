@@ -493,6 +493,23 @@ def test_incremental_detokenizer_flushes_an_invalid_tail(tok: Tokenizer) -> None
     assert "".join(pieces) + detok.flush() == tok.decode(ids[:cut])  # same as a one-shot decode
 
 
+def test_incremental_detokenizer_is_linear_in_a_run_of_skipped_ids() -> None:
+    # id 0 decodes to nothing (a special token the decoder skips), others to one letter each.
+    decoded = []
+
+    def decode(ids: list[int]) -> str:
+        decoded.append(len(ids))
+        return "".join(chr(96 + i) for i in ids if i)
+
+    detok = IncrementalDetokenizer(decode)
+    ids = [1] + [0] * 3000 + [2, 0, 0, 3]
+    pieces = [detok.push(i) for i in ids] + [detok.flush()]
+    assert "".join(pieces) == "abc" == decode(ids)
+    assert detok.ids == ids
+    # two decodes per push of at most a few ids each (before: a window growing to 3000 ids)
+    assert max(decoded[:-1]) <= 3 and sum(decoded[:-1]) <= 4 * len(ids)
+
+
 def _random_chunks(text: str, rng: random.Random) -> list[str]:
     cuts = sorted(rng.sample(range(1, len(text)), k=min(len(text) - 1, rng.randint(0, 6))))
     return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]

@@ -401,8 +401,11 @@ class IncrementalDetokenizer:
     def __init__(self, decode: Callable[[list[int]], str]) -> None:
         self._decode = decode
         self._ids: list[int] = []
-        self._prefix_offset = 0  # start of the decode window
-        self._read_offset = 0  # ids before this were emitted
+        # The decode window: the ids since the last clean boundary, then the ones not emitted
+        # yet. Ids that decode to nothing (special tokens the decoder skips) are left out of it,
+        # so a long run of them costs one short decode each, not a growing one.
+        self._window: list[int] = []
+        self._read = 0  # ids of the window before this were emitted
 
     @property
     def ids(self) -> list[int]:
@@ -412,6 +415,7 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Add one id; return the newly complete text (possibly empty)."""
         self._ids.append(token_id)
+        self._window.append(token_id)
         return self._advance(final=False)
 
     def flush(self) -> str:
@@ -419,17 +423,20 @@ class IncrementalDetokenizer:
         return self._advance(final=True)
 
     def _advance(self, final: bool) -> str:
-        if self._read_offset >= len(self._ids):
+        if self._read >= len(self._window):
             return ""
-        window = self._ids[self._prefix_offset :]
-        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        new_text = self._decode(window)
+        prefix_text = self._decode(self._window[: self._read])
+        new_text = self._decode(self._window)
         if len(new_text) > len(prefix_text) and (final or not new_text.endswith("\ufffd")):
-            self._prefix_offset = self._read_offset
-            self._read_offset = len(self._ids)
+            del self._window[: self._read]
+            self._read = len(self._window)
             return new_text[len(prefix_text) :]
-        if final:
-            self._read_offset = len(self._ids)
+        if new_text == prefix_text:
+            # The unemitted ids add nothing (a part of a character shows as U+FFFD, so these
+            # are ids the decoder drops): keeping them would only lengthen every later decode.
+            del self._window[self._read :]
+        elif final:
+            self._read = len(self._window)
         return ""
 
 
