@@ -296,18 +296,17 @@ fn write_json(out: &mut String, v: &Value, o: &JsonOpts, depth: usize) -> Result
     match v.kind() {
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
+        ValueKind::Number if v.is_integer() => {
+            let _ = write!(out, "{v}");
+        }
         ValueKind::Number => {
-            if let Some(i) = v.as_i64() {
-                let _ = write!(out, "{i}");
+            let x = f64::try_from(v.clone())?;
+            if x.is_nan() {
+                out.push_str("NaN");
+            } else if x.is_infinite() {
+                out.push_str(if x > 0.0 { "Infinity" } else { "-Infinity" });
             } else {
-                let x = f64::try_from(v.clone())?;
-                match serde_json::Number::from_f64(x) {
-                    Some(n) => {
-                        let _ = write!(out, "{n}");
-                    }
-                    None if x.is_nan() => out.push_str("NaN"),
-                    None => out.push_str(if x > 0.0 { "Infinity" } else { "-Infinity" }),
-                }
+                write_float(out, x);
             }
         }
         ValueKind::Bytes => write_str(
@@ -358,6 +357,26 @@ fn write_json(out: &mut String, v: &Value, o: &JsonOpts, depth: usize) -> Result
         _ => write_str(out, &v.to_string(), o.ensure_ascii),
     }
     Ok(())
+}
+
+/// A finite float as Python's `repr` (and so `json.dumps`) writes it: the shortest digits that
+/// read back to `x`, `1.0` for whole numbers, exponent form below 1e-4 and from 1e16 on with
+/// a signed exponent of at least two digits (`1e-05`, `1.5e+20`). Rust's `{:?}` makes the
+/// same choices except for the exponent's spelling (`1e-5`, `1.5e20`).
+fn write_float(out: &mut String, x: f64) {
+    let s = format!("{x:?}");
+    match s.split_once('e') {
+        None => out.push_str(&s),
+        Some((mantissa, exp)) => {
+            let e: i32 = exp.parse().unwrap_or(0);
+            let _ = write!(
+                out,
+                "{mantissa}e{}{:02}",
+                if e < 0 { '-' } else { '+' },
+                e.abs()
+            );
+        }
+    }
 }
 
 /// A JSON string literal with Python's `json.dumps` escapes.
@@ -417,6 +436,16 @@ const DAYS: [&str; 7] = [
     "Sunday",
 ];
 
+/// Days from 1970-01-01 to 1 January of `year` (proleptic Gregorian).
+fn days_from_civil(year: i64) -> i64 {
+    let y = year - 1; // 1 January counts as in the previous March-based year
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = 306; // 1 January is day 306 of the year starting 1 March
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// Format UNIX time `secs` (UTC). Unknown directives are kept as written.
 fn strftime(format: &str, secs: u64) -> String {
     let days = (secs / 86_400) as i64;
@@ -454,6 +483,14 @@ fn strftime(format: &str, secs: u64) -> String {
             Some('b') => write!(out, "{}", &month_name[..3]),
             Some('A') => write!(out, "{}", DAYS[weekday]),
             Some('a') => write!(out, "{}", &DAYS[weekday][..3]),
+            Some('e') => write!(out, "{day:2}"),
+            Some('j') => {
+                // day of the year: days since 1 January of `year`
+                let jan1 = days_from_civil(year);
+                write!(out, "{:03}", days - jan1 + 1)
+            }
+            Some('I') => write!(out, "{:02}", (hour + 11) % 12 + 1),
+            Some('p') => write!(out, "{}", if hour < 12 { "AM" } else { "PM" }),
             Some('H') => write!(out, "{hour:02}"),
             Some('M') => write!(out, "{min:02}"),
             Some('S') => write!(out, "{sec:02}"),
@@ -599,6 +636,16 @@ mod tests {
             "user"
         );
         assert_eq!(ascii, "\"\\u00e9<\"");
+        // numbers as Python's json.dumps writes them (expected text from jinja2 + json.dumps)
+        let t = ChatTemplate::new(
+            "{{ [1.0, 1e15, 1e16, 1.5e20, 0.0001, 0.00001, 1.5e-7, 1e100, -2.5, 3, -7, 0.1, 2.0 * 3] | tojson }}",
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(&[], false, &[]).unwrap(),
+            "[1.0, 1000000000000000.0, 1e+16, 1.5e+20, 0.0001, 1e-05, 1.5e-07, 1e+100, -2.5, 3, \
+             -7, 0.1, 6.0]"
+        );
     }
 
     #[test]
@@ -611,5 +658,10 @@ mod tests {
             "29 Feb 2024 (Thursday, February 29) % %q"
         );
         assert_eq!(strftime("%Y-%m-%d", 0), "1970-01-01");
+        // expected from Python: time.strftime(f, time.gmtime(secs))
+        assert_eq!(strftime("%e|%j|%I|%p", secs), "29|060|01|PM");
+        assert_eq!(strftime("%e|%j|%I|%p", 0), " 1|001|12|AM");
+        assert_eq!(strftime("%j", 1_735_603_200), "366"); // 2024-12-31
+        assert_eq!(strftime("%j %I %p", 1_704_110_400), "001 12 PM"); // 2024-01-01 12:00
     }
 }
