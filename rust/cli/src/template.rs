@@ -190,7 +190,7 @@ fn closing(s: &str, close: &str, strings: bool) -> Option<usize> {
             Some(_) if b[k] == b'\\' => k += 1,
             Some(q) if b[k] == q => quote = None,
             Some(_) => {}
-            None if depth == 0 && s[k..].starts_with(close) => return Some(k),
+            None if depth == 0 && b[k..].starts_with(close.as_bytes()) => return Some(k),
             None if strings && matches!(b[k], b'\'' | b'"') => quote = Some(b[k]),
             None if strings && matches!(b[k], b'(' | b'[' | b'{') => depth += 1,
             None if strings && matches!(b[k], b')' | b']' | b'}') => {
@@ -558,6 +558,22 @@ mod tests {
             t.render(&msgs, true, &[]).unwrap(),
             "a<a>b  </a>D{% generation %}{% generation %}}}"
         );
+    }
+
+    #[test]
+    fn non_ascii_anywhere_in_the_source() {
+        // closing() walks bytes: a multi-byte character in a comment or outside quotes in an
+        // expression once panicked (slicing inside a character)
+        let t = ChatTemplate::new(
+            "{# café #}{{ messages[0].content }}{% if true %}é{% endif %}{{ 'ü' }}{# ☃ #}",
+        )
+        .unwrap();
+        let m = [Message::new("user", "naïve")];
+        assert_eq!(t.render(&m, false, &[]).unwrap(), "naïveéü");
+        // a non-ASCII character outside quotes in an expression or tag: minijinja's own
+        // verdict (an error here), no panic in our scan before it
+        assert!(ChatTemplate::new("{{ é }}").is_err());
+        assert!(ChatTemplate::new("{% set x = é %}").is_err());
     }
 
     #[test]
