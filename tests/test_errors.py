@@ -667,3 +667,15 @@ def test_huge_context_caches_fail_cleanly(sl, tmp_path) -> None:
     with pytest.raises(sl.OutOfMemoryError, match="KV cache"):
         model.session()
     assert model.session(max_seq=64).generate([1, 2, 3], max_new_tokens=2)  # still usable
+
+
+def test_native_engine_rejects_more_threads_than_the_machine_can_use(sl, tiny_template) -> None:
+    # the core's own limit (the Python check in load() comes first); before, 100000 threads
+    # were started (minutes)
+    from sparselm import _native
+
+    too_many = sl.max_threads() + 1
+    with pytest.raises(sl.InvalidArgumentError, match="more than this machine can use"):
+        _native.Engine(str(tiny_template), "auto", too_many)
+    with pytest.raises(sl.InvalidArgumentError, match="more than this machine can use"):
+        sl.load(tiny_template, threads=too_many)

@@ -328,7 +328,17 @@ fn parse_options(sub: Sub, args: &[&str]) -> Result<Option<Raw>, UsageError> {
                 }
                 raw.dtype = Some(value.to_string());
             }
-            "--threads" => raw.threads = Some(positive(cmd, name, value)?),
+            "--threads" => {
+                let n = positive(cmd, name, value)?;
+                let limit = sparselm_core::cpu::max_threads();
+                if n > limit {
+                    return Err(UsageError(format!(
+                        "{cmd}: --threads {n} is more than this machine can use: at most \
+                         {limit} (8 per CPU available to this process)"
+                    )));
+                }
+                raw.threads = Some(n);
+            }
             "--max-seq" => raw.max_seq = Some(positive(cmd, name, value)?),
             "--max-new-tokens" => {
                 raw.gen.max_new_tokens = Some(int(cmd, name, value, "an integer >= 0")?)
@@ -718,6 +728,10 @@ mod tests {
             (
                 &["generate", "/m", "x", "--threads", "0"],
                 "--threads must be an integer >= 1",
+            ),
+            (
+                &["generate", "/m", "x", "--threads", "100000"],
+                "--threads 100000 is more than this machine can use",
             ),
             (
                 &["generate", "/m", "x", "--max-seq", "0"],

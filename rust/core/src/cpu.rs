@@ -20,6 +20,30 @@ pub fn default_threads() -> usize {
     physical_cores().map_or(logical, |p| p.clamp(1, logical))
 }
 
+/// The most threads a model accepts: 8 per CPU this process may run on, at least 64 (Python's
+/// `sparselm.max_threads()` is the same rule). Decode threads spin between the ~200 short
+/// parallel regions of a token, so more threads than CPUs only slow it down, and thousands
+/// took minutes just to start.
+pub fn max_threads() -> usize {
+    let cpus = allowed_cpus()
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    cpus.saturating_mul(8).max(64)
+}
+
+/// CPUs of this process's affinity mask (Linux), or `None` where it cannot be read.
+fn allowed_cpus() -> Option<usize> {
+    #[cfg(target_os = "linux")]
+    {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
+        parse_cpu_list(allowed).map(|c| c.len())
+    }
+    #[cfg(not(target_os = "linux"))]
+    None
+}
+
 /// Distinct physical cores among the CPUs of this process's affinity mask (Linux sysfs), or
 /// `None` where that cannot be read.
 pub fn physical_cores() -> Option<usize> {
@@ -76,6 +100,15 @@ fn parse_cpu_list(s: &str) -> Option<Vec<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max_threads_is_eight_per_allowed_cpu_and_at_least_64() {
+        let m = max_threads();
+        assert!(m >= 64 && m >= default_threads());
+        if let Some(n) = allowed_cpus() {
+            assert_eq!(m, (8 * n).max(64));
+        }
+    }
 
     #[test]
     fn parse_cpu_list_reads_kernel_lists_and_rejects_garbage() {

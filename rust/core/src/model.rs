@@ -121,6 +121,13 @@ impl Model {
         } else {
             threads
         };
+        let limit = crate::cpu::max_threads();
+        if threads > limit {
+            return Err(Error::Argument(format!(
+                "threads={threads} is more than this machine can use: at most {limit} \
+                 (8 per CPU available to this process); 0 picks one per physical core"
+            )));
+        }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("sparselm-{i}"))
