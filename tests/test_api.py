@@ -1010,6 +1010,9 @@ def test_chat_template_errors(tok: Tokenizer, tmp_path: Path, tokenizer_json: st
         tok.apply_chat_template(msgs, chat_template="{% for %}")
     with pytest.raises(InvalidArgumentError):  # the sandbox forbids mutation
         tok.apply_chat_template(msgs, chat_template="{{ messages.append(1) }}")
+    endless = "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"
+    with pytest.raises(InvalidArgumentError, match="RecursionError"):  # was a raw RecursionError
+        tok.apply_chat_template(msgs, chat_template=endless)
     bare = Tokenizer.from_dir(
         write_model_dir(tmp_path / "bare", tokenizer_json, chat_template=None)
     )
@@ -1254,6 +1257,8 @@ def cli_model(monkeypatch: pytest.MonkeyPatch, tok: Tokenizer) -> dict[str, Any]
         calls["path"] = path
         calls["kw"] = kw
         model, engine = make_model(tok, calls.get("reply", "Hi there!"), config=PLM_1_8B)
+        if "generation_config" in calls:
+            model.generation_config = calls["generation_config"]
         calls["model"], calls["engine"] = model, engine
         return model
 
@@ -1314,6 +1319,11 @@ def test_cli_option_values_may_start_with_a_dash(cli_model: dict[str, Any], caps
     tok = cli_model["model"].tokenizer
     prompt = tok.decode(cli_model["engine"].sessions[0].starts[0]["prompt"])
     assert "-be brief-" in prompt
+    # the --opt=VALUE form too (argparse made "--stop=--" an empty stop string)
+    code, out, err = run_cli(["generate", "Hi", "--stop=--", "--system=-x-", "-q"], capsys)
+    assert code == 0 and out == "Hi \n", err
+    prompt = tok.decode(cli_model["engine"].sessions[-1].starts[0]["prompt"])
+    assert "-x-" in prompt
     code, out, err = run_cli(["generate", "-q", "--", "--stop"], capsys)
     assert code == 0 and out == "Hi -- there!\n"
     tok = cli_model["model"].tokenizer
@@ -1396,6 +1406,31 @@ def test_cli_chat_repl(cli_model: dict[str, Any], capsys: Any) -> None:
     assert starts[1]["reused"] >= len(starts[0]["prompt"])
 
 
+@pytest.mark.parametrize(
+    "exc,code",
+    [
+        (InvalidArgumentError("the chat template rejected the messages: no way"), 2),
+        (ContextLengthError("the conversation has 99 tokens but the session holds 64"), 1),
+    ],
+)
+def test_cli_chat_piped_error_exit_codes(
+    cli_model: dict[str, Any],
+    capsys: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    exc: Exception,
+    code: int,
+) -> None:
+    # as the native CLI and `generate --chat`: a rejected argument is a usage error (2), a
+    # runtime error 1 (before, both were 1)
+    def refuse(*a: Any, **k: Any) -> Any:
+        raise exc
+
+    monkeypatch.setattr(model_mod.Session, "chat", refuse)
+    got, out, err = run_cli(["chat", "-q"], capsys, stdin="Hi\nagain\n")
+    assert got == code and out == ""
+    assert err.startswith("sparselm: error: ") and str(exc) in err
+
+
 def test_cli_chat_eof_exits_cleanly(cli_model: dict[str, Any], capsys: Any) -> None:
     code, out, err = run_cli(["chat"], capsys, stdin="Hi")
     assert code == 0 and out == "Hi there!\n" and "prompt:" in err
@@ -1425,6 +1460,16 @@ def test_cli_info_reports_the_down_layout_of_quantized_models(
     assert code == 0 and info["dtype"] == "q4_0"
     assert info["down_layout"] == sparselm.down_layout()
     assert f"down layout {info['down_layout']}" in " ".join(run_cli(["info"], capsys)[1].split())
+
+
+def test_cli_info_generation_line(cli_model: dict[str, Any], capsys: Any) -> None:
+    # max_length from generation_config.json is what limits a run (was: "max_new_tokens 256")
+    cli_model["generation_config"] = GenerationConfig.from_hf_dict({"max_length": 12})
+    line = next(x for x in run_cli(["info"], capsys)[1].splitlines() if x.startswith("generation"))
+    assert line.split(None, 1)[1] == "greedy, max_length 12"
+    cli_model["generation_config"] = GenerationConfig(temperature=0.7, top_k=5, top_p=0.9)
+    line = next(x for x in run_cli(["info"], capsys)[1].splitlines() if x.startswith("generation"))
+    assert line.split(None, 1)[1] == "temperature 0.7, top_k 5, top_p 0.9, max_new_tokens 256"
 
 
 def test_python_dash_m_help() -> None:

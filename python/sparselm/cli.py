@@ -364,7 +364,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
             # A turn that does not fit must not end the whole conversation.
             print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
             if not interactive:
-                return 1
+                # the exit codes of main(): a rejected argument (the template refusing the
+                # messages, say) is a usage error, as in the native CLI
+                return 2 if isinstance(exc, InvalidArgumentError) else 1
             print("[use /reset to start over]", file=sys.stderr, flush=True)
             continue
         if not last.endswith("\n"):
@@ -455,7 +457,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("vocab", f"{info['vocab_size']} (tokenizer: {info['tokenizer_vocab_size']})"),
         ("stop ids", ", ".join(map(str, info["stop_token_ids"])) or "none"),
         ("chat template", "yes" if info["chat_template"] else "no"),
-        ("generation", f"{sampling}, max_new_tokens {gc.max_new_tokens}"),
+        (
+            "generation",
+            f"{sampling}, "
+            + (
+                f"max_length {gc.max_length}"
+                if gc.max_length is not None
+                else f"max_new_tokens {gc.max_new_tokens}"
+            ),
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -515,6 +525,15 @@ def _bind_option_values(argv: Sequence[str]) -> tuple[list[str], list[str]]:
             out.extend(argv[i:])
             break
         name = "--model" if a == "-m" else a
+        if a.startswith("--") and "=" in a:
+            # --opt=VALUE: argparse strips a VALUE of '--' to nothing, so hold such text back
+            name, value = a.split("=", 1)
+            if name in _TEXT_OPTIONS and value.startswith("-"):
+                held.append(value)
+                a = f"{name}={_HELD}{len(held) - 1}"
+            out.append(a)
+            i += 1
+            continue
         if name in _VALUE_OPTIONS and i + 1 < len(argv):
             value = argv[i + 1]
             if name in _TEXT_OPTIONS and value.startswith("-"):

@@ -435,9 +435,16 @@ class Tokenizer:
             return str(template.render(**variables))
         except SparselmError:
             raise  # raise_exception() in the template
-        except (jinja2.TemplateError, ArithmeticError, LookupError, TypeError, ValueError) as exc:
+        except (
+            jinja2.TemplateError,
+            ArithmeticError,
+            LookupError,
+            TypeError,
+            ValueError,
+            RecursionError,
+        ) as exc:
             # also Python errors of the template's own expressions (a filter given the wrong
-            # type, a missing key, ...)
+            # type, a missing key, a macro calling itself without end, ...)
             raise InvalidArgumentError(
                 f"rendering the chat template failed: {type(exc).__name__}: {exc}"
             ) from exc

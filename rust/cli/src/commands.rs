@@ -82,7 +82,11 @@ pub struct TurnOutcome {
 }
 
 fn check_dir(dir: &Path) -> Result<(), CliError> {
-    if dir.is_dir() {
+    if dir.as_os_str().is_empty() {
+        Err(CliError::Usage(
+            "the model directory path must not be empty".into(),
+        ))
+    } else if dir.is_dir() {
         Ok(())
     } else if dir.exists() {
         Err(CliError::runtime(format!(
@@ -118,6 +122,22 @@ fn context_length(model: &Model, m: &ModelOpts) -> usize {
 }
 
 /// Tokenize a prompt and check it fits the model.
+/// The tokenizer must fit the model's embedding (as Python's `load()` checks): a tokenizer.json
+/// of another model would otherwise run until a prompt or a sampled id falls outside it.
+fn check_vocab(text: &TextModel, model: &Model) -> Result<(), CliError> {
+    let v = model.config.vocab_size;
+    let (n, max_id) = (text.vocab_size(), text.max_token_id());
+    if n > v || max_id.is_some_and(|m| m as usize >= v) {
+        return Err(CliError::runtime(format!(
+            "the tokenizer in {} has {n} tokens (largest id {}) but the model's vocab_size is \
+             {v}: tokenizer.json does not belong to this model",
+            text.dir().display(),
+            max_id.map_or("none".to_string(), |m| m.to_string()),
+        )));
+    }
+    Ok(())
+}
+
 fn encode_prompt(text: &TextModel, model: &Model, prompt: &str) -> Result<Vec<u32>, CliError> {
     let ids = text.encode(prompt)?;
     if ids.is_empty() {
@@ -217,6 +237,17 @@ pub fn stats_lines(session: &Session, o: &TurnOutcome, detailed: bool) -> Vec<St
                 .collect();
             lines.push(format!("layer sparsity: {}", parts.join(" ")));
         }
+        if let Some(skipped) = session.down_bytes_skipped_per_token() {
+            let dense = session.model().weights.nbytes() as f64;
+            if dense > 0.0 {
+                lines.push(format!(
+                    "weights skipped: {:.2} MB of {:.2} MB per token ({:.1}%)",
+                    skipped / 1e6,
+                    dense / 1e6,
+                    100.0 * skipped / dense
+                ));
+            }
+        }
         lines.push(format!(
             "time: prompt {:.1} ms, decode {:.1} ms",
             s.prompt_seconds * 1e3,
@@ -254,30 +285,33 @@ fn read_stdin_prompt() -> Result<String, CliError> {
 
 /// `sparselm generate`: stream a completion of the prompt.
 pub fn generate(a: GenerateArgs) -> Result<(), CliError> {
+    // The directory first: a wrong one must not wait for a prompt on standard input.
+    if matches!(a.prompt, Prompt::Missing)
+        && !a.model.dir.as_os_str().is_empty()
+        && !a.model.dir.exists()
+    {
+        // one argument is the model directory here (no bundled model without Python)
+        return Err(CliError::Usage(format!(
+            "generate: '{}' was taken as MODEL_DIR, and no such directory exists: the native \
+             CLI has no bundled model, so it needs `sparselm generate MODEL_DIR PROMPT` (or \
+             MODEL_DIR and the prompt on standard input)",
+            a.model.dir.display()
+        )));
+    }
+    check_dir(&a.model.dir)?;
     let prompt = match a.prompt {
         Prompt::Text(t) => t,
         Prompt::Stdin => read_stdin_prompt()?,
         Prompt::Missing if !io::stdin().is_terminal() => read_stdin_prompt()?,
         Prompt::Missing => {
-            // one argument is the model directory here (no bundled model without Python)
-            let hint = if a.model.dir.is_dir() {
-                String::new()
-            } else {
-                format!(
-                    "; '{}' was taken as MODEL_DIR: the native CLI has no bundled model, so it \
-                     needs `sparselm generate MODEL_DIR PROMPT`",
-                    a.model.dir.display()
-                )
-            };
-            return Err(CliError::Usage(format!(
-                "generate: the PROMPT argument is required (or pipe it on standard input){hint}"
-            )));
+            return Err(CliError::Usage(
+                "generate: the PROMPT argument is required (or pipe it on standard input)".into(),
+            ));
         }
     };
     if prompt.is_empty() {
         return Err(CliError::Usage("generate: the prompt is empty".into()));
     }
-    check_dir(&a.model.dir)?;
     let text = TextModel::load(&a.model.dir)?;
     let cfg = RunConfig::resolve(&GenDefaults::load(&a.model.dir)?, &a.gen)?;
     let prompt = if a.chat {
@@ -292,6 +326,7 @@ pub fn generate(a: GenerateArgs) -> Result<(), CliError> {
         prompt
     };
     let model = load_model(&a.model)?;
+    check_vocab(&text, &model)?;
     let ids = encode_prompt(&text, &model, &prompt)?;
     let ctx = context_length(&model, &a.model);
     if ids.len() > ctx {
@@ -325,6 +360,7 @@ pub fn chat(a: ChatArgs) -> Result<(), CliError> {
     let template = text.compile_chat_template()?;
     let cfg = RunConfig::resolve(&GenDefaults::load(&a.model.dir)?, &a.gen)?;
     let model = load_model(&a.model)?;
+    check_vocab(&text, &model)?;
     let ctx = context_length(&model, &a.model);
     let mut session = Session::new(model, ctx)?;
     let stdin = io::stdin();
@@ -352,7 +388,15 @@ pub fn chat(a: ChatArgs) -> Result<(), CliError> {
             }
             break;
         }
-        let line = String::from_utf8_lossy(&buf);
+        let Ok(line) = std::str::from_utf8(&buf) else {
+            // as `generate -` does (and Python): not silently replaced by U+FFFD
+            let e = CliError::Usage("chat: the input line is not valid UTF-8".into());
+            if interactive {
+                note(&format!("sparselm: error: {e}"));
+                continue;
+            }
+            return Err(e);
+        };
         let line = line.trim_end_matches(['\n', '\r']);
         let cmd_text = line.trim();
         if cmd_text.is_empty() {
@@ -429,13 +473,21 @@ fn chat_turn(
     run_turn(session, text, ids.as_slice(), cfg, out)
 }
 
+/// An f32 setting as the f64 of its shortest decimal form (0.7, not 0.699999988079071: the
+/// number the file or the command line gave).
+fn short(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
+}
+
 /// `sparselm info`: describe a model.
 pub fn info(a: InfoArgs) -> Result<(), CliError> {
     let dir = &a.model.dir;
     check_dir(dir)?;
     let model = load_model(&a.model)?;
     let text = if dir.join("tokenizer.json").is_file() {
-        Some(TextModel::load(dir)?)
+        let t = TextModel::load(dir)?;
+        check_vocab(&t, &model)?;
+        Some(t)
     } else {
         None
     };
@@ -488,8 +540,9 @@ pub fn info(a: InfoArgs) -> Result<(), CliError> {
             "stop_token_ids": stop_ids,
             "chat_template": has_template,
             "generation_config": {
-                "max_new_tokens": gen.max_new_tokens, "temperature": p.temperature, "top_k": p.top_k,
-                "top_p": p.top_p, "min_p": p.min_p, "repetition_penalty": p.repetition_penalty,
+                "max_new_tokens": gen.max_new_tokens, "temperature": short(p.temperature),
+                "top_k": p.top_k, "top_p": short(p.top_p), "min_p": short(p.min_p),
+                "repetition_penalty": short(p.repetition_penalty),
                 "seed": p.seed, "stop": gen.stop, "max_length": gen.max_length,
             },
             "config": raw_config,

@@ -152,6 +152,16 @@ impl TextModel {
         self.tokenizer.get_vocab_size(true)
     }
 
+    /// The largest id of the vocabulary (added tokens included), if it has any.
+    pub fn max_token_id(&self) -> Option<u32> {
+        self.tokenizer.get_vocab(true).into_values().max()
+    }
+
+    /// The model directory the files were read from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The compiled chat template; a clear error when the checkpoint has none.
     pub fn compile_chat_template(&self) -> Result<ChatTemplate, CliError> {
         let Some(src) = &self.chat_template else {

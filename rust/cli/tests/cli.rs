@@ -297,6 +297,8 @@ fn generate_prints_text_deterministically() {
     assert!(
         err.contains("[mlp sparsity: ")
             && err.contains("[layer sparsity: ")
+            && err.contains("[weights skipped: ")
+            && err.contains(" MB per token (")
             && err.contains("[time: prompt"),
         "{err}"
     );
@@ -437,6 +439,22 @@ fn chat_without_template_fails_clearly() {
 }
 
 #[test]
+fn chat_rejects_input_that_is_not_utf8() {
+    // before: the byte became U+FFFD silently (generate's stdin prompt already failed)
+    let ck = checkpoint("chat-utf8", true);
+    let mut child = Command::new(BIN)
+        .args(["chat", ck.path(), "--max-new-tokens", "2"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _ = child.stdin.take().unwrap().write_all(b"Hi \xff there\n");
+    let o = child.wait_with_output().unwrap();
+    assert_fails(&o, 2, "the input line is not valid UTF-8");
+}
+
+#[test]
 fn info_describes_the_model() {
     let ck = checkpoint("info", true);
     let o = run(&["info", ck.path(), "--threads", "1"], None);
@@ -470,6 +488,23 @@ fn info_describes_the_model() {
     assert_eq!(v["stop_token_ids"], serde_json::json!([258, 256]));
     assert!(v["weight_bytes"].as_u64().unwrap() > 0);
     assert!(v["kernel_tier"].is_string());
+    // the settings as written, not widened from f32 (was 0.699999988079071)
+    ck.write(
+        "generation_config.json",
+        r#"{"do_sample": true, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}"#,
+    );
+    let o = run(&["info", ck.path(), "--json"], None);
+    assert_ok(&o);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let g = &v["generation_config"];
+    assert_eq!(
+        (&g["temperature"], &g["top_p"], &g["repetition_penalty"]),
+        (
+            &serde_json::json!(0.7),
+            &serde_json::json!(0.9),
+            &serde_json::json!(1.1)
+        )
+    );
 }
 
 #[test]
@@ -526,6 +561,20 @@ fn usage_errors_exit_2() {
             "exceeds the model's context",
         ),
         (vec!["info"], "MODEL_DIR argument is required"),
+        // one argument, not a directory: the prompt taken as MODEL_DIR, whatever stdin is
+        // (stdin is /dev/null here: before, "the prompt is empty")
+        (
+            vec!["generate", "Once upon a time"],
+            "'Once upon a time' was taken as MODEL_DIR",
+        ),
+        (
+            vec!["generate", "", "hi"],
+            "model directory path must not be empty",
+        ),
+        (
+            vec!["info", "--model="],
+            "model directory path must not be empty",
+        ),
     ];
     for (args, want) in cases {
         let o = run(&args, None);
@@ -585,6 +634,22 @@ fn runtime_errors_exit_1() {
     );
     std::fs::remove_file(broken.dir.join("tokenizer.json")).unwrap();
     assert_fails(&generate(&broken, "hi", &[]), 1, "no tokenizer.json");
+    // a tokenizer with an id past the model's embedding rows: refused at load (before, only a
+    // prompt holding such an id failed), by generate, chat and info alike
+    // (tokenizers numbers added tokens from the end of its vocabulary: 259, 260, ...)
+    let mut tj: serde_json::Value = serde_json::from_str(&tokenizer_json()).unwrap();
+    let added = tj["added_tokens"].as_array_mut().unwrap();
+    let n = added.len();
+    for i in 0..20 {
+        added.push(serde_json::json!({
+            "id": 256 + n + i, "content": format!("<|extra{i}|>"), "single_word": false,
+            "lstrip": false, "rstrip": false, "normalized": false, "special": true}));
+    }
+    broken.write("tokenizer.json", &tj.to_string());
+    let want = format!("has 279 tokens (largest id 278) but the model's vocab_size is {VOCAB}");
+    assert_fails(&generate(&broken, "hi", &[]), 1, &want);
+    assert_fails(&run(&["chat", broken.path()], Some("hi\n")), 1, &want);
+    assert_fails(&run(&["info", broken.path()], None), 1, &want);
     broken.write("tokenizer.json", &tokenizer_json());
     broken.write("model.safetensors", "garbage, not a safetensors file");
     assert_fails(&generate(&broken, "hi", &[]), 1, "model.safetensors");

@@ -123,6 +123,28 @@ impl Session {
         &self.state
     }
 
+    /// Weight bytes of `W_down` not read per decoded token: the rows of zero neurons the decode
+    /// down projection skipped (rows read whole with their group in the planar int8 `groups`
+    /// layout count as read), averaged over the decode steps since the state's counters were
+    /// last reset. `None` before any decode step. Prompts are GEMMs and do not count.
+    pub fn down_bytes_skipped_per_token(&self) -> Option<f64> {
+        let st = &self.state;
+        let m = &self.model;
+        let ni = m.config.intermediate_size as u64;
+        let tokens = st.down_rows.first().copied().unwrap_or(0) / ni.max(1);
+        if tokens == 0 {
+            return None;
+        }
+        let skipped: f64 = m
+            .weights
+            .layers
+            .iter()
+            .zip(st.down_rows.iter().zip(&st.down_read))
+            .map(|(lw, (&n, &r))| n.saturating_sub(r) as f64 * lw.down.bytes_per_neuron())
+            .sum();
+        Some(skipped / tokens as f64)
+    }
+
     pub fn reset(&mut self) {
         self.tokens.clear();
         self.gen = None;

@@ -277,22 +277,13 @@ impl Session {
         if let Some(sp) = st.sparsity() {
             d.set_item("mlp_sparsity", sp)?;
             d.set_item("layer_sparsity", st.layer_sparsity())?;
-            // Weight bytes of W_down not read per generated token: the rows of zero neurons the
-            // decode down projection skipped (rows read whole with their group in the planar
-            // int8 layout count as read). Decode steps only; prompts are GEMMs.
-            let m = self.inner.model();
-            let ni = m.config.intermediate_size as u64;
-            let tokens = st.down_rows.first().copied().unwrap_or(0) / ni.max(1);
-            if tokens > 0 {
-                let skipped: f64 = m
-                    .weights
-                    .layers
-                    .iter()
-                    .zip(st.down_rows.iter().zip(&st.down_read))
-                    .map(|(lw, (&n, &r))| (n - r) as f64 * lw.down.bytes_per_neuron())
-                    .sum();
-                d.set_item("down_bytes_skipped_per_token", skipped / tokens as f64)?;
-                d.set_item("weight_bytes_per_token_dense", m.weights.nbytes())?;
+            // Weight bytes of W_down not read per generated token (decode steps only).
+            if let Some(skipped) = self.inner.down_bytes_skipped_per_token() {
+                d.set_item("down_bytes_skipped_per_token", skipped)?;
+                d.set_item(
+                    "weight_bytes_per_token_dense",
+                    self.inner.model().weights.nbytes(),
+                )?;
             }
         }
         Ok(d)
