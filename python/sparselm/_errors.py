@@ -16,6 +16,7 @@ __all__ = [
     "InvalidArgumentError",
     "MissingTensorError",
     "ModelIOError",
+    "OutOfMemoryError",
     "ShapeError",
     "SparselmError",
     "UnsupportedError",

@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 #: The weight formats :func:`load` accepts. ``"auto"`` keeps the checkpoint's own dtype. The
-#: native engine may raise UnsupportedError for formats this build does not implement yet.
+#: ``"q8_0"``/``"q4_0"`` quantize on load.
 DTYPES = ("auto", "f32", "f16", "bf16", "q8_0", "q4_0")
 # The block-quantized formats: the ones whose decode down projection has a layout
 # (``down_layout()``) and int8 kernels.
@@ -415,7 +415,8 @@ def load(
         FormatError: a file is malformed (ConfigError, MissingTensorError, ShapeError, DtypeError
             are subclasses with details).
         DtypeError: an unknown ``dtype``.
-        UnsupportedError: a valid choice this build does not implement (e.g. a quantized dtype).
+        UnsupportedError: a checkpoint feature this build does not implement (q-LoRA, another
+            activation, ...).
         InvalidArgumentError: a bad ``threads`` or ``max_seq``.
         ImportError: the native extension is not built.
     """
@@ -528,8 +529,10 @@ class Model:
         ``"bf16"`` (AVX512_BF16 CPUs, weights not f32; 2.5-4x faster prompts): float weights and
         activations are rounded to bfloat16 with exact products and float32 sums; q8_0/q4_0
         projections use int8 dot products on inputs quantized to Q8_0 per token, exactly as
-        decoding does (the down projection, stored transposed, goes through bfloat16).
-        ``"f32"``: weights widened to float32. Single-token decoding never uses bf16 arithmetic.
+        decoding does, except the down projection (stored transposed), which goes through
+        bfloat16 for prompts of 17 tokens or more; shorter prompts take decode's sparse path
+        and give decode's bits. ``"f32"``: weights widened to float32. Single-token decoding
+        never uses bf16 arithmetic.
         Set the environment variable ``SPARSELM_EXACT_GEMM=1`` before loading to force ``"f32"``.
         """
         return str(self._engine.prompt_gemm)
@@ -583,8 +586,10 @@ class Model:
         ``completion_tokens``, ``prompt_seconds``, ``decode_seconds``, ``prompt_tok_s``,
         ``decode_tok_s``, ``finish_reason`` (``"stop"``, ``"length"``, ``"context"``,
         ``"stop_string"`` or ``"cancelled"``), and ``mlp_sparsity`` (mean fraction of zero ReLU²
-        neurons) and ``layer_sparsity`` (per layer) when the engine reports them. For a stream
-        they are set when it ends.
+        neurons) and ``layer_sparsity`` (per layer) when the engine reports them, and after
+        decode steps ``down_bytes_skipped_per_token`` (bytes of ``W_down`` the sparse down
+        projection did not read, per token) and ``weight_bytes_per_token_dense`` (every weight
+        byte of the model). For a stream they are set when it ends.
         """
         return None if self._last_stats is None else dict(self._last_stats)
 
