@@ -1047,6 +1047,10 @@ def test_template_sources(tmp_path: Path, tokenizer_json: str) -> None:
     listed = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
     d2 = write_model_dir(tmp_path / "list", tokenizer_json, chat_template=listed)
     assert Tokenizer.from_dir(d2).apply_chat_template(msgs) == "D"
+    for empty in ([], [{"name": "x"}]):  # was "lists several templates but no 'default'"
+        d3 = write_model_dir(tmp_path / "empty", tokenizer_json, chat_template=empty)
+        with pytest.raises(FormatError, match='a list without any {"name", "template"} entry'):
+            Tokenizer.from_dir(d3)
 
 
 def test_added_tokens_decoder(tmp_path: Path, tokenizer_json: str, tok: Tokenizer) -> None:
@@ -1065,6 +1069,18 @@ def test_added_tokens_decoder(tmp_path: Path, tokenizer_json: str, tok: Tokenize
     )
     with pytest.raises(FormatError, match="added_tokens_decoder"):
         Tokenizer.from_dir(d2)
+    # an empty list is an empty table, as the native CLI reads it; other non-objects are errors
+    # (0 and "" were taken for empty tables)
+    d4 = write_model_dir(
+        tmp_path / "e", tokenizer_json, tokenizer_config={"added_tokens_decoder": []}
+    )
+    assert Tokenizer.from_dir(d4).vocab_size == n
+    for odd in (0, "", [1]):
+        d5 = write_model_dir(
+            tmp_path / "odd", tokenizer_json, tokenizer_config={"added_tokens_decoder": odd}
+        )
+        with pytest.raises(FormatError, match="added_tokens_decoder must be an object"):
+            Tokenizer.from_dir(d5)
     eos_dict = {"eos_token": {"content": "<|endoftext|>", "__type": "AddedToken"}}
     d3 = write_model_dir(tmp_path / "dict", tokenizer_json, tokenizer_config=eos_dict)
     assert Tokenizer.from_dir(d3).eos_token == "<|endoftext|>"

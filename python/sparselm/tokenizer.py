@@ -471,6 +471,10 @@ def _pick_template(value: Any, cfg_path: Path) -> str | None:
             return str(named["default"])
         if len(named) == 1:
             return str(next(iter(named.values())))
+        if not named:
+            raise FormatError(
+                f'{cfg_path}: chat_template is a list without any {{"name", "template"}} entry'
+            )
         raise FormatError(f"{cfg_path}: chat_template lists several templates but no 'default'")
     raise FormatError(f"{cfg_path}: chat_template must be a string, got {type(value).__name__}")
 
@@ -479,7 +483,9 @@ def _apply_added_tokens_decoder(
     tok: tokenizers.Tokenizer, cfg: Mapping[str, Any], path: Path
 ) -> None:
     """Make sure every token of ``added_tokens_decoder`` exists with its declared id."""
-    decoder = cfg.get("added_tokens_decoder") or {}
+    decoder = cfg.get("added_tokens_decoder")
+    if decoder is None or decoder == []:
+        decoder = {}  # an empty list is an empty table; other non-objects are errors
     if not isinstance(decoder, dict):
         raise FormatError(f"{path}: added_tokens_decoder must be an object")
 

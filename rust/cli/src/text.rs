@@ -206,6 +206,10 @@ fn pick_template(value: Option<&Value>, path: &Path) -> Result<Option<String>, C
             }
             match named.as_slice() {
                 [(_, t)] => Ok(Some(t.to_string())),
+                [] => Err(format_err(
+                    path,
+                    "chat_template is a list without any {\"name\", \"template\"} entry",
+                )),
                 _ => Err(format_err(
                     path,
                     "chat_template lists several templates but no 'default'",
@@ -226,7 +230,9 @@ fn apply_added_tokens_decoder(
         return Ok(());
     };
     let decoder = match decoder {
+        // an empty list is an empty table (as Python reads it); other values are errors
         Value::Null => return Ok(()),
+        Value::Array(a) if a.is_empty() => return Ok(()),
         Value::Object(d) => d,
         _ => return Err(format_err(path, "added_tokens_decoder must be an object")),
     };
@@ -431,6 +437,37 @@ mod tests {
         assert_eq!(g.stop, vec!["\n\n".to_string()]);
         let g = hf(serde_json::json!({"max_length": 100, "stop_strings": "END"})).unwrap();
         assert_eq!((g.max_length, g.stop), (Some(100), vec!["END".to_string()]));
+    }
+
+    #[test]
+    fn template_lists_and_empty_added_tokens_decoder() {
+        let p = Path::new("tokenizer_config.json");
+        let v = serde_json::json!([{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]);
+        assert_eq!(pick_template(Some(&v), p).unwrap().as_deref(), Some("D"));
+        for empty in [serde_json::json!([]), serde_json::json!([{"name": "x"}])] {
+            let e = pick_template(Some(&empty), p).unwrap_err().to_string();
+            assert!(e.contains("without any"), "{e}");
+        }
+        let tj = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../python/sparselm/models/plm-tiny/tokenizer.json"),
+        )
+        .unwrap();
+        let mut tok = Tokenizer::from_bytes(tj.as_bytes()).unwrap();
+        let n = tok.get_vocab_size(true);
+        let cfg = |v: serde_json::Value| {
+            serde_json::json!({ "added_tokens_decoder": v })
+                .as_object()
+                .unwrap()
+                .clone()
+        };
+        // an empty list is an empty table, as Python reads it (was "must be an object")
+        apply_added_tokens_decoder(&mut tok, &cfg(serde_json::json!([])), p).unwrap();
+        assert_eq!(tok.get_vocab_size(true), n);
+        for odd in [serde_json::json!(0), serde_json::json!([1])] {
+            let e = apply_added_tokens_decoder(&mut tok, &cfg(odd), p).unwrap_err();
+            assert!(e.to_string().contains("must be an object"), "{e}");
+        }
     }
 
     #[test]
