@@ -144,7 +144,8 @@ usage: sparselm generate [options] MODEL_DIR [PROMPT]
 
 Continue PROMPT and print the completion as it is generated (statistics go to stderr).
 PROMPT '-', or no PROMPT with standard input not a terminal, reads the prompt from standard
-input. Use '--' before a prompt that starts with '-'.
+input. A prompt starting with '-' is read as one when it holds a space or is a number
+('-5 degrees', '-5'); otherwise put '--' before it.
 
   --chat                wrap PROMPT in the chat template as a user message
   --system TEXT         system message (implies --chat)";
@@ -266,7 +267,12 @@ fn parse_options(sub: Sub, args: &[&str]) -> Result<Option<Raw>, UsageError> {
     while i < args.len() {
         let arg = args[i];
         i += 1;
-        if only_positionals || arg == "-" || !arg.starts_with('-') {
+        // As argparse (the Python CLI) reads them, text starting with '-' that holds a space or
+        // is a number ("-5 degrees", "-5", "-.5") is a prompt, not an option.
+        let text_like = arg.starts_with('-')
+            && !arg.starts_with("--")
+            && (arg.contains(' ') || negative_number(arg));
+        if only_positionals || arg == "-" || !arg.starts_with('-') || text_like {
             raw.positionals.push(arg.to_string());
             continue;
         }
@@ -468,6 +474,19 @@ fn int<T: std::str::FromStr>(cmd: &str, name: &str, v: &str, what: &str) -> Resu
         .map_err(|_| UsageError(format!("{cmd}: {name} must be {what}, got '{v}'")))
 }
 
+/// argparse's negative-number pattern: `-` then digits, or digits, a point and digits
+/// (`-5`, `-0.5`, `-.5`; not `-1e5` or `-inf`).
+fn negative_number(arg: &str) -> bool {
+    let Some(num) = arg.strip_prefix('-') else {
+        return false;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    match num.split_once('.') {
+        None => digits(num),
+        Some((int, frac)) => (int.is_empty() || digits(int)) && digits(frac),
+    }
+}
+
 fn positive(cmd: &str, name: &str, v: &str) -> Result<usize, UsageError> {
     match int::<usize>(cmd, name, v, "an integer >= 1")? {
         0 => Err(UsageError(format!(
@@ -628,6 +647,21 @@ mod tests {
         assert_eq!(
             generate(&["generate", "/m", "--", "-5 degrees"]).prompt,
             Prompt::Text("-5 degrees".into())
+        );
+        // without `--` too, as argparse reads them: a space or a number makes it text
+        for t in ["-5 degrees", "-5", "-0.5", "- x", "-x y"] {
+            assert_eq!(
+                generate(&["generate", "/m", t]).prompt,
+                Prompt::Text(t.into()),
+                "{t}"
+            );
+        }
+        assert!(err(&["generate", "/m", "-x"]).contains("unknown option '-x'"));
+        assert!(err(&["generate", "/m", "-inf"]).contains("unknown option"));
+        assert!(err(&["generate", "/m", "-1e5"]).contains("unknown option"));
+        assert_eq!(
+            generate(&["generate", "/m", "-.5"]).prompt,
+            Prompt::Text("-.5".into())
         );
         let g = generate(&["generate", "-m", "/m", "hi"]);
         assert_eq!(
