@@ -10,6 +10,7 @@ to exactly the non-streamed text), statistics, KV-cache reuse across chat turns,
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import io
 import json
@@ -1486,6 +1487,20 @@ def test_cli_info_generation_line(cli_model: dict[str, Any], capsys: Any) -> Non
     cli_model["generation_config"] = GenerationConfig(temperature=0.7, top_k=5, top_p=0.9)
     line = next(x for x in run_cli(["info"], capsys)[1].splitlines() if x.startswith("generation"))
     assert line.split(None, 1)[1] == "temperature 0.7, top_k 5, top_p 0.9, max_new_tokens 256"
+
+
+def test_cli_value_options_match_the_parser() -> None:
+    # _VALUE_OPTIONS repeats what the parser declares (argparse's public API does not list its
+    # options); this catches an option added to one and not the other
+    parser = cli_mod.build_parser()
+    declared: set[str] = set()
+    sub_actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for sub in sub_actions[0].choices.values():
+        for action in sub._actions:
+            if action.option_strings and action.nargs != 0:
+                declared.update(o for o in action.option_strings if o.startswith("--"))
+    assert declared == set(cli_mod._VALUE_OPTIONS)
+    assert set(cli_mod._TEXT_OPTIONS) <= declared
 
 
 def test_python_dash_m_help() -> None:
