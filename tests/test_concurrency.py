@@ -5,6 +5,9 @@ other's work."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -59,3 +62,64 @@ def test_threads_decoding_one_model_concurrently(tmp_path: Path) -> None:
             t.join()
         assert not errors, errors
         assert got == want, dtype
+
+
+_FORK_SCRIPT = r"""
+import multiprocessing as mp, os, sys
+import sparselm
+
+m = sparselm.load(threads=2)
+want = m.generate("Once upon a time", max_new_tokens=12)
+sess = m.session()
+sess.generate("Once upon", max_new_tokens=3)
+
+def child(q):
+    # the parent's threads do not exist here: the model starts this process's own
+    q.put((m.generate("Once upon a time", max_new_tokens=12), m.logits([11, 12]).shape))
+
+if __name__ == "__main__":
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=child, args=(q,))
+    p.start()
+    got, shape = q.get(timeout=60)
+    p.join(60)
+    assert p.exitcode == 0, p.exitcode
+    assert got == want, (got, want)
+    assert shape == (2, m.vocab_size), shape
+    # a child that never uses the model and ends normally (interpreter finalization drops the
+    # model: the parent's threads must not be waited for there)
+    pid = os.fork()
+    if pid == 0:
+        sys.exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # and a child that uses a session made in the parent
+    pid = os.fork()
+    if pid == 0:
+        out = sess.generate("", max_new_tokens=2)
+        os._exit(0 if isinstance(out, str) else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # the parent still decodes as before
+    assert m.generate("Once upon a time", max_new_tokens=12) == want
+    print("ok")
+"""
+
+
+def test_a_forked_child_can_use_the_model(tmp_path: Path) -> None:
+    # Before, the child's first forward pass waited forever for the parent's worker threads.
+    script = tmp_path / "fork_child.py"
+    script.write_text(_FORK_SCRIPT)
+    env = dict(os.environ)
+    pkg = str(Path(sparselm.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg, env.get("PYTHONPATH", "")) if p)
+    r = subprocess.run(
+        [sys.executable, str(script)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

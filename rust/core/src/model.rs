@@ -6,7 +6,9 @@
 //! (decompress K/V of every cached position; used for prompts) and weight-absorbed (multi-query
 //! attention over the latent itself; used for generated tokens).
 
+use std::mem::ManuallyDrop;
 use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rayon::prelude::*;
 
@@ -58,10 +60,10 @@ pub struct Model {
     pub dtype: DType,
     rope_cos: Vec<f32>, // [max_position_embeddings, dr/2]
     rope_sin: Vec<f32>, // [max_position_embeddings, dr/2]
-    pool: rayon::ThreadPool,
-    /// The decode step's spinning thread team (`crate::team`), as many threads as `pool`;
-    /// `None` with one thread, or with `SPARSELM_DECODE_TEAM=0` (decode then uses `pool`).
-    team: Option<crate::team::Team>,
+    /// The threads of the process using the model (see [`Workers`]).
+    workers: Mutex<Arc<Workers>>,
+    threads: usize,
+    use_team: bool,
     /// Skip the zero ReLU² neurons in the down projection (exact). Off only for benchmarks and
     /// tests, to measure what sparsity buys: with `SPARSELM_DENSE_MLP=1` at load, `W_down` is
     /// kept for a dense GEMV (`Down::Dense`: quantized formats in the GEMV layout, float ones
@@ -83,6 +85,57 @@ impl std::fmt::Debug for Model {
             .field("threads", &self.threads())
             .finish()
     }
+}
+
+/// A model's threads, in the process that started them: the rayon pool (prompts, loading) and
+/// the decode step's spinning team (`crate::team`), as many threads as the pool; no team with
+/// one thread, or with `SPARSELM_DECODE_TEAM=0` (decode then uses the pool).
+///
+/// After a `fork()` the child has none of these threads (only the forking thread is copied),
+/// and waiting for them hung its first forward pass forever. So a model remembers the process
+/// that started its threads; used in another one (a forked child: `multiprocessing`, a
+/// pre-forking server) it starts that process's own on first use, and never drops the
+/// parent's there (their shutdown would wait for threads that do not exist).
+struct Workers {
+    pid: u32,
+    pool: ManuallyDrop<rayon::ThreadPool>,
+    team: ManuallyDrop<Option<crate::team::Team>>,
+}
+
+impl Workers {
+    fn new(pool: rayon::ThreadPool, use_team: bool) -> Workers {
+        let n = pool.current_num_threads();
+        // A team that cannot start its threads leaves decode on the rayon pool.
+        let team = (use_team && n > 1)
+            .then(|| crate::team::Team::new(n).ok())
+            .flatten();
+        Workers {
+            pid: std::process::id(),
+            pool: ManuallyDrop::new(pool),
+            team: ManuallyDrop::new(team),
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        if self.pid == std::process::id() {
+            // SAFETY: each field is dropped once, here, and not used again.
+            unsafe {
+                ManuallyDrop::drop(&mut self.team);
+                ManuallyDrop::drop(&mut self.pool);
+            }
+        }
+        // else: threads of another process (we were forked); leaked on purpose
+    }
+}
+
+fn start_pool(threads: usize) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("sparselm-{i}"))
+        .build()
+        .map_err(|e| Error::Argument(format!("cannot start {threads} threads: {e}")))
 }
 
 /// Prompts of at most this many tokens run the down projection token by token on decode's
@@ -128,11 +181,7 @@ impl Model {
                  (8 per CPU available to this process); 0 picks one per physical core"
             )));
         }
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("sparselm-{i}"))
-            .build()
-            .map_err(|e| Error::Argument(format!("cannot start {threads} threads: {e}")))?;
+        let pool = start_pool(threads)?;
         // read once: the layout of W_down and the MLP's path must agree
         let mode = mlp_mode();
         let dense_down = mode == MlpMode::Dense;
@@ -168,19 +217,16 @@ impl Model {
         let fast_gemm = gemm::available() && !weights.all_f32() && !exact;
         let use_team =
             std::env::var("SPARSELM_DECODE_TEAM").map_or(true, |v| v.is_empty() || v != "0");
-        let n = pool.current_num_threads();
-        // A team that cannot start its threads leaves decode on the rayon pool.
-        let team = (use_team && n > 1)
-            .then(|| crate::team::Team::new(n).ok())
-            .flatten();
+        let threads = pool.current_num_threads();
         Model {
             config,
             weights,
             dtype,
             rope_cos,
             rope_sin,
-            pool,
-            team,
+            workers: Mutex::new(Arc::new(Workers::new(pool, use_team))),
+            threads,
+            use_team,
             sparse_mlp,
             fast_gemm,
         }
@@ -201,12 +247,22 @@ impl Model {
     }
 
     pub fn threads(&self) -> usize {
-        self.pool.current_num_threads()
+        self.threads
+    }
+
+    /// This process's threads of the model: the ones started at load, or in a forked child
+    /// its own, started on first use (see [`Workers`]).
+    fn workers(&self) -> Result<Arc<Workers>> {
+        let mut w = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+        if w.pid != std::process::id() {
+            *w = Arc::new(Workers::new(start_pool(self.threads)?, self.use_team));
+        }
+        Ok(Arc::clone(&w))
     }
 
     /// Run `f` on this model's thread pool.
-    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        self.pool.install(f)
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> Result<R> {
+        Ok(self.workers()?.pool.install(f))
     }
 
     /// A fresh latent cache of `max_seq` positions (0: the model's context length).
@@ -305,10 +361,11 @@ impl Model {
                 out.matvec(&st.a[..d], &mut st.logits[..v]);
             }
         };
-        self.pool.install(|| {
+        let workers = self.workers()?;
+        workers.pool.install(|| {
             // A single token's forward pass is ~200 short parallel regions: they run on the
             // spinning team; prompts (GEMMs) on the rayon pool.
-            match self.team.as_ref().filter(|_| t == 1) {
+            match workers.team.as_ref().filter(|_| t == 1) {
                 Some(team) => crate::team::with_team(team, pass),
                 None => pass(),
             }
