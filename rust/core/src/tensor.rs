@@ -1030,6 +1030,9 @@ pub struct DownPlan {
     pub entries: Vec<(u32, f32)>,
     /// Per unit: `(first entry, entries, whole group?)`.
     pub units: Vec<(u32, u32, bool)>,
+    /// The spans of the units (see [`DownPlan::spans`]), cut when the plan is built (kept
+    /// here so that decoding reuses the buffer instead of allocating per projection).
+    spans: Vec<std::ops::Range<usize>>,
 }
 
 impl DownPlan {
@@ -1037,10 +1040,16 @@ impl DownPlan {
         DownPlan {
             entries: Vec::new(),
             units: Vec::new(),
+            spans: Vec::new(),
         }
     }
 
     fn build(&mut self, nrows: usize, active: &[(u32, f32)]) {
+        self.build_units(nrows, active);
+        self.cut_spans();
+    }
+
+    fn build_units(&mut self, nrows: usize, active: &[(u32, f32)]) {
         if !active.windows(2).all(|w| w[0].0 < w[1].0) {
             // not the sorted list of distinct rows the decode loop gives (public callers may
             // pass any order): plan its canonical form, rows sorted and a repeated row's
@@ -1054,7 +1063,7 @@ impl DownPlan {
                     _ => merged.push((j, a)),
                 }
             }
-            return self.build(nrows, &merged);
+            return self.build_units(nrows, &merged);
         }
         self.entries.clear();
         self.units.clear();
@@ -1129,30 +1138,29 @@ impl DownPlan {
     /// [`Matrix::sparse_axpy_par`]). Counted from the end they hold 1, 1, 2, 4, 8, … units and
     /// the first span the rest (26 units: 10, 8, 4, 2, 1, 1), so that two threads finish
     /// within about one unit of each other whichever is slowed; none for an empty plan.
-    pub fn spans(&self) -> Vec<std::ops::Range<usize>> {
-        let mut sizes = Vec::new();
-        let (mut left, mut next) = (self.units.len(), 1);
-        while left > 0 {
-            let take = if sizes.len() < 2 { 1 } else { next };
-            if take >= left {
-                sizes.push(left);
+    pub fn spans(&self) -> &[std::ops::Range<usize>] {
+        &self.spans
+    }
+
+    /// Cut [`DownPlan::spans`] from the units: sizes 1, 1, 2, 4, … taken from the end, the
+    /// rest first; no allocation once the buffer has grown to the plan's span count.
+    fn cut_spans(&mut self) {
+        self.spans.clear();
+        let (mut end, mut next) = (self.units.len(), 1);
+        while end > 0 {
+            let taken = self.spans.len();
+            let take = if taken < 2 { 1 } else { next };
+            if take >= end {
+                self.spans.push(0..end);
                 break;
             }
-            sizes.push(take);
-            left -= take;
-            if sizes.len() >= 2 {
+            self.spans.push(end - take..end);
+            end -= take;
+            if taken + 1 >= 2 {
                 next = take * 2;
             }
         }
-        let mut start = 0;
-        sizes
-            .iter()
-            .rev()
-            .map(|&n| {
-                start += n;
-                start - n..start
-            })
-            .collect()
+        self.spans.reverse();
     }
 
     /// Rows read by units `units`.
@@ -1476,10 +1484,12 @@ mod tests {
             assert_eq!(n, if i < 2 { 1 } else { 1 << (i - 1) }, "{sizes:?}");
         }
         assert!(sizes[sizes.len() - 1] >= 1);
-        let many = DownPlan {
+        let mut many = DownPlan {
             entries: Vec::new(),
             units: vec![(0, 1, false); 26],
+            spans: Vec::new(),
         };
+        many.cut_spans();
         let lens: Vec<usize> = many.spans().iter().map(|r| r.len()).collect();
         assert_eq!(lens, [10, 8, 4, 2, 1, 1]);
         assert!(DownPlan::new().spans().is_empty());
