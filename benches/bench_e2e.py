@@ -48,8 +48,8 @@ def read_gb_s(threads: int) -> float:
 
 
 def peak_rss_gb() -> float:
-    """Peak RSS of this process so far, GB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    """Peak RSS of this process so far, GB (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 def current_rss_gb() -> float:
@@ -57,7 +57,7 @@ def current_rss_gb() -> float:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1e6
+                return int(line.split()[1]) * 1024 / 1e9  # kB here means KiB
     except OSError:
         pass
     return 0.0
@@ -76,6 +76,12 @@ def run_one(model_dir: str, dtype: str, threads: int, prompt: int, decode: int) 
     n_params = sum(math.prod(s) for s in tensor_shapes(cfg).values())
     ids = [(i * 7919) % (cfg["vocab_size"] - 200) + 100 for i in range(prompt)]
     sess = eng.new_session(prompt + decode + 8)
+    # Warm-up, as llama.cpp gets in bench_llama: a short prompt and one decode step (first-use
+    # costs such as page faults of scratch buffers stay out of the timings); then a fresh start.
+    sess.start(ids[:8], 2)
+    while sess.next_token() is not None:
+        pass
+    sess.reset()
     t0 = time.perf_counter()
     sess.start(ids, decode)
     prefill_s = time.perf_counter() - t0
@@ -101,7 +107,10 @@ def run_one(model_dir: str, dtype: str, threads: int, prompt: int, decode: int) 
     if skipped is None:
         skipped = sparsity * layers * ni * d * bpw if sparse_on else 0.0
     read = wbytes - skipped
-    tok_s = n / decode_s if decode_s > 0 else 0.0
+    # n tokens cost n - 1 forward passes (the first comes from the prompt's logits): rates and
+    # bytes read are per forward pass, as llama.cpp's are counted in bench_llama.
+    forwards = max(n - 1, 0)
+    tok_s = forwards / decode_s if decode_s > 0 else 0.0
     return {
         "dtype": eng.dtype,
         "threads": eng.threads,
@@ -109,6 +118,7 @@ def run_one(model_dir: str, dtype: str, threads: int, prompt: int, decode: int) 
         "load_s": load_s,
         "prefill_tok_s": prompt / prefill_s,
         "decode_tok_s": tok_s,
+        "decode_tok_s_handed_out": n / decode_s if decode_s > 0 else 0.0,
         "decode_tokens": n,
         "gb_per_token": read / 1e9,
         "gb_s": read * tok_s / 1e9,
@@ -142,6 +152,12 @@ def main() -> None:
         dtype, threads = a.one.split(":")
         print(json.dumps(run_one(model_dir, dtype, int(threads), a.prompt, a.decode)))
         return
+    meta = {"cpu": platform.processor() or platform.machine(), **build_info()}
+    print(
+        f"sparselm from {meta['sparselm_module']} (native built {meta['native_mtime']} UTC, "
+        f"commit {meta['commit']}{' + uncommitted changes' if meta['dirty'] else ''})",
+        flush=True,
+    )
     rows = []
     for dtype in a.dtypes.split(","):
         for threads in [int(t) for t in a.threads.split(",")]:
@@ -177,9 +193,39 @@ def main() -> None:
                     f"down {r['down_layout']}",
                     flush=True,
                 )
-    meta = {"cpu": platform.processor() or platform.machine(), "commit": git_commit()}
     if a.json:
         Path(a.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+
+
+def build_info() -> dict:
+    """What was timed: the sparselm module actually imported (the repository's python/ or an
+    installed copy), its native library's modification time, and the repository's commit with a
+    flag for uncommitted changes. A commit alone does not say which build ran."""
+    import sparselm
+    from sparselm import _native
+
+    native = Path(_native.__file__).resolve()
+    return {
+        "commit": git_commit(),
+        "dirty": git_dirty(),
+        "sparselm_module": str(Path(sparselm.__file__).resolve().parent),
+        "native_library": str(native),
+        "native_mtime": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(native.stat().st_mtime)),
+    }
+
+
+def git_dirty() -> bool | None:
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except OSError:
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
 
 
 def git_commit() -> str:

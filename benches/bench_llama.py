@@ -59,7 +59,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_e2e import current_rss_gb, git_commit, peak_rss_gb, read_gb_s  # on the path above
+from bench_e2e import (  # on the path above
+    build_info,
+    current_rss_gb,
+    git_commit,
+    peak_rss_gb,
+    read_gb_s,
+)
 
 
 def prompt_ids(vocab_size: int, n: int) -> list[int]:
@@ -400,9 +406,12 @@ def main() -> None:
     builds = {
         "sparselm": str(Path(sparselm.__file__).parent),
         "llama_cpp_python": llama_cpp.__version__,
+        **build_info(),  # which native library, built when; commit and uncommitted changes
     }
     print(
-        f"sparselm from {builds['sparselm']} | llama-cpp-python {builds['llama_cpp_python']}",
+        f"sparselm from {builds['sparselm']} (native built {builds['native_mtime']} UTC, "
+        f"commit {builds['commit']}{' + uncommitted changes' if builds['dirty'] else ''}) | "
+        f"llama-cpp-python {builds['llama_cpp_python']}",
         flush=True,
     )
     rows: list[dict] = []
@@ -439,12 +448,7 @@ def main() -> None:
                         ],
                         env=env,
                     )
-                    n = r["decode_tokens"]
-                    r["engine"] = "sparselm"
-                    r["decode_tok_s_handed_out"] = r["decode_tok_s"]
-                    r["decode_tok_s"] = (
-                        r["decode_tok_s"] * max(n - 1, 1) / max(n, 1)
-                    )  # forward passes/s
+                    r["engine"] = "sparselm"  # decode_tok_s: forward passes/s (run_one)
                     sp[sparse] = r
                     print(
                         f"sparselm  {dtype:>5} threads={threads} sparse={'on ' if sparse else 'off'} "

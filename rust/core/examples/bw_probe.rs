@@ -6,8 +6,9 @@
 //! projections (8192×2048) on the decode team, both from DRAM on 2 MiB pages. `WIDE=1`: the
 //! shape of `W_down` (2048×8192) instead, and with `BLOCKS=1` cut into column blocks as the
 //! dense float `W_down` is. `DOWN=1` times the sparse down projection of 32 `W_downᵀ` instead
-//! (planar int8, or the 8-row AXPYs of float formats; `DOWN_ZEROS=50`: % random zero neurons;
-//! GB/s counted on the whole matrix). `DTYPES=q4_0,q8_0,f16` picks formats, `REPS=` the
+//! (planar int8, or the 8-row AXPYs of float formats, then the partials added as the model does;
+//! `DOWN_ZEROS=50`: % zero neurons, a fresh uniformly random set per layer and line; GB/s counted
+//! on the whole matrix). `DTYPES=q4_0,q8_0,f16` picks formats, `REPS=` the
 //! number of pairs. Lines whose reads are above ~45 GB/s come from the fast phase.
 use sparselm_core::membw::PlainRead;
 use sparselm_core::model::parse_dtype;
@@ -72,10 +73,35 @@ fn main() {
                 Vec::new()
             };
             let bytes: usize = ms.iter().flatten().chain(&downs).map(|m| m.nbytes()).sum();
-            let act: Vec<(u32, f32)> = (0..rows as u32)
-                .filter(|j| j.wrapping_mul(2654435761) % 100 >= zeros)
-                .map(|j| (j, 1.0 + (j % 7) as f32))
-                .collect();
+            // Active neurons: exactly (100 − zeros) % of the rows, drawn uniformly at random, a
+            // fresh set for each of the 32 layers on each line (a fixed set, or an evenly spread
+            // hash, is not what a ReLU² mask looks like: true random sets have adjacent rows and
+            // long gaps). Drawn outside the timed region.
+            let keep = rows * (100 - zeros.min(100) as usize) / 100;
+            let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+            let mut next = move || {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng
+            };
+            let mut draw = || -> Vec<Vec<(u32, f32)>> {
+                (0..32)
+                    .map(|_| {
+                        let mut idx: Vec<u32> = (0..rows as u32).collect();
+                        for k in 0..keep {
+                            let r = k + (next() % (rows - k) as u64) as usize;
+                            idx.swap(k, r);
+                        }
+                        let mut act: Vec<(u32, f32)> = idx[..keep]
+                            .iter()
+                            .map(|&j| (j, 1.0 + (j % 7) as f32))
+                            .collect();
+                        act.sort_by_key(|e| e.0);
+                        act
+                    })
+                    .collect()
+            };
             // With DOWN=1, the dense GEMV of W_down (cols × rows) of the same format, laid out as
             // the engine's dense MLP keeps it (the GEMV layout; float formats in column blocks), is
             // timed on each line too: "sparse down vs dense" in one phase.
@@ -102,26 +128,29 @@ fn main() {
             let (mut plan, mut parts) = (sparselm_core::tensor::DownPlan::new(), Vec::new());
             let what = if downs.is_empty() { "GEMVs" } else { "down" };
             let last_s = std::cell::Cell::new(0.0);
-            let mut gemv = || {
+            let mut yo = vec![0f32; cols];
+            let mut gemv = |acts: &[Vec<(u32, f32)>]| {
                 let t = Instant::now();
                 if downs.is_empty() {
                     for m in &ms {
                         sparselm_core::tensor::matvec_blocks(m, &x, &mut y);
                     }
                 } else {
-                    for m in &downs {
-                        m.sparse_axpy_par(&act, &mut plan, &mut parts);
+                    // as the model's MLP: the sparse projection and its partials' sum
+                    for (m, act) in downs.iter().zip(acts) {
+                        m.sparse_down(act, &mut plan, &mut parts, &mut yo);
                     }
                 }
                 last_s.set(t.elapsed().as_secs_f64() / 32.0);
                 bytes as f64 / t.elapsed().as_secs_f64() / 1e9
             };
             read();
-            gemv();
+            gemv(&draw());
             let mut ratios = Vec::new();
             for _ in 0..reps {
+                let acts = if downs.is_empty() { Vec::new() } else { draw() };
                 let r = read();
-                let g = gemv();
+                let g = gemv(&acts);
                 let sparse_s = last_s.get();
                 let dense_s = if wdown.is_empty() { 0.0 } else { dense() };
                 let r2 = read();

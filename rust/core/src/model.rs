@@ -665,13 +665,8 @@ impl Model {
         // y = Σ_{j active} act_j · W_downᵀ[j]     [d]
         // Partial ys (Matrix::sparse_axpy_par: one per span of the planar plan, else one per
         // thread), then the partials are added in order.
-        let (nparts, read) = down_t.sparse_axpy_par(&st.active, &mut st.plan, &mut st.parts);
-        let (first, rest) = st.parts[..nparts * d].split_at(d);
         let out = &mut st.proj[i * d..(i + 1) * d];
-        out.copy_from_slice(first);
-        for part in rest.chunks(d) {
-            add(out, part);
-        }
+        let read = down_t.sparse_down(&st.active, &mut st.plan, &mut st.parts, out);
         (nonzero, read)
     }
 

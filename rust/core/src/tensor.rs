@@ -603,6 +603,29 @@ impl Matrix {
         }
     }
 
+    /// The decode down projection of `active` into `out` (`cols` floats): the partials of
+    /// [`Matrix::sparse_axpy_par`] added in order, exactly as the model's MLP does. Returns the
+    /// rows read.
+    pub fn sparse_down(
+        &self,
+        active: &[(u32, f32)],
+        plan: &mut DownPlan,
+        parts: &mut Vec<f32>,
+        out: &mut [f32],
+    ) -> usize {
+        let d = self.cols;
+        let (nparts, read) = self.sparse_axpy_par(active, plan, parts);
+        let (first, rest) = parts[..nparts * d].split_at(d);
+        let out = &mut out[..d];
+        out.copy_from_slice(first);
+        for part in rest.chunks(d) {
+            for (a, b) in out.iter_mut().zip(part) {
+                *a += b;
+            }
+        }
+        read
+    }
+
     /// `Σ_{(j, a) ∈ active} a · row[j]` over the current team (or rayon pool), as partial sums:
     /// `parts` (resized to `n · cols`) holds `n` partials whose sum, added in order, is the
     /// result; returns `(n, rows read)`.
