@@ -2,7 +2,8 @@
 //! `cargo run --release --example bw_probe -p sparselm-core [threads]`.
 //!
 //! The machine's bandwidth drifts from minute to minute, so each line pairs a plain 2-thread
-//! read of 1 GiB (the ceiling of that moment) with the GEMVs of 32 PLM-1.8B-shaped up
+//! read of 1 GiB (the reference of that moment: a simple loop without software prefetch, which
+//! the GEMVs exceed; not a ceiling) with the GEMVs of 32 PLM-1.8B-shaped up
 //! projections (8192×2048) on the decode team, both from DRAM on 2 MiB pages. `WIDE=1`: the
 //! shape of `W_down` (2048×8192) instead, and with `BLOCKS=1` cut into column blocks as the
 //! dense float `W_down` is. `DOWN=1` times the sparse down projection of 32 `W_downᵀ` instead

@@ -3,8 +3,8 @@
 //!
 //! The machine's bandwidth drifts between phases (about 33 and 60 GB/s with 2 threads here),
 //! so every line pairs a few decode steps with a plain read of 1 GiB on as many threads just
-//! before and after (the ceiling of that moment). `SPARSE=0` visits every row of `W_downᵀ`
-//! (as `SPARSELM_DENSE_MLP=rows`; `SPARSELM_DENSE_MLP=1` loads the dense GEMV MLP), `REPS=` sets
+//! before and after (the reference of that moment, not a ceiling). `SPARSE=0` visits every row
+//! of `W_downᵀ` (as `SPARSELM_DENSE_MLP=rows`; `SPARSELM_DENSE_MLP=1` loads the dense GEMV MLP), `REPS=` sets
 //! the number of lines, `STEPS=` the decode steps per line, `CTX=` the context at which the
 //! session starts over (512).
 use sparselm_core::membw::PlainRead;
