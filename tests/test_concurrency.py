@@ -123,3 +123,46 @@ def test_a_forked_child_can_use_the_model(tmp_path: Path) -> None:
         env=env,
     )
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+_SIGINT_SCRIPT = r"""
+import os, signal, sys, tempfile, threading, time
+import sparselm
+from sparselm.testing import make_tiny_checkpoint
+
+d = make_tiny_checkpoint(tempfile.mkdtemp() + "/m", seed=1, hidden_size=512, num_hidden_layers=4,
+    intermediate_size=2048, num_attention_heads=8, kv_lora_rank=128, qk_nope_head_dim=32,
+    qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=2048)
+m = sparselm.load(d)
+ids = [i % 400 + 3 for i in range(1500)]
+threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+try:
+    m.logits(ids)  # the process's first array-returning call
+    time.sleep(5)  # (if the call ended before the signal, it lands here)
+    print("no interrupt")
+except KeyboardInterrupt:
+    print("KeyboardInterrupt")
+except BaseException as e:
+    print(type(e).__name__)
+# still usable
+print(m.logits(ids[:4]).shape == (4, m.vocab_size))
+"""
+
+
+def test_ctrl_c_during_the_first_logits_call_is_a_keyboard_interrupt(tmp_path: Path) -> None:
+    # Before, rust-numpy looked NumPy's C API up on first use, where the pending signal fired
+    # and was unwrapped: a PanicException (a BaseException no handler catches).
+    script = tmp_path / "sigint.py"
+    script.write_text(_SIGINT_SCRIPT)
+    env = dict(os.environ)
+    pkg = str(Path(sparselm.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg, env.get("PYTHONPATH", "")) if p)
+    r = subprocess.run(
+        [sys.executable, str(script)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert r.stdout.split("\n")[:2] == ["KeyboardInterrupt", "True"], r.stdout + r.stderr

@@ -292,6 +292,10 @@ impl Session {
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // rust-numpy looks NumPy's C API up on first use by running Python code, where a pending
+    // Ctrl-C fires and its error is unwrapped: a PanicException instead of KeyboardInterrupt
+    // from the first logits()/feed() of a process. Do the lookup here, once, at import.
+    let _ = numpy::PyArray1::<f32>::zeros(m.py(), 0, false);
     m.add_function(wrap_pyfunction!(kernel_tier, m)?)?;
     m.add_function(wrap_pyfunction!(prompt_engine, m)?)?;
     m.add_function(wrap_pyfunction!(down_layout, m)?)?;
