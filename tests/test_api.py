@@ -1600,3 +1600,24 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_config_and_tokenizer_copy_and_pickle(tok: Tokenizer) -> None:
+    # ModelConfig: copy/deepcopy/unpickle recursed forever in __getattr__ (a spawn Pool given a
+    # config hung); Tokenizer: pickling failed once the chat template had been compiled.
+    import copy
+    import pickle
+
+    from sparselm.model import ModelConfig
+
+    c = ModelConfig(dict(PLM_1_8B_CONFIG))
+    for twin in (copy.copy(c), copy.deepcopy(c), pickle.loads(pickle.dumps(c))):
+        assert isinstance(twin, ModelConfig) and twin.to_dict() == c.to_dict()
+        assert twin.hidden_size == c.hidden_size
+    with pytest.raises(AttributeError, match="no field"):
+        _ = c.not_a_field
+    msgs = [{"role": "user", "content": "Hi"}]
+    want = tok.apply_chat_template(msgs)  # compiles (and caches) the template
+    for twin in (pickle.loads(pickle.dumps(tok)), copy.deepcopy(tok)):
+        assert twin.apply_chat_template(msgs) == want
+        assert twin.encode("hello world") == tok.encode("hello world")

@@ -234,10 +234,18 @@ class ModelConfig(Mapping[str, Any]):
         return len(self._data)
 
     def __getattr__(self, name: str) -> Any:
+        # (only called for names not found otherwise; `_data` itself is missing on an object
+        # that copy/pickle made with __new__: looking it up here would recurse forever)
+        if name == "_data" or (name.startswith("__") and name.endswith("__")):
+            raise AttributeError(name)
         try:
             return self._data[name]
         except KeyError:
             raise AttributeError(f"config has no field {name!r}") from None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # copy, deepcopy and pickle (a spawn Pool's arguments) rebuild it from a plain dict
+        return (ModelConfig, (self.to_dict(),))
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("ModelConfig is read-only")

@@ -449,6 +449,13 @@ class Tokenizer:
                 f"rendering the chat template failed: {type(exc).__name__}: {exc}"
             ) from exc
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the compiled chat template is a cache (its class is local to the compiling function,
+        # so it cannot be pickled): copies and pickles leave it out and compile again on use
+        state = dict(self.__dict__)
+        state["_compiled"] = None
+        return state
+
     def __repr__(self) -> str:
         where = f"{self._name!r}, " if self._name else ""
         return (
