@@ -224,3 +224,24 @@ def test_greedy_generation_config_filters_apply_when_a_call_samples(tmp_path) ->
         for s in (1, 2)
     ]
     assert greedy not in free
+
+
+def test_last_stats_per_session_and_not_overwritten_by_a_late_stream(
+    model: sparselm.Model,
+) -> None:
+    # a stream closed after a newer generation ended used to overwrite its stats
+    it = model.generate("Once upon a time", max_new_tokens=30, stream=True)
+    next(it)
+    model.generate("The king said", max_new_tokens=7)
+    assert model.last_stats is not None and model.last_stats["completion_tokens"] == 7
+    it.close()
+    assert model.last_stats["completion_tokens"] == 7
+    assert model.last_stats["finish_reason"] == "length"
+    # each session keeps its own (another session's generation used to show through)
+    s1, s2 = model.session(), model.session()
+    s1.generate("Once upon a time", max_new_tokens=3)
+    s2.generate("The king said", max_new_tokens=5)
+    assert s1.last_stats is not None and s1.last_stats["completion_tokens"] == 3
+    assert s2.last_stats is not None and s2.last_stats["completion_tokens"] == 5
+    assert model.last_stats["completion_tokens"] == 5
+    assert model.session().last_stats is None

@@ -14,9 +14,11 @@ it against a fake engine.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import statistics
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType, ModuleType
@@ -507,6 +509,11 @@ class Model:
             )
         self.generation_config = generation_config or GenerationConfig()
         self._last_stats: GenerationStats | None = None
+        # Generations are numbered as they start; last_stats keeps the latest-started one that
+        # has ended, so a stream closed late does not overwrite a newer generation's stats.
+        self._run_numbers = itertools.count(1)
+        self._last_stats_number = 0
+        self._stats_lock = threading.Lock()
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -588,7 +595,10 @@ class Model:
 
     @property
     def last_stats(self) -> GenerationStats | None:
-        """Statistics of the most recent generation (None before the first one).
+        """Statistics of the most recent generation of any session of this model (None before
+        the first one): of the generations that have ended, the one that started last (a stream
+        closed late does not overwrite a newer generation's). :attr:`Session.last_stats` keeps a
+        session's own.
 
         Keys: ``prompt_tokens``, ``prompt_eval_tokens`` (not served from a cached prefix),
         ``completion_tokens``, ``prompt_seconds``, ``decode_seconds``, ``prompt_tok_s``,
@@ -601,8 +611,12 @@ class Model:
         """
         return None if self._last_stats is None else dict(self._last_stats)
 
-    def _set_last_stats(self, stats: GenerationStats) -> None:
-        self._last_stats = stats
+    def _set_last_stats(self, stats: GenerationStats, number: int | None = None) -> None:
+        with self._stats_lock:
+            if number is None or number > self._last_stats_number:
+                self._last_stats = stats
+                if number is not None:
+                    self._last_stats_number = number
 
     def __repr__(self) -> str:
         n = self.num_parameters
@@ -644,8 +658,10 @@ class Model:
         on_finish: Callable[[GenerationStats], None] | None = None,
         register: Callable[[GenerationRun], None] | None = None,
     ) -> Any:
+        number = next(self._run_numbers)
+
         def finished(stats: GenerationStats) -> None:
-            self._set_last_stats(stats)
+            self._set_last_stats(stats, number)
             if on_finish is not None:
                 on_finish(stats)
 
@@ -926,6 +942,7 @@ class Session:
         self._native = native
         self._history: list[dict[str, Any]] = []
         self._run: GenerationRun | None = None
+        self._last_stats: GenerationStats | None = None
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -956,8 +973,13 @@ class Session:
 
     @property
     def last_stats(self) -> GenerationStats | None:
-        """Same as :attr:`Model.last_stats` (shared by every session of the model)."""
-        return self._model.last_stats
+        """Statistics of this session's most recent generation (None before its first one), as
+        described under :attr:`Model.last_stats`. Unlike the model's, they are not overwritten
+        by generations of other sessions (other threads)."""
+        return None if self._last_stats is None else dict(self._last_stats)
+
+    def _set_own_stats(self, stats: GenerationStats) -> None:
+        self._last_stats = stats
 
     def __repr__(self) -> str:
         return (
@@ -1136,7 +1158,13 @@ class Session:
         if not text:
             config = config.replace(stop=())
         return m._run(  # type: ignore[no-any-return]
-            self._native, ids, text, config, stream, register=self._register
+            self._native,
+            ids,
+            text,
+            config,
+            stream,
+            on_finish=self._set_own_stats,
+            register=self._register,
         )
 
     @overload
@@ -1213,7 +1241,13 @@ class Session:
         ids = m.tokenizer.encode(prompt)
         self._check_fits(len(ids), "the conversation")
         pieces: Iterator[str] = m._run(
-            self._native, ids, True, config, True, register=self._register
+            self._native,
+            ids,
+            True,
+            config,
+            True,
+            on_finish=self._set_own_stats,
+            register=self._register,
         )
         run = self._run
         if stream:
