@@ -202,6 +202,18 @@
 //!     distance matters a little (2-8 rows 2.13-2.23 ms, 16-32 rows 2.55-2.61). The kernel
 //!     in the same quiet phase: medians of 76-89 µs per layer (2.4-2.8 ms per 32 layers),
 //!     4.9-5.3× the dense GEMV; so about 15-30 % above the pure read of its rows.
+//!   - Stop 22, same Xeon kind, no kernel change; the measurement was corrected. `bw_probe` used
+//!     one evenly spread hash mask for every layer and line (each 32-row group held 2-5 active
+//!     rows) and left out the model's sum of the span partials; it now draws a fresh uniformly
+//!     random set per layer and line and times `Matrix::sparse_down` (partials included). The
+//!     criterion DRAM bench reused one mask, so its rows stayed in L3 while the dense side came
+//!     from DRAM; it now also draws fresh sets and flushes L3 before each timed batch. Q4_0 at 90 %
+//!     zeros: old masks 5.28× / 5.40× / 5.00× / 5.26× (medians of 6 lines, dense 427-584 µs); new
+//!     masks in a slow phase (reads 11-16 GB/s) 5.16× / 5.47× / 5.13× (lines 4.26-5.85×; 94-137 µs
+//!     against 476-707 µs), in a fast one (dense 380-413 µs) 4.50-4.92× (77-91 µs); criterion 4.3×
+//!     and 3.6× (97 and 111 against 421 and 406 µs). Q8_0 5.8-7.4× (bw_probe lines), 5.2×
+//!     (criterion: 138 against 714 µs). The ratio falls when the machine's bandwidth rises: the
+//!     dense GEMV speeds up with it, the sparse rows (latency-bound) do not.
 
 use std::sync::OnceLock;
 
