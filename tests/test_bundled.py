@@ -8,6 +8,7 @@ trained ReLU² model clearly exceeds and an untrained or broken one does not.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 
@@ -234,7 +235,8 @@ def test_last_stats_per_session_and_not_overwritten_by_a_late_stream(
     next(it)
     model.generate("The king said", max_new_tokens=7)
     assert model.last_stats is not None and model.last_stats["completion_tokens"] == 7
-    it.close()
+    del it  # the abandoned stream ends now (reference count), recording "cancelled" stats
+    gc.collect()
     assert model.last_stats["completion_tokens"] == 7
     assert model.last_stats["finish_reason"] == "length"
     # each session keeps its own (another session's generation used to show through)
