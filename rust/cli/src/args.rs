@@ -347,11 +347,11 @@ fn parse_options(sub: Sub, args: &[&str]) -> Result<Option<Raw>, UsageError> {
             }
             "--max-seq" => raw.max_seq = Some(positive(cmd, name, value)?),
             "--max-new-tokens" => {
-                raw.gen.max_new_tokens = Some(int(cmd, name, value, "an integer >= 0")?)
+                raw.gen.max_new_tokens = Some(count(cmd, name, value, "an integer >= 0")?)
             }
             "--temperature" => raw.gen.temperature = Some(float(cmd, name, value)?),
             "--top-k" => {
-                raw.gen.top_k = Some(int(cmd, name, value, "an integer >= 0 (0 disables it)")?)
+                raw.gen.top_k = Some(count(cmd, name, value, "an integer >= 0 (0 disables it)")?)
             }
             "--top-p" => raw.gen.top_p = Some(float(cmd, name, value)?),
             "--min-p" => raw.gen.min_p = Some(float(cmd, name, value)?),
@@ -472,6 +472,17 @@ fn int<T: std::str::FromStr>(cmd: &str, name: &str, v: &str, what: &str) -> Resu
     v.trim()
         .parse()
         .map_err(|_| UsageError(format!("{cmd}: {name} must be {what}, got '{v}'")))
+}
+
+/// A count below 2^63, the range Python's `GenerationConfig` accepts (the two CLIs agree).
+fn count(cmd: &str, name: &str, v: &str, what: &str) -> Result<usize, UsageError> {
+    let n: u64 = int(cmd, name, v, what)?;
+    if n >= 1 << 63 {
+        return Err(UsageError(format!(
+            "{cmd}: {name} must be in [0, 2^63), got '{v}'"
+        )));
+    }
+    usize::try_from(n).map_err(|_| UsageError(format!("{cmd}: {name} is too large, got '{v}'")))
 }
 
 /// argparse's negative-number pattern: `-` then digits, or digits, a point and digits
@@ -762,6 +773,20 @@ mod tests {
             (
                 &["generate", "/m", "x", "--threads", "0"],
                 "--threads must be an integer >= 1",
+            ),
+            (
+                &["generate", "/m", "x", "--top-k", "9223372036854775808"],
+                "--top-k must be in [0, 2^63)",
+            ),
+            (
+                &[
+                    "generate",
+                    "/m",
+                    "x",
+                    "--max-new-tokens",
+                    "18446744073709551615",
+                ],
+                "--max-new-tokens must be in [0, 2^63)",
             ),
             (
                 &["generate", "/m", "x", "--threads", "100000"],
