@@ -17,6 +17,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
+use sparselm_core::membw::PlainRead;
 use sparselm_core::team::Team;
 
 #[global_allocator]
@@ -86,12 +87,9 @@ fn main() {
     let share = |t: usize| (t * ROWS / threads, (t + 1) * ROWS / threads);
     // An untimed read of 256 MiB before each timed pass evicts the last level cache (105 MiB
     // here), so neither pass finds the other's last layers there.
-    let flush_buf: Vec<u8> = (0..256usize << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let flush_read = PlainRead::new(256 << 20, threads).expect("256 MiB to read");
     let flush = || {
-        let n = flush_buf.len() / threads;
-        team.run(threads, &|t| {
-            black_box(sum_read(&flush_buf[t * n..(t + 1) * n], &[]));
-        });
+        flush_read.pass(&team);
     };
     let all = || {
         flush();

@@ -30,15 +30,21 @@ pub fn max_threads() -> usize {
     cpus.saturating_mul(8).max(64)
 }
 
-/// CPUs of this process's affinity mask (Linux), or `None` where it cannot be read.
+/// The number of CPUs of this process's affinity mask, or `None` where it cannot be read.
 fn allowed_cpus() -> Option<usize> {
+    allowed_cpu_list().map(|c| c.len())
+}
+
+/// The CPUs of this process's affinity mask (Linux `/proc/self/status`), or `None` where it
+/// cannot be read or parsed.
+fn allowed_cpu_list() -> Option<Vec<usize>> {
     #[cfg(target_os = "linux")]
     {
         let status = std::fs::read_to_string("/proc/self/status").ok()?;
         let allowed = status
             .lines()
             .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
-        parse_cpu_list(allowed).map(|c| c.len())
+        parse_cpu_list(allowed)
     }
     #[cfg(not(target_os = "linux"))]
     None
@@ -49,11 +55,7 @@ fn allowed_cpus() -> Option<usize> {
 pub fn physical_cores() -> Option<usize> {
     #[cfg(target_os = "linux")]
     {
-        let status = std::fs::read_to_string("/proc/self/status").ok()?;
-        let allowed = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
-        let cpus = parse_cpu_list(allowed)?;
+        let cpus = allowed_cpu_list()?;
         count_cores(&cpus, |cpu| {
             let dir = format!("/sys/devices/system/cpu/cpu{cpu}/topology");
             // core_cpus_list since Linux 5.3; thread_siblings_list before (same content)

@@ -18,7 +18,7 @@ use crate::gemm;
 use crate::kernels::kernels;
 use crate::kv_cache::LatentCache;
 use crate::loader::load_weights;
-use crate::ops::{relu2_collect, relu2_count, rmsnorm, rope_adjacent, rope_tables, softmax};
+use crate::ops::{add, relu2_collect, relu2_count, rmsnorm, rope_adjacent, rope_tables, softmax};
 use crate::state::State;
 use crate::tensor::{matmul_blocks, matvec_blocks, DType, Matrix};
 use crate::weights::{Down, LayerWeights, Weights};
@@ -813,11 +813,5 @@ fn norm_rows(x: &[f32], g: &[f32], eps: f32, out: &mut [f32]) {
     let d = g.len();
     for (xr, or) in x.chunks(d).zip(out.chunks_mut(d)) {
         rmsnorm(xr, g, eps, or);
-    }
-}
-
-fn add(h: &mut [f32], x: &[f32]) {
-    for (a, b) in h.iter_mut().zip(x) {
-        *a += b;
     }
 }

@@ -83,6 +83,13 @@ pub fn relu2_collect(x: &mut [f32], active: &mut Vec<(u32, f32)>) {
     unsafe { active.set_len(n) };
 }
 
+/// `h += x`, element by element (the common prefix of the two).
+pub fn add(h: &mut [f32], x: &[f32]) {
+    for (a, b) in h.iter_mut().zip(x) {
+        *a += b;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

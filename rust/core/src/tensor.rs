@@ -619,9 +619,7 @@ impl Matrix {
         let out = &mut out[..d];
         out.copy_from_slice(first);
         for part in rest.chunks(d) {
-            for (a, b) in out.iter_mut().zip(part) {
-                *a += b;
-            }
+            crate::ops::add(out, part);
         }
         read
     }
