@@ -62,7 +62,6 @@ sys.path.insert(0, str(HERE))
 from bench_e2e import (  # on the path above
     build_info,
     current_rss_gb,
-    git_commit,
     peak_rss_gb,
     read_gb_s,
 )
@@ -465,7 +464,6 @@ def main() -> None:
     if a.json:
         meta = {
             "cpu": platform.processor() or platform.machine(),
-            "commit": git_commit(),
             "prompt": a.prompt,
             "decode": a.decode,
             "model": model_dir,

@@ -107,14 +107,14 @@ if __name__ == "__main__":
 """
 
 
-def test_a_forked_child_can_use_the_model(tmp_path: Path) -> None:
-    # Before, the child's first forward pass waited forever for the parent's worker threads.
-    script = tmp_path / "fork_child.py"
-    script.write_text(_FORK_SCRIPT)
+def _run_script(tmp_path: Path, name: str, source: str) -> subprocess.CompletedProcess[str]:
+    """Run ``source`` as a script in a fresh Python that imports this sparselm (at most 120 s)."""
+    script = tmp_path / name
+    script.write_text(source)
     env = dict(os.environ)
     pkg = str(Path(sparselm.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg, env.get("PYTHONPATH", "")) if p)
-    r = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(script)],
         check=False,
         capture_output=True,
@@ -122,6 +122,11 @@ def test_a_forked_child_can_use_the_model(tmp_path: Path) -> None:
         timeout=120,
         env=env,
     )
+
+
+def test_a_forked_child_can_use_the_model(tmp_path: Path) -> None:
+    # Before, the child's first forward pass waited forever for the parent's worker threads.
+    r = _run_script(tmp_path, "fork_child.py", _FORK_SCRIPT)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
@@ -152,17 +157,5 @@ print(m.logits(ids[:4]).shape == (4, m.vocab_size))
 def test_ctrl_c_during_the_first_logits_call_is_a_keyboard_interrupt(tmp_path: Path) -> None:
     # Before, rust-numpy looked NumPy's C API up on first use, where the pending signal fired
     # and was unwrapped: a PanicException (a BaseException no handler catches).
-    script = tmp_path / "sigint.py"
-    script.write_text(_SIGINT_SCRIPT)
-    env = dict(os.environ)
-    pkg = str(Path(sparselm.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg, env.get("PYTHONPATH", "")) if p)
-    r = subprocess.run(
-        [sys.executable, str(script)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    r = _run_script(tmp_path, "sigint.py", _SIGINT_SCRIPT)
     assert r.stdout.split("\n")[:2] == ["KeyboardInterrupt", "True"], r.stdout + r.stderr

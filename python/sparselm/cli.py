@@ -526,24 +526,20 @@ def _bind_option_values(argv: Sequence[str]) -> tuple[list[str], list[str]]:
             break
         name = "--model" if a == "-m" else a
         if a.startswith("--") and "=" in a:
-            # --opt=VALUE: argparse strips a VALUE of '--' to nothing, so hold such text back
+            # --opt=VALUE (argparse strips a VALUE of '--' to nothing, so text is held too)
             name, value = a.split("=", 1)
-            if name in _TEXT_OPTIONS and value.startswith("-"):
-                held.append(value)
-                a = f"{name}={_HELD}{len(held) - 1}"
+            step = 1
+        elif name in _VALUE_OPTIONS and i + 1 < len(argv):
+            value, step = argv[i + 1], 2
+        else:
             out.append(a)
             i += 1
             continue
-        if name in _VALUE_OPTIONS and i + 1 < len(argv):
-            value = argv[i + 1]
-            if name in _TEXT_OPTIONS and value.startswith("-"):
-                held.append(value)
-                value = f"{_HELD}{len(held) - 1}"
-            out.append(f"{name}={value}")
-            i += 2
-            continue
-        out.append(a)
-        i += 1
+        if name in _TEXT_OPTIONS and value.startswith("-"):
+            held.append(value)
+            value = f"{_HELD}{len(held) - 1}"
+        out.append(f"{name}={value}")
+        i += step
     return out, held
 
 

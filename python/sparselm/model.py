@@ -611,12 +611,11 @@ class Model:
         """
         return None if self._last_stats is None else dict(self._last_stats)
 
-    def _set_last_stats(self, stats: GenerationStats, number: int | None = None) -> None:
+    def _set_last_stats(self, stats: GenerationStats, number: int) -> None:
+        """Record the stats of generation ``number`` unless a later-started one has ended."""
         with self._stats_lock:
-            if number is None or number > self._last_stats_number:
-                self._last_stats = stats
-                if number is not None:
-                    self._last_stats_number = number
+            if number > self._last_stats_number:
+                self._last_stats, self._last_stats_number = stats, number
 
     def __repr__(self) -> str:
         n = self.num_parameters
