@@ -13,7 +13,8 @@
 //! `REPS=` sets the number of lines. `SPLIT=128` gives each row a second piece of that many
 //! bytes in another array (as a planar row's scales are), read and prefetched after the first:
 //! 90 % skipped, 1024 + 128 bytes took 2.62-2.91 ms against 2.44-2.80 for 1152 contiguous bytes
-//! (3 alternated pairs of 3 lines, stop 18).
+//! (3 alternated pairs of 3 lines, stop 18). `HINT=` picks the prefetch: 0 `prefetcht0`
+//! (default), 1 `t1`, 2 `t2`, 3 `nta`.
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -31,22 +32,27 @@ fn env(name: &str, default: usize) -> usize {
 }
 
 /// Sum of `row` as u64 words, eight independent accumulators (the loads set the pace), asking
-/// as it goes for the same line of `ahead` to be loaded into L1 (one hint per line read, spread
-/// over the row; none for an empty `ahead`, nor off x86_64).
-fn sum_read(row: &[u8], ahead: &[u8]) -> u64 {
+/// as it goes for the same line of `ahead` to be loaded (one hint per line read, spread over
+/// the row, of the kind `hint` names (`HINT=`); none for an empty `ahead`, nor off x86_64).
+fn sum_read(row: &[u8], ahead: &[u8], hint: usize) -> u64 {
     let mut s = [0u64; 8];
     for (j, c) in row.chunks_exact(64).enumerate() {
         #[cfg(target_arch = "x86_64")]
         if let Some(p) = ahead.get(64 * j) {
+            use std::arch::x86_64::*;
+            let p = p as *const u8 as *const i8;
             // SAFETY: `p` is inside `ahead`; a prefetch never faults.
             unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    p as *const u8 as *const i8,
-                )
+                match hint {
+                    1 => _mm_prefetch::<_MM_HINT_T1>(p),
+                    2 => _mm_prefetch::<_MM_HINT_T2>(p),
+                    3 => _mm_prefetch::<_MM_HINT_NTA>(p),
+                    _ => _mm_prefetch::<_MM_HINT_T0>(p),
+                }
             };
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (j, ahead);
+        let _ = (j, ahead, hint);
         for (k, w) in c.chunks_exact(8).enumerate() {
             s[k] = s[k].wrapping_add(u64::from_le_bytes(w.try_into().expect("8 bytes")));
         }
@@ -78,6 +84,7 @@ fn main() {
         .map(|i| (i * 31 % 251) as u8)
         .collect();
     let split = env("SPLIT", 0);
+    let hint = env("HINT", 0);
     let sbuf: Vec<u8> = (0..LAYERS * ROWS * split)
         .map(|i| (i * 29 % 251) as u8)
         .collect();
@@ -98,7 +105,7 @@ fn main() {
             let (r0, r1) = share(t);
             for l in 0..LAYERS {
                 let base = l * ROWS * rb;
-                black_box(sum_read(&buf[base + r0 * rb..base + r1 * rb], &[]));
+                black_box(sum_read(&buf[base + r0 * rb..base + r1 * rb], &[], 0));
             }
         });
         t0.elapsed().as_secs_f64() * 1e3
@@ -132,13 +139,13 @@ fn main() {
                         Some(&p) if dist > 0 => row(p),
                         _ => &[],
                     };
-                    black_box(sum_read(row(r), ahead));
+                    black_box(sum_read(row(r), ahead, hint));
                     if split > 0 {
                         let sahead = match mine.get(i + dist) {
                             Some(&p) if dist > 0 => srow(p),
                             _ => &[],
                         };
-                        black_box(sum_read(srow(r), sahead));
+                        black_box(sum_read(srow(r), sahead, hint));
                     }
                 }
             }
