@@ -1107,7 +1107,13 @@ class FakeNative:
         self.tok = tok
         self.engines: list[FakeEngine] = []
 
-    def Engine(self, model_dir: str, dtype: str = "auto", threads: int = 0) -> FakeEngine:
+    def Engine(
+        self,
+        model_dir: str,
+        dtype: str = "auto",
+        threads: int = 0,
+        progress: Callable[[int, int], object] | None = None,
+    ) -> FakeEngine:
         e = FakeEngine(scripted(self.tok, "Loaded."), dtype="f32" if dtype == "auto" else dtype)
         e.init_args = (model_dir, dtype, threads)
         self.engines.append(e)

@@ -159,3 +159,100 @@ def test_ctrl_c_during_the_first_logits_call_is_a_keyboard_interrupt(tmp_path: P
     # and was unwrapped: a PanicException (a BaseException no handler catches).
     r = _run_script(tmp_path, "sigint.py", _SIGINT_SCRIPT)
     assert r.stdout.split("\n")[:2] == ["KeyboardInterrupt", "True"], r.stdout + r.stderr
+
+
+_INTERRUPT_SCRIPT = r"""
+import os, signal, tempfile, threading, time
+import numpy as np
+import sparselm
+from sparselm.testing import make_tiny_checkpoint
+
+d = make_tiny_checkpoint(tempfile.mkdtemp() + "/m", seed=1, hidden_size=512, num_hidden_layers=4,
+    intermediate_size=2048, num_attention_heads=8, kv_lora_rank=128, qk_nope_head_dim=32,
+    qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=2048)
+m = sparselm.load(d)
+ids = [i % 400 + 3 for i in range(2000)]  # a prompt of ~1 s here
+
+def interrupted(call):
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+    try:
+        call()
+        time.sleep(5)  # (if the call ended before the signal, it lands here)
+        return "no interrupt"
+    except KeyboardInterrupt:
+        return "KeyboardInterrupt"
+
+s = m.session()
+print("feed", interrupted(lambda: s.feed(ids)), s.n_past)
+# nothing of the stopped prompt is cached: the next feed gives a fresh model's logits
+print("after", np.array_equal(s.feed(ids[:5]), m.logits(ids[:5])[-1]))
+s.reset()
+print("generate", interrupted(lambda: s.generate(ids, max_new_tokens=1)), s.n_past)
+print("then", s.generate(ids[:5], max_new_tokens=4) == m.generate(ids[:5], max_new_tokens=4))
+# a handler that does not raise runs during the call, which goes on to the end
+seen = []
+signal.signal(signal.SIGINT, lambda *a: seen.append("SIGINT"))
+s.reset()
+threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+s.feed(ids)
+print("handler", seen, s.n_past)
+"""
+
+
+def test_ctrl_c_stops_a_long_prompt_and_leaves_the_session_usable(tmp_path: Path) -> None:
+    # Before, a prompt ran to its end (seconds to minutes on PLM-1.8B) and Ctrl-C landed after
+    # it, with the whole prompt cached.
+    r = _run_script(tmp_path, "interrupt.py", _INTERRUPT_SCRIPT)
+    assert r.stdout.split("\n")[:5] == [
+        "feed KeyboardInterrupt 0",
+        "after True",
+        "generate KeyboardInterrupt 0",
+        "then True",
+        "handler ['SIGINT'] 2000",
+    ], r.stdout + r.stderr
+
+
+def _progress_ckpt(tmp_path: Path) -> str:
+    return make_tiny_checkpoint(tmp_path / "m", seed=3, num_hidden_layers=3)
+
+
+def test_load_reports_progress_and_stops_when_the_callback_raises(tmp_path: Path) -> None:
+    from sparselm import _native
+
+    d = _progress_ckpt(tmp_path)
+    calls: list[tuple[int, int]] = []
+    _native.Engine(d, "q4_0", 1, progress=lambda done, total: calls.append((done, total)))
+    # one call at least (the last, when the load has ended), moving forward only
+    assert calls and calls[-1][0] == calls[-1][1] > 0, calls
+    assert calls == sorted(set(calls)), calls
+
+    class Stop(Exception):
+        pass
+
+    def stop(done: int, total: int) -> None:
+        raise Stop(f"{done}/{total}")
+
+    try:
+        _native.Engine(d, "q4_0", 1, progress=stop)
+    except Stop:
+        pass
+    else:
+        raise AssertionError("the callback's exception was not raised")
+    # nothing is left half-done: the next load works
+    assert _native.Engine(d, "q4_0", 1).vocab_size > 0
+
+
+def test_load_progress_bar(tmp_path: Path, capsys) -> None:
+    d = _progress_ckpt(tmp_path)
+    sparselm.load(d, progress=True)
+    err = capsys.readouterr().err
+    assert "loading m" in err and "tensor" in err, err
+    sparselm.load(d, progress=False)
+    sparselm.load(d)  # None: not a terminal here, so no bar
+    assert capsys.readouterr().err == ""
+    try:
+        sparselm.load(d, progress="yes")  # type: ignore[arg-type]
+    except sparselm.InvalidArgumentError as e:
+        assert "progress must be None, True or False" in str(e)
+    else:
+        raise AssertionError("progress='yes' was accepted")

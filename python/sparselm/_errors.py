@@ -79,4 +79,6 @@ NATIVE_KINDS = {
     "context": ContextLengthError,
     "argument": InvalidArgumentError,
     "memory": OutOfMemoryError,
+    # a stop asked for by the bindings on Ctrl-C; they raise the signal handler's own exception
+    "interrupted": KeyboardInterrupt,
 }

@@ -1,6 +1,6 @@
 """Type stubs of the native extension (rust/py). Private: use the public API in sparselm."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -23,11 +23,20 @@ def read_bandwidth(threads: int, mib: int = 512, passes: int = 3) -> list[float]
 class Engine:
     """Immutable model weights plus a thread pool. Shared by any number of sessions."""
 
-    def __init__(self, model_dir: str, dtype: str = "auto", threads: int = 0) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        dtype: str = "auto",
+        threads: int = 0,
+        progress: Callable[[int, int], object] | None = None,
+    ) -> None:
         """Read model_dir/config.json and the safetensors weights (single or sharded).
 
         dtype: 'auto' (keep the file's dtype), 'f32', 'f16', 'bf16', 'q8_0', 'q4_0'.
         threads: 0 means the number of cores.
+        progress: called on this thread as progress(tensors done, tensors in all) while the
+        load runs; an exception it raises stops the load and is raised here. Ctrl-C
+        (KeyboardInterrupt) stops the load between tensors too.
         """
     @property
     def config_json(self) -> str:
@@ -47,7 +56,9 @@ class Engine:
     def weight_bytes(self) -> int:
         """Bytes of weight matrices held in memory (norms excluded)."""
     def logits(self, ids: Sequence[int]) -> npt.NDArray[np.float32]:
-        """Full-prompt forward on a fresh cache: float32 array [len(ids), vocab_size]."""
+        """Full-prompt forward on a fresh cache: float32 array [len(ids), vocab_size].
+
+        Ctrl-C stops it between layers (KeyboardInterrupt)."""
     def new_session(self, max_seq: int = 0) -> Session:
         """A session with its own latent KV cache of max_seq positions (0: the model's context)."""
 
@@ -76,6 +87,7 @@ class Session:
         """Append ids to the cache. Returns logits of the last id [vocab] or all ids [n, vocab].
 
         attention: 'auto' (dense for n > 1, absorbed for n == 1), 'dense' or 'absorbed'.
+        Ctrl-C stops it between layers (KeyboardInterrupt) with none of ids cached.
         """
     def start(
         self,
@@ -91,7 +103,9 @@ class Session:
     ) -> None:
         """Begin generating after prompt_ids. The longest common prefix of prompt_ids and the
         cached tokens is reused; the rest of the prompt is fed (dense attention).
-        Raises ContextLengthError if the prompt does not fit in max_seq."""
+        Raises ContextLengthError if the prompt does not fit in max_seq. Ctrl-C stops the
+        prompt between layers (KeyboardInterrupt): the common prefix stays cached, no
+        generation is started."""
     def next_token(self) -> int | None:
         """Sample and return the next token id, or None when generation has finished
         (see finish_reason). A sampled stop id ends generation and is not returned."""

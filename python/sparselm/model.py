@@ -396,12 +396,45 @@ def _read_generation_config(d: Path) -> GenerationConfig | None:
         raise FormatError(f"{p}: {exc}") from exc
 
 
+class _LoadBar:
+    """A tqdm bar of the tensors a native load has converted, fed by its ``progress`` calls.
+
+    ``show=None`` draws it only on a terminal and only once the load has taken a second (the
+    bundled model loads in milliseconds); ``True`` always, at once.
+    """
+
+    def __init__(self, show: bool | None, desc: str) -> None:
+        self._show, self._desc = show, desc
+        self._bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total,
+                desc=self._desc,
+                unit="tensor",
+                disable=None if self._show is None else False,
+                delay=1.0 if self._show is None else 0.0,
+                leave=False,
+            )
+        self._bar.update(done - self._bar.n)
+        if done == total:
+            self._bar.refresh()  # a fast load's only call: show it whole, not 0/total
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
 def load(
     path: PathLike | None = None,
     *,
     dtype: str = "auto",
     threads: int | None = None,
     max_seq: int | None = None,
+    progress: bool | None = None,
 ) -> Model:
     """Load a PLM checkpoint directory.
 
@@ -416,6 +449,11 @@ def load(
             at most :func:`max_threads`).
         max_seq: Default context length of sessions (``None``: the model's
             ``max_position_embeddings``). Smaller values use less KV-cache memory.
+        progress: A progress bar (tqdm, on stderr) of the tensors converted: ``None`` shows
+            one when stderr is a terminal and the load takes over a second, ``True`` always,
+            ``False`` never.
+
+    Ctrl-C stops the load between two tensors (``KeyboardInterrupt``), freeing what it read.
 
     Returns:
         The :class:`Model`.
@@ -436,8 +474,15 @@ def load(
     model_dir = resolve_model_dir(path)
     tokenizer = Tokenizer.from_dir(model_dir)
     generation_config = _read_generation_config(model_dir)
+    if progress is not None and not isinstance(progress, bool):
+        raise InvalidArgumentError(f"progress must be None, True or False, got {progress!r}")
     native = _load_native()
-    engine = native.Engine(str(model_dir), dtype=dtype, threads=n_threads)
+    bar = None if progress is False else _LoadBar(progress, f"loading {model_dir.name}")
+    try:
+        engine = native.Engine(str(model_dir), dtype=dtype, threads=n_threads, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
     return Model(
         engine,
         tokenizer,
@@ -890,7 +935,7 @@ class Model:
         """Next-token logits after each prompt position, on a fresh cache.
 
         ``ids`` is token ids (or text, encoded as in :meth:`generate`). Returns a float32 array
-        of shape ``[len(ids), vocab_size]``.
+        of shape ``[len(ids), vocab_size]``. Ctrl-C stops it between layers.
         """
         prompt_ids, _ = self._prompt_ids(ids)
         if len(prompt_ids) > self._context_length:
@@ -1019,7 +1064,8 @@ class Session:
 
         Returns the logits after the last id (``[vocab_size]``), or after every id
         (``[len(ids), vocab_size]``) with ``all_logits=True``. ``attention`` is ``"auto"`` (dense
-        for several ids, absorbed for one), ``"dense"`` or ``"absorbed"``.
+        for several ids, absorbed for one), ``"dense"`` or ``"absorbed"``. Ctrl-C stops a feed
+        between layers (``KeyboardInterrupt``) with none of ``ids`` cached.
         """
         if attention not in ATTENTION_MODES:
             raise InvalidArgumentError(

@@ -680,3 +680,65 @@ fn utf8_output_is_never_split() {
     assert_ok(&o);
     assert!(stdout(&o).trim_end_matches('\n').chars().count() >= 4);
 }
+
+#[test]
+fn a_stop_request_interrupts_loading_and_prompts_cleanly() {
+    // The core's `Control` (what the Python bindings set on Ctrl-C): checked before each tensor
+    // of a load and each layer of a forward pass. Not the binary's behaviour, but this file
+    // has the checkpoint builder.
+    use sparselm_core::{AttnMode, Control, Error, Model, SamplingParams, Session};
+    let ck = checkpoint("interrupt", false);
+    let dir = Path::new(ck.path());
+    let stopped = Control::new();
+    stopped.stop();
+    let e = Model::load_with(dir, None, 1, &stopped).unwrap_err();
+    assert!(matches!(e, Error::Interrupted), "{e}");
+    let (done, total) = stopped.progress();
+    assert!(done == 0 && total > 0, "{done} of {total}");
+
+    let third = Control::new();
+    third.stop_after(3);
+    let e = Model::load_with(dir, Some(sparselm_core::DType::Q4_0), 1, &third).unwrap_err();
+    assert!(matches!(e, Error::Interrupted), "{e}");
+    assert_eq!(third.progress(), (3, total));
+    let ctl = Control::new();
+    let model = std::sync::Arc::new(Model::load_with(dir, None, 1, &ctl).unwrap());
+    assert_eq!(ctl.progress(), (total, total));
+    let layers = model.config.num_hidden_layers;
+    let mut s = Session::new(model.clone(), 0).unwrap();
+    let want = s
+        .feed(&[72, 105, 33], AttnMode::Auto, false)
+        .unwrap()
+        .to_vec();
+    s.reset();
+    s.feed(&[72], AttnMode::Auto, false).unwrap();
+    let e = s
+        .feed_with(&[105, 33], AttnMode::Auto, false, &stopped)
+        .unwrap_err();
+    assert!(matches!(e, Error::Interrupted), "{e}");
+    assert_eq!(stopped.progress(), (0, layers));
+    assert_eq!(s.tokens(), &[72], "a stopped feed caches none of its ids");
+    // stopped after its first layer, the pass has written latents past the cached id: the
+    // next feed overwrites them
+    let one = Control::new();
+    one.stop_after(1);
+    let e = s.feed_with(&[105, 7], AttnMode::Auto, false, &one);
+    assert!(matches!(e, Err(Error::Interrupted)));
+    assert_eq!(one.progress(), (1, layers));
+    assert_eq!(s.tokens(), &[72]);
+    let got = s.feed(&[105, 33], AttnMode::Auto, false).unwrap();
+    assert_eq!(got, &want[..]);
+
+    let greedy = SamplingParams::default();
+    let e = s.start_with(&[72, 105, 33, 10], greedy.clone(), 4, &[], &stopped);
+    assert!(matches!(e, Err(Error::Interrupted)));
+    assert_eq!(
+        s.next_token().unwrap(),
+        None,
+        "no generation after a stopped start"
+    );
+    let first = s.generate(&[72, 105, 33, 10], greedy.clone(), 4, &[], |_| true);
+    let mut fresh = Session::new(model, 0).unwrap();
+    let again = fresh.generate(&[72, 105, 33, 10], greedy, 4, &[], |_| true);
+    assert_eq!(first.unwrap(), again.unwrap());
+}

@@ -52,6 +52,9 @@ pub enum Error {
     /// A buffer could not be allocated (e.g. a KV cache for a very long context).
     #[error("{0}")]
     Memory(String),
+    /// The caller asked the work to stop ([`crate::Control::stop`]).
+    #[error("interrupted")]
+    Interrupted,
 }
 
 impl Error {
@@ -68,6 +71,7 @@ impl Error {
             Error::Context { .. } => "context",
             Error::Argument(_) => "argument",
             Error::Memory(_) => "memory",
+            Error::Interrupted => "interrupted",
         }
     }
 

@@ -6,6 +6,7 @@ pub mod alloc;
 #[cfg(target_arch = "x86_64")]
 pub mod amx;
 pub mod config;
+pub mod control;
 pub mod cpu;
 pub mod error;
 pub mod gemm;
@@ -25,6 +26,7 @@ pub mod tensor;
 pub mod weights;
 
 pub use config::ModelConfig;
+pub use control::Control;
 pub use error::{Error, Result};
 pub use model::{parse_dtype, AttnMode, Model};
 pub use sampler::SamplingParams;

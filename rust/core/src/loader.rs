@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use serde_json::Value;
 
 use crate::config::ModelConfig;
+use crate::control::Control;
 use crate::error::{Error, Result};
 use crate::quant;
 use crate::safetensors::{StDtype, StFile, TensorInfo};
@@ -263,11 +264,14 @@ enum Loaded {
 /// `model.embed_tokens.weight`). Norm gains are always f32. `dense_down`: keep a quantized
 /// `W_down` as in the file, in the GEMV layout (float formats in column blocks), for a dense
 /// MLP (`Down::Dense`) instead of transposed for the sparse one (`Down::Transposed`).
+/// `ctl` counts the tensors converted and is checked before each: a stop request ends the load
+/// with [`Error::Interrupted`], dropping what was converted.
 pub fn load_weights(
     dir: &Path,
     cfg: &ModelConfig,
     want: Option<DType>,
     dense_down: bool,
+    ctl: &Control,
 ) -> Result<(Weights, DType)> {
     let (files, which) = checkpoint_files(dir)?;
     let maps: Vec<Mmap> = files.iter().map(|p| map_file(p)).collect::<Result<_>>()?;
@@ -333,7 +337,9 @@ pub fn load_weights(
 
     // 2. Convert (each conversion is itself parallel).
     let mut loaded: Vec<Loaded> = Vec::with_capacity(table.len());
+    ctl.begin(table.len());
     for (spec, &(bytes, dt, fi)) in table.iter().zip(&views) {
+        ctl.check()?;
         let dt = &dt;
         // `W_down` kept as in the file for the dense GEMV (`Down::Dense`)
         let role = match spec.role {
@@ -371,6 +377,7 @@ pub fn load_weights(
             }
         });
         release(&maps[fi], bytes);
+        ctl.step();
     }
     drop(views);
 

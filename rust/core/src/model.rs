@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use rayon::prelude::*;
 
 use crate::config::ModelConfig;
+use crate::control::{Control, NEVER};
 use crate::error::{Error, Result};
 use crate::gemm;
 use crate::kernels::kernels;
@@ -162,6 +163,17 @@ impl Model {
     /// Load `dir/config.json` and its safetensors weights. `threads == 0`: one per physical
     /// core ([`crate::cpu::default_threads`]).
     pub fn load(dir: &Path, dtype: Option<DType>, threads: usize) -> Result<Model> {
+        Self::load_with(dir, dtype, threads, &NEVER)
+    }
+
+    /// [`Self::load`] under `ctl`: its progress counts the tensors converted, and a stop
+    /// request ends the load with [`Error::Interrupted`] before the next tensor.
+    pub fn load_with(
+        dir: &Path,
+        dtype: Option<DType>,
+        threads: usize,
+        ctl: &Control,
+    ) -> Result<Model> {
         if !dir.is_dir() {
             return Err(Error::io(
                 dir,
@@ -185,7 +197,8 @@ impl Model {
         // read once: the layout of W_down and the MLP's path must agree
         let mode = mlp_mode();
         let dense_down = mode == MlpMode::Dense;
-        let (weights, dtype) = pool.install(|| load_weights(dir, &config, dtype, dense_down))?;
+        let (weights, dtype) =
+            pool.install(|| load_weights(dir, &config, dtype, dense_down, ctl))?;
         Ok(Self::assemble(config, weights, dtype, pool, mode))
     }
 
@@ -313,6 +326,10 @@ impl Model {
 
     /// Process `tokens` at positions `pos0..pos0+T`, writing their latents into `cache`.
     /// Logits land in `st.logits`: `[T, V]` if `all_logits`, else `[V]` for the last token.
+    /// `ctl` is checked before each layer: a stop request returns [`Error::Interrupted`], with
+    /// latents of some layers written at positions past `pos0` (which the caller does not count
+    /// as cached) and `st.logits` not updated. Its progress counts the layers done.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         tokens: &[u32],
@@ -321,6 +338,7 @@ impl Model {
         st: &mut State,
         mode: AttnMode,
         all_logits: bool,
+        ctl: &Control,
     ) -> Result<()> {
         self.check_tokens(tokens, pos0, cache)?;
         let c = &self.config;
@@ -333,7 +351,8 @@ impl Model {
             AttnMode::Dense => true,
             AttnMode::Absorbed => false,
         };
-        let mut pass = || {
+        ctl.begin(c.num_hidden_layers);
+        let mut pass = || -> Result<()> {
             // h = E[token]                                               [T, d]
             for (i, &tok) in tokens.iter().enumerate() {
                 self.weights
@@ -341,6 +360,7 @@ impl Model {
                     .row_to_f32(tok as usize, &mut st.h[i * d..(i + 1) * d]);
             }
             for (l, lw) in self.weights.layers.iter().enumerate() {
+                ctl.check()?;
                 // a = RMSNorm(h; input_layernorm);  h += Attn(a)
                 norm_rows(&st.h[..t * d], &lw.input_norm, eps, &mut st.a[..t * d]);
                 self.attention(l, lw, t, pos0, cache, st, dense);
@@ -349,6 +369,7 @@ impl Model {
                 norm_rows(&st.h[..t * d], &lw.post_norm, eps, &mut st.a[..t * d]);
                 self.mlp(l, lw, t, st);
                 add(&mut st.h[..t * d], &st.proj[..t * d]);
+                ctl.step();
             }
             // logits = E · RMSNorm(h; model.norm)
             let out = self.weights.output();
@@ -360,6 +381,7 @@ impl Model {
                 rmsnorm(last, &self.weights.norm, eps, &mut st.a[..d]);
                 out.matvec(&st.a[..d], &mut st.logits[..v]);
             }
+            Ok(())
         };
         let workers = self.workers()?;
         workers.pool.install(|| {
@@ -369,8 +391,7 @@ impl Model {
                 Some(team) => crate::team::with_team(team, pass),
                 None => pass(),
             }
-        });
-        Ok(())
+        })
     }
 
     /// Multi-head latent attention of `t` tokens; result in `st.proj[..t·d]`.

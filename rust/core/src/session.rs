@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::control::{Control, NEVER};
 use crate::error::{Error, Result};
 use crate::kv_cache::LatentCache;
 use crate::model::{AttnMode, Model};
@@ -162,11 +163,30 @@ impl Session {
     /// Append `ids` to the cache. Returns the logits of the last id (`[V]`) or of every id
     /// (`[n, V]`, row-major) when `all_logits`.
     pub fn feed(&mut self, ids: &[u32], mode: AttnMode, all_logits: bool) -> Result<&[f32]> {
+        self.feed_with(ids, mode, all_logits, &NEVER)
+    }
+
+    /// [`Self::feed`] under `ctl` (checked between layers): when stopped it returns
+    /// [`Error::Interrupted`] with none of `ids` cached, as after any other failed feed.
+    pub fn feed_with(
+        &mut self,
+        ids: &[u32],
+        mode: AttnMode,
+        all_logits: bool,
+        ctl: &Control,
+    ) -> Result<&[f32]> {
         self.gen = None;
         self.unfed = None;
         let pos = self.tokens.len();
-        self.model
-            .forward(ids, pos, &mut self.cache, &mut self.state, mode, all_logits)?;
+        self.model.forward(
+            ids,
+            pos,
+            &mut self.cache,
+            &mut self.state,
+            mode,
+            all_logits,
+            ctl,
+        )?;
         self.tokens.extend_from_slice(ids);
         let v = self.model.config.vocab_size;
         Ok(&self.state.logits[..if all_logits { ids.len() * v } else { v }])
@@ -180,6 +200,20 @@ impl Session {
         params: SamplingParams,
         max_new: usize,
         stop_ids: &[u32],
+    ) -> Result<()> {
+        self.start_with(prompt, params, max_new, stop_ids, &NEVER)
+    }
+
+    /// [`Self::start`] under `ctl`, which the prompt's forward pass checks between layers.
+    /// When stopped it returns [`Error::Interrupted`]; the session then holds the kept common
+    /// prefix and no generation.
+    pub fn start_with(
+        &mut self,
+        prompt: &[u32],
+        params: SamplingParams,
+        max_new: usize,
+        stop_ids: &[u32],
+        ctl: &Control,
     ) -> Result<()> {
         let sampler = Sampler::new(params)?;
         if prompt.is_empty() {
@@ -208,7 +242,7 @@ impl Session {
         self.finish = None;
         self.state.reset_counters();
         let t0 = Instant::now();
-        self.feed(&prompt[keep..], AttnMode::Auto, false)?;
+        self.feed_with(&prompt[keep..], AttnMode::Auto, false, ctl)?;
         self.stats = GenStats {
             prompt_tokens: prompt.len() - keep,
             prompt_seconds: t0.elapsed().as_secs_f64(),
@@ -256,6 +290,7 @@ impl Session {
                 &mut self.state,
                 AttnMode::Auto,
                 false,
+                &NEVER,
             )?;
             self.tokens.push(tok);
             g.logits_ready = true;

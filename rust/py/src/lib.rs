@@ -9,9 +9,11 @@ use std::sync::Arc;
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use sparselm_core::{parse_dtype, AttnMode, Error, Model, SamplingParams, Session as CoreSession};
+use sparselm_core::{
+    parse_dtype, AttnMode, Control, Error, Model, SamplingParams, Session as CoreSession,
+};
 
-use errors::{nogil, to_pyerr};
+use errors::{interruptible, nogil, to_pyerr};
 
 /// Weights and the KV cache on transparent huge pages (see `sparselm_core::alloc`). A global
 /// allocator of this extension module serves the Rust code in it only, not Python's objects.
@@ -83,11 +85,22 @@ struct Engine {
 
 #[pymethods]
 impl Engine {
+    /// Load `model_dir`. Ctrl-C stops the load between tensors; `progress(done, total)` is
+    /// called from this thread as tensors are converted (an exception it raises stops the load
+    /// and is raised here).
     #[new]
-    #[pyo3(signature = (model_dir, dtype = "auto", threads = 0))]
-    fn new(py: Python<'_>, model_dir: PathBuf, dtype: &str, threads: usize) -> PyResult<Engine> {
+    #[pyo3(signature = (model_dir, dtype = "auto", threads = 0, progress = None))]
+    fn new(
+        py: Python<'_>,
+        model_dir: PathBuf,
+        dtype: &str,
+        threads: usize,
+        progress: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Engine> {
         let dt = parse_dtype(dtype).map_err(|e| to_pyerr(py, e))?;
-        let model = nogil(py, move || Model::load(&model_dir, dt, threads))?;
+        let model = interruptible(py, progress.as_ref(), move |ctl| {
+            Model::load_with(&model_dir, dt, threads, ctl)
+        })?;
         Ok(Engine {
             model: Arc::new(model),
         })
@@ -140,7 +153,7 @@ impl Engine {
         let ids = ids_u32(py, ids, v)?;
         let n = ids.len();
         let model = self.model.clone();
-        let out = nogil(py, move || {
+        let out = interruptible(py, None, move |ctl| {
             if n == 0 {
                 return Err(Error::Argument(
                     "logits() needs at least one token id".into(),
@@ -150,7 +163,7 @@ impl Engine {
             // context fails in feed with a context error
             let ctx = model.config.max_position_embeddings;
             let mut s = CoreSession::new(model, n.min(ctx))?;
-            Ok(s.feed(&ids, AttnMode::Auto, true)?.to_vec())
+            Ok(s.feed_with(&ids, AttnMode::Auto, true, ctl)?.to_vec())
         })?;
         Ok(PyArray1::from_vec(py, out).reshape([n, v])?.into_any())
     }
@@ -216,7 +229,14 @@ impl Session {
         let mode = AttnMode::parse(attention).map_err(|e| to_pyerr(py, e))?;
         let n = ids.len();
         let inner = &mut self.inner;
-        let out = nogil(py, move || Ok(inner.feed(&ids, mode, all_logits)?.to_vec()))?;
+        let mut feed =
+            move |ctl: &Control| Ok(inner.feed_with(&ids, mode, all_logits, ctl)?.to_vec());
+        // one id is one decode step (milliseconds): not worth a helper thread
+        let out = if n > 1 {
+            interruptible(py, None, feed)?
+        } else {
+            nogil(py, move || feed(&sparselm_core::control::NEVER))?
+        };
         let arr = PyArray1::from_vec(py, out);
         if all_logits {
             Ok(arr.reshape([n, v])?.into_any())
@@ -256,8 +276,8 @@ impl Session {
             seed,
         };
         let inner = &mut self.inner;
-        nogil(py, move || {
-            inner.start(&prompt, params, max_new_tokens, &stop)
+        interruptible(py, None, move |ctl| {
+            inner.start_with(&prompt, params, max_new_tokens, &stop, ctl)
         })
     }
 
