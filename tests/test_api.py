@@ -285,6 +285,7 @@ class FakeEngine:
         self._threads = threads
         self.sessions: list[FakeSession] = []
         self.init_args: tuple[Any, ...] | None = None
+        self.progress: Callable[[int, int], object] | None = None
 
     @property
     def config_json(self) -> str:
@@ -1116,6 +1117,7 @@ class FakeNative:
     ) -> FakeEngine:
         e = FakeEngine(scripted(self.tok, "Loaded."), dtype="f32" if dtype == "auto" else dtype)
         e.init_args = (model_dir, dtype, threads)
+        e.progress = progress
         self.engines.append(e)
         return e
 
@@ -1153,6 +1155,21 @@ def test_load_with_fake_native(
     sparselm.load(d)  # a Path works too, threads default to 0 (= one per core)
     assert fake_native.engines[-1].init_args == (str(d.resolve()), "auto", 0)
     assert sparselm.kernel_tier() == "scalar"
+    # a bar by default (drawn on terminals only), no callback at all with progress=False
+    assert fake_native.engines[-1].progress is not None
+    sparselm.load(d, progress=False)
+    assert fake_native.engines[-1].progress is None
+
+
+def test_cli_quiet_loads_without_a_progress_bar(
+    fake_native: FakeNative, tmp_path: Path, tokenizer_json: str, capsys: Any
+) -> None:
+    d = write_model_dir(tmp_path / "m", tokenizer_json)
+    assert cli_mod.main(["generate", str(d), "x", "--quiet"]) == 0
+    assert fake_native.engines[-1].progress is None
+    assert cli_mod.main(["generate", str(d), "x"]) == 0
+    assert fake_native.engines[-1].progress is not None
+    capsys.readouterr()
 
 
 def test_load_bundled_model(

@@ -113,7 +113,9 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     o.add_argument(
         "--stats", action="store_true", help="also print MLP sparsity and detailed timings"
     )
-    o.add_argument("--quiet", "-q", action="store_true", help="print no statistics on stderr")
+    o.add_argument(
+        "--quiet", "-q", action="store_true", help="print no statistics or progress bar on stderr"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,7 +209,11 @@ def _split_generate_positionals(args: argparse.Namespace) -> tuple[str | None, s
 
 
 def _load(model_dir: str | None, args: argparse.Namespace) -> Model:
-    return load(model_dir, dtype=args.dtype, threads=args.threads, max_seq=args.max_seq)
+    # a bar on a terminal for loads over a second (PLM-1.8B), none with --quiet
+    progress = False if getattr(args, "quiet", False) else None
+    return load(
+        model_dir, dtype=args.dtype, threads=args.threads, max_seq=args.max_seq, progress=progress
+    )
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
