@@ -178,6 +178,14 @@ class FakeSession:
         del self._tokens[n:]
         self._pending = None
 
+    def copy(self) -> FakeSession:
+        # as the engine: same cached ids and pending id, no generation in progress
+        twin = FakeSession(self.engine, self._max_seq)
+        twin._tokens = list(self._tokens)
+        twin._pending = self._pending
+        twin._finish = self._finish
+        return twin
+
     def feed(
         self, ids: Sequence[int], attention: str = "auto", all_logits: bool = False
     ) -> np.ndarray:
@@ -1327,7 +1335,7 @@ def test_cli_generate_prompt_only(cli_model: dict[str, Any], capsys: Any) -> Non
     assert code == 0
     assert out == "Hi there!\n"
     assert cli_model["path"] is None  # the bundled model
-    assert cli_model["kw"] == {"dtype": "auto", "threads": None, "max_seq": None}
+    assert cli_model["kw"] == {"dtype": "auto", "threads": None, "max_seq": None, "progress": None}
     st = cli_model["engine"].sessions[0].starts[0]
     assert st["max_new_tokens"] == 9 and st["seed"] == 4
     assert st["prompt"] == cli_model["model"].tokenizer.encode("Once upon")
@@ -1342,7 +1350,7 @@ def test_cli_generate_model_dir_and_options(cli_model: dict[str, Any], capsys: A
     code, out, err = run_cli(argv, capsys)
     assert code == 0 and out == "Hi \n"
     assert cli_model["path"] == "/some/model"
-    assert cli_model["kw"] == {"dtype": "f16", "threads": 2, "max_seq": 64}
+    assert cli_model["kw"] == {"dtype": "f16", "threads": 2, "max_seq": 64, "progress": None}
     st = cli_model["engine"].sessions[0].starts[0]
     assert (st["temperature"], st["top_k"], st["top_p"], st["min_p"]) == (0.7, 5, 0.9, 0.1)
     assert "mlp sparsity: 87.5%" in err and "finish: stop_string" in err

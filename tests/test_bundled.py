@@ -247,3 +247,38 @@ def test_last_stats_per_session_and_not_overwritten_by_a_late_stream(
     assert s2.last_stats is not None and s2.last_stats["completion_tokens"] == 5
     assert model.last_stats["completion_tokens"] == 5
     assert model.session().last_stats is None
+
+
+def test_session_copy_continues_as_the_original(model: sparselm.Model) -> None:
+    import copy
+
+    s = model.session(max_seq=200)
+    s.generate("Once upon a time", max_new_tokens=8)
+    c = s.copy()
+    assert (c.n_past, c.tokens, c.max_seq) == (s.n_past, s.tokens, 200)
+    # the copy continues exactly as the original does, and as one session doing both calls
+    ref = model.session(max_seq=200)
+    ref.generate("Once upon a time", max_new_tokens=8)
+    want = ref.generate(" The dog", max_new_tokens=12)
+    assert c.generate(" The dog", max_new_tokens=12) == want
+    assert s.generate(" The dog", max_new_tokens=12) == want
+    # independent caches
+    n = s.n_past
+    c.reset()
+    c.generate("A cat", max_new_tokens=4)
+    assert s.n_past == n and s.tokens[:4] == ref.tokens[:4]
+    # copied while a stream is open: the copy continues as after a closed stream
+    s.reset()
+    stream = s.generate("The little bird", max_new_tokens=20, stream=True)
+    first = next(stream) + next(stream)
+    d = copy.copy(s)
+    # (the original's next call abandons its open stream)
+    assert d.generate("", max_new_tokens=6) == s.generate("", max_new_tokens=6)
+    assert first
+    # chat history is copied too, and not shared
+    s.reset()
+    s.chat("Hello", max_new_tokens=4)
+    e = copy.deepcopy(s)
+    assert e.history == s.history and e.n_past == s.n_past
+    e.chat("More", max_new_tokens=4)
+    assert len(e.history) == 4 and len(s.history) == 2

@@ -17,6 +17,7 @@ __all__ = [
     "MissingTensorError",
     "ModelIOError",
     "OutOfMemoryError",
+    "SessionBusyError",
     "ShapeError",
     "SparselmError",
     "UnsupportedError",
@@ -67,6 +68,11 @@ class OutOfMemoryError(SparselmError, MemoryError):
     """A buffer could not be allocated (e.g. the KV cache of a very long context)."""
 
 
+class SessionBusyError(SparselmError, RuntimeError):
+    """A :class:`~sparselm.Session` was used while another call on it was running (from another
+    thread, or from a signal handler during a call). A session serves one caller at a time."""
+
+
 #: Map from the native error kind (see rust/py/src/errors.rs) to the class raised.
 NATIVE_KINDS = {
     "io": ModelIOError,
@@ -79,6 +85,7 @@ NATIVE_KINDS = {
     "context": ContextLengthError,
     "argument": InvalidArgumentError,
     "memory": OutOfMemoryError,
+    "busy": SessionBusyError,
     # a stop asked for by the bindings on Ctrl-C; they raise the signal handler's own exception
     "interrupted": KeyboardInterrupt,
 }

@@ -63,7 +63,8 @@ class Engine:
         """A session with its own latent KV cache of max_seq positions (0: the model's context)."""
 
 class Session:
-    """One conversation: a latent KV cache plus the token ids it holds. Not thread-safe."""
+    """One conversation: a latent KV cache plus the token ids it holds. One call at a time: a
+    call while another runs (another thread, a signal handler) raises SessionBusyError."""
 
     @property
     def n_past(self) -> int: ...

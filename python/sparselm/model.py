@@ -14,6 +14,7 @@ it against a fake engine.
 
 from __future__ import annotations
 
+import copy as _copy
 import itertools
 import json
 import os
@@ -969,7 +970,7 @@ def _human(n: int) -> str:
 
 
 class Session:
-    """A conversation with its own KV cache, kept across calls. Not thread-safe.
+    """A conversation with its own KV cache, kept across calls.
 
     * :meth:`generate` continues from the cached tokens (the new prompt is appended);
     * :meth:`chat` keeps a message history, re-renders the whole conversation each turn and lets
@@ -978,6 +979,10 @@ class Session:
 
     Create it with :meth:`Model.session`. Starting a new generation while an earlier stream of
     the same session is still open abandons that stream (its next ``next()`` raises).
+
+    A session serves one caller at a time: a call while another call on it runs (from another
+    thread, or a signal handler) raises :class:`~sparselm.SessionBusyError`. Give each thread
+    its own session; :meth:`copy` makes one that starts from this one's cache.
     """
 
     def __init__(self, model: Model, native: NativeSession) -> None:
@@ -1024,6 +1029,26 @@ class Session:
 
     def _set_own_stats(self, stats: GenerationStats) -> None:
         self._last_stats = stats
+
+    def copy(self) -> Session:
+        """An independent session holding the same cached tokens (their KV cache copied) and
+        chat history, with the same ``max_seq``.
+
+        Use it to fork a conversation, or to compute a long shared prefix (a system prompt, a
+        document) once and start several conversations from it. An open stream of this session
+        is not carried over: the copy continues as after a stream that was closed. ``copy.copy``
+        and ``copy.deepcopy`` do the same.
+        """
+        twin = Session(self._model, self._native.copy())
+        twin._history = _copy.deepcopy(self._history)
+        twin._last_stats = self._last_stats
+        return twin
+
+    def __copy__(self) -> Session:
+        return self.copy()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Session:
+        return self.copy()
 
     def __repr__(self) -> str:
         return (

@@ -83,6 +83,31 @@ impl Session {
         })
     }
 
+    /// An independent session holding the same cached ids (their latents copied, the rest of
+    /// the new cache left empty), with the same capacity, telemetry counters, stats and finish
+    /// reason. A generation in progress is not carried over: the copy is as after a generation
+    /// the caller stopped, its last returned id [`Self::pending`]. [`Error::Memory`] when the
+    /// cache cannot be allocated.
+    pub fn try_clone(&self) -> Result<Session> {
+        let mut copy = Session::new(Arc::clone(&self.model), self.cache.max_seq)?;
+        let rd = self.cache.row_dim();
+        let (cached, per_layer) = (self.tokens.len() * rd, self.cache.max_seq * rd);
+        for l in 0..self.cache.layers {
+            let rows = l * per_layer..l * per_layer + cached;
+            copy.cache.data[rows.clone()].copy_from_slice(&self.cache.data[rows]);
+        }
+        let (from, to) = (&self.state, &mut copy.state);
+        to.zeros.clone_from(&from.zeros);
+        to.neurons.clone_from(&from.neurons);
+        to.down_rows.clone_from(&from.down_rows);
+        to.down_read.clone_from(&from.down_read);
+        copy.tokens.clone_from(&self.tokens);
+        copy.unfed = self.pending();
+        copy.finish = self.finish;
+        copy.stats = self.stats.clone();
+        Ok(copy)
+    }
+
     pub fn model(&self) -> &Arc<Model> {
         &self.model
     }

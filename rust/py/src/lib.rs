@@ -4,7 +4,7 @@
 mod errors;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::prelude::*;
@@ -13,7 +13,7 @@ use sparselm_core::{
     parse_dtype, AttnMode, Control, Error, Model, SamplingParams, Session as CoreSession,
 };
 
-use errors::{interruptible, nogil, to_pyerr};
+use errors::{interruptible, nogil, raise, to_pyerr};
 
 /// Weights and the KV cache on transparent huge pages (see `sparselm_core::alloc`). A global
 /// allocator of this extension module serves the Rust code in it only, not Python's objects.
@@ -171,64 +171,99 @@ impl Engine {
     #[pyo3(signature = (max_seq = 0))]
     fn new_session(&self, py: Python<'_>, max_seq: usize) -> PyResult<Session> {
         let inner = CoreSession::new(self.model.clone(), max_seq).map_err(|e| to_pyerr(py, e))?;
-        Ok(Session { inner })
+        Ok(Session {
+            inner: Mutex::new(inner),
+        })
     }
 }
 
-/// One conversation: latent cache + ids + generation state.
-#[pyclass(module = "sparselm._native")]
+/// One conversation: latent cache + ids + generation state. One call at a time: a call that
+/// finds another one running (another thread, or a signal handler during a call) raises
+/// `SessionBusyError` instead of waiting (a handler waiting for the call it interrupted would
+/// wait forever).
+#[pyclass(module = "sparselm._native", frozen)]
 struct Session {
-    inner: CoreSession,
+    inner: Mutex<CoreSession>,
+}
+
+impl Session {
+    fn lock(&self, py: Python<'_>) -> PyResult<MutexGuard<'_, CoreSession>> {
+        match self.inner.try_lock() {
+            Ok(g) => Ok(g),
+            // a panic is caught inside every call, so this is not reached; the data is intact
+            Err(TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+            Err(TryLockError::WouldBlock) => Err(raise(
+                py,
+                "busy",
+                "this Session is in use by another call (from another thread, or from a \
+                 signal handler during a call); a Session serves one caller at a time: give \
+                 each thread its own (Model.session(), or Session.copy())"
+                    .into(),
+            )),
+        }
+    }
 }
 
 #[pymethods]
 impl Session {
     #[getter]
-    fn n_past(&self) -> usize {
-        self.inner.n_past()
+    fn n_past(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(self.lock(py)?.n_past())
     }
 
     #[getter]
-    fn max_seq(&self) -> usize {
-        self.inner.max_seq()
+    fn max_seq(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(self.lock(py)?.max_seq())
     }
 
     #[getter]
-    fn tokens(&self) -> Vec<u32> {
-        self.inner.tokens().to_vec()
+    fn tokens(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
+        Ok(self.lock(py)?.tokens().to_vec())
     }
 
     #[getter]
-    fn pending(&self) -> Option<u32> {
-        self.inner.pending()
+    fn pending(&self, py: Python<'_>) -> PyResult<Option<u32>> {
+        Ok(self.lock(py)?.pending())
     }
 
     #[getter]
-    fn finish_reason(&self) -> Option<&'static str> {
-        self.inner.finish_reason().map(|f| f.name())
+    fn finish_reason(&self, py: Python<'_>) -> PyResult<Option<&'static str>> {
+        Ok(self.lock(py)?.finish_reason().map(|f| f.name()))
     }
 
-    fn reset(&mut self) {
-        self.inner.reset();
+    fn reset(&self, py: Python<'_>) -> PyResult<()> {
+        self.lock(py)?.reset();
+        Ok(())
     }
 
-    fn truncate(&mut self, n: usize) {
-        self.inner.truncate(n);
+    fn truncate(&self, py: Python<'_>, n: usize) -> PyResult<()> {
+        self.lock(py)?.truncate(n);
+        Ok(())
+    }
+
+    /// An independent session with the same cached ids (see `CoreSession::try_clone`).
+    fn copy(&self, py: Python<'_>) -> PyResult<Session> {
+        let inner = self.lock(py)?;
+        let copy = nogil(py, || inner.try_clone())?;
+        Ok(Session {
+            inner: Mutex::new(copy),
+        })
     }
 
     #[pyo3(signature = (ids, attention = "auto", all_logits = false))]
     fn feed<'py>(
-        &mut self,
+        &self,
         py: Python<'py>,
         ids: Vec<i64>,
         attention: &str,
         all_logits: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let v = self.inner.model().config.vocab_size;
+        let mut guard = self.lock(py)?;
+        let inner = &mut *guard;
+        let v = inner.model().config.vocab_size;
         let ids = ids_u32(py, ids, v)?;
         let mode = AttnMode::parse(attention).map_err(|e| to_pyerr(py, e))?;
         let n = ids.len();
-        let inner = &mut self.inner;
         let mut feed =
             move |ctl: &Control| Ok(inner.feed_with(&ids, mode, all_logits, ctl)?.to_vec());
         // one id is one decode step (milliseconds): not worth a helper thread
@@ -248,7 +283,7 @@ impl Session {
     #[pyo3(signature = (prompt_ids, max_new_tokens, temperature = 0.0, top_k = 0, top_p = 1.0,
                         min_p = 0.0, repetition_penalty = 1.0, seed = None, stop_ids = Vec::new()))]
     fn start(
-        &mut self,
+        &self,
         py: Python<'_>,
         prompt_ids: Vec<i64>,
         max_new_tokens: usize,
@@ -260,7 +295,9 @@ impl Session {
         seed: Option<u64>,
         stop_ids: Vec<i64>,
     ) -> PyResult<()> {
-        let v = self.inner.model().config.vocab_size;
+        let mut guard = self.lock(py)?;
+        let inner = &mut *guard;
+        let v = inner.model().config.vocab_size;
         let prompt = ids_u32(py, prompt_ids, v)?;
         // ids outside u32 can never be sampled; dropped, not truncated onto a real id
         let stop: Vec<u32> = stop_ids
@@ -275,34 +312,35 @@ impl Session {
             repetition_penalty,
             seed,
         };
-        let inner = &mut self.inner;
         interruptible(py, None, move |ctl| {
             inner.start_with(&prompt, params, max_new_tokens, &stop, ctl)
         })
     }
 
-    fn next_token(&mut self, py: Python<'_>) -> PyResult<Option<u32>> {
-        let inner = &mut self.inner;
+    fn next_token(&self, py: Python<'_>) -> PyResult<Option<u32>> {
+        let mut guard = self.lock(py)?;
+        let inner = &mut *guard;
         nogil(py, move || inner.next_token())
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.inner.stats();
+        let inner = self.lock(py)?;
+        let s = inner.stats();
         let d = PyDict::new(py);
         d.set_item("prompt_tokens", s.prompt_tokens)?;
         d.set_item("prompt_seconds", s.prompt_seconds)?;
         d.set_item("decode_tokens", s.decode_tokens)?;
         d.set_item("decode_seconds", s.decode_seconds)?;
-        let st = self.inner.state();
+        let st = inner.state();
         if let Some(sp) = st.sparsity() {
             d.set_item("mlp_sparsity", sp)?;
             d.set_item("layer_sparsity", st.layer_sparsity())?;
             // Weight bytes of W_down not read per generated token (decode steps only).
-            if let Some(skipped) = self.inner.down_bytes_skipped_per_token() {
+            if let Some(skipped) = inner.down_bytes_skipped_per_token() {
                 d.set_item("down_bytes_skipped_per_token", skipped)?;
                 d.set_item(
                     "weight_bytes_per_token_dense",
-                    self.inner.model().weights.nbytes(),
+                    inner.model().weights.nbytes(),
                 )?;
             }
         }
