@@ -1454,6 +1454,37 @@ def test_cli_chat_repl(cli_model: dict[str, Any], capsys: Any) -> None:
     assert starts[1]["reused"] >= len(starts[0]["prompt"])
 
 
+class _TtyInput(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("interactive", [True, False])
+def test_cli_chat_ctrl_c_stops_the_reply_only_when_interactive(
+    cli_model: dict[str, Any], capsys: Any, monkeypatch: pytest.MonkeyPatch, interactive: bool
+) -> None:
+    cli_model["reply"] = "Hello!"
+    calls = []
+    real_chat = sparselm.Session.chat
+
+    def chat(self: sparselm.Session, *a: Any, **kw: Any) -> Any:
+        calls.append(a)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # as during the first reply's prompt
+        return real_chat(self, *a, **kw)
+
+    monkeypatch.setattr(sparselm.Session, "chat", chat)
+    lines = "Hi\nAgain\n"
+    monkeypatch.setattr(sys, "stdin", _TtyInput(lines) if interactive else io.StringIO(lines))
+    code = cli_mod.main(["chat", "/m", "-q"])
+    out, err = capsys.readouterr()
+    if interactive:
+        assert code == 0 and "[reply interrupted]" in err, err
+        assert out == "> \n> Hello!\n> " and len(calls) == 2  # input() prompts on stdout
+    else:
+        assert code == 130 and len(calls) == 1  # a piped chat ends, as generate does
+
+
 @pytest.mark.parametrize(
     "exc,code",
     [

@@ -309,7 +309,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-_CHAT_HELP = "commands: /reset forgets the conversation, /exit quits (so does end of input)"
+_CHAT_HELP = (
+    "commands: /reset forgets the conversation, /exit quits (so does end of input); "
+    "Ctrl-C stops a reply"
+)
 
 
 def _read_line(interactive: bool) -> str | None:
@@ -363,9 +366,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages: list[dict[str, str]] = [{"role": "user", "content": line}]
         if not session.history and args.system is not None:
             messages.insert(0, {"role": "system", "content": args.system})
+        pieces: Iterator[str] | None = None
         try:
             pieces = session.chat(messages, stream=True, **kw)
             last = _stream(pieces, out)
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            # Ctrl-C during a reply (its prompt or its tokens) ends that reply only; at the
+            # input prompt it ends the chat. The session keeps what was shown of the reply.
+            close = getattr(pieces, "close", None)
+            if close is not None:
+                close()
+            _write(out, "\n")
+            print("[reply interrupted]", file=sys.stderr, flush=True)
+            continue
         except SparselmError as exc:
             # A turn that does not fit must not end the whole conversation.
             print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
