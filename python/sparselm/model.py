@@ -1339,7 +1339,7 @@ class Session:
                 parts.append(piece)
                 yield piece
             ok = True
-        except GeneratorExit:  # the caller stopped early: keep what it has seen
+        except (GeneratorExit, KeyboardInterrupt):  # stopped early: keep what was produced
             ok = True
             raise
         finally:

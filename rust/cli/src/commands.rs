@@ -9,8 +9,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::json;
+use sparselm_core::control::NEVER;
 use sparselm_core::weights::tensor_table;
-use sparselm_core::{parse_dtype, Model, SamplingParams, Session};
+use sparselm_core::{parse_dtype, Control, Model, SamplingParams, Session};
 
 use crate::args::{ChatArgs, GenOpts, GenerateArgs, InfoArgs, ModelOpts, Prompt};
 use crate::error::CliError;
@@ -155,16 +156,19 @@ fn encode_prompt(text: &TextModel, model: &Model, prompt: &str) -> Result<Vec<u3
     Ok(ids)
 }
 
-/// Run one generation on `session`, streaming text to `out`.
+/// Run one generation on `session`, streaming text to `out`. A stop request on `ctl` ends
+/// the prompt between layers (`CliError::Interrupted`, nothing of it cached) or the reply
+/// before its next token (finish "interrupted", the text so far returned).
 pub fn run_turn(
     session: &mut Session,
     text: &TextModel,
     ids: &[u32],
     cfg: &RunConfig,
     out: &mut impl Write,
+    ctl: &Control,
 ) -> Result<TurnOutcome, CliError> {
     let max_new = cfg.max_new_for(ids.len());
-    session.start(ids, cfg.params.clone(), max_new, &text.stop_ids)?;
+    session.start_with(ids, cfg.params.clone(), max_new, &text.stop_ids, ctl)?;
     let mut detok = IncrementalDetokenizer::new();
     let mut stopper = StopFilter::new(&cfg.stop);
     let mut decode = |w: &[u32]| text.decode(w);
@@ -178,7 +182,15 @@ pub fn run_turn(
         Ok(())
     };
     let mut completion = 0;
-    while let Some(tok) = session.next_token()? {
+    let mut interrupted = false;
+    loop {
+        if ctl.stop_requested() {
+            interrupted = true;
+            break;
+        }
+        let Some(tok) = session.next_token()? else {
+            break;
+        };
         completion += 1;
         let piece = detok.push(tok, &mut decode)?;
         emit(&stopper.push(&piece), &mut emitted)?;
@@ -194,6 +206,8 @@ pub fn run_turn(
     }
     let finish = if stopper.stopped() {
         "stop_string"
+    } else if interrupted {
+        "interrupted"
     } else {
         // Every exit of the loop above without a stop string has a finish reason.
         session.finish_reason().map_or("cancelled", |r| r.name())
@@ -344,14 +358,14 @@ pub fn generate(a: GenerateArgs) -> Result<(), CliError> {
     let mut session = Session::new(model, positions)?;
     let stdout = io::stdout();
     let mut out = stdout.lock();
-    let outcome = run_turn(&mut session, &text, &ids, &cfg, &mut out)?;
+    let outcome = run_turn(&mut session, &text, &ids, &cfg, &mut out, &NEVER)?;
     finish_line(&mut out, &outcome.text)?;
     print_stats(&session, &outcome, &a.gen);
     Ok(())
 }
 
 const CHAT_COMMANDS: &str =
-    "commands: /reset forgets the conversation, /exit quits (so does end of input)";
+    "commands: /reset forgets the conversation, /exit quits (so does end of input); Ctrl-C stops a reply";
 
 /// `sparselm chat`: an interactive multi-turn conversation on one session.
 pub fn chat(a: ChatArgs) -> Result<(), CliError> {
@@ -427,21 +441,37 @@ pub fn chat(a: ChatArgs) -> Result<(), CliError> {
             }
         }
         conversation.push(Message::new("user", line));
-        match chat_turn(
+        // interactive: Ctrl-C during the reply stops the reply only (as in the Python CLI)
+        let guard = interactive.then(CtrlCStopsReply::install);
+        let ctl = if guard.is_some() { &REPLY } else { &NEVER };
+        let turn = chat_turn(
             &mut session,
             &text,
             &template,
             &conversation,
             &cfg,
             &mut out,
-        ) {
+            ctl,
+        );
+        drop(guard);
+        match turn {
             Ok(outcome) => {
                 finish_line(&mut out, &outcome.text)?;
-                print_stats(&session, &outcome, &a.gen);
+                if outcome.finish == "interrupted" {
+                    note("[reply interrupted]");
+                } else {
+                    print_stats(&session, &outcome, &a.gen);
+                }
+                // an interrupted reply is kept as far as it was written
                 conversation.push(Message::new("assistant", &outcome.text));
                 history = conversation;
             }
             Err(CliError::BrokenPipe) => return Err(CliError::BrokenPipe),
+            // Ctrl-C during the prompt: the turn is dropped
+            Err(CliError::Interrupted) if interactive => {
+                finish_line(&mut out, "")?;
+                note("[reply interrupted]");
+            }
             // A turn that does not fit must not end an interactive conversation.
             Err(e) if interactive => {
                 note(&format!("sparselm: error: {e}"));
@@ -460,6 +490,7 @@ fn chat_turn(
     conversation: &[Message],
     cfg: &RunConfig,
     out: &mut impl Write,
+    ctl: &Control,
 ) -> Result<TurnOutcome, CliError> {
     let prompt = text.render_chat(template, conversation)?;
     let ids = encode_prompt(text, session.model(), &prompt)?;
@@ -470,7 +501,53 @@ fn chat_turn(
             session.max_seq()
         )));
     }
-    run_turn(session, text, ids.as_slice(), cfg, out)
+    run_turn(session, text, ids.as_slice(), cfg, out, ctl)
+}
+
+/// The reply an interactive chat is writing: Ctrl-C asks it to stop.
+static REPLY: Control = Control::new();
+
+#[cfg(unix)]
+extern "C" fn stop_reply(_: libc::c_int) {
+    REPLY.stop(); // an atomic store: async-signal-safe
+}
+
+/// While alive, SIGINT (Ctrl-C) stops the reply through [`REPLY`] instead of ending the
+/// process; dropped, the previous disposition is back (so Ctrl-C at the `>` prompt quits).
+struct CtrlCStopsReply {
+    #[cfg(unix)]
+    old: Option<libc::sigaction>,
+}
+
+impl CtrlCStopsReply {
+    fn install() -> CtrlCStopsReply {
+        REPLY.reset();
+        #[cfg(unix)]
+        {
+            // SAFETY: plain sigaction calls on zeroed structs; the handler only stores atomics.
+            let old = unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = stop_reply as extern "C" fn(libc::c_int) as libc::sighandler_t;
+                libc::sigemptyset(&mut sa.sa_mask);
+                sa.sa_flags = libc::SA_RESTART;
+                let mut old: libc::sigaction = std::mem::zeroed();
+                (libc::sigaction(libc::SIGINT, &sa, &mut old) == 0).then_some(old)
+            };
+            CtrlCStopsReply { old }
+        }
+        #[cfg(not(unix))]
+        CtrlCStopsReply {}
+    }
+}
+
+impl Drop for CtrlCStopsReply {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        if let Some(old) = &self.old {
+            // SAFETY: restores the disposition saved by `install`.
+            unsafe { libc::sigaction(libc::SIGINT, old, std::ptr::null_mut()) };
+        }
+    }
 }
 
 /// An f32 setting as the f64 of its shortest decimal form (0.7, not 0.699999988079071: the
@@ -633,6 +710,32 @@ fn group_digits(n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn ctrl_c_stops_the_reply_while_installed_and_the_old_handler_comes_back() {
+        // SAFETY: signal disposition queries and a raise with our handler installed.
+        let current = || unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(libc::SIGINT, std::ptr::null(), &mut sa);
+            sa.sa_sigaction
+        };
+        let before = current();
+        REPLY.stop();
+        let guard = CtrlCStopsReply::install();
+        assert!(
+            !REPLY.stop_requested(),
+            "install re-arms the reply's control"
+        );
+        unsafe { libc::raise(libc::SIGINT) };
+        assert!(REPLY.stop_requested());
+        assert!(matches!(
+            REPLY.check(),
+            Err(sparselm_core::Error::Interrupted)
+        ));
+        drop(guard);
+        assert_eq!(current(), before);
+    }
 
     #[test]
     fn cli_options_override_model_defaults() {

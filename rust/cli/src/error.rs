@@ -1,6 +1,7 @@
 //! The CLI's error type and its exit codes: 2 for usage errors (bad options, arguments the
 //! engine rejects), 1 for runtime errors (missing or malformed model files, a prompt that does
-//! not fit), 141 when standard output was closed (`| head`), like other Unix tools.
+//! not fit), 141 when standard output was closed (`| head`), like other Unix tools, 130 for
+//! Ctrl-C.
 
 use std::fmt;
 
@@ -12,6 +13,8 @@ pub enum CliError {
     Runtime(String),
     /// The reader of standard output went away: stop quietly.
     BrokenPipe,
+    /// Ctrl-C stopped the work (where the CLI catches it: a reply of an interactive chat).
+    Interrupted,
 }
 
 impl CliError {
@@ -24,6 +27,7 @@ impl CliError {
             CliError::Usage(_) => 2,
             CliError::Runtime(_) => 1,
             CliError::BrokenPipe => 141,
+            CliError::Interrupted => 130,
         }
     }
 }
@@ -33,6 +37,7 @@ impl fmt::Display for CliError {
         match self {
             CliError::Usage(m) | CliError::Runtime(m) => f.write_str(m),
             CliError::BrokenPipe => f.write_str("standard output was closed"),
+            CliError::Interrupted => f.write_str("interrupted"),
         }
     }
 }
@@ -49,6 +54,7 @@ impl From<sparselm_core::Error> for CliError {
     fn from(e: sparselm_core::Error) -> Self {
         match e {
             sparselm_core::Error::Argument(m) => CliError::Usage(m),
+            sparselm_core::Error::Interrupted => CliError::Interrupted,
             e => CliError::Runtime(e.to_string()),
         }
     }

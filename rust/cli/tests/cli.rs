@@ -742,3 +742,83 @@ fn a_stop_request_interrupts_loading_and_prompts_cleanly() {
     let again = fresh.generate(&[72, 105, 33, 10], greedy, 4, &[], |_| true);
     assert_eq!(first.unwrap(), again.unwrap());
 }
+
+/// Run `sparselm ARGS` on a new pseudo-terminal (its controlling terminal, as in a shell) and
+/// return the master side.
+#[cfg(unix)]
+fn on_terminal(args: &[&str]) -> (std::process::Child, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::process::CommandExt;
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty fills two fds; the pre_exec hook only calls async-signal-safe functions.
+    unsafe {
+        let r = libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        );
+        assert_eq!(r, 0, "openpty");
+        let child = Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::from(std::fs::File::from_raw_fd(libc::dup(slave))))
+            .stdout(Stdio::from(std::fs::File::from_raw_fd(libc::dup(slave))))
+            .stderr(Stdio::from(std::fs::File::from_raw_fd(slave)))
+            .pre_exec(|| {
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+            .spawn()
+            .expect("start the sparselm binary");
+        (child, std::fs::File::from_raw_fd(master))
+    }
+}
+
+/// Read the terminal until `want` has appeared; everything read so far.
+#[cfg(unix)]
+fn read_until(term: &mut std::fs::File, want: &str) -> String {
+    use std::io::Read;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains(want) {
+        let n = term.read(&mut buf).expect("read the terminal");
+        assert!(
+            n > 0,
+            "terminal closed before {want:?}: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[cfg(unix)]
+#[test]
+fn interactive_chat_replies_and_ctrl_c_at_the_prompt_quits() {
+    use std::os::unix::process::ExitStatusExt;
+    let ck = checkpoint("tty", true);
+    let (mut child, mut term) = on_terminal(&["chat", ck.path(), "--max-new-tokens", "5", "-q"]);
+    // a hung child would block the reads below forever: end it after a minute (then they fail)
+    let pid = child.id() as libc::pid_t;
+    let reaped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watch = std::sync::Arc::clone(&reaped);
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(60));
+        if !watch.load(Ordering::SeqCst) {
+            // SAFETY: a plain kill of our child, not yet waited for (so its pid is its own).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    });
+    let banner = read_until(&mut term, "> ");
+    assert!(banner.contains("Ctrl-C stops a reply"), "{banner}");
+    term.write_all(b"Hello\r").unwrap();
+    read_until(&mut term, "\n> "); // a reply, then the prompt again
+    term.write_all(&[3]).unwrap(); // Ctrl-C, which the terminal turns into SIGINT
+    let status = child.wait();
+    reaped.store(true, Ordering::SeqCst);
+    let status = status.unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGINT), "{status:?}");
+}

@@ -40,7 +40,15 @@ impl Control {
         }
     }
 
-    /// Ask the work to stop at its next check.
+    /// Back to a fresh control (no stop request, no limit, no progress), to serve another
+    /// piece of work.
+    pub fn reset(&self) {
+        self.stop.store(false, Ordering::Relaxed);
+        self.limit.store(usize::MAX, Ordering::Relaxed);
+        self.begin(0);
+    }
+
+    /// Ask the work to stop at its next check. An atomic store: safe in a signal handler.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
     }
@@ -106,5 +114,7 @@ mod tests {
         assert!(c.check().is_ok());
         c.step();
         assert!(matches!(c.check(), Err(Error::Interrupted)));
+        c.reset();
+        assert!(c.check().is_ok() && c.progress() == (0, 0));
     }
 }
