@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+from collections.abc import Generator
 
 import numpy as np
 import pytest
@@ -262,11 +263,11 @@ def test_session_copy_continues_as_the_original(model: sparselm.Model) -> None:
     want = ref.generate(" The dog", max_new_tokens=12)
     assert c.generate(" The dog", max_new_tokens=12) == want
     assert s.generate(" The dog", max_new_tokens=12) == want
-    # independent caches
-    n = s.n_past
+    # independent caches: what happens to the copy does not change the original's next reply
     c.reset()
-    c.generate("A cat", max_new_tokens=4)
-    assert s.n_past == n and s.tokens[:4] == ref.tokens[:4]
+    c.generate("A cat sat on the mat and looked at the sky", max_new_tokens=4)
+    assert s.generate(" Then", max_new_tokens=8) == ref.generate(" Then", max_new_tokens=8)
+    assert s.tokens == ref.tokens
     # copied while a stream is open: the copy continues as after a closed stream
     s.reset()
     stream = s.generate("The little bird", max_new_tokens=20, stream=True)
@@ -282,3 +283,21 @@ def test_session_copy_continues_as_the_original(model: sparselm.Model) -> None:
     assert e.history == s.history and e.n_past == s.n_past
     e.chat("More", max_new_tokens=4)
     assert len(e.history) == 4 and len(s.history) == 2
+
+
+def test_session_copy_during_a_chat_stream_has_the_turn_so_far(model: sparselm.Model) -> None:
+    s = model.session()
+    stream = s.chat("Hello", max_new_tokens=20, stream=True)
+    shown = next(stream) + next(stream)
+    c = s.copy()
+    assert isinstance(stream, Generator)
+    stream.close()  # the original commits the turn as far as it was read
+    assert (
+        c.history
+        == s.history
+        == [
+            {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": shown},
+        ]
+    )
+    assert c.chat("More", max_new_tokens=8) == s.chat("More", max_new_tokens=8)

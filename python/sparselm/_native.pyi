@@ -82,6 +82,9 @@ class Session:
     def reset(self) -> None: ...
     def truncate(self, n: int) -> None:
         """Forget every cached position >= n."""
+    def copy(self) -> Session:
+        """An independent session with the same cached ids (latents copied), max_seq, stats and
+        finish reason; a generation in progress continues as after a closed one (pending)."""
     def feed(
         self, ids: Sequence[int], attention: str = "auto", all_logits: bool = False
     ) -> npt.NDArray[np.float32]:

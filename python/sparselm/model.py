@@ -421,7 +421,7 @@ class _LoadBar:
                 leave=False,
             )
         self._bar.update(done - self._bar.n)
-        if done == total:
+        if done == total and self._show:
             self._bar.refresh()  # a fast load's only call: show it whole, not 0/total
 
     def close(self) -> None:
@@ -992,6 +992,7 @@ class Session:
         self._history: list[dict[str, Any]] = []
         self._run: GenerationRun | None = None
         self._last_stats: GenerationStats | None = None
+        self._open_turn: tuple[GenerationRun | None, list[dict[str, Any]], list[str]] | None = None
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -1036,11 +1037,16 @@ class Session:
 
         Use it to fork a conversation, or to compute a long shared prefix (a system prompt, a
         document) once and start several conversations from it. An open stream of this session
-        is not carried over: the copy continues as after a stream that was closed. ``copy.copy``
-        and ``copy.deepcopy`` do the same.
+        is not carried over: the copy continues as after a stream that was closed (a chat turn
+        in progress is in its history, with the reply so far). ``copy.copy`` and
+        ``copy.deepcopy`` do the same.
         """
         twin = Session(self._model, self._native.copy())
-        twin._history = _copy.deepcopy(self._history)
+        history = self._history
+        turn = self._open_turn
+        if turn is not None and turn[0] is self._run:  # a chat stream is open: as if closed
+            history = [*turn[1], {"role": "assistant", "content": "".join(turn[2])}]
+        twin._history = _copy.deepcopy(history)
         twin._last_stats = self._last_stats
         return twin
 
@@ -1334,6 +1340,8 @@ class Session:
     ) -> Iterator[str]:
         parts: list[str] = []
         ok = False
+        # what copy() commits for its copy while this turn is open
+        self._open_turn = (run, conversation, parts)
         try:
             for piece in pieces:
                 parts.append(piece)
@@ -1346,6 +1354,8 @@ class Session:
             close = getattr(pieces, "close", None)
             if close is not None:
                 close()
+            if self._open_turn is not None and self._open_turn[2] is parts:
+                self._open_turn = None
             if ok and self._run is run:  # not superseded by reset() or a later call
                 reply = "".join(parts)
                 self._history = [*conversation, {"role": "assistant", "content": reply}]

@@ -102,10 +102,47 @@ fn check_dir(dir: &Path) -> Result<(), CliError> {
     }
 }
 
-/// Load the weights (after the cheap checks, so mistakes show before a long load).
-fn load_model(m: &ModelOpts) -> Result<Arc<Model>, CliError> {
+/// Load the weights (after the cheap checks, so mistakes show before a long load). On a
+/// terminal, unless `quiet`, a load that takes over a second shows its progress on stderr.
+fn load_model(m: &ModelOpts, quiet: bool) -> Result<Arc<Model>, CliError> {
     let dtype = parse_dtype(&m.dtype)?;
-    let model = Model::load(&m.dir, dtype, m.threads)?;
+    let model = if quiet || !io::stderr().is_terminal() {
+        Model::load(&m.dir, dtype, m.threads)?
+    } else {
+        let name = m
+            .dir
+            .file_name()
+            .unwrap_or(m.dir.as_os_str())
+            .to_string_lossy();
+        let ctl = Control::new();
+        let t0 = std::time::Instant::now();
+        let mut shown = false;
+        let loaded = std::thread::scope(|s| {
+            let waiter = std::thread::current();
+            let ctl = &ctl;
+            let worker = s.spawn(move || {
+                let r = Model::load_with(&m.dir, dtype, m.threads, ctl);
+                waiter.unpark();
+                r
+            });
+            while !worker.is_finished() {
+                std::thread::park_timeout(std::time::Duration::from_millis(100));
+                if t0.elapsed().as_secs_f64() >= 1.0 {
+                    let (done, total) = ctl.progress();
+                    let _ = write!(io::stderr(), "{}", load_line(&name, done, total));
+                    shown = true;
+                }
+            }
+            worker.join()
+        });
+        if shown {
+            let _ = write!(io::stderr(), "\r\x1b[K"); // erase the line
+        }
+        match loaded {
+            Ok(r) => r?,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    };
     if let Some(n) = m.max_seq {
         let ctx = model.config.max_position_embeddings;
         if n > ctx {
@@ -115,6 +152,12 @@ fn load_model(m: &ModelOpts) -> Result<Arc<Model>, CliError> {
         }
     }
     Ok(Arc::new(model))
+}
+
+/// The progress line of a load (drawn over itself with `\r`).
+fn load_line(name: &str, done: usize, total: usize) -> String {
+    let pct = (100 * done).checked_div(total).unwrap_or(0);
+    format!("\rloading {name}: {done}/{total} tensors ({pct}%)")
 }
 
 /// Positions a session of this command may use.
@@ -339,7 +382,7 @@ pub fn generate(a: GenerateArgs) -> Result<(), CliError> {
     } else {
         prompt
     };
-    let model = load_model(&a.model)?;
+    let model = load_model(&a.model, a.gen.quiet)?;
     check_vocab(&text, &model)?;
     let ids = encode_prompt(&text, &model, &prompt)?;
     let ctx = context_length(&model, &a.model);
@@ -373,7 +416,7 @@ pub fn chat(a: ChatArgs) -> Result<(), CliError> {
     let text = TextModel::load(&a.model.dir)?;
     let template = text.compile_chat_template()?;
     let cfg = RunConfig::resolve(&GenDefaults::load(&a.model.dir)?, &a.gen)?;
-    let model = load_model(&a.model)?;
+    let model = load_model(&a.model, a.gen.quiet)?;
     check_vocab(&text, &model)?;
     let ctx = context_length(&model, &a.model);
     let mut session = Session::new(model, ctx)?;
@@ -560,7 +603,7 @@ fn short(x: f32) -> f64 {
 pub fn info(a: InfoArgs) -> Result<(), CliError> {
     let dir = &a.model.dir;
     check_dir(dir)?;
-    let model = load_model(&a.model)?;
+    let model = load_model(&a.model, false)?;
     let text = if dir.join("tokenizer.json").is_file() {
         let t = TextModel::load(dir)?;
         check_vocab(&t, &model)?;
@@ -710,6 +753,16 @@ fn group_digits(n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn load_line_shows_counts_and_percent() {
+        assert_eq!(load_line("m", 0, 0), "\rloading m: 0/0 tensors (0%)");
+        assert_eq!(
+            load_line("PLM-1.8B", 97, 291),
+            "\rloading PLM-1.8B: 97/291 tensors (33%)"
+        );
+    }
 
     #[cfg(unix)]
     #[test]

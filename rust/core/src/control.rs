@@ -14,6 +14,8 @@ use crate::error::{Error, Result};
 /// kind (tensors for a load, layers for a forward pass).
 #[derive(Debug)]
 pub struct Control {
+    /// [`NEVER`]: requests and progress are ignored (many passes share it).
+    never: bool,
     stop: AtomicBool,
     /// Steps after which the work stops by itself (`usize::MAX`: never).
     limit: AtomicUsize,
@@ -27,12 +29,16 @@ impl Default for Control {
     }
 }
 
-/// A control nobody stops, for callers that do not interrupt.
-pub static NEVER: Control = Control::new();
+/// A control nobody can stop and that counts nothing, for callers that do not interrupt.
+pub static NEVER: Control = Control {
+    never: true,
+    ..Control::new()
+};
 
 impl Control {
     pub const fn new() -> Control {
         Control {
+            never: false,
             stop: AtomicBool::new(false),
             limit: AtomicUsize::new(usize::MAX),
             done: AtomicUsize::new(0),
@@ -50,13 +56,17 @@ impl Control {
 
     /// Ask the work to stop at its next check. An atomic store: safe in a signal handler.
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::Relaxed);
+        if !self.never {
+            self.stop.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Ask the work to stop at the first check after `steps` steps are done (0: at once), as
     /// if [`Self::stop`] were called then: the way to cut a piece of work at a known point.
     pub fn stop_after(&self, steps: usize) {
-        self.limit.store(steps, Ordering::Relaxed);
+        if !self.never {
+            self.limit.store(steps, Ordering::Relaxed);
+        }
     }
 
     pub fn stop_requested(&self) -> bool {
@@ -83,12 +93,18 @@ impl Control {
 
     /// The work starts: `total` steps, none done.
     pub(crate) fn begin(&self, total: usize) {
+        if self.never {
+            return;
+        }
         self.done.store(0, Ordering::Relaxed);
         self.total.store(total, Ordering::Relaxed);
     }
 
     /// One more step done.
     pub(crate) fn step(&self) {
+        if self.never {
+            return;
+        }
         self.done.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -106,7 +122,9 @@ mod tests {
         assert_eq!(c.progress(), (1, 3));
         c.stop();
         assert!(matches!(c.check(), Err(Error::Interrupted)));
-        assert!(NEVER.check().is_ok());
+        NEVER.stop();
+        NEVER.stop_after(0);
+        assert!(NEVER.check().is_ok(), "NEVER cannot be stopped");
         let c = Control::new();
         c.stop_after(2);
         c.begin(5);

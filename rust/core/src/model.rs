@@ -371,7 +371,8 @@ impl Model {
                 add(&mut st.h[..t * d], &st.proj[..t * d]);
                 ctl.step();
             }
-            // logits = E · RMSNorm(h; model.norm)
+            ctl.check()?; // (a stop during the last layer: the logits are not wanted)
+                          // logits = E · RMSNorm(h; model.norm)
             let out = self.weights.output();
             if all_logits {
                 norm_rows(&st.h[..t * d], &self.weights.norm, eps, &mut st.a[..t * d]);

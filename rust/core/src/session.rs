@@ -96,11 +96,7 @@ impl Session {
             let rows = l * per_layer..l * per_layer + cached;
             copy.cache.data[rows.clone()].copy_from_slice(&self.cache.data[rows]);
         }
-        let (from, to) = (&self.state, &mut copy.state);
-        to.zeros.clone_from(&from.zeros);
-        to.neurons.clone_from(&from.neurons);
-        to.down_rows.clone_from(&from.down_rows);
-        to.down_read.clone_from(&from.down_read);
+        copy.state.set_counters(self.state.counters());
         copy.tokens.clone_from(&self.tokens);
         copy.unfed = self.pending();
         copy.finish = self.finish;
@@ -191,8 +187,9 @@ impl Session {
         self.feed_with(ids, mode, all_logits, &NEVER)
     }
 
-    /// [`Self::feed`] under `ctl` (checked between layers): when stopped it returns
-    /// [`Error::Interrupted`] with none of `ids` cached, as after any other failed feed.
+    /// [`Self::feed`] under `ctl` (checked between layers and once more at the end): when
+    /// stopped it returns [`Error::Interrupted`]. A failed feed caches none of `ids` and keeps
+    /// [`Self::pending`]; only a generation in progress ends (as a fed id ends it anyway).
     pub fn feed_with(
         &mut self,
         ids: &[u32],
@@ -200,18 +197,27 @@ impl Session {
         all_logits: bool,
         ctl: &Control,
     ) -> Result<&[f32]> {
+        let pending = self.pending();
         self.gen = None;
         self.unfed = None;
         let pos = self.tokens.len();
-        self.model.forward(
-            ids,
-            pos,
-            &mut self.cache,
-            &mut self.state,
-            mode,
-            all_logits,
-            ctl,
-        )?;
+        let done = self
+            .model
+            .forward(
+                ids,
+                pos,
+                &mut self.cache,
+                &mut self.state,
+                mode,
+                all_logits,
+                ctl,
+            )
+            // a stop asked for during the logits: still nothing is cached
+            .and_then(|()| ctl.check());
+        if let Err(e) = done {
+            self.unfed = pending;
+            return Err(e);
+        }
         self.tokens.extend_from_slice(ids);
         let v = self.model.config.vocab_size;
         Ok(&self.state.logits[..if all_logits { ids.len() * v } else { v }])
@@ -229,9 +235,23 @@ impl Session {
         self.start_with(prompt, params, max_new, stop_ids, &NEVER)
     }
 
+    /// The ids of `prompt` [`Self::start`] keeps from the cache: the longest common prefix
+    /// with the cached ids, but never the last prompt id (recomputed so its logits are there).
+    pub fn kept_prefix(&self, prompt: &[u32]) -> usize {
+        let common = self
+            .tokens
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        common.min(prompt.len().saturating_sub(1))
+    }
+
     /// [`Self::start`] under `ctl`, which the prompt's forward pass checks between layers.
-    /// When stopped it returns [`Error::Interrupted`]; the session then holds the kept common
-    /// prefix and no generation.
+    /// When stopped it returns [`Error::Interrupted`] and the session holds no generation.
+    /// When the prompt extends the cached ids (a continuation), nothing else changed: the same
+    /// ids, [`Self::pending`], finish reason, counters and stats. Otherwise the cache keeps the
+    /// common prefix (the feed may have overwritten the positions after it).
     pub fn start_with(
         &mut self,
         prompt: &[u32],
@@ -254,20 +274,21 @@ impl Session {
             });
         }
         self.model.check_tokens(prompt, 0, &self.cache)?;
-        // Reuse the common prefix, but always recompute at least the last prompt token so its
-        // logits are available.
-        let common = self
-            .tokens
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count();
-        let keep = common.min(prompt.len() - 1);
+        let keep = self.kept_prefix(prompt);
+        let extends = keep == self.tokens.len();
+        let (pending, finish) = (self.pending(), self.finish);
+        let counters = self.state.counters();
         self.truncate(keep);
         self.finish = None;
         self.state.reset_counters();
         let t0 = Instant::now();
-        self.feed_with(&prompt[keep..], AttnMode::Auto, false, ctl)?;
+        if let Err(e) = self.feed_with(&prompt[keep..], AttnMode::Auto, false, ctl) {
+            self.state.set_counters(counters);
+            if extends {
+                (self.unfed, self.finish) = (pending, finish);
+            }
+            return Err(e);
+        }
         self.stats = GenStats {
             prompt_tokens: prompt.len() - keep,
             prompt_seconds: t0.elapsed().as_secs_f64(),

@@ -102,6 +102,22 @@ impl State {
             .collect()
     }
 
+    /// The telemetry counters (zeros, neurons, down rows, rows read), to put back with
+    /// [`Self::set_counters`].
+    pub fn counters(&self) -> [Vec<u64>; 4] {
+        [
+            self.zeros.clone(),
+            self.neurons.clone(),
+            self.down_rows.clone(),
+            self.down_read.clone(),
+        ]
+    }
+
+    pub fn set_counters(&mut self, [zeros, neurons, down_rows, down_read]: [Vec<u64>; 4]) {
+        (self.zeros, self.neurons, self.down_rows, self.down_read) =
+            (zeros, neurons, down_rows, down_read);
+    }
+
     pub fn reset_counters(&mut self) {
         for v in [
             &mut self.zeros,

@@ -14,6 +14,7 @@ use sparselm_core::{
 };
 
 use errors::{interruptible, nogil, raise, to_pyerr};
+use sparselm_core::control::NEVER;
 
 /// Weights and the KV cache on transparent huge pages (see `sparselm_core::alloc`). A global
 /// allocator of this extension module serves the Rust code in it only, not Python's objects.
@@ -60,6 +61,13 @@ fn read_bandwidth(py: Python<'_>, threads: usize, mib: usize, passes: usize) -> 
     nogil(py, move || {
         sparselm_core::membw::read_bandwidth(threads, bytes, passes)
     })
+}
+
+/// Whether running `tokens` through `model` is long enough for [`interruptible`]: its helper
+/// thread costs ~0.1 ms a call here, and work that reads less than 64 MB of weights (a
+/// single token of PLM-1.8B reads ~1 GB) takes only milliseconds.
+fn worth_interrupting(model: &Model, tokens: usize) -> bool {
+    tokens.saturating_mul(model.weights.nbytes()) >= 64 << 20
 }
 
 fn ids_u32(py: Python<'_>, ids: Vec<i64>, vocab: usize) -> PyResult<Vec<u32>> {
@@ -153,7 +161,8 @@ impl Engine {
         let ids = ids_u32(py, ids, v)?;
         let n = ids.len();
         let model = self.model.clone();
-        let out = interruptible(py, None, move |ctl| {
+        let long = worth_interrupting(&model, n);
+        let run = move |ctl: &Control| {
             if n == 0 {
                 return Err(Error::Argument(
                     "logits() needs at least one token id".into(),
@@ -164,7 +173,12 @@ impl Engine {
             let ctx = model.config.max_position_embeddings;
             let mut s = CoreSession::new(model, n.min(ctx))?;
             Ok(s.feed_with(&ids, AttnMode::Auto, true, ctl)?.to_vec())
-        })?;
+        };
+        let out = if long {
+            interruptible(py, None, run)?
+        } else {
+            nogil(py, move || run(&NEVER))?
+        };
         Ok(PyArray1::from_vec(py, out).reshape([n, v])?.into_any())
     }
 
@@ -264,14 +278,16 @@ impl Session {
         let ids = ids_u32(py, ids, v)?;
         let mode = AttnMode::parse(attention).map_err(|e| to_pyerr(py, e))?;
         let n = ids.len();
+        let long = worth_interrupting(inner.model(), n);
         let mut feed =
             move |ctl: &Control| Ok(inner.feed_with(&ids, mode, all_logits, ctl)?.to_vec());
-        // one id is one decode step (milliseconds): not worth a helper thread
-        let out = if n > 1 {
+        let out = if long {
             interruptible(py, None, feed)?
         } else {
-            nogil(py, move || feed(&sparselm_core::control::NEVER))?
+            nogil(py, move || feed(&NEVER))?
         };
+        // unlocked before Python objects are made (a finalizer they run may use the session)
+        drop(guard);
         let arr = PyArray1::from_vec(py, out);
         if all_logits {
             Ok(arr.reshape([n, v])?.into_any())
@@ -312,9 +328,15 @@ impl Session {
             repetition_penalty,
             seed,
         };
-        interruptible(py, None, move |ctl| {
-            inner.start_with(&prompt, params, max_new_tokens, &stop, ctl)
-        })
+        let fed = prompt.len() - inner.kept_prefix(&prompt);
+        let long = worth_interrupting(inner.model(), fed);
+        let start =
+            move |ctl: &Control| inner.start_with(&prompt, params, max_new_tokens, &stop, ctl);
+        if long {
+            interruptible(py, None, start)
+        } else {
+            nogil(py, move || start(&NEVER))
+        }
     }
 
     fn next_token(&self, py: Python<'_>) -> PyResult<Option<u32>> {
@@ -324,24 +346,32 @@ impl Session {
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let inner = self.lock(py)?;
-        let s = inner.stats();
+        // read under the lock, unlocked before Python objects are made (a finalizer they run
+        // may use the session)
+        let (s, sparsity, skipped, dense) = {
+            let inner = self.lock(py)?;
+            let st = inner.state();
+            let sparsity = st.sparsity().map(|sp| (sp, st.layer_sparsity()));
+            let skipped = inner.down_bytes_skipped_per_token();
+            (
+                inner.stats().clone(),
+                sparsity,
+                skipped,
+                inner.model().weights.nbytes(),
+            )
+        };
         let d = PyDict::new(py);
         d.set_item("prompt_tokens", s.prompt_tokens)?;
         d.set_item("prompt_seconds", s.prompt_seconds)?;
         d.set_item("decode_tokens", s.decode_tokens)?;
         d.set_item("decode_seconds", s.decode_seconds)?;
-        let st = inner.state();
-        if let Some(sp) = st.sparsity() {
+        if let Some((sp, layers)) = sparsity {
             d.set_item("mlp_sparsity", sp)?;
-            d.set_item("layer_sparsity", st.layer_sparsity())?;
+            d.set_item("layer_sparsity", layers)?;
             // Weight bytes of W_down not read per generated token (decode steps only).
-            if let Some(skipped) = inner.down_bytes_skipped_per_token() {
+            if let Some(skipped) = skipped {
                 d.set_item("down_bytes_skipped_per_token", skipped)?;
-                d.set_item(
-                    "weight_bytes_per_token_dense",
-                    inner.model().weights.nbytes(),
-                )?;
+                d.set_item("weight_bytes_per_token_dense", dense)?;
             }
         }
         Ok(d)
