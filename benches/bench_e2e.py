@@ -179,8 +179,11 @@ def main() -> None:
                     env=env,
                     capture_output=True,
                     text=True,
-                    check=True,
+                    check=False,
                 )
+                if out.returncode != 0:
+                    sys.stderr.write(out.stderr[-4000:])
+                    raise SystemExit(f"the {dtype}:{threads} run failed (exit {out.returncode})")
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append(r)
                 print(
@@ -193,8 +196,10 @@ def main() -> None:
                     f"down {r['down_layout']}",
                     flush=True,
                 )
-    if a.json:
-        Path(a.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+                if a.json:  # after every run: a later failure keeps what was measured
+                    tmp = Path(a.json + ".tmp")
+                    tmp.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+                    os.replace(tmp, a.json)
 
 
 def build_info() -> dict:

@@ -1,8 +1,8 @@
 """sparselm vs llama.cpp, side by side in one run, on the same PLM-1.8B-shaped random weights.
 
 The checkpoint of ``benches/plm_checkpoint.py`` is exported once per format to GGUF
-(``benches/gguf_export.py``; cached next to the checkpoint as ``<dir>-<dtype>.gguf``, about
-3.7 / 1.9 / 1.0 GB for f16 / q8_0 / q4_0). Then, per format and thread count, one process at a
+(``benches/gguf_export.py``; cached in the bench cache as ``gguf/<dir>-<hash>-<dtype>.gguf``,
+re-exported when the checkpoint changes; about 3.7 / 1.9 / 1.0 GB for f16 / q8_0 / q4_0). Then, per format and thread count, one process at a
 time (the machine is small and shared: never two timing processes at once):
 
   * llama.cpp through ``llama-cpp-python`` (``flash_attn=False``: llama.cpp's PLM path aborts
@@ -15,8 +15,8 @@ time (the machine is small and shared: never two timing processes at once):
 Both sides run the same protocol: a prompt of ``--prompt`` token ids evaluated in one call
 (prefill tok/s = prompt tokens / time), then greedy decoding of ``--decode`` tokens. The first
 generated token comes from the prompt's logits, so ``--decode`` tokens cost ``--decode - 1``
-single-token forward passes; "decode tok/s" here is forward passes (+ greedy pick) per second.
-(``bench_e2e.py`` prints tokens handed out per second, ``decode/(decode-1)`` times higher.)
+single-token forward passes; "decode tok/s" is forward passes (+ greedy pick) per second on
+both sides (as ``bench_e2e.py`` reports it).
 
     python benches/bench_llama.py --dtypes f16,q8_0,q4_0 --threads 2 --prompt 128 --decode 32
     python benches/bench_llama.py --dtypes q4_0 --threads 1,2 --json /tmp/llama.json
@@ -45,6 +45,7 @@ decode (sparse on and off), and the decode ratios among runs in the same bandwid
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -282,7 +283,8 @@ def print_table(
     print(
         f"prompt {prompt} tokens, decode {decode} tokens (tok/s; ratio = sparselm / llama.cpp"
         + (
-            f"; medians of {rounds} alternating rounds, per-round ratio range in brackets)"
+            f"; medians of {rounds} alternating rounds; a ratio is the median of the per-round "
+            "ratios, not the quotient of the medians shown, with their range in brackets)"
             if rounds > 1
             else ")"
         )
@@ -345,6 +347,45 @@ def print_table(
         )
 
 
+def _check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Refuse what would crash a child or give meaningless numbers, before any long work."""
+    if a.prompt < 9:
+        ap.error("--prompt must be at least 9 (llama.cpp's warm-up evaluates 9 ids)")
+    if a.decode < 2:
+        ap.error("--decode must be at least 2 (the first token comes from the prompt's logits)")
+    if a.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    try:
+        threads = [int(t) for t in a.threads.split(",")]
+    except ValueError:
+        threads = [0]
+    if min(threads) < 1:
+        ap.error(f"--threads must be positive integers, got {a.threads!r}")
+    from gguf_export import DTYPES
+
+    bad = [d for d in a.dtypes.split(",") if d not in DTYPES]
+    if bad:
+        ap.error(f"--dtypes: {', '.join(bad)} not among {', '.join(DTYPES)}")
+    if not a.table and not a.one:
+        missing = [m for m in ("gguf", "llama_cpp") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise SystemExit(
+                f"bench_llama needs {' and '.join(missing)}: pip install '.[bench]' "
+                "(gguf and llama-cpp-python, pinned in pyproject.toml)"
+            )
+
+
+def _save_json(path: str, data: dict) -> None:
+    """Write ``data`` to ``path`` atomically (a temp file next to it, then a rename)."""
+    tmp = Path(path + ".tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -371,6 +412,7 @@ def main() -> None:
     )
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: GGUF:THREADS, llama.cpp only
     a = ap.parse_args()
+    _check_args(ap, a)
     if a.table:
         saved = [json.loads(Path(f).read_text()) for f in a.table.split(",")]
         lengths = {(sv["meta"]["prompt"], sv["meta"]["decode"]) for sv in saved}
@@ -415,6 +457,13 @@ def main() -> None:
     )
     rows: list[dict] = []
     table: list[tuple[str, int, list[tuple[dict, dict, dict]]]] = []
+    meta = {
+        "cpu": platform.processor() or platform.machine(),
+        "prompt": a.prompt,
+        "decode": a.decode,
+        "model": model_dir,
+        **builds,
+    }
     for dtype in a.dtypes.split(","):
         gguf_file = str(ensure_gguf(model_dir, dtype))
         for threads in [int(t) for t in a.threads.split(",")]:
@@ -458,18 +507,11 @@ def main() -> None:
                     )
                 rows += [ll, sp[True], sp[False]]
                 runs.append((ll, sp[True], sp[False]))
+                if a.json:  # after every round: a later failure keeps what was measured
+                    _save_json(a.json, {"meta": meta, "results": rows})
             table.append((dtype, threads, runs))
 
     print_table(table, rows, a.prompt, a.decode, a.rounds)
-    if a.json:
-        meta = {
-            "cpu": platform.processor() or platform.machine(),
-            "prompt": a.prompt,
-            "decode": a.decode,
-            "model": model_dir,
-            **builds,
-        }
-        Path(a.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
 
 
 if __name__ == "__main__":

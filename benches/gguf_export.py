@@ -34,9 +34,11 @@ next to the output, then renamed.
 llama.cpp (``llama_cpp.Llama``, ``flash_attn=False``: llama.cpp's PLM path aborts with flash
 attention) on token ids and compares its logits with sparselm's and with the float64 NumPy
 reference (``sparselm.reference``, on the f16-rounded matrices), per format. It prints
-max|d|/max|logit| and top-1 agreement. At f16 the engines hold identical weights: sparselm
-matches the reference to ~5e-7 and llama.cpp to ~6e-4 (it rounds activations and its K/V
-cache to f16). At q8_0/q4_0 most of the weights are identical blocks, but not ``down_proj``:
+max|d|/max|logit| and top-1 agreement, and exits 1 when the f16 logits of llama.cpp are more
+than 1e-2 of max|logit| off the reference (a broken export). At f16 the engines hold identical
+weights: llama.cpp matches the reference to ~6e-4 (it rounds activations and its K/V cache to
+f16), sparselm to ~5e-7 with ``SPARSELM_EXACT_GEMM=1`` and ~7e-3 by default on CPUs with
+AVX512_BF16 or AMX, whose prompt GEMMs round activations to bf16. At q8_0/q4_0 most of the weights are identical blocks, but not ``down_proj``:
 sparselm stores W_down transposed and quantizes it along the hidden dimension, GGUF along the
 intermediate dimension, so q4_0 logits differ by ~1e-1 of max|logit| on this random model
 (same bytes per weight, different rounding).
@@ -57,6 +59,10 @@ from typing import Any
 import numpy as np
 
 DTYPES = ("f16", "q8_0", "q4_0")
+
+#: Bump when the bytes ``export_gguf`` writes change: cached GGUFs of an older version are
+#: exported again (see ``ensure_gguf``).
+EXPORT_VERSION = 1
 
 #: HF suffix (after ``model.layers.N.``) -> llama.cpp MODEL_TENSOR member name, for arch PLM.
 _LAYER_TENSORS = {
@@ -366,17 +372,62 @@ def export_gguf(
 
 
 def gguf_path_for(model_dir: str | os.PathLike[str], dtype: str) -> Path:
-    """Where benchmarks cache the GGUF of a checkpoint: next to it, ``<dir>-<dtype>.gguf``."""
+    """Where benchmarks cache the GGUF of a checkpoint: in the bench cache (never next to the
+    checkpoint, which may be in the repository or a hub cache), named after the directory and
+    a hash of its absolute path: ``gguf/<dir>-<hash>-<dtype>.gguf``."""
+    import hashlib
+
+    from plm_checkpoint import bench_cache_dir  # benches/ is on the path of its users
+
     d = Path(model_dir).resolve()
-    return d.parent / f"{d.name}-{dtype}.gguf"
+    tag = hashlib.sha1(str(d).encode()).hexdigest()[:10]
+    return bench_cache_dir() / "gguf" / f"{d.name}-{tag}-{dtype}.gguf"
+
+
+def _source_fingerprint(model_dir: Path) -> dict[str, Any]:
+    """What a cached GGUF was made from: the checkpoint's files (size, mtime), the exporter's
+    ``EXPORT_VERSION`` and the gguf package version. Any change means a new export."""
+    import gguf
+
+    files = sorted(
+        p
+        for p in model_dir.iterdir()
+        if p.suffix in (".safetensors", ".json") and p.name != "generation_config.json"
+    )
+    return {
+        "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files},
+        "exporter": EXPORT_VERSION,
+        "gguf": getattr(gguf, "__version__", None) or _dist_version("gguf"),
+    }
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "?"
 
 
 def ensure_gguf(model_dir: str | os.PathLike[str], dtype: str) -> Path:
-    """The cached GGUF of ``model_dir`` in ``dtype``, exported first if absent."""
+    """The cached GGUF of ``model_dir`` in ``dtype``, exported first if absent or made from
+    other files (see ``_source_fingerprint``; kept in ``<file>.source.json``)."""
     out = gguf_path_for(model_dir, dtype)
-    if not out.is_file():
+    stamp = out.with_name(out.name + ".source.json")
+    want = _source_fingerprint(Path(model_dir).resolve())
+    try:
+        fresh = out.is_file() and json.loads(stamp.read_text()) == want
+    except (OSError, ValueError):
+        fresh = False
+    if not fresh:
         print(f"exporting {out} ...", file=sys.stderr, flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stamp.unlink(missing_ok=True)
         export_gguf(model_dir, out, dtype)
+        tmp = stamp.with_name(stamp.name + ".tmp")
+        tmp.write_text(json.dumps(want))
+        os.replace(tmp, stamp)
     return out
 
 
@@ -427,6 +478,18 @@ def check(
     dtypes: tuple[str, ...] = DTYPES, n_tokens: int = 48, seed: int = 0, keep: str | None = None
 ) -> dict[str, Any]:
     """Export a seeded tiny checkpoint per format, compare llama.cpp, sparselm and the f64 reference."""
+
+    work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="sparselm-gguf-check-"))
+    try:
+        return _check_in(work, dtypes, n_tokens, seed)
+    finally:
+        if not keep:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_in(work: Path, dtypes: tuple[str, ...], n_tokens: int, seed: int) -> dict[str, Any]:
     import sparselm
     from sparselm.reference import reference_logits
     from sparselm.testing import (
@@ -436,7 +499,6 @@ def check(
         round_to_dtype,
     )
 
-    work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="sparselm-gguf-check-"))
     model_dir = work / "tiny-plm"
     make_tiny_checkpoint(model_dir, seed=seed, dtype="f32", **CHECK_CONFIG)
     config = random_plm_config(**CHECK_CONFIG)
@@ -469,10 +531,6 @@ def check(
             f"{r['sparselm_vs_ref_f16']:.2e} | top-1 agreement {100 * r['top1_agree_llama_sparselm']:.1f}%",
             flush=True,
         )
-    if not keep:
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
     return results
 
 
@@ -492,6 +550,8 @@ def main() -> None:
         res = check(tuple(a.check_dtypes.split(",")), keep=a.keep)
         if a.json:
             Path(a.json).write_text(json.dumps(res, indent=2))
+        if "f16" in res and res["f16"]["llama_vs_ref_f16"] > 1e-2:
+            raise SystemExit("llama.cpp's f16 logits are off the reference: the export is wrong")
         return
     if not a.model_dir or not a.out:
         ap.error("MODEL_DIR and OUT are required (or use --check)")

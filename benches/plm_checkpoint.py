@@ -2,7 +2,9 @@
 format, for speed benchmarks. Cached outside the repository (default ~/.cache/sparselm/bench).
 
 Weights are seeded normals scaled like a trained model's (std 0.02, norms 1.0); the file is
-written tensor by tensor, so peak memory stays at one tensor, and atomically (temp + rename).
+written tensor by tensor, so peak memory stays at one tensor, and atomically (temp + rename;
+an interrupted write leaves no temp file). config.json is written last, also atomically: a
+directory with both files is complete.
 """
 
 from __future__ import annotations
@@ -33,12 +35,28 @@ def _encode(x: np.ndarray, dtype: str) -> bytes:
     return x.astype(np.float32).tobytes()
 
 
-def ensure_checkpoint(root: str | None = None, dtype: str = "BF16", seed: int = 0) -> Path:
-    """Return the directory of the cached PLM-1.8B-shaped checkpoint, writing it if absent."""
-    base = Path(
+def bench_cache_dir(root: str | None = None) -> Path:
+    """Where benchmarks cache what they build: ``root``, else ``$SPARSELM_BENCH_DIR``, else
+    ``~/.cache/sparselm/bench`` (never inside the repository)."""
+    return Path(
         root or os.environ.get("SPARSELM_BENCH_DIR") or Path.home() / ".cache/sparselm/bench"
     )
-    out = base / f"plm-1.8b-random-{dtype.lower()}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def ensure_checkpoint(root: str | None = None, dtype: str = "BF16", seed: int = 0) -> Path:
+    """Return the directory of the cached PLM-1.8B-shaped checkpoint, writing it if absent."""
+    base = bench_cache_dir(root)
+    out = base / f"plm-1.8b-random-{dtype.lower()}{f'-seed{seed}' if seed else ''}"
     if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -60,24 +78,29 @@ def ensure_checkpoint(root: str | None = None, dtype: str = "BF16", seed: int = 
         it = tqdm(table, desc="writing PLM-1.8B-shaped checkpoint", unit="tensor")
     except ImportError:  # pragma: no cover
         it = table
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(hb)))
-        f.write(hb)
-        for name, shp in it:
-            if len(shp) == 1:
-                x = 1.0 + 0.05 * rng.standard_normal(shp, dtype=np.float32)
-            else:
-                x = rng.standard_normal(shp, dtype=np.float32) * np.float32(0.02)
-            f.write(_encode(x, dtype))
-    os.replace(tmp, out / "model.safetensors")
-    (out / "config.json").write_text(
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(hb)))
+            f.write(hb)
+            for name, shp in it:
+                if len(shp) == 1:
+                    x = 1.0 + 0.05 * rng.standard_normal(shp, dtype=np.float32)
+                else:
+                    x = rng.standard_normal(shp, dtype=np.float32) * np.float32(0.02)
+                f.write(_encode(x, dtype))
+        os.replace(tmp, out / "model.safetensors")
+    except BaseException:  # Ctrl-C, a full disk: no multi-GB temp file left behind
+        tmp.unlink(missing_ok=True)
+        raise
+    _write_atomic(
+        out / "config.json",
         json.dumps(
             dict(
                 PLM_1_8B,
                 torch_dtype={"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype],
             ),
             indent=2,
-        )
+        ),
     )
     return out
 
