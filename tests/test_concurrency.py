@@ -201,8 +201,9 @@ for x in (s, ref):
 before = s.tokens
 r1 = interrupted(lambda: s.generate(ids[5:1500], max_new_tokens=1))
 r2 = interrupted(lambda: s.feed(ids[5:1500]))
-print("continuation", r1, r2, s.tokens == before,
-      s.generate(ids[5:9], max_new_tokens=4) == ref.generate(ids[5:9], max_new_tokens=4))
+same = s.tokens == before
+same_reply = s.generate(ids[5:9], max_new_tokens=4) == ref.generate(ids[5:9], max_new_tokens=4)
+print("continuation", r1, r2, same, same_reply, s.tokens == ref.tokens)  # (pending id fed)
 # one layer: a Ctrl-C during the last layer stops the prompt too
 one = sparselm.load(ckpt(1)).session()
 print("one layer", interrupted(lambda: one.feed(ids)), one.n_past,
@@ -233,7 +234,7 @@ def test_ctrl_c_stops_a_long_prompt_and_leaves_the_session_usable(tmp_path: Path
         "after True",
         "generate KeyboardInterrupt 0",
         "then True",
-        "continuation KeyboardInterrupt KeyboardInterrupt True True",
+        "continuation KeyboardInterrupt KeyboardInterrupt True True True",
         "one layer KeyboardInterrupt 0 KeyboardInterrupt 0",
         "handler ['SessionBusyError'] 2000",
     ], r.stdout + r.stderr
