@@ -109,14 +109,11 @@ fn load_model(m: &ModelOpts, quiet: bool) -> Result<Arc<Model>, CliError> {
     let model = if quiet || !io::stderr().is_terminal() {
         Model::load(&m.dir, dtype, m.threads)?
     } else {
-        let name = m
-            .dir
-            .file_name()
-            .unwrap_or(m.dir.as_os_str())
-            .to_string_lossy();
+        let dir = std::fs::canonicalize(&m.dir).unwrap_or_else(|_| m.dir.clone());
+        let name = dir.file_name().unwrap_or(dir.as_os_str()).to_string_lossy();
         let ctl = Control::new();
         let t0 = std::time::Instant::now();
-        let mut shown = false;
+        let mut shown = None;
         let loaded = std::thread::scope(|s| {
             let waiter = std::thread::current();
             let ctl = &ctl;
@@ -127,15 +124,15 @@ fn load_model(m: &ModelOpts, quiet: bool) -> Result<Arc<Model>, CliError> {
             });
             while !worker.is_finished() {
                 std::thread::park_timeout(std::time::Duration::from_millis(100));
-                if t0.elapsed().as_secs_f64() >= 1.0 {
-                    let (done, total) = ctl.progress();
-                    let _ = write!(io::stderr(), "{}", load_line(&name, done, total));
-                    shown = true;
+                let now = ctl.progress();
+                if t0.elapsed().as_secs_f64() >= 1.0 && shown != Some(now) {
+                    let _ = write!(io::stderr(), "{}", load_line(&name, now.0, now.1));
+                    shown = Some(now);
                 }
             }
             worker.join()
         });
-        if shown {
+        if shown.is_some() {
             let _ = write!(io::stderr(), "\r\x1b[K"); // erase the line
         }
         match loaded {
@@ -241,7 +238,9 @@ pub fn run_turn(
             break;
         }
     }
-    if !stopper.stopped() {
+    // An interrupted reply ends with what was shown: text held back as a possible start of a
+    // stop string, or an unfinished character, is dropped (as the Python CLI does).
+    if !stopper.stopped() && !interrupted {
         let tail = detok.flush(&mut decode)?;
         let mut rest = stopper.push(&tail);
         rest.push_str(&stopper.flush());
@@ -407,8 +406,12 @@ pub fn generate(a: GenerateArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+#[cfg(unix)]
 const CHAT_COMMANDS: &str =
     "commands: /reset forgets the conversation, /exit quits (so does end of input); Ctrl-C stops a reply";
+#[cfg(not(unix))]
+const CHAT_COMMANDS: &str =
+    "commands: /reset forgets the conversation, /exit quits (so does end of input)";
 
 /// `sparselm chat`: an interactive multi-turn conversation on one session.
 pub fn chat(a: ChatArgs) -> Result<(), CliError> {
@@ -499,10 +502,13 @@ pub fn chat(a: ChatArgs) -> Result<(), CliError> {
         drop(guard);
         match turn {
             Ok(outcome) => {
-                finish_line(&mut out, &outcome.text)?;
                 if outcome.finish == "interrupted" {
+                    // a line of its own after the terminal's ^C, as in the Python CLI
+                    out.write_all(b"\n")?;
+                    out.flush()?;
                     note("[reply interrupted]");
                 } else {
+                    finish_line(&mut out, &outcome.text)?;
                     print_stats(&session, &outcome, &a.gen);
                 }
                 // an interrupted reply is kept as far as it was written
@@ -512,7 +518,8 @@ pub fn chat(a: ChatArgs) -> Result<(), CliError> {
             Err(CliError::BrokenPipe) => return Err(CliError::BrokenPipe),
             // Ctrl-C during the prompt: the turn is dropped
             Err(CliError::Interrupted) if interactive => {
-                finish_line(&mut out, "")?;
+                out.write_all(b"\n")?;
+                out.flush()?;
                 note("[reply interrupted]");
             }
             // A turn that does not fit must not end an interactive conversation.

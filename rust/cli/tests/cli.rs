@@ -722,10 +722,13 @@ fn a_stop_request_interrupts_loading_and_prompts_cleanly() {
     // next feed overwrites them
     let one = Control::new();
     one.stop_after(1);
+    let counters = s.state().counters();
     let e = s.feed_with(&[105, 7], AttnMode::Auto, false, &one);
     assert!(matches!(e, Err(Error::Interrupted)));
     assert_eq!(one.progress(), (1, layers));
     assert_eq!(s.tokens(), &[72]);
+    // the sparsity counters do not count the stopped pass's first layer
+    assert_eq!(s.state().counters(), counters);
     let got = s.feed(&[105, 33], AttnMode::Auto, false).unwrap();
     assert_eq!(got, &want[..]);
 

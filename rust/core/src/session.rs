@@ -189,7 +189,8 @@ impl Session {
 
     /// [`Self::feed`] under `ctl` (checked between layers and once more at the end): when
     /// stopped it returns [`Error::Interrupted`]. A failed feed caches none of `ids` and keeps
-    /// [`Self::pending`]; only a generation in progress ends (as a fed id ends it anyway).
+    /// [`Self::pending`] and the telemetry counters; only a generation in progress ends (as a
+    /// fed id ends it anyway).
     pub fn feed_with(
         &mut self,
         ids: &[u32],
@@ -198,6 +199,7 @@ impl Session {
         ctl: &Control,
     ) -> Result<&[f32]> {
         let pending = self.pending();
+        let counters = self.state.counters();
         self.gen = None;
         self.unfed = None;
         let pos = self.tokens.len();
@@ -216,6 +218,7 @@ impl Session {
             .and_then(|()| ctl.check());
         if let Err(e) = done {
             self.unfed = pending;
+            self.state.set_counters(counters);
             return Err(e);
         }
         self.tokens.extend_from_slice(ids);
@@ -248,10 +251,12 @@ impl Session {
     }
 
     /// [`Self::start`] under `ctl`, which the prompt's forward pass checks between layers.
-    /// When stopped it returns [`Error::Interrupted`] and the session holds no generation.
-    /// When the prompt extends the cached ids (a continuation), nothing else changed: the same
-    /// ids, [`Self::pending`], finish reason, counters and stats. Otherwise the cache keeps the
-    /// common prefix (the feed may have overwritten the positions after it).
+    /// When stopped (or when the forward pass fails) it returns the error and the session holds
+    /// no generation. When the prompt extends the cached ids (a continuation), nothing else
+    /// changed: the same ids, [`Self::pending`], finish reason, counters and stats. Otherwise
+    /// the cache keeps [`Self::kept_prefix`] ids (the feed may have overwritten the positions
+    /// after them). Errors found before any work (an empty or too long prompt, bad ids, bad
+    /// sampling parameters) change nothing: a generation in progress goes on.
     pub fn start_with(
         &mut self,
         prompt: &[u32],
