@@ -936,7 +936,7 @@ class Model:
         """Next-token logits after each prompt position, on a fresh cache.
 
         ``ids`` is token ids (or text, encoded as in :meth:`generate`). Returns a float32 array
-        of shape ``[len(ids), vocab_size]``. Ctrl-C stops it between layers.
+        of shape ``[len(ids), vocab_size]``. Ctrl-C stops a long one between layers.
         """
         prompt_ids, _ = self._prompt_ids(ids)
         if len(prompt_ids) > self._context_length:
@@ -1095,8 +1095,8 @@ class Session:
 
         Returns the logits after the last id (``[vocab_size]``), or after every id
         (``[len(ids), vocab_size]``) with ``all_logits=True``. ``attention`` is ``"auto"`` (dense
-        for several ids, absorbed for one), ``"dense"`` or ``"absorbed"``. Ctrl-C stops a feed
-        between layers (``KeyboardInterrupt``) with none of ``ids`` cached.
+        for several ids, absorbed for one), ``"dense"`` or ``"absorbed"``. Ctrl-C stops a long
+        feed between layers (``KeyboardInterrupt``) with none of ``ids`` cached.
         """
         if attention not in ATTENTION_MODES:
             raise InvalidArgumentError(

@@ -326,9 +326,10 @@ impl Model {
 
     /// Process `tokens` at positions `pos0..pos0+T`, writing their latents into `cache`.
     /// Logits land in `st.logits`: `[T, V]` if `all_logits`, else `[V]` for the last token.
-    /// `ctl` is checked before each layer: a stop request returns [`Error::Interrupted`], with
-    /// latents of some layers written at positions past `pos0` (which the caller does not count
-    /// as cached) and `st.logits` not updated. Its progress counts the layers done.
+    /// `ctl` is checked before each layer and after the last: a stop request returns
+    /// [`Error::Interrupted`], with latents of some layers written at positions past `pos0`
+    /// (which the caller does not count as cached) and `st.logits` not updated. Its progress
+    /// counts the layers done.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -371,8 +372,9 @@ impl Model {
                 add(&mut st.h[..t * d], &st.proj[..t * d]);
                 ctl.step();
             }
-            ctl.check()?; // (a stop during the last layer: the logits are not wanted)
-                          // logits = E · RMSNorm(h; model.norm)
+            // a stop asked for during the last layer: the logits are not wanted either
+            ctl.check()?;
+            // logits = E · RMSNorm(h; model.norm)
             let out = self.weights.output();
             if all_logits {
                 norm_rows(&st.h[..t * d], &self.weights.norm, eps, &mut st.a[..t * d]);

@@ -9,12 +9,12 @@ use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use sparselm_core::control::NEVER;
 use sparselm_core::{
     parse_dtype, AttnMode, Control, Error, Model, SamplingParams, Session as CoreSession,
 };
 
 use errors::{interruptible, nogil, raise, to_pyerr};
-use sparselm_core::control::NEVER;
 
 /// Weights and the KV cache on transparent huge pages (see `sparselm_core::alloc`). A global
 /// allocator of this extension module serves the Rust code in it only, not Python's objects.
