@@ -272,9 +272,8 @@
 //!   skipped, 2 threads, 6 lines per cell, median time against reading every row): `t0`
 //!   0.148 / 0.154 (2 / 4 rows ahead), `t1` 0.156 / 0.158, `t2` 0.163 / 0.162, `nta`
 //!   0.147 / 0.141: no hint fetches random rows faster. A pure read of them took 80-89 µs a
-//!   layer against ~500 for every row (17-20 GB/s), so a kernel at that floor is ~5.5-6×
-//!   faster than the plain-read time of the dense matrix, and ~5× the dense GEMV, which reads
-//!   above the plain read with its software prefetch.
+//!   layer against ~500 for every row (17-20 GB/s): 5-6× faster than the dense GEMV (450-532
+//!   µs in `bw_probe` that day), with the kernel 10-30 % above that floor (4.4-5.6×).
 
 use std::sync::OnceLock;
 
