@@ -63,11 +63,21 @@ fn read_bandwidth(py: Python<'_>, threads: usize, mib: usize, passes: usize) -> 
     })
 }
 
-/// Whether running `tokens` through `model` is long enough for [`interruptible`]: its helper
-/// thread costs ~0.1 ms a call here, and work that reads less than 64 MB of weights (a
-/// single token of PLM-1.8B reads ~1 GB) takes only milliseconds.
-fn worth_interrupting(model: &Model, tokens: usize) -> bool {
-    tokens.saturating_mul(model.weights.nbytes()) >= 64 << 20
+/// Run `f`, a forward pass of `tokens` tokens through `model`, without the GIL: through
+/// [`interruptible`] when it is long enough, else with [`NEVER`] on this thread. The helper
+/// thread costs ~0.1 ms a call here, and work that reads less than 64 MB of weights (a single
+/// token of PLM-1.8B reads ~1 GB) takes only milliseconds.
+fn run_forward<T: Send>(
+    py: Python<'_>,
+    model: &Model,
+    tokens: usize,
+    f: impl FnOnce(&Control) -> Result<T, Error> + Send,
+) -> PyResult<T> {
+    if tokens.saturating_mul(model.weights.nbytes()) >= 64 << 20 {
+        interruptible(py, None, f)
+    } else {
+        nogil(py, move || f(&NEVER))
+    }
 }
 
 fn ids_u32(py: Python<'_>, ids: Vec<i64>, vocab: usize) -> PyResult<Vec<u32>> {
@@ -161,8 +171,7 @@ impl Engine {
         let ids = ids_u32(py, ids, v)?;
         let n = ids.len();
         let model = self.model.clone();
-        let long = worth_interrupting(&model, n);
-        let run = move |ctl: &Control| {
+        let out = run_forward(py, &self.model, n, move |ctl| {
             if n == 0 {
                 return Err(Error::Argument(
                     "logits() needs at least one token id".into(),
@@ -173,12 +182,7 @@ impl Engine {
             let ctx = model.config.max_position_embeddings;
             let mut s = CoreSession::new(model, n.min(ctx))?;
             Ok(s.feed_with(&ids, AttnMode::Auto, true, ctl)?.to_vec())
-        };
-        let out = if long {
-            interruptible(py, None, run)?
-        } else {
-            nogil(py, move || run(&NEVER))?
-        };
+        })?;
         Ok(PyArray1::from_vec(py, out).reshape([n, v])?.into_any())
     }
 
@@ -278,14 +282,10 @@ impl Session {
         let ids = ids_u32(py, ids, v)?;
         let mode = AttnMode::parse(attention).map_err(|e| to_pyerr(py, e))?;
         let n = ids.len();
-        let long = worth_interrupting(inner.model(), n);
-        let mut feed =
-            move |ctl: &Control| Ok(inner.feed_with(&ids, mode, all_logits, ctl)?.to_vec());
-        let out = if long {
-            interruptible(py, None, feed)?
-        } else {
-            nogil(py, move || feed(&NEVER))?
-        };
+        let model = Arc::clone(inner.model());
+        let out = run_forward(py, &model, n, move |ctl| {
+            Ok(inner.feed_with(&ids, mode, all_logits, ctl)?.to_vec())
+        })?;
         // unlocked before Python objects are made (a finalizer they run may use the session)
         drop(guard);
         let arr = PyArray1::from_vec(py, out);
@@ -329,14 +329,10 @@ impl Session {
             seed,
         };
         let fed = prompt.len() - inner.kept_prefix(&prompt);
-        let long = worth_interrupting(inner.model(), fed);
-        let start =
-            move |ctl: &Control| inner.start_with(&prompt, params, max_new_tokens, &stop, ctl);
-        if long {
-            interruptible(py, None, start)
-        } else {
-            nogil(py, move || start(&NEVER))
-        }
+        let model = Arc::clone(inner.model());
+        run_forward(py, &model, fed, move |ctl| {
+            inner.start_with(&prompt, params, max_new_tokens, &stop, ctl)
+        })
     }
 
     fn next_token(&self, py: Python<'_>) -> PyResult<Option<u32>> {
