@@ -145,7 +145,7 @@ def main() -> None:
     ap.add_argument("--model", help="a model directory instead of the PLM-1.8B-shaped checkpoint")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config as JSON
     a = ap.parse_args()
-    from plm_checkpoint import ensure_checkpoint
+    from plm_checkpoint import ensure_checkpoint, write_atomic
 
     model_dir = a.model or str(ensure_checkpoint())
     if a.one:
@@ -197,9 +197,7 @@ def main() -> None:
                     flush=True,
                 )
                 if a.json:  # after every run: a later failure keeps what was measured
-                    tmp = Path(a.json + ".tmp")
-                    tmp.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
-                    os.replace(tmp, a.json)
+                    write_atomic(a.json, json.dumps({"meta": meta, "results": rows}, indent=2))
 
 
 def build_info() -> dict:

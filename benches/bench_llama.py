@@ -375,17 +375,6 @@ def _check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             )
 
 
-def _save_json(path: str, data: dict) -> None:
-    """Write ``data`` to ``path`` atomically (a temp file next to it, then a rename)."""
-    tmp = Path(path + ".tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -437,7 +426,7 @@ def main() -> None:
         return
 
     from gguf_export import ensure_gguf
-    from plm_checkpoint import ensure_checkpoint
+    from plm_checkpoint import ensure_checkpoint, write_atomic
 
     model_dir = a.model or str(ensure_checkpoint())
     import llama_cpp
@@ -508,7 +497,7 @@ def main() -> None:
                 rows += [ll, sp[True], sp[False]]
                 runs.append((ll, sp[True], sp[False]))
                 if a.json:  # after every round: a later failure keeps what was measured
-                    _save_json(a.json, {"meta": meta, "results": rows})
+                    write_atomic(a.json, json.dumps({"meta": meta, "results": rows}, indent=2))
             table.append((dtype, threads, runs))
 
     print_table(table, rows, a.prompt, a.decode, a.rounds)

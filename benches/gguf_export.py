@@ -413,6 +413,8 @@ def _dist_version(name: str) -> str:
 def ensure_gguf(model_dir: str | os.PathLike[str], dtype: str) -> Path:
     """The cached GGUF of ``model_dir`` in ``dtype``, exported first if absent or made from
     other files (see ``_source_fingerprint``; kept in ``<file>.source.json``)."""
+    from plm_checkpoint import write_atomic
+
     out = gguf_path_for(model_dir, dtype)
     stamp = out.with_name(out.name + ".source.json")
     want = _source_fingerprint(Path(model_dir).resolve())
@@ -425,9 +427,7 @@ def ensure_gguf(model_dir: str | os.PathLike[str], dtype: str) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         stamp.unlink(missing_ok=True)
         export_gguf(model_dir, out, dtype)
-        tmp = stamp.with_name(stamp.name + ".tmp")
-        tmp.write_text(json.dumps(want))
-        os.replace(tmp, stamp)
+        write_atomic(stamp, json.dumps(want))
     return out
 
 

@@ -43,7 +43,10 @@ def bench_cache_dir(root: str | None = None) -> Path:
     )
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` atomically: a temp file next to it, then a rename (the temp
+    file is removed if the write fails). The benches' one way to save a file."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         tmp.write_text(text)
@@ -92,7 +95,7 @@ def ensure_checkpoint(root: str | None = None, dtype: str = "BF16", seed: int = 
     except BaseException:  # Ctrl-C, a full disk: no multi-GB temp file left behind
         tmp.unlink(missing_ok=True)
         raise
-    _write_atomic(
+    write_atomic(
         out / "config.json",
         json.dumps(
             dict(
