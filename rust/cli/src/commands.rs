@@ -322,6 +322,15 @@ fn print_stats(session: &Session, o: &TurnOutcome, g: &GenOpts) {
 }
 
 /// End the output with a newline, as the Python CLI does.
+/// After Ctrl-C stopped a reply: the note on a line of its own after the terminal's `^C`, as
+/// in the Python CLI.
+fn reply_interrupted(out: &mut impl Write) -> Result<(), CliError> {
+    out.write_all(b"\n")?;
+    out.flush()?;
+    note("[reply interrupted]");
+    Ok(())
+}
+
 fn finish_line(out: &mut impl Write, text: &str) -> Result<(), CliError> {
     if !text.ends_with('\n') {
         out.write_all(b"\n")?;
@@ -503,10 +512,7 @@ pub fn chat(a: ChatArgs) -> Result<(), CliError> {
         match turn {
             Ok(outcome) => {
                 if outcome.finish == "interrupted" {
-                    // a line of its own after the terminal's ^C, as in the Python CLI
-                    out.write_all(b"\n")?;
-                    out.flush()?;
-                    note("[reply interrupted]");
+                    reply_interrupted(&mut out)?;
                 } else {
                     finish_line(&mut out, &outcome.text)?;
                     print_stats(&session, &outcome, &a.gen);
@@ -517,11 +523,7 @@ pub fn chat(a: ChatArgs) -> Result<(), CliError> {
             }
             Err(CliError::BrokenPipe) => return Err(CliError::BrokenPipe),
             // Ctrl-C during the prompt: the turn is dropped
-            Err(CliError::Interrupted) if interactive => {
-                out.write_all(b"\n")?;
-                out.flush()?;
-                note("[reply interrupted]");
-            }
+            Err(CliError::Interrupted) if interactive => reply_interrupted(&mut out)?,
             // A turn that does not fit must not end an interactive conversation.
             Err(e) if interactive => {
                 note(&format!("sparselm: error: {e}"));
