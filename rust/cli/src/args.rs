@@ -336,13 +336,8 @@ fn parse_options(sub: Sub, args: &[&str]) -> Result<Option<Raw>, UsageError> {
             }
             "--threads" => {
                 let n = positive(cmd, name, value)?;
-                let limit = sparselm_core::cpu::max_threads();
-                if n > limit {
-                    return Err(UsageError(format!(
-                        "{cmd}: --threads {n} is more than this machine can use: at most \
-                         {limit} (8 per CPU available to this process)"
-                    )));
-                }
+                sparselm_core::cpu::resolve_threads(n)
+                    .map_err(|why| UsageError(format!("{cmd}: --threads {why}")))?;
                 raw.threads = Some(n);
             }
             "--max-seq" => raw.max_seq = Some(positive(cmd, name, value)?),

@@ -30,6 +30,24 @@ pub fn max_threads() -> usize {
     cpus.saturating_mul(8).max(64)
 }
 
+/// The thread count a model runs with for a requested `threads` (0: [`default_threads`]), or
+/// the reason it is refused: more than [`max_threads`]. `Model::load` and the native CLI's
+/// `--threads` (checked before anything is read) both use it, so they refuse the same counts
+/// with the same words.
+pub fn resolve_threads(threads: usize) -> Result<usize, String> {
+    if threads == 0 {
+        return Ok(default_threads());
+    }
+    let limit = max_threads();
+    if threads > limit {
+        return Err(format!(
+            "{threads} is more than this machine can use: at most {limit} (8 per CPU \
+             available to this process)"
+        ));
+    }
+    Ok(threads)
+}
+
 /// The number of CPUs of this process's affinity mask, or `None` where it cannot be read.
 fn allowed_cpus() -> Option<usize> {
     allowed_cpu_list().map(|c| c.len())
@@ -102,6 +120,17 @@ fn parse_cpu_list(s: &str) -> Option<Vec<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resolve_threads_picks_the_default_for_0_and_refuses_above_the_limit() {
+        assert_eq!(resolve_threads(0), Ok(default_threads()));
+        assert_eq!(resolve_threads(1), Ok(1));
+        let m = max_threads();
+        assert_eq!(resolve_threads(m), Ok(m));
+        let why = resolve_threads(m + 1).unwrap_err();
+        assert!(why.starts_with(&format!("{} is more than", m + 1)), "{why}");
+        assert!(why.contains(&format!("at most {m}")), "{why}");
+    }
 
     #[test]
     fn max_threads_is_eight_per_allowed_cpu_and_at_least_64() {

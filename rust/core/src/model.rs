@@ -181,18 +181,10 @@ impl Model {
             ));
         }
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let threads = if threads == 0 {
-            crate::cpu::default_threads()
-        } else {
-            threads
-        };
-        let limit = crate::cpu::max_threads();
-        if threads > limit {
-            return Err(Error::Argument(format!(
-                "threads={threads} is more than this machine can use: at most {limit} \
-                 (8 per CPU available to this process); 0 picks one per physical core"
-            )));
-        }
+        let threads = crate::cpu::resolve_threads(threads).map_err(|why| {
+            Error::Argument(format!("threads={why}; 0 picks one per physical core"))
+        })?;
+        read_env_settings();
         let pool = start_pool(threads)?;
         // read once: the layout of W_down and the MLP's path must agree
         let mode = mlp_mode();
@@ -810,6 +802,16 @@ enum MlpMode {
     /// anything else (`1`): `W_down` for a dense GEMV (`Down::Dense`: the GEMV layout for
     /// Q8_0/Q4_0, column blocks for float formats)
     Dense,
+}
+
+/// Read the process-wide settings taken from the environment (`SPARSELM_KERNEL`,
+/// `SPARSELM_PREFETCH`, `SPARSELM_DOWN_LAYOUT`) now, before the long work of a load: each is
+/// read once per process, and a warning about a bad value is printed on its first use, which
+/// would otherwise fall in the middle of the load and of a caller's progress line.
+fn read_env_settings() {
+    crate::kernels::kernels();
+    crate::kernels::prefetch_distance();
+    crate::quant::down_layout();
 }
 
 fn mlp_mode() -> MlpMode {
