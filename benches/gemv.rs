@@ -16,6 +16,9 @@ use sparselm_core::membw::PlainRead;
 use sparselm_core::team::{with_team, Team};
 use sparselm_core::tensor::{matvec_blocks, DType, DownPlan, Matrix, DOWN_COL_BLOCK};
 
+mod active_sets;
+use active_sets::random_active;
+
 /// The engine's allocator (weights on transparent huge pages), as the frontends install it.
 #[global_allocator]
 static ALLOC: sparselm_core::alloc::HugePageAlloc = sparselm_core::alloc::HugePageAlloc;
@@ -84,23 +87,6 @@ fn gemv(c: &mut Criterion) {
     }
 }
 
-/// A fresh uniformly random set of `keep` of `rows` neurons (sorted), coefficient 0.5: what a
-/// ReLU² mask looks like to the kernel (adjacent rows and long gaps; a fixed set would stay in
-/// the caches from one iteration to the next).
-fn random_active(rows: usize, keep: usize, rng: &mut u64) -> Vec<(u32, f32)> {
-    let mut idx: Vec<u32> = (0..rows as u32).collect();
-    for k in 0..keep.min(rows) {
-        *rng ^= *rng << 13;
-        *rng ^= *rng >> 7;
-        *rng ^= *rng << 17;
-        let r = k + (*rng % (rows - k) as u64) as usize;
-        idx.swap(k, r);
-    }
-    let mut a: Vec<(u32, f32)> = idx[..keep.min(rows)].iter().map(|&j| (j, 0.5)).collect();
-    a.sort_by_key(|e| e.0);
-    a
-}
-
 /// The dense down projection as the engine's dense MLP keeps it: `W_down` [d, inter] in the
 /// GEMV layout, float formats cut into column blocks (`matvec_blocks`).
 fn dense_down(d: usize, inter: usize, w: &[f32], dt: DType) -> Vec<Matrix> {
@@ -128,7 +114,7 @@ fn sparse_down(c: &mut Criterion) {
             let mut y = vec![0f32; d];
             g.bench_function(BenchmarkId::new("zeros", format!("{zeros}%")), |b| {
                 b.iter_batched(
-                    || random_active(inter, keep, &mut rng),
+                    || random_active(inter, keep, &mut rng, |_| 0.5),
                     |active| {
                         // what one decode thread does with its run of active neurons
                         m.sparse_axpy(&active, &mut y);
@@ -200,7 +186,7 @@ fn sparse_down_dram(c: &mut Criterion) {
                         iters,
                         Box::new(|| {
                             let acts: Vec<Vec<(u32, f32)>> = (0..layers)
-                                .map(|_| random_active(inter, keep, &mut rng))
+                                .map(|_| random_active(inter, keep, &mut rng, |_| 0.5))
                                 .collect();
                             flush.pass(&team);
                             pool.install(|| {

@@ -17,6 +17,10 @@ use sparselm_core::team::{with_team, Team};
 use sparselm_core::tensor::{DType, Matrix};
 use std::time::Instant;
 
+#[path = "../../../benches/active_sets.rs"]
+mod active_sets;
+use active_sets::random_active;
+
 #[global_allocator]
 static ALLOC: sparselm_core::alloc::HugePageAlloc = sparselm_core::alloc::HugePageAlloc;
 
@@ -80,27 +84,9 @@ fn main() {
             // long gaps). Drawn outside the timed region.
             let keep = rows * (100 - zeros.min(100) as usize) / 100;
             let mut rng = 0x9E37_79B9_7F4A_7C15u64;
-            let mut next = move || {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                rng
-            };
             let mut draw = || -> Vec<Vec<(u32, f32)>> {
                 (0..32)
-                    .map(|_| {
-                        let mut idx: Vec<u32> = (0..rows as u32).collect();
-                        for k in 0..keep {
-                            let r = k + (next() % (rows - k) as u64) as usize;
-                            idx.swap(k, r);
-                        }
-                        let mut act: Vec<(u32, f32)> = idx[..keep]
-                            .iter()
-                            .map(|&j| (j, 1.0 + (j % 7) as f32))
-                            .collect();
-                        act.sort_by_key(|e| e.0);
-                        act
-                    })
+                    .map(|_| random_active(rows, keep, &mut rng, |j| 1.0 + (j % 7) as f32))
                     .collect()
             };
             // With DOWN=1, the dense GEMV of W_down (cols × rows) of the same format, laid out as
