@@ -5,15 +5,17 @@
 //! neither escapes HTML nor non-ASCII, and the globals `raise_exception` and `strftime_now`; the
 //! template sees `messages`, `add_generation_prompt` and the special tokens (`bos_token`,
 //! `eos_token`, ...). We set up the same here; Python string methods (`.strip()`,
-//! `.startswith()`, ...) that templates use come from minijinja-contrib's pycompat layer.
+//! `.startswith()`, ...) that templates use come from minijinja-contrib's pycompat layer, with
+//! Python's whitespace and the padding methods it lacks added here ([`py_methods`]), and
+//! `'literal' % operand` becomes the `format` filter ([`percent_formats`]).
 //! This module must not know about token ids or the model.
 
 use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use minijinja::syntax::SyntaxConfig;
-use minijinja::value::{Kwargs, Value, ValueKind};
-use minijinja::{Environment, Error, ErrorKind};
+use minijinja::value::{from_args, Kwargs, Rest, Value, ValueKind, ValueOrKwargs};
+use minijinja::{Environment, Error, ErrorKind, State};
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,8 +51,9 @@ impl ChatTemplate {
             .build()
             .map_err(|e| format!("cannot set up the template engine: {e}"))?;
         env.set_syntax(syntax);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_unknown_method_callback(py_methods);
         env.add_filter("tojson", tojson);
+        env.add_filter("format", format_filter);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned(NAME, normalized(source))
@@ -96,11 +99,12 @@ impl ChatTemplate {
     }
 }
 
-/// The source as Jinja2 (and so transformers) reads it: line ends `\r\n` and `\r` become `\n`,
-/// and transformers' `{% generation %}` … `{% endgeneration %}` (which marks the assistant's
+/// The source as Jinja2 (and so transformers) reads it: line ends `\r\n` and `\r` become `\n`;
+/// transformers' `{% generation %}` … `{% endgeneration %}` (which marks the assistant's
 /// text for token masks and renders its body unchanged) an always-true `if` block with the same
-/// whitespace control. Only tags are rewritten: text inside `{{ }}`, other tags, comments and
-/// `{% raw %}` blocks is copied as it is.
+/// whitespace control; and Python's `'literal' % operand` in expressions and tags the `format`
+/// filter (see [`percent_formats`]). Everything else, and all of comments and `{% raw %}`
+/// blocks, is copied as it is.
 fn normalized(source: &str) -> String {
     let text = source.replace("\r\n", "\n").replace('\r', "\n");
     let b = text.as_bytes();
@@ -149,12 +153,260 @@ fn normalized(source: &str) -> String {
             _ => "#}",
         };
         i = match closing(&rest[2..], close, b[i + 1] != b'#') {
-            Some(at) => i + 2 + at + 2,
+            Some(at) => {
+                let body = &rest[2..2 + at];
+                if b[i + 1] != b'#' {
+                    if let Some(body) = percent_formats(body) {
+                        out.push_str(&text[copied..i + 2]);
+                        out.push_str(&body);
+                        copied = i + 2 + at;
+                    }
+                }
+                i + 2 + at + 2
+            }
             None => b.len(),
         };
     }
     out.push_str(&text[copied..]);
     out
+}
+
+/// `body` (of a `{{ }}` or `{% %}`) with each `'literal' % operand` written as
+/// `'literal'|format(operand)`, or `None` if there is none. Jinja2 evaluates `%` on a string
+/// with Python's printf-style formatting; minijinja's `%` is only the numeric remainder and has
+/// no hook for it, but its `format` filter is that same formatting (with its own guards against
+/// huge widths). Only a string literal on the left is rewritten, and only when the rewrite
+/// keeps Jinja2's grouping: the literal must not follow `*`, `/`, `%` (which would take it
+/// first, left to right) or another literal, and the operand must be one unary expression as
+/// Jinja2's parser reads the right side of `%` (a name, number, string or bracket with
+/// attributes, subscripts, calls and filters) without an `is` test or a `**` after it. A
+/// parenthesized tuple gives its items as the format arguments, as Python unpacks a tuple;
+/// anything else is one argument. When unsure we leave the text alone (and minijinja reports
+/// the error it reported before).
+fn percent_formats(body: &str) -> Option<String> {
+    percent_formats_nested(body, 0)
+}
+
+/// [`percent_formats`] inside an operand `depth` levels down (bounded: a deeply nested
+/// template keeps its inner `%` as written rather than recursing without limit).
+fn percent_formats_nested(body: &str, depth: usize) -> Option<String> {
+    const MAX_DEPTH: usize = 8;
+    if depth > MAX_DEPTH {
+        return None;
+    }
+    let b = body.as_bytes();
+    let mut out = String::new();
+    let (mut k, mut copied) = (0, 0);
+    // whether a string literal at this point would be the left operand of `%` as a whole
+    let mut may_start = true;
+    while k < b.len() {
+        let c = b[k];
+        if c.is_ascii_whitespace() {
+            k += 1;
+        } else if c == b'\'' || c == b'"' {
+            let end = string_end(b, k)?;
+            if may_start {
+                let mut p = skip_ws(b, end);
+                if b.get(p) == Some(&b'%') {
+                    p += 1;
+                    if let Some(op_end) = unary_end(b, p) {
+                        let operand = body[p..op_end].trim();
+                        let args = match tuple_items(operand) {
+                            Some(items) => items.to_string(),
+                            None => format!("({operand})"),
+                        };
+                        let args = percent_formats_nested(&args, depth + 1).unwrap_or(args);
+                        out.push_str(&body[copied..end]);
+                        let _ = write!(out, "|format({args})");
+                        copied = op_end;
+                        k = op_end;
+                        may_start = false;
+                        continue;
+                    }
+                }
+            }
+            k = end;
+            may_start = false;
+        } else if c.is_ascii_alphanumeric() || c == b'_' {
+            let start = k;
+            while k < b.len() && (b[k].is_ascii_alphanumeric() || b[k] == b'_') {
+                k += 1;
+            }
+            // after a keyword an expression starts; after a name or number it continues
+            may_start = matches!(
+                &body[start..k],
+                "if" | "elif"
+                    | "else"
+                    | "and"
+                    | "or"
+                    | "not"
+                    | "in"
+                    | "set"
+                    | "for"
+                    | "print"
+                    | "do"
+                    | "return"
+            );
+        } else {
+            k += 1;
+            may_start =
+                !matches!(c, b'*' | b'/' | b'%' | b')' | b']' | b'}' | b'.' | b'|') && c.is_ascii();
+        }
+    }
+    if copied == 0 {
+        return None;
+    }
+    out.push_str(&body[copied..]);
+    Some(out)
+}
+
+fn skip_ws(b: &[u8], mut k: usize) -> usize {
+    while k < b.len() && b[k].is_ascii_whitespace() {
+        k += 1;
+    }
+    k
+}
+
+/// The end of the string literal opening at `b[k]` (a quote), `None` if it does not close.
+fn string_end(b: &[u8], k: usize) -> Option<usize> {
+    let q = b[k];
+    let mut j = k + 1;
+    while j < b.len() {
+        match b[j] {
+            b'\\' => j += 2,
+            x if x == q => return Some(j + 1),
+            _ => j += 1,
+        }
+    }
+    None
+}
+
+/// The end of the bracket opening at `b[k]`, `None` if it does not close.
+fn group_end(b: &[u8], k: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut j = k;
+    while j < b.len() {
+        match b[j] {
+            b'\'' | b'"' => {
+                j = string_end(b, j)?;
+                continue;
+            }
+            b'(' | b'[' | b'{' => depth += 1,
+            b')' | b']' | b'}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(j + 1);
+                }
+            }
+            _ => {}
+        }
+        j += 1;
+    }
+    None
+}
+
+fn name_end(b: &[u8], k: usize) -> Option<usize> {
+    let mut j = k;
+    while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_') {
+        j += 1;
+    }
+    (j > k).then_some(j)
+}
+
+/// The end of the unary expression starting at `b[k]` (after `%`) as Jinja2's `parse_unary`
+/// reads it, `None` where we do not follow it (see [`percent_formats`]).
+fn unary_end(b: &[u8], k: usize) -> Option<usize> {
+    let mut p = skip_ws(b, k);
+    while matches!(b.get(p), Some(b'-' | b'+')) {
+        p = skip_ws(b, p + 1);
+    }
+    // primary: a name, number, string literal(s) or bracket
+    p = match *b.get(p)? {
+        b'\'' | b'"' => {
+            let mut e = string_end(b, p)?;
+            while matches!(b.get(skip_ws(b, e)), Some(b'\'' | b'"')) {
+                e = string_end(b, skip_ws(b, e))?;
+            }
+            e
+        }
+        b'(' | b'[' | b'{' => group_end(b, p)?,
+        c if c.is_ascii_digit() => {
+            let mut e = p;
+            while e < b.len()
+                && (b[e].is_ascii_alphanumeric()
+                    || b[e] == b'_'
+                    || b[e] == b'.'
+                    || (matches!(b[e], b'+' | b'-') && matches!(b[e - 1], b'e' | b'E')))
+            {
+                e += 1;
+            }
+            e
+        }
+        c if c.is_ascii_alphabetic() || c == b'_' => {
+            let e = name_end(b, p)?;
+            if matches!(
+                std::str::from_utf8(&b[p..e]).ok()?,
+                "not" | "and" | "or" | "if" | "else" | "in" | "is"
+            ) {
+                return None;
+            }
+            e
+        }
+        _ => return None,
+    };
+    // postfix: `.name`, `.0`, `[...]`, `(...)`; then filters `|name(.name)*` and calls
+    loop {
+        let q = skip_ws(b, p);
+        p = match b.get(q) {
+            Some(b'.') => name_end(b, skip_ws(b, q + 1))?,
+            Some(b'[' | b'(') => group_end(b, q)?,
+            Some(b'|') => {
+                let mut e = name_end(b, skip_ws(b, q + 1))?;
+                while b.get(skip_ws(b, e)) == Some(&b'.') {
+                    e = name_end(b, skip_ws(b, skip_ws(b, e) + 1))?;
+                }
+                e
+            }
+            Some(b'i') if b[q..].starts_with(b"is") && name_end(b, q) == Some(q + 2) => {
+                return None
+            }
+            Some(b'*') if b.get(q + 1) == Some(&b'*') => return None,
+            _ => return Some(p),
+        };
+    }
+}
+
+/// The items of a parenthesized tuple `(a, b,)` as call arguments (`a, b`), or `None` if
+/// `operand` is not one (a bracket around one expression is that expression).
+fn tuple_items(operand: &str) -> Option<&str> {
+    let b = operand.as_bytes();
+    if b.first() != Some(&b'(') || group_end(b, 0) != Some(b.len()) {
+        return None;
+    }
+    let inner = operand[1..operand.len() - 1].trim();
+    if inner.is_empty() {
+        return Some(inner);
+    }
+    // a comma at the top level of the bracket
+    let ib = inner.as_bytes();
+    let mut j = 0;
+    let mut comma = false;
+    while j < ib.len() {
+        match ib[j] {
+            b'\'' | b'"' => {
+                j = string_end(ib, j)?;
+                continue;
+            }
+            b'(' | b'[' | b'{' => {
+                j = group_end(ib, j)?;
+                continue;
+            }
+            b',' => comma = true,
+            _ => {}
+        }
+        j += 1;
+    }
+    comma.then(|| inner.strip_suffix(',').unwrap_or(inner).trim_end())
 }
 
 /// `{%[-+]? name [-+]?%}` (a tag of one word and nothing else) at the start of `s`: its length,
@@ -212,6 +464,220 @@ fn describe(e: &Error) -> String {
         src = inner.source();
     }
     s
+}
+
+/// Python methods on values: minijinja-contrib's pycompat callback, with the `str` methods it
+/// lacks (`center`, `ljust`, `rjust`, `zfill`) added and those whose whitespace differs from
+/// Python's (`strip`, `lstrip`, `rstrip`, `split` without a separator, `isspace`) replaced.
+/// Anything else (and these with arguments we do not handle, e.g. keyword arguments) goes to
+/// pycompat unchanged.
+fn py_methods(
+    state: &mut State,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> Result<Value, Error> {
+    if let Some(s) = value.as_str() {
+        if method == "format" {
+            check_format_widths(s, b'{', b'}')?;
+        }
+        if let Some(out) = py_str_method(s, method, args)? {
+            return Ok(out);
+        }
+    }
+    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+}
+
+/// The `format` filter (printf-style, also what `'literal' % operand` becomes): minijinja's,
+/// after refusing widths and precisions above [`MAX_PAD_WIDTH`], which it would otherwise
+/// allocate whatever their size (`'%999999999999s'` aborted the process).
+fn format_filter(
+    state: &mut State,
+    fmt: &Value,
+    args: Rest<ValueOrKwargs>,
+) -> Result<Value, Error> {
+    if let Some(s) = fmt.as_str() {
+        check_format_widths(s, b'%', 0)?;
+    }
+    minijinja::filters::format(state, fmt, args)
+}
+
+/// An error if a number in a format spec of `fmt` (after `open` up to a conversion letter, or
+/// inside `open` … `close` when `close` is not 0) is above [`MAX_PAD_WIDTH`]. Conservative:
+/// every digit run in a spec counts, field indices too (which are small in any real template).
+fn check_format_widths(fmt: &str, open: u8, close: u8) -> Result<(), Error> {
+    let b = fmt.as_bytes();
+    let mut k = 0;
+    while k < b.len() {
+        if b[k] != open {
+            k += 1;
+            continue;
+        }
+        k += 1;
+        if b.get(k) == Some(&open) {
+            k += 1; // `%%`, `{{`
+            continue;
+        }
+        if close == 0 && b.get(k) == Some(&b'(') {
+            // printf's `%(key)`: the key may hold any character
+            k += b[k..]
+                .iter()
+                .position(|&c| c == b')')
+                .unwrap_or(b.len() - k);
+        }
+        let mut value: u64 = 0;
+        while k < b.len() {
+            let c = b[k];
+            if c.is_ascii_digit() {
+                value = value.saturating_mul(10).saturating_add(u64::from(c - b'0'));
+                if value > MAX_PAD_WIDTH as u64 {
+                    return Err(Error::new(
+                        ErrorKind::InvalidOperation,
+                        format!(
+                            "a width or precision in the format string {fmt:?} is above the \
+                             limit of {MAX_PAD_WIDTH} characters"
+                        ),
+                    ));
+                }
+            } else {
+                value = 0;
+                let end = if close == 0 {
+                    // printf: the spec ends at its conversion letter
+                    c.is_ascii_alphabetic() && !matches!(c, b'h' | b'l' | b'L')
+                } else {
+                    c == close
+                };
+                if end {
+                    break;
+                }
+            }
+            k += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Python's `str.isspace()` for one character: Unicode White_Space (what Rust's
+/// `char::is_whitespace` tests) plus the separators U+001C..U+001F, which Python also counts
+/// (their bidirectional class is B or S).
+fn py_space(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+/// The most characters `center`, `ljust`, `rjust` and `zfill` may pad to: a template asking
+/// for more is an error, not an unbounded allocation.
+const MAX_PAD_WIDTH: i64 = 1 << 20;
+
+/// `s.method(*args)` for the `str` methods we implement ourselves; `None` hands the call on to
+/// pycompat.
+fn py_str_method(s: &str, method: &str, args: &[Value]) -> Result<Option<Value>, Error> {
+    // a missing argument or an explicit none: Python's "whitespace" default
+    let no_chars = |args: &[Value]| match args {
+        [] => true,
+        [v] => v.is_none(),
+        _ => false,
+    };
+    Ok(Some(match method {
+        "strip" if no_chars(args) => Value::from(s.trim_matches(py_space)),
+        "lstrip" if no_chars(args) => Value::from(s.trim_start_matches(py_space)),
+        "rstrip" if no_chars(args) => Value::from(s.trim_end_matches(py_space)),
+        "isspace" if args.is_empty() => Value::from(!s.is_empty() && s.chars().all(py_space)),
+        "split" => {
+            let (maxsplit, sep_is_none) = match args {
+                [] => (None, true),
+                [sep] => (None, sep.is_none()),
+                [sep, n] if n.kind() == ValueKind::Number => {
+                    (Some(i64::try_from(n.clone())?), sep.is_none())
+                }
+                _ => (None, false),
+            };
+            if !sep_is_none {
+                return Ok(None);
+            }
+            Value::from(split_whitespace(s, maxsplit))
+        }
+        "center" | "ljust" | "rjust" => {
+            let (width, fill): (i64, Option<&str>) = from_args(args)?;
+            let fill = match fill {
+                None => ' ',
+                Some(f) => {
+                    let mut chars = f.chars();
+                    match (chars.next(), chars.next()) {
+                        (Some(c), None) => c,
+                        _ => {
+                            return Err(Error::new(
+                                ErrorKind::InvalidOperation,
+                                "the fill character must be exactly one character long",
+                            ))
+                        }
+                    }
+                }
+            };
+            let Some(margin) = pad_margin(s, width)? else {
+                return Ok(Some(Value::from(s)));
+            };
+            // CPython's split of an odd margin for center (unicodeobject.c, pad)
+            let left = match method {
+                "center" => margin / 2 + (margin & width as usize & 1),
+                "ljust" => 0,
+                _ => margin,
+            };
+            let mut out = String::with_capacity(s.len() + margin * fill.len_utf8());
+            out.extend(std::iter::repeat_n(fill, left));
+            out.push_str(s);
+            out.extend(std::iter::repeat_n(fill, margin - left));
+            Value::from(out)
+        }
+        "zfill" => {
+            let (width,): (i64,) = from_args(args)?;
+            let Some(margin) = pad_margin(s, width)? else {
+                return Ok(Some(Value::from(s)));
+            };
+            // a leading sign stays in front of the zeros
+            let (sign, digits) = match s.as_bytes().first() {
+                Some(b'+' | b'-') => s.split_at(1),
+                _ => ("", s),
+            };
+            Value::from(format!("{sign}{}{digits}", "0".repeat(margin)))
+        }
+        _ => return Ok(None),
+    }))
+}
+
+/// How many characters padding `s` to `width` adds (`None` if none), or an error for a width
+/// above [`MAX_PAD_WIDTH`].
+fn pad_margin(s: &str, width: i64) -> Result<Option<usize>, Error> {
+    if width > MAX_PAD_WIDTH {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("padding to width {width} is above the limit of {MAX_PAD_WIDTH} characters"),
+        ));
+    }
+    let len = s.chars().count();
+    Ok(usize::try_from(width)
+        .ok()
+        .filter(|&w| w > len)
+        .map(|w| w - len))
+}
+
+/// Python's `s.split()` / `s.split(None, maxsplit)`: runs of `str.isspace()` characters
+/// separate words, none at either end; after `maxsplit` splits (if >= 0) the rest is one word
+/// with its leading whitespace removed and its trailing whitespace kept.
+fn split_whitespace(s: &str, maxsplit: Option<i64>) -> Vec<Value> {
+    let mut left = maxsplit.filter(|&n| n >= 0);
+    let mut words = Vec::new();
+    let mut rest = s.trim_start_matches(py_space);
+    while !rest.is_empty() {
+        if left == Some(0) {
+            words.push(Value::from(rest));
+            break;
+        }
+        let end = rest.find(py_space).unwrap_or(rest.len());
+        words.push(Value::from(&rest[..end]));
+        rest = rest[end..].trim_start_matches(py_space);
+        left = left.map(|n| n - 1);
+    }
+    words
 }
 
 const RAISED: &str = "raise_exception: ";
@@ -403,13 +869,61 @@ fn write_str(out: &mut String, s: &str, ensure_ascii: bool) {
     out.push('"');
 }
 
-/// `strftime_now(format)`: the current time (UTC: no time-zone database on small boards) with
-/// the common strftime directives.
+/// `strftime_now(format)`: the current local time (the TZ variable or /etc/localtime, as
+/// Python's `datetime.now()` sees it; UTC where the C library cannot tell) with the common
+/// strftime directives.
 fn strftime_now(format: String) -> Result<Value, Error> {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    Ok(Value::from(strftime(&format, secs)))
+    Ok(Value::from(strftime(&format, &local_time(secs))))
+}
+
+/// A broken-down civil time, as strftime reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CivilTime {
+    year: i64,
+    month: u32, // 1..=12
+    day: u32,   // 1..=31
+    hour: u32,
+    min: u32,
+    sec: u32,       // 0..=60 (a leap second)
+    weekday: usize, // 0 = Monday
+    year_day: u32,  // 1..=366
+}
+
+/// UNIX time `secs` in the local time zone, through the C library's `localtime_r` (which reads
+/// TZ and /etc/localtime itself, so no time-zone database is bundled); UTC if it fails.
+#[cfg(unix)]
+fn local_time(secs: u64) -> CivilTime {
+    let Ok(t) = libc::time_t::try_from(secs) else {
+        return utc_time(secs);
+    };
+    // SAFETY: `libc::tm` is a plain C struct of integers and (on some systems) a `tm_zone`
+    // pointer, for which all-zero bytes (0 and null) are valid values.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are to live, properly aligned locals for the duration of the call;
+    // localtime_r is the thread-safe variant that writes only into `tm`.
+    let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
+    if !ok {
+        return utc_time(secs);
+    }
+    let field = |x: libc::c_int| u32::try_from(x).unwrap_or(0);
+    CivilTime {
+        year: i64::from(tm.tm_year) + 1900,
+        month: field(tm.tm_mon) + 1,
+        day: field(tm.tm_mday),
+        hour: field(tm.tm_hour),
+        min: field(tm.tm_min),
+        sec: field(tm.tm_sec),
+        weekday: (field(tm.tm_wday) as usize + 6) % 7, // tm_wday: 0 = Sunday
+        year_day: field(tm.tm_yday) + 1,               // tm_yday: 0 = 1 January
+    }
+}
+
+#[cfg(not(unix))]
+fn local_time(secs: u64) -> CivilTime {
+    utc_time(secs)
 }
 
 const MONTHS: [&str; 12] = [
@@ -446,11 +960,10 @@ fn days_from_civil(year: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-/// Format UNIX time `secs` (UTC). Unknown directives are kept as written.
-fn strftime(format: &str, secs: u64) -> String {
+/// UNIX time `secs` in UTC.
+fn utc_time(secs: u64) -> CivilTime {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
-    let (hour, min, sec) = (rem / 3600, rem % 3600 / 60, rem % 60);
     // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
@@ -461,8 +974,33 @@ fn strftime(format: &str, secs: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    let weekday = (days + 3).rem_euclid(7) as usize; // 1970-01-01 was a Thursday
-    let month_name = MONTHS[(month - 1) as usize];
+    CivilTime {
+        year,
+        month: month as u32,
+        day: day as u32,
+        hour: (rem / 3600) as u32,
+        min: (rem % 3600 / 60) as u32,
+        sec: (rem % 60) as u32,
+        weekday: (days + 3).rem_euclid(7) as usize, // 1970-01-01 was a Thursday
+        year_day: (days - days_from_civil(year) + 1) as u32,
+    }
+}
+
+/// Format the civil time `t` as Python's `datetime.strftime` does for a naive `datetime.now()`:
+/// `%Z` and `%z` are empty (a naive time has no zone). Unknown directives are kept as written.
+fn strftime(format: &str, t: &CivilTime) -> String {
+    let CivilTime {
+        year,
+        month,
+        day,
+        hour,
+        min,
+        sec,
+        weekday,
+        year_day,
+    } = *t;
+    let month_name = MONTHS[(month as usize).clamp(1, 12) - 1];
+    let day_name = DAYS[weekday % 7];
     let mut out = String::new();
     let mut chars = format.chars();
     while let Some(c) = chars.next() {
@@ -481,20 +1019,17 @@ fn strftime(format: &str, secs: u64) -> String {
             }
             Some('B') => write!(out, "{month_name}"),
             Some('b') => write!(out, "{}", &month_name[..3]),
-            Some('A') => write!(out, "{}", DAYS[weekday]),
-            Some('a') => write!(out, "{}", &DAYS[weekday][..3]),
+            Some('A') => write!(out, "{day_name}"),
+            Some('a') => write!(out, "{}", &day_name[..3]),
             Some('e') => write!(out, "{day:2}"),
-            Some('j') => {
-                // day of the year: days since 1 January of `year`
-                let jan1 = days_from_civil(year);
-                write!(out, "{:03}", days - jan1 + 1)
-            }
+            Some('j') => write!(out, "{year_day:03}"),
             Some('I') => write!(out, "{:02}", (hour + 11) % 12 + 1),
             Some('p') => write!(out, "{}", if hour < 12 { "AM" } else { "PM" }),
             Some('H') => write!(out, "{hour:02}"),
             Some('M') => write!(out, "{min:02}"),
             Some('S') => write!(out, "{sec:02}"),
             Some('%') => write!(out, "%"),
+            Some('Z' | 'z') => Ok(()),
             Some(other) => write!(out, "%{other}"),
             None => write!(out, "%"),
         };
@@ -664,20 +1199,205 @@ mod tests {
         );
     }
 
+    fn render_one(src: &str, msgs: &[Message]) -> Result<String, String> {
+        ChatTemplate::new(src)?.render(msgs, false, &[])
+    }
+
+    /// Python's `'literal' % operand`. Expected text from Python's jinja2 (the project's
+    /// ImmutableSandboxedEnvironment from sparselm.tokenizer._compile_template).
+    #[test]
+    fn percent_formatting_like_jinja2() {
+        let hi = [Message::new("user", "hi")];
+        let cases = [
+            (
+                "{{ '%s' % 'x' }}|{{ '[%s|%5s|%-4d|%03d|%.2f]' % ('a', 'b', 7, 5, 3.14159) }}|\
+                 {{ 'n=%d' % messages|length }}|{{ '<%s>' % messages[0].content + '!' }}|\
+                 {{ '%%|%s' % 3 }}|{{ '%(a)s-%(b)s' % {'a': 1, 'b': 'z'} }}",
+                "x|[a|    b|7   |005|3.14]|n=1|<hi>!|%|3|1-z",
+            ),
+            (
+                "{% set x = '%s:%s' % (messages[0].role, messages[0]['content'].upper(),) %}{{ x }}|\
+                 {{ 'a' ~ '%s' % ('%d' % 2) }}|{% for m in messages %}\
+                 {{- '%s!' % m.content if m.content else 'none' -}}{% endfor %}|\
+                 {{ \"%s\" % messages[0].content|upper }}|{{ '%s' % -3 }}|{{ '%s' % (5) }}|\
+                 {{ '%s' % ('x',) }}|{{ 'plain' % () }}",
+                "user:HI|a2|hi!|HI|-3|5|x|plain",
+            ),
+            // `%` not after a string literal stays minijinja's remainder
+            (
+                "{{ 7 % 3 }}|{{ '%' }}|{% if 5 % 2 %}odd{% endif %}|{{ 'a%' ~ 'b' }}|{{ 'x' ~ 10 % 4 }}",
+                "1|%|odd|a%b|x2",
+            ),
+        ];
+        for (src, want) in cases {
+            assert_eq!(render_one(src, &hi).unwrap(), want, "{src}");
+        }
+        // errors in jinja2 too (TypeError: not enough arguments for format string); the first
+        // is `(2 * '%s') % 3`, which we leave to minijinja
+        for src in ["{{ 2 * '%s' % 3 }}", "{{ '%s %s' % messages[0].content }}"] {
+            let e = render_one(src, &hi).unwrap_err();
+            assert!(e.starts_with("rendering the chat template failed"), "{e}");
+        }
+        // an `is` test after the operand is not rewritten (jinja2 gives 'True'; we still fail
+        // cleanly, as before)
+        assert!(render_one("{{ '%s' % messages[0].content is string }}", &hi).is_err());
+        // a huge width or precision is an error, not an allocation (minijinja's format filter
+        // allocated it: the process aborted)
+        for src in [
+            "{{ '%999999999999s' % 'x' }}",
+            "{{ '%(a)-99999999s' % {'a': 1} }}",
+            "{{ '%.2000000f' | format(1.5) }}",
+            "{{ '{:>99999999999}'.format('x') }}",
+        ] {
+            let e = render_one(src, &hi).unwrap_err();
+            assert!(e.contains("above the limit"), "{src}: {e}");
+        }
+        assert_eq!(
+            render_one(
+                "{{ ('%1048576s' % 'x') | length }}|{{ '{:>5}|{{}}'.format('x') }}|{{ '%%5%s' % 1 }}",
+                &hi
+            )
+            .unwrap(),
+            "1048576|    x|{}|%51"
+        );
+    }
+
+    #[test]
+    fn percent_rewrite_is_textual_and_narrow() {
+        assert_eq!(
+            percent_formats(" 'a' % x "),
+            Some(" 'a'|format((x)) ".into())
+        );
+        assert_eq!(
+            percent_formats("- '%s' % (a, b) -"),
+            Some("- '%s'|format(a, b) -".into())
+        );
+        assert_eq!(
+            percent_formats(" x * '%s' % y or '%s' % y "),
+            Some(" x * '%s' % y or '%s'|format((y)) ".into())
+        );
+        for body in [
+            " 7 % 3 ",
+            " '%' ",
+            " 'a' 'b' % c ",
+            " '%s' % x is defined ",
+            " '%s' % x ** 2 ",
+            " '%s' % not x ",
+            " '%s' % ",
+            " 'unclosed % x",
+            " \"é\" ~ 'é' ",
+        ] {
+            assert_eq!(percent_formats(body), None, "{body}");
+        }
+        // deep nesting stops rewriting instead of recursing without bound
+        let deep = "'%s' % (".repeat(10_000) + "1" + &")".repeat(10_000);
+        assert!(percent_formats(&deep).is_some());
+    }
+
+    /// `center`, `ljust`, `rjust`, `zfill`. Expected text from Python's jinja2 / str methods.
+    #[test]
+    fn padding_methods_like_python() {
+        let src = "{{ 'abc'.center(9) }}|{{ 'abc'.center(8, '*') }}|{{ 'ab'.center(7,'-') }}|\
+                   {{ 'abc'.center(2) }}|{{ 'abc'.center(-3) }}|{{ 'ab'.ljust(5) }}|\
+                   {{ 'ab'.rjust(5,'.') }}|{{ '42'.zfill(5) }}|{{ '-42'.zfill(6) }}|\
+                   {{ '+7'.zfill(4) }}|{{ 'é'.center(4,'ü') }}|{{ ''.zfill(3) }}|\
+                   {{ '-'.zfill(3) }}|{{ 'x'.ljust(0) }}";
+        assert_eq!(
+            render_one(src, &[]).unwrap(),
+            "   abc   |**abc***|---ab--|abc|abc|ab   |...ab|00042|-00042|+007|üéüü|000|-00|x"
+        );
+        // jinja2: TypeError: The fill character must be exactly one character long
+        let e = render_one("{{ 'a'.center(3, 'ab') }}", &[]).unwrap_err();
+        assert!(e.contains("exactly one character"), "{e}");
+        assert!(render_one("{{ 'a'.center(3, '') }}", &[]).is_err());
+        assert!(render_one("{{ 'a'.center('3') }}", &[]).is_err());
+        // a huge width is an error, not an allocation
+        for src in [
+            "{{ 'a'.center(9999999999999) }}",
+            "{{ 'a'.zfill(9223372036854775807) }}",
+            "{{ 'a'.ljust(1048577) }}",
+        ] {
+            let e = render_one(src, &[]).unwrap_err();
+            assert!(e.contains("above the limit"), "{e}");
+        }
+        assert_eq!(
+            render_one("{{ 'a'.rjust(1048576) | length }}", &[]).unwrap(),
+            "1048576"
+        );
+    }
+
+    /// `strip`, `lstrip`, `rstrip`, `split` without arguments and `isspace` with Python's
+    /// `str.isspace()` characters (U+001C..U+001F too; not U+200B). Expected text from Python's
+    /// jinja2 / str methods.
+    #[test]
+    fn whitespace_like_python() {
+        let msgs = [
+            Message::new("user", "\u{1f} a\u{1f}b \u{85}\u{1c}"),
+            Message::new("user", "\u{200b}\u{3000}x\u{2028}y z\u{1e}"),
+        ];
+        let src = "{% for m in messages %}[{{ m.content.strip() | tojson }}|\
+                   {{ m.content.lstrip() | tojson }}|{{ m.content.rstrip() | tojson }}|\
+                   {{ m.content.split() | tojson }}|{{ m.content.split(none, 1) | tojson }}|\
+                   {{ m.content.strip(none) | tojson }}|{{ m.content[0].isspace() }}\
+                   {{ m.content[-1].isspace() }}]{% endfor %}|{{ ' a b '.split(' ') | tojson }}|\
+                   {{ 'xxaxx'.strip('x') }}";
+        // jinja2 writes True/False for the booleans, minijinja true/false (as everywhere)
+        assert_eq!(
+            render_one(src, &msgs).unwrap().to_lowercase(),
+            "[\"a\\u001fb\"|\"a\\u001fb \u{85}\\u001c\"|\"\\u001f a\\u001fb\"|[\"a\", \"b\"]|\
+             [\"a\", \"b \u{85}\\u001c\"]|\"a\\u001fb\"|truetrue]\
+             [\"\u{200b}\u{3000}x\u{2028}y z\"|\"\u{200b}\u{3000}x\u{2028}y z\\u001e\"|\
+             \"\u{200b}\u{3000}x\u{2028}y z\"|[\"\u{200b}\", \"x\", \"y\", \"z\"]|\
+             [\"\u{200b}\", \"x\u{2028}y z\\u001e\"]|\"\u{200b}\u{3000}x\u{2028}y z\"|falsetrue]|\
+             [\"\", \"a\", \"b\", \"\"]|a"
+                .to_lowercase()
+        );
+        assert_eq!(split_whitespace("  a  b  ", Some(-1)).len(), 2);
+        assert_eq!(
+            split_whitespace("  a  b  c ", Some(1)),
+            vec![Value::from("a"), Value::from("b  c ")]
+        );
+        assert_eq!(split_whitespace("   ", Some(0)), Vec::<Value>::new());
+    }
+
+    /// strftime_now uses local time (Python: datetime.now().strftime); `%Z`/`%z` are empty as
+    /// for Python's naive datetime.now().
+    #[test]
+    fn local_time_and_zone_directives() {
+        let secs = 1_709_211_909;
+        assert_eq!(strftime("[%Z|%z]", &utc_time(secs)), "[|]");
+        // localtime_r's fields mapped right: local time is UTC shifted by the zone's offset
+        #[cfg(unix)]
+        {
+            let t = libc::time_t::try_from(secs).unwrap();
+            // SAFETY: as in local_time
+            let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+            // SAFETY: as in local_time
+            assert!(!unsafe { libc::localtime_r(&t, &mut tm) }.is_null());
+            #[allow(clippy::useless_conversion)] // c_long is i32 on 32-bit targets
+            let shifted = secs.checked_add_signed(i64::from(tm.tm_gmtoff)).unwrap();
+            assert_eq!(local_time(secs), utc_time(shifted));
+        }
+    }
+
     #[test]
     fn strftime_formats() {
         // 2024-02-29 13:05:09 UTC, a Thursday.
         let secs = 1_709_211_909;
-        assert_eq!(strftime("%Y-%m-%d %H:%M:%S", secs), "2024-02-29 13:05:09");
         assert_eq!(
-            strftime("%d %b %Y (%A, %B %-d) %% %q", secs),
+            strftime("%Y-%m-%d %H:%M:%S", &utc_time(secs)),
+            "2024-02-29 13:05:09"
+        );
+        assert_eq!(
+            strftime("%d %b %Y (%A, %B %-d) %% %q", &utc_time(secs)),
             "29 Feb 2024 (Thursday, February 29) % %q"
         );
-        assert_eq!(strftime("%Y-%m-%d", 0), "1970-01-01");
+        assert_eq!(strftime("%Y-%m-%d", &utc_time(0)), "1970-01-01");
         // expected from Python: time.strftime(f, time.gmtime(secs))
-        assert_eq!(strftime("%e|%j|%I|%p", secs), "29|060|01|PM");
-        assert_eq!(strftime("%e|%j|%I|%p", 0), " 1|001|12|AM");
-        assert_eq!(strftime("%j", 1_735_603_200), "366"); // 2024-12-31
-        assert_eq!(strftime("%j %I %p", 1_704_110_400), "001 12 PM"); // 2024-01-01 12:00
+        assert_eq!(strftime("%e|%j|%I|%p", &utc_time(secs)), "29|060|01|PM");
+        assert_eq!(strftime("%e|%j|%I|%p", &utc_time(0)), " 1|001|12|AM");
+        assert_eq!(strftime("%j", &utc_time(1_735_603_200)), "366"); // 2024-12-31
+        assert_eq!(strftime("%j %I %p", &utc_time(1_704_110_400)), "001 12 PM");
+        // 2024-01-01 12:00
     }
 }
