@@ -9,8 +9,15 @@ time (the machine is small and shared: never two timing processes at once):
     with flash attention), after a short warm-up that touches every weight page;
   * sparselm with exact sparsity on and off (``SPARSELM_DENSE_MLP=1``: ``W_down`` kept for a
     dense GEMV and read whole every token, as a dense engine does: Q8_0/Q4_0 in the GEMV
-    layout, float formats in column blocks of 2048), via ``bench_e2e.py --one`` (its
-    ``run_one``).
+    layout, float formats in column blocks of 2048), via ``bench_e2e``'s ``run_one`` in a child
+    of this script (``--one-sparselm``).
+
+Within a round the three runs take turns going first: round r (from 1) runs them in the order
+llama.cpp, sparse on, sparse off rotated to start at the ((r - 1) mod 3)-th, so over 3k rounds
+each runs first, second and last k times (the memory bandwidth drifts in phases, and a fixed
+order would hand one engine the same slot every round; use a multiple of 3 for ``--rounds``).
+Every result records its ``round`` and ``run_in_round`` (1-3), and the table says how often
+each engine ran first.
 
 Both sides run the same protocol: a prompt of ``--prompt`` token ids evaluated in one call
 (prefill tok/s = prompt tokens / time), then greedy decoding of ``--decode`` tokens. The first
@@ -20,7 +27,8 @@ both sides (as ``bench_e2e.py`` reports it).
 
     python benches/bench_llama.py --dtypes f16,q8_0,q4_0 --threads 2 --prompt 128 --decode 32
     python benches/bench_llama.py --dtypes q4_0 --threads 1,2 --json /tmp/llama.json
-    python benches/bench_llama.py --dtypes q4_0 --rounds 3   # alternate 3 times, medians
+    python benches/bench_llama.py --dtypes q4_0 --rounds 3   # 3 rounds, rotated order, medians
+    python benches/bench_llama.py --table /tmp/a.json,/tmp/b.json   # pool saved runs
 
 Each timing child starts only once other processes use < 15 % of the CPUs (llama.cpp's spinning
 thread pool collapses on oversubscribed cores), and every result records the CPU share others
@@ -38,6 +46,20 @@ On CPUs with Intel AMX, build llama-cpp-python without its AMX path, e.g.
 weights. Its AVX-512 kernels and Q4_0 repacking stay on. Each result records llama.cpp's
 ``system_info`` (``AMX_INT8 = 1`` when the AMX path is compiled in).
 
+Every timing child reports the sparselm it imported: its package directory, ``__version__``
+(from the installed distribution's metadata, which names no build: a source tree on PYTHONPATH
+reports the version pip installed), the SHA-256 of its native library and its kernel tier. The
+first line printed and ``--json``'s ``meta.sparselm_imported`` say what ran; a WARNING is printed
+(and ``meta.sparselm_from_repo`` is false) when it is not this repository's ``python/sparselm``,
+e.g. a stale pip-installed copy: the commit printed describes the repository, not that copy.
+
+``--table A.json,B.json`` pools the rounds of saved runs, and refuses (exit 2, naming the field)
+files whose protocol differs: prompt or decode length, thread counts, the model (its config.json
+and sampled weights, ``plm_checkpoint.model_identity``; the directory for files saved before
+that was recorded), the GGUF size of a format. Formats may differ (each is pooled only with
+itself), but a file sharing no format with the others is refused. Different builds of either
+engine are pooled with a note (the README pools commits whose decode path is unchanged).
+
 Prints one line per run, then a table of tok/s and the ratio sparselm / llama.cpp for prefill and
 decode (sparse on and off), and the decode ratios among runs in the same bandwidth phase. Needs the optional packages ``gguf`` and ``llama-cpp-python``.
 """
@@ -45,6 +67,7 @@ decode (sparse on and off), and the decode ratios among runs in the same bandwid
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import math
@@ -55,6 +78,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -65,7 +89,69 @@ from bench_e2e import (  # on the path above
     current_rss_gb,
     peak_rss_gb,
     read_gb_s,
+    run_one,
 )
+
+#: The repository's own package, next to benches/: what a run of this checkout should time.
+REPO_PACKAGE = HERE.parent / "python" / "sparselm"
+
+#: The three runs of a round, in the order ``--json`` stores them and the table shows them.
+ENGINES = ("llama.cpp", "sparse on", "sparse off")
+
+
+def round_order(rnd: int) -> list[int]:
+    """Indices into ``ENGINES`` in the order round ``rnd`` (from 0) runs them: rotated to start
+    at ``rnd mod 3``, so over 3k rounds each engine runs first, second and last k times."""
+    return [(rnd + k) % len(ENGINES) for k in range(len(ENGINES))]
+
+
+def imported_sparselm() -> dict:
+    """Which sparselm this process imported: package directory, ``__version__`` (distribution
+    metadata: names no build), native library path, the first 16 hex digits of its SHA-256 (the
+    build identity) and modification time, and the kernel tier chosen. Each timing child returns
+    it with its result (after timing), so the record says what ran, not what the parent saw."""
+    import sparselm
+    from sparselm import _native
+
+    native = Path(_native.__file__).resolve()
+    return {
+        "module": str(Path(sparselm.__file__).resolve().parent),
+        "version": sparselm.__version__,
+        "native_library": str(native),
+        "native_sha256": hashlib.sha256(native.read_bytes()).hexdigest()[:16],
+        "native_mtime": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(native.stat().st_mtime)),
+        "kernel_tier": sparselm.kernel_tier(),
+    }
+
+
+def from_repo(ident: dict) -> bool:
+    """Whether ``imported_sparselm()``'s package is this repository's ``python/sparselm``."""
+    return Path(ident["module"]) == REPO_PACKAGE.resolve()
+
+
+def describe_sparselm(ident: dict) -> str:
+    return (
+        f"sparselm {ident['version']} from {ident['module']} (native {ident['native_library']}, "
+        f"sha256 {ident['native_sha256']}, built {ident['native_mtime']} UTC, "
+        f"{ident['kernel_tier']})"
+    )
+
+
+def not_repo_warning(ident: dict, commit: str) -> str:
+    """The warning for a run that imported a sparselm other than this repository's."""
+    repo_native = [f for f in sorted(REPO_PACKAGE.glob("_native*")) if f.suffix in (".so", ".pyd")]
+    if not repo_native:
+        native = "this repository's native library is not built"
+    elif hashlib.sha256(repo_native[0].read_bytes()).hexdigest()[:16] == ident["native_sha256"]:
+        native = "its native library is byte-identical to this repository's; the Python may differ"
+    else:
+        native = "its native library differs from this repository's"
+    return (
+        f"WARNING: the sparselm imported is {ident['module']}, not this repository's "
+        f"{REPO_PACKAGE.resolve()} ({native}): these timings are of that copy, not of commit "
+        f"{commit}. To time this checkout, build it and put {REPO_PACKAGE.parent.resolve()} "
+        "first on PYTHONPATH (or install it in place)."
+    )
 
 
 def prompt_ids(vocab_size: int, n: int) -> list[int]:
@@ -271,24 +357,51 @@ def _phase(r: dict, cut: float | None) -> str:
     return "mixed"
 
 
+def order_note(runs: list[tuple[dict, dict, dict]]) -> str:
+    """How often each engine ran first in these rounds (rounds saved before the order was
+    recorded ran llama.cpp, sparse on, sparse off)."""
+    first = [0] * len(ENGINES)
+    fixed = 0
+    for run in runs:
+        pos = [r.get("run_in_round") for r in run]
+        if None in pos:
+            fixed += 1
+            first[0] += 1
+        else:
+            first[pos.index(1)] += 1
+    note = ", ".join(f"{e} {n}" for e, n in zip(ENGINES, first))
+    return note + (f"; {fixed} in the fixed order of older runs" if fixed else "")
+
+
 def print_table(
     table: list[tuple[str, int, list[tuple[dict, dict, dict]]]],
     rows: list[dict],
     prompt: int,
     decode: int,
-    rounds: int,
 ) -> None:
-    """The summary table of a run (also rebuilt from a saved ``--json`` by ``--table``)."""
+    """The summary table of a run (also rebuilt from saved ``--json`` runs by ``--table``)."""
+    counts = sorted({len(runs) for _, _, runs in table})
+    rounds = counts[-1]
+    shown = str(rounds) if len(counts) == 1 else f"{counts[0]}-{rounds}"
     print()
     print(
         f"prompt {prompt} tokens, decode {decode} tokens (tok/s; ratio = sparselm / llama.cpp"
         + (
-            f"; medians of {rounds} alternating rounds; a ratio is the median of the per-round "
+            f"; medians of {shown} alternating rounds; a ratio is the median of the per-round "
             "ratios, not the quotient of the medians shown, with their range in brackets)"
             if rounds > 1
             else ")"
         )
     )
+    if rounds > 1:
+        print(
+            "(rounds in which each ran first: "
+            + "; ".join(
+                f"{dt} threads {th}, {len(runs)} rounds: {order_note(runs)}"
+                for dt, th, runs in table
+            )
+            + ")"
+        )
     print(
         "(same phase: median decode tok/s of sparselm over that of llama.cpp among the runs whose "
         "plain reads before and after the decode were both in the slow (fast) bandwidth phase, "
@@ -347,6 +460,119 @@ def print_table(
         )
 
 
+class ProtocolMismatch(ValueError):
+    """Saved runs that ``--table`` must not pool: the message names the field and the files."""
+
+
+def _differ(field: str, values: Mapping[str, object]) -> None:
+    """Raise ProtocolMismatch unless every file (name -> value) has the same ``field``."""
+    if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+        shown = ", ".join(f"{name}: {v}" for name, v in values.items())
+        raise ProtocolMismatch(f"the protocol differs in {field} ({shown})")
+
+
+def _config_diff(configs: dict[str, dict]) -> dict[str, object]:
+    """Per file, only the config.json keys whose values differ between the files."""
+    keys = sorted({k for c in configs.values() for k in c})
+    diff = [k for k in keys if len({json.dumps(c.get(k)) for c in configs.values()}) > 1]
+    return {name: {k: c.get(k) for k in diff} for name, c in configs.items()}
+
+
+def check_protocol(saved: dict[str, dict]) -> list[str]:
+    """Refuse (ProtocolMismatch) to pool saved ``--json`` runs (file name -> contents) measured
+    under different protocols; return notes on differences that pooling tolerates.
+
+    Must match: prompt and decode lengths, the set of thread counts, the model (config.json and
+    sampled weights from ``model_identity``; where a file predates that record, the model
+    directory of all files), and llama.cpp's GGUF size per format. Formats may differ (a format
+    is pooled only with itself) unless a file shares none with the others. Builds (sparselm,
+    llama-cpp-python) and the CPU may differ, with a note.
+    """
+    metas = {name: sv["meta"] for name, sv in saved.items()}
+    rows = {name: sv["results"] for name, sv in saved.items()}
+    _differ("prompt length", {n: m["prompt"] for n, m in metas.items()})
+    _differ("decode length", {n: m["decode"] for n, m in metas.items()})
+    _differ("threads", {n: sorted({r["threads"] for r in rs}) for n, rs in rows.items()})
+    idents = {n: m["model_identity"] for n, m in metas.items() if m.get("model_identity")}
+    _differ("model config", _config_diff({n: i["config"] for n, i in idents.items()}))
+    _differ("model weights", {n: i["weights"] for n, i in idents.items()})
+    if len(idents) < len(metas):  # some saved before model_identity: compare the directories
+        _differ("model (directory)", {n: m.get("model") for n, m in metas.items()})
+    formats = {n: sorted({r["dtype"] for r in rs}) for n, rs in rows.items()}
+    for dtype in sorted({d for ds in formats.values() for d in ds}):
+        sizes = {
+            n: sorted({r["gguf_bytes"] for r in rs if r["dtype"] == dtype and "gguf_bytes" in r})
+            for n, rs in rows.items()
+            if dtype in formats[n]
+        }
+        _differ(f"{dtype} GGUF bytes", sizes)
+    notes = []
+    if len(saved) > 1:
+        for n, ds in formats.items():
+            others = {d for m, dm in formats.items() if m != n for d in dm}
+            if not others & set(ds):
+                raise ProtocolMismatch(
+                    f"the protocol differs in dtypes ({n} has {', '.join(ds)}, the others "
+                    f"{', '.join(sorted(others))}: nothing to pool)"
+                )
+        everywhere = set.intersection(*(set(ds) for ds in formats.values()))
+        for n, ds in formats.items():
+            if set(ds) - everywhere:
+                notes.append(f"{', '.join(sorted(set(ds) - everywhere))} only in some files ({n})")
+    for field, get in (
+        ("sparselm build", _build_of),
+        ("llama-cpp-python", lambda m: m.get("llama_cpp_python")),
+        ("cpu", lambda m: m.get("cpu")),
+    ):
+        values = {n: get(m) for n, m in metas.items()}
+        if len({json.dumps(v) for v in values.values()}) > 1:
+            notes.append(f"{field} differs: " + ", ".join(f"{n}: {v}" for n, v in values.items()))
+    return notes
+
+
+def _build_of(meta: dict) -> str:
+    """The sparselm a saved run timed: the native library's hash where the children reported it,
+    else the repository commit of the run (older files)."""
+    ident = meta.get("sparselm_imported")
+    if ident:
+        return f"native sha256 {ident['native_sha256']}"
+    return f"commit {meta.get('commit')}{'+dirty' if meta.get('dirty') else ''}"
+
+
+def load_saved(files: list[str]) -> dict[str, dict]:
+    """Saved ``--json`` runs by file name; ValueError for a file that is not one (or repeated)."""
+    saved: dict[str, dict] = {}
+    for f in files:
+        try:
+            sv = json.loads(Path(f).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read {f}: {e}") from e
+        if not isinstance(sv, dict) or "meta" not in sv or "results" not in sv:
+            raise ValueError(f"{f} is not a saved bench_llama run (no meta and results)")
+        if f in saved:
+            raise ValueError(f"{f} given twice")
+        saved[f] = sv
+    return saved
+
+
+def pool_saved(
+    saved: dict[str, dict],
+) -> tuple[list[tuple[str, int, list[tuple[dict, dict, dict]]]], list[dict], list[str]]:
+    """Pool the rounds of saved runs per (format, threads): the table, all results and the
+    notes of ``check_protocol``, which raises ProtocolMismatch first if they must not pool."""
+    notes = check_protocol(saved)
+    res: list[dict] = []
+    groups: dict[tuple[str, int], list[tuple[dict, dict, dict]]] = {}
+    for sv in saved.values():
+        r = sv["results"]
+        res += r
+        for i in range(0, len(r) - 2, 3):  # (llama.cpp, sparse on, sparse off) per round
+            run = (r[i], r[i + 1], r[i + 2])
+            groups.setdefault((run[1]["dtype"], run[1]["threads"]), []).append(run)
+    pooled = [(dt, th, runs) for (dt, th), runs in groups.items()]
+    return pooled, res, notes
+
+
 def _check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Refuse what would crash a child or give meaningless numbers, before any long work."""
     if a.prompt < 9:
@@ -366,7 +592,7 @@ def _check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     bad = [d for d in a.dtypes.split(",") if d not in DTYPES]
     if bad:
         ap.error(f"--dtypes: {', '.join(bad)} not among {', '.join(DTYPES)}")
-    if not a.table and not a.one:
+    if not a.table and not a.one and not a.one_sparselm:
         missing = [m for m in ("gguf", "llama_cpp") if importlib.util.find_spec(m) is None]
         if missing:
             raise SystemExit(
@@ -397,110 +623,186 @@ def main() -> None:
         "--table",
         metavar="JSON[,JSON...]",
         help="print the table of saved --json runs (several: their rounds pooled, e.g. for more "
-        "same-phase pairs; same prompt and decode lengths) and exit",
+        "same-phase pairs; refused, exit 2, unless prompt and decode lengths, threads, model "
+        "and GGUF sizes match) and exit",
     )
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: GGUF:THREADS, llama.cpp only
+    ap.add_argument("--one-sparselm", help=argparse.SUPPRESS)  # internal: DTYPE:THREADS
     a = ap.parse_args()
     _check_args(ap, a)
     if a.table:
-        saved = [json.loads(Path(f).read_text()) for f in a.table.split(",")]
-        lengths = {(sv["meta"]["prompt"], sv["meta"]["decode"]) for sv in saved}
-        if len(lengths) != 1:
-            raise SystemExit(f"--table: runs with different prompt/decode lengths: {lengths}")
-        res: list[dict] = []
-        groups: dict[tuple[str, int], list[tuple[dict, dict, dict]]] = {}
-        for sv in saved:
-            r = sv["results"]
-            res += r
-            for i in range(0, len(r) - 2, 3):  # (llama.cpp, sparse on, sparse off) per round
-                run = (r[i], r[i + 1], r[i + 2])
-                groups.setdefault((run[1]["dtype"], run[1]["threads"]), []).append(run)
-        pooled = [(dt, th, runs) for (dt, th), runs in groups.items()]
-        rounds = max(len(r) for _, _, r in pooled)
-        (prompt, decode) = lengths.pop()
-        print_table(pooled, res, prompt, decode, rounds)
+        try:
+            saved = load_saved(a.table.split(","))
+            pooled, res, notes = pool_saved(saved)
+        except ValueError as e:  # ProtocolMismatch included
+            ap.error(f"--table: {e}")
+        for f, sv in saved.items():
+            meta = sv["meta"]
+            ident = meta.get("sparselm_imported")
+            print(
+                f"{f}: "
+                + (describe_sparselm(ident) if ident else f"sparselm {meta.get('sparselm')}")
+                + f", repository commit {meta.get('commit')}"
+                + (" + uncommitted changes" if meta.get("dirty") else "")
+                + (
+                    ""
+                    if meta.get("sparselm_from_repo", True)
+                    else " (NOT this repository's python/sparselm)"
+                )
+            )
+        for note in notes:
+            print(f"note: {note}")
+        meta = next(iter(saved.values()))["meta"]
+        print_table(pooled, res, meta["prompt"], meta["decode"])
         return
-    if a.one:
+    if a.one:  # a timing child: llama.cpp (sparselm only for the plain reads)
         path, threads = a.one.rsplit(":", 1)
-        print(json.dumps(run_llama(path, int(threads), a.prompt, a.decode)))
+        r = run_llama(path, int(threads), a.prompt, a.decode)
+        print(json.dumps(dict(r, sparselm_imported=imported_sparselm())))
+        return
+    if a.one_sparselm:  # a timing child: sparselm (SPARSELM_DENSE_MLP set by the parent)
+        dtype, threads = a.one_sparselm.split(":")
+        r = run_one(a.model, dtype, int(threads), a.prompt, a.decode)
+        print(json.dumps(dict(r, sparselm_imported=imported_sparselm())))
         return
 
     from gguf_export import ensure_gguf
-    from plm_checkpoint import ensure_checkpoint, write_atomic
+    from plm_checkpoint import ensure_checkpoint, model_identity, write_atomic
 
     model_dir = a.model or str(ensure_checkpoint())
     import llama_cpp
-    import sparselm
 
-    # The children inherit this environment, so they import the same sparselm as this process.
     builds = {
-        "sparselm": str(Path(sparselm.__file__).parent),
         "llama_cpp_python": llama_cpp.__version__,
-        **build_info(),  # which native library, built when; commit and uncommitted changes
+        **build_info(),  # the repository's commit and uncommitted changes; this process's import
     }
+    commit = f"{builds['commit']}{' + uncommitted changes' if builds['dirty'] else ''}"
+    # The children inherit this environment and should import the same sparselm, but each
+    # reports its own (a rebuild of the native library mid-run would change it).
+    mine = imported_sparselm()
     print(
-        f"sparselm from {builds['sparselm']} (native built {builds['native_mtime']} UTC, "
-        f"commit {builds['commit']}{' + uncommitted changes' if builds['dirty'] else ''}) | "
+        f"{describe_sparselm(mine)} | repository commit {commit} | "
         f"llama-cpp-python {builds['llama_cpp_python']}",
         flush=True,
     )
-    rows: list[dict] = []
-    table: list[tuple[str, int, list[tuple[dict, dict, dict]]]] = []
+    if not from_repo(mine):
+        print(not_repo_warning(mine, commit), file=sys.stderr, flush=True)
+    dtypes = a.dtypes.split(",")
+    thread_counts = [int(t) for t in a.threads.split(",")]
     meta = {
         "cpu": platform.processor() or platform.machine(),
         "prompt": a.prompt,
         "decode": a.decode,
+        "dtypes": dtypes,
+        "threads": thread_counts,
+        "rounds": a.rounds,
+        "engines": list(ENGINES),
+        "order": "rotated: round r (from 1) runs the engines starting at the ((r - 1) mod 3)-th; "
+        "each result has its round and run_in_round",
         "model": model_dir,
+        "model_identity": model_identity(model_dir),
+        "sparselm": mine["module"],  # this process's import (the children's: sparselm_imported)
+        "sparselm_imported": mine,
+        "sparselm_from_repo": from_repo(mine),
         **builds,
     }
-    for dtype in a.dtypes.split(","):
-        gguf_file = str(ensure_gguf(model_dir, dtype))
-        for threads in [int(t) for t in a.threads.split(",")]:
-            common = ["--prompt", str(a.prompt), "--decode", str(a.decode)]
-            runs: list[tuple[dict, dict, dict]] = []
-            for rnd in range(max(a.rounds, 1)):
-                tag = f" round {rnd + 1}" if a.rounds > 1 else ""
-                ll = _subprocess_json(
-                    [sys.executable, __file__, "--one", f"{gguf_file}:{threads}", *common]
-                )
-                ll["dtype"] = dtype
+    seen: list[dict] = []  # the distinct sparselm builds the children reported
+
+    def check_child(r: dict) -> None:
+        """The first child's sparselm is the record's; a child that imported another is flagged."""
+        ident = r["sparselm_imported"]
+        if ident in seen:
+            return
+        seen.append(ident)
+        if len(seen) == 1:
+            meta["sparselm_imported"] = ident
+            meta["sparselm_from_repo"] = from_repo(ident)
+            if ident != mine:
                 print(
-                    f"llama.cpp {dtype:>5} threads={threads}          prefill {ll['prefill_tok_s']:6.2f} tok/s | "
-                    f"decode {ll['decode_tok_s']:5.2f} tok/s (read {_bw(ll)}) | RSS {ll['peak_rss_gb']:.2f} GB | "
-                    f"load {ll['load_s']:.1f}s | others used {100 * ll['other_cpu_share']:.0f}% CPU{tag}",
+                    f"WARNING: the timing children import {describe_sparselm(ident)}, not what "
+                    f"this process imported ({describe_sparselm(mine)})",
+                    file=sys.stderr,
                     flush=True,
                 )
-                sp = {}
-                for sparse in (True, False):
-                    env = dict(os.environ, SPARSELM_DENSE_MLP="0" if sparse else "1")
-                    r = _subprocess_json(
-                        [
-                            sys.executable,
-                            str(HERE / "bench_e2e.py"),
-                            "--one",
-                            f"{dtype}:{threads}",
-                            *common,
-                            "--model",
-                            model_dir,
-                        ],
-                        env=env,
-                    )
-                    r["engine"] = "sparselm"  # decode_tok_s: forward passes/s (run_one)
-                    sp[sparse] = r
-                    print(
-                        f"sparselm  {dtype:>5} threads={threads} sparse={'on ' if sparse else 'off'} "
-                        f"prefill {r['prefill_tok_s']:6.2f} tok/s | decode {r['decode_tok_s']:5.2f} tok/s (read {_bw(r)}) | "
-                        f"RSS {r['peak_rss_gb']:.2f} GB | sparsity {100 * r['sparsity']:4.1f}% | {r['tier']}, prompts {r.get('prompt_engine', '?')}, down {r.get('down_layout', '?')} | "
-                        f"others used {100 * r['other_cpu_share']:.0f}% CPU{tag}",
-                        flush=True,
-                    )
-                rows += [ll, sp[True], sp[False]]
-                runs.append((ll, sp[True], sp[False]))
+                if not from_repo(ident):
+                    print(not_repo_warning(ident, commit), file=sys.stderr, flush=True)
+        else:
+            meta["sparselm_changed_during_run"] = seen[1:]
+            print(
+                "WARNING: sparselm changed during the run (rebuilt?): a child now imports "
+                f"{describe_sparselm(ident)}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    rows: list[dict] = []
+    table: list[tuple[str, int, list[tuple[dict, dict, dict]]]] = []
+    for dtype in dtypes:
+        gguf_file = str(ensure_gguf(model_dir, dtype))
+        for threads in thread_counts:
+            common = ["--prompt", str(a.prompt), "--decode", str(a.decode)]
+            runs: list[tuple[dict, dict, dict]] = []
+            for rnd in range(a.rounds):
+                tag = f" round {rnd + 1}" if a.rounds > 1 else ""
+                got: dict[int, dict] = {}
+                for pos, engine in enumerate(round_order(rnd)):
+                    if engine == 0:
+                        r = _subprocess_json(
+                            [sys.executable, __file__, "--one", f"{gguf_file}:{threads}", *common]
+                        )
+                        r["dtype"] = dtype
+                    else:
+                        sparse = engine == 1
+                        env = dict(os.environ, SPARSELM_DENSE_MLP="0" if sparse else "1")
+                        r = _subprocess_json(
+                            [
+                                sys.executable,
+                                __file__,
+                                "--one-sparselm",
+                                f"{dtype}:{threads}",
+                                *common,
+                                "--model",
+                                model_dir,
+                            ],
+                            env=env,
+                        )
+                        r["engine"] = "sparselm"  # decode_tok_s: forward passes/s (run_one)
+                    r["round"], r["run_in_round"] = rnd + 1, pos + 1
+                    check_child(r)
+                    print(_run_line(r, dtype, threads) + tag, flush=True)
+                    got[engine] = r
+                run = (got[0], got[1], got[2])  # stored in ENGINES order whatever ran first
+                rows += run
+                runs.append(run)
                 if a.json:  # after every round: a later failure keeps what was measured
                     write_atomic(a.json, json.dumps({"meta": meta, "results": rows}, indent=2))
             table.append((dtype, threads, runs))
 
-    print_table(table, rows, a.prompt, a.decode, a.rounds)
+    print_table(table, rows, a.prompt, a.decode)
+    if not meta["sparselm_from_repo"]:  # again: the first warning scrolled away long ago
+        print(not_repo_warning(meta["sparselm_imported"], commit), file=sys.stderr)
+    if len(seen) > 1:
+        print("WARNING: sparselm changed during the run (see above)", file=sys.stderr)
+
+
+def _run_line(r: dict, dtype: str, threads: int) -> str:
+    """The line printed after one timing run."""
+    others = f"others used {100 * r['other_cpu_share']:.0f}% CPU"
+    if r["engine"] == "llama.cpp":
+        return (
+            f"llama.cpp {dtype:>5} threads={threads}          "
+            f"prefill {r['prefill_tok_s']:6.2f} tok/s | "
+            f"decode {r['decode_tok_s']:5.2f} tok/s (read {_bw(r)}) | "
+            f"RSS {r['peak_rss_gb']:.2f} GB | load {r['load_s']:.1f}s | {others}"
+        )
+    return (
+        f"sparselm  {dtype:>5} threads={threads} sparse={'on ' if r['sparse'] else 'off'} "
+        f"prefill {r['prefill_tok_s']:6.2f} tok/s | "
+        f"decode {r['decode_tok_s']:5.2f} tok/s (read {_bw(r)}) | "
+        f"RSS {r['peak_rss_gb']:.2f} GB | sparsity {100 * r['sparsity']:4.1f}% | "
+        f"{r['tier']}, prompts {r.get('prompt_engine', '?')}, down {r.get('down_layout', '?')} | "
+        f"{others}"
+    )
 
 
 if __name__ == "__main__":

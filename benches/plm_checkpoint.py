@@ -5,14 +5,19 @@ Weights are seeded normals scaled like a trained model's (std 0.02, norms 1.0); 
 written tensor by tensor, so peak memory stays at one tensor, and atomically (temp + rename;
 an interrupted write leaves no temp file). config.json is written last, also atomically: a
 directory with both files is complete.
+
+Also the benches' shared file helpers: ``write_atomic`` (their one way to save a file) and
+``model_identity`` (what a saved result ran on, checked before results are pooled).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sparselm.testing import PLM_1_8B_CONFIG, tensor_shapes
@@ -54,6 +59,34 @@ def write_atomic(path: str | os.PathLike[str], text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+#: Bytes of each safetensors file's data hashed by ``model_identity`` at its start and at its end.
+SAMPLE_BYTES = 1 << 20
+
+
+def model_identity(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a benchmark ran on, cheaply enough for multi-GB checkpoints: ``config`` (config.json
+    as a dict: the shape, the source dtype) and ``weights``, a SHA-256 of every safetensors file's
+    name, size and header (tensor names, dtypes, shapes) and of the first and last
+    ``SAMPLE_BYTES`` of its data. Two checkpoints with the same identity have the same shape and
+    almost surely the same weights (seeded random weights differ in every sampled byte); the
+    directory they sit in does not matter. ``--table`` refuses to pool runs whose identities
+    differ."""
+    d = Path(model_dir)
+    config = json.loads((d / "config.json").read_text())
+    h = hashlib.sha256()
+    for f in sorted(d.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}:".encode())
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            h.update(fh.read(n))  # the header: names, dtypes, shapes, offsets
+            data = 8 + n
+            h.update(fh.read(SAMPLE_BYTES))
+            fh.seek(max(data, size - SAMPLE_BYTES))
+            h.update(fh.read(SAMPLE_BYTES))
+    return {"config": config, "weights": h.hexdigest()[:16]}
 
 
 def ensure_checkpoint(root: str | None = None, dtype: str = "BF16", seed: int = 0) -> Path:

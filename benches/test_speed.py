@@ -102,33 +102,49 @@ def test_sparse_vs_dense_mlp_child_runs(model_dir: str) -> None:
     assert outs[0] == outs[1]
 
 
+def _bench_llama():
+    """benches/bench_llama.py as a module (it needs no llama.cpp until a run starts)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_llama", Path(__file__).parent / "bench_llama.py"
+    )
+    assert spec is not None and spec.loader is not None
+    bl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bl)
+    return bl
+
+
 def test_llama_table_pools_saved_runs(tmp_path) -> None:
     """``bench_llama.py --table A,B`` pools the rounds of saved runs (no engine is run): the
-    same-phase ratios count the runs of both files, and files of different lengths are refused."""
+    same-phase ratios count the runs of both files, and files measured under another protocol
+    (lengths, threads, model) are refused with exit code 2 and the field named."""
     import json
     from pathlib import Path
 
-    def run(engine: str, sparse: bool | None, tok_s: float, reads: list[float]) -> dict:
+    def run(engine: str, sparse: bool | None, tok_s: float, reads: list[float], **kw) -> dict:
         return {
             "engine": engine,
             "sparse": sparse,
             "dtype": "q4_0",
-            "threads": 2,
+            "threads": kw.get("threads", 2),
             "prefill_tok_s": 2 * tok_s,
             "decode_tok_s": tok_s,
             "read_gb_s": reads,
             "other_cpu_share": 0.01,
         }
 
-    def saved(name: str, decode: int, scale: float) -> str:
+    def saved(name: str, decode: int, scale: float, **kw) -> str:
         slow, fast = [33.0, 34.0], [60.0, 61.0]
         rounds = [
-            run("llama.cpp", None, 20.0 * scale, slow),
-            run("sparselm", True, 24.0 * scale, slow),
-            run("sparselm", False, 30.0 * scale, fast),
+            run("llama.cpp", None, 20.0 * scale, slow, **kw),
+            run("sparselm", True, 24.0 * scale, slow, **kw),
+            run("sparselm", False, 30.0 * scale, fast, **kw),
         ]
+        meta = {"prompt": 128, "decode": decode, **kw.get("meta", {})}
         p = tmp_path / name
-        p.write_text(json.dumps({"meta": {"prompt": 128, "decode": decode}, "results": rounds}))
+        p.write_text(json.dumps({"meta": meta, "results": rounds}))
         return str(p)
 
     script = str(Path(__file__).parent / "bench_llama.py")
@@ -142,11 +158,60 @@ def test_llama_table_pools_saved_runs(tmp_path) -> None:
     # sparse off ran in the fast phase only, llama.cpp in the slow one: no same-phase pair
     assert row.count("- / -") == 1, row
     assert "medians of 2 alternating rounds" in out
-    c = saved("c.json", 32, 1.0)
-    bad = subprocess.run(
-        [sys.executable, script, "--table", f"{a},{c}"], check=False, capture_output=True, text=True
-    )
-    assert bad.returncode != 0 and "different prompt/decode lengths" in bad.stderr
+    # files saved before the order was recorded: llama.cpp ran first in both rounds
+    assert "llama.cpp 2, sparse on 0, sparse off 0; 2 in the fixed order" in out
+
+    def refused(*files: str) -> str:
+        bad = subprocess.run(
+            [sys.executable, script, "--table", ",".join(files)],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        assert bad.returncode == 2, bad
+        return bad.stderr
+
+    assert "the protocol differs in decode length" in refused(a, saved("c.json", 32, 1.0))
+    assert "the protocol differs in threads" in refused(a, saved("d.json", 64, 1.0, threads=1))
+
+    def model(weights: str, hidden: int = 2048) -> dict:
+        config = {"hidden_size": hidden, "num_hidden_layers": 24}
+        return {"meta": {"model_identity": {"config": config, "weights": weights}}}
+
+    e, f = saved("e.json", 64, 1.0, **model("aa")), saved("f.json", 64, 1.0, **model("bb"))
+    assert "the protocol differs in model weights" in refused(e, f)
+    g = saved("g.json", 64, 1.0, **model("aa", hidden=1024))
+    assert "the protocol differs in model config" in refused(e, g)
+    assert "hidden_size" in refused(e, g)
+    h = saved("h.json", 64, 1.1, **model("aa"))  # the same model and protocol: pooled
+    out = subprocess.run(
+        [sys.executable, script, "--table", f"{e},{h}"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "1.20x (2 vs 2) / -" in out
+
+
+def test_llama_rotates_the_order_and_names_the_import() -> None:
+    """Round r of ``bench_llama.py`` starts with engine r mod 3 (each engine first, second and
+    last once in 3 rounds), the table says how often each ran first, and a child's record of
+    the sparselm it imported names this process's package and native library."""
+    from pathlib import Path
+
+    bl = _bench_llama()
+    orders = [bl.round_order(r) for r in range(3)]
+    assert orders == [[0, 1, 2], [1, 2, 0], [2, 0, 1]]
+    assert bl.round_order(3) == orders[0]
+    runs = []
+    for r, order in enumerate(orders):
+        got = {e: {"round": r + 1, "run_in_round": pos + 1} for pos, e in enumerate(order)}
+        runs.append((got[0], got[1], got[2]))
+    assert bl.order_note(runs) == "llama.cpp 1, sparse on 1, sparse off 1"
+
+    ident = bl.imported_sparselm()
+    assert Path(ident["module"]) == Path(sparselm.__file__).resolve().parent
+    assert len(ident["native_sha256"]) == 16 and ident["kernel_tier"] == sparselm.kernel_tier()
+    assert bl.from_repo(ident) == (Path(ident["module"]) == bl.REPO_PACKAGE.resolve())
+    if not bl.from_repo(ident):
+        assert "WARNING" in bl.not_repo_warning(ident, "abc1234")
 
 
 def test_llama_phase_rules() -> None:
@@ -154,15 +219,7 @@ def test_llama_phase_rules() -> None:
     (the midpoint of the lowest and highest read would have put it inside the slow phase), one
     phase gives no cut, and a decode that read its weights faster than the reads around it
     allow is not counted as slow-phase."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_llama", Path(__file__).parent / "bench_llama.py"
-    )
-    assert spec is not None and spec.loader is not None
-    bl = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bl)
+    bl = _bench_llama()
 
     slow = [{"read_gb_s": [33.0 + i % 3, 32.0 + i % 2]} for i in range(12)]
     fast = [{"read_gb_s": [60.0, 61.0]}, {"read_gb_s": [58.0, 62.0]}]
