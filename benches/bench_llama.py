@@ -505,7 +505,8 @@ def check_protocol(saved: dict[str, dict]) -> list[str]:
             for n, rs in rows.items()
             if dtype in formats[n]
         }
-        _differ(f"{dtype} GGUF bytes", sizes)
+        # files saved before the size was recorded have none to compare
+        _differ(f"{dtype} GGUF bytes", {n: v for n, v in sizes.items() if v})
     notes = []
     if len(saved) > 1:
         for n, ds in formats.items():
@@ -539,6 +540,10 @@ def _build_of(meta: dict) -> str:
     return f"commit {meta.get('commit')}{'+dirty' if meta.get('dirty') else ''}"
 
 
+class NotASavedRun(ValueError):
+    """A ``--table`` file that is not a saved ``--json`` run (or holds no complete round)."""
+
+
 def load_saved(files: list[str]) -> dict[str, dict]:
     """Saved ``--json`` runs by file name; ValueError for a file that is not one (or repeated)."""
     saved: dict[str, dict] = {}
@@ -547,8 +552,18 @@ def load_saved(files: list[str]) -> dict[str, dict]:
             sv = json.loads(Path(f).read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read {f}: {e}") from e
-        if not isinstance(sv, dict) or "meta" not in sv or "results" not in sv:
-            raise ValueError(f"{f} is not a saved bench_llama run (no meta and results)")
+        if not isinstance(sv, dict) or not isinstance(sv.get("meta"), dict):
+            raise NotASavedRun(f"{f} is not a saved bench_llama run (no meta and results)")
+        res = sv.get("results")
+        if not isinstance(res, list) or not res or len(res) % 3:
+            raise NotASavedRun(
+                f"{f} holds no complete round (its results must be runs of llama.cpp, sparse "
+                "on and sparse off, three per round)"
+            )
+        if not all(isinstance(r, dict) and {"dtype", "threads"} <= r.keys() for r in res):
+            raise NotASavedRun(f"{f}: a result is not a saved run (no dtype and threads)")
+        if not {"prompt", "decode"} <= sv["meta"].keys():
+            raise NotASavedRun(f"{f}: its meta names no prompt and decode lengths")
         if f in saved:
             raise ValueError(f"{f} given twice")
         saved[f] = sv

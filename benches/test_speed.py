@@ -171,6 +171,13 @@ def test_llama_table_pools_saved_runs(tmp_path) -> None:
         assert bad.returncode == 2, bad
         return bad.stderr
 
+    # a file with no complete round, or results that are not runs: a message, not a traceback
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"meta": {"prompt": 128, "decode": 64}, "results": []}))
+    assert "holds no complete round" in refused(str(empty))
+    junk = tmp_path / "junk.json"
+    junk.write_text(json.dumps({"meta": {"prompt": 128, "decode": 64}, "results": [1, 2, 3]}))
+    assert "a result is not a saved run" in refused(a, str(junk))
     assert "the protocol differs in decode length" in refused(a, saved("c.json", 32, 1.0))
     assert "the protocol differs in threads" in refused(a, saved("d.json", 64, 1.0, threads=1))
 

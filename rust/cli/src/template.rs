@@ -54,6 +54,7 @@ impl ChatTemplate {
         env.set_unknown_method_callback(py_methods);
         env.add_filter("tojson", tojson);
         env.add_filter("format", format_filter);
+        env.add_filter("indent", indent_filter);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned(NAME, normalized(source))
@@ -184,6 +185,13 @@ fn normalized(source: &str) -> String {
 /// anything else is one argument. When unsure we leave the text alone (and minijinja reports
 /// the error it reported before).
 fn percent_formats(body: &str) -> Option<String> {
+    // Bounded: a rejected operand is scanned again from the next literal inside it, which is
+    // quadratic in the worst case; no real template has an expression of this size, and one
+    // that does keeps its `%` as written (minijinja's error, as before).
+    const MAX_BODY: usize = 8192;
+    if body.len() > MAX_BODY {
+        return None;
+    }
     percent_formats_nested(body, 0)
 }
 
@@ -199,6 +207,9 @@ fn percent_formats_nested(body: &str, depth: usize) -> Option<String> {
     let (mut k, mut copied) = (0, 0);
     // whether a string literal at this point would be the left operand of `%` as a whole
     let mut may_start = true;
+    // after `is` or `is not` comes a test's name (`x is in 'abc' % 2` is `(x is in 'abc') % 2`,
+    // with `in` the test: not a keyword there)
+    let mut test_name = false;
     while k < b.len() {
         let c = b[k];
         if c.is_ascii_whitespace() {
@@ -216,8 +227,12 @@ fn percent_formats_nested(body: &str, depth: usize) -> Option<String> {
                             None => format!("({operand})"),
                         };
                         let args = percent_formats_nested(&args, depth + 1).unwrap_or(args);
+                        // the line ends between the literal and the operand stay (inside the
+                        // call's brackets), so later errors name the right line
+                        let lost =
+                            body[end..op_end].matches('\n').count() - operand.matches('\n').count();
                         out.push_str(&body[copied..end]);
-                        let _ = write!(out, "|format({args})");
+                        let _ = write!(out, "|format({args}{})", "\n".repeat(lost));
                         copied = op_end;
                         k = op_end;
                         may_start = false;
@@ -227,14 +242,23 @@ fn percent_formats_nested(body: &str, depth: usize) -> Option<String> {
             }
             k = end;
             may_start = false;
+            test_name = false;
         } else if c.is_ascii_alphanumeric() || c == b'_' {
             let start = k;
             while k < b.len() && (b[k].is_ascii_alphanumeric() || b[k] == b'_') {
                 k += 1;
             }
+            let word = &body[start..k];
+            if test_name || word == "is" {
+                // `is`, `not` after it, or the test's name: a literal after the name is the
+                // test's argument, which binds before `%`
+                test_name = word == "is" || (test_name && word == "not");
+                may_start = false;
+                continue;
+            }
             // after a keyword an expression starts; after a name or number it continues
             may_start = matches!(
-                &body[start..k],
+                word,
                 "if" | "elif"
                     | "else"
                     | "and"
@@ -251,6 +275,7 @@ fn percent_formats_nested(body: &str, depth: usize) -> Option<String> {
             k += 1;
             may_start =
                 !matches!(c, b'*' | b'/' | b'%' | b')' | b']' | b'}' | b'.' | b'|') && c.is_ascii();
+            test_name = false;
         }
     }
     if copied == 0 {
@@ -490,7 +515,10 @@ fn py_methods(
 
 /// The `format` filter (printf-style, also what `'literal' % operand` becomes): minijinja's,
 /// after refusing widths and precisions above [`MAX_PAD_WIDTH`], which it would otherwise
-/// allocate whatever their size (`'%999999999999s'` aborted the process).
+/// allocate whatever their size (`'%999999999999s'` aborted the process), and more arguments
+/// than the format converts, which Python refuses ("not all arguments converted") and
+/// minijinja would drop. (Widths pad by UTF-8 bytes in minijinja, by characters in Python:
+/// `'%5s' % 'é'` differs by one space.)
 fn format_filter(
     state: &mut State,
     fmt: &Value,
@@ -498,8 +526,147 @@ fn format_filter(
 ) -> Result<Value, Error> {
     if let Some(s) = fmt.as_str() {
         check_format_widths(s, b'%', 0)?;
+        let positional = args.iter().filter(|a| !a.is_kwargs()).count();
+        // one mapping may go unused (`'a' % {'k': 1}` is 'a' in Python); keyword arguments
+        // are a mapping too
+        let mapping =
+            positional < args.len() || matches!(&args[..], [v] if v.kind() == ValueKind::Map);
+        if let Some(takes) = printf_arguments(s).filter(|_| !mapping) {
+            if positional > takes {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    "not all arguments converted during string formatting",
+                ));
+            }
+        }
     }
     minijinja::filters::format(state, fmt, args)
+}
+
+/// jinja2's `indent(width=4, first=False, blank=False)`: every line after the first (and the
+/// first with `first`) prefixed by `width` spaces, or by `width` itself if it is a string;
+/// empty lines only with `blank`. Lines are Python's `str.splitlines()` of the text plus a
+/// newline, so a trailing newline is dropped and `\r`, `\x0b`, `\x1c`, `\u2028`, ... also end
+/// lines (and become `\n`). Ours, not minijinja's: that one neither takes a string width nor
+/// bounds a numeric one (`indent(99999999999)` aborted the process).
+fn indent_filter(
+    value: &Value,
+    width: Option<Value>,
+    first: Option<bool>,
+    blank: Option<bool>,
+    kwargs: Kwargs,
+) -> Result<Value, Error> {
+    let width = match width {
+        Some(w) => Some(w),
+        None => kwargs.get::<Option<Value>>("width")?,
+    };
+    let first = first
+        .or(kwargs.get::<Option<bool>>("first")?)
+        .unwrap_or(false);
+    let blank = blank
+        .or(kwargs.get::<Option<bool>>("blank")?)
+        .unwrap_or(false);
+    kwargs.assert_all_used()?;
+    let prefix = match width {
+        None => "    ".to_string(),
+        Some(w) if w.kind() == ValueKind::String => w.as_str().unwrap_or_default().to_string(),
+        Some(w) => {
+            let n = i64::try_from(w)?;
+            if n > MAX_PAD_WIDTH {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("indent: width {n} is above the limit of {MAX_PAD_WIDTH}"),
+                ));
+            }
+            " ".repeat(usize::try_from(n).unwrap_or(0))
+        }
+    };
+    let text = format!("{value}\n");
+    let lines = py_splitlines(&text);
+    let mut out = String::new();
+    for (i, line) in lines.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        if (i > 0 || first) && (blank || !line.is_empty() || (i == 0 && first)) {
+            out.push_str(&prefix);
+        }
+        out.push_str(line);
+    }
+    Ok(Value::from(out))
+}
+
+/// Python's `str.splitlines()` (no line ends kept): `\n`, `\r`, `\r\n`, `\x0b`, `\x0c`,
+/// `\x1c`-`\x1e`, `\x85`, `\u2028` and `\u2029` end a line; no empty last line for a text
+/// that ends with one of them.
+fn py_splitlines(s: &str) -> Vec<&str> {
+    let mut lines = Vec::new();
+    let (mut start, mut it) = (0, s.char_indices().peekable());
+    while let Some((i, c)) = it.next() {
+        if matches!(
+            c,
+            '\n' | '\r'
+                | '\u{b}'
+                | '\u{c}'
+                | '\u{1c}'
+                | '\u{1d}'
+                | '\u{1e}'
+                | '\u{85}'
+                | '\u{2028}'
+                | '\u{2029}'
+        ) {
+            lines.push(&s[start..i]);
+            let mut next = i + c.len_utf8();
+            if c == '\r' && it.peek().map(|p| p.1) == Some('\n') {
+                it.next();
+                next += 1;
+            }
+            start = next;
+        }
+    }
+    if start < s.len() {
+        lines.push(&s[start..]);
+    }
+    lines
+}
+
+/// The positional arguments the printf-style format `fmt` converts (each conversion one, and
+/// one more for each `*` width or precision; `%%` none), or `None` if it names mapping keys
+/// (`%(key)s`), where the argument is one mapping.
+fn printf_arguments(fmt: &str) -> Option<usize> {
+    let b = fmt.as_bytes();
+    let (mut k, mut n) = (0, 0);
+    while k < b.len() {
+        if b[k] != b'%' {
+            k += 1;
+            continue;
+        }
+        k += 1;
+        match b.get(k) {
+            Some(b'%') => {
+                k += 1;
+                continue;
+            }
+            Some(b'(') => return None,
+            _ => {}
+        }
+        // flags, width, precision and length modifiers, up to the conversion letter
+        while let Some(&c) = b.get(k) {
+            k += 1;
+            if c == b'*' {
+                n += 1;
+            } else if !(c.is_ascii_digit()
+                || matches!(
+                    c,
+                    b'#' | b'0' | b'-' | b' ' | b'+' | b'.' | b'h' | b'l' | b'L'
+                ))
+            {
+                break;
+            }
+        }
+        n += 1;
+    }
+    Some(n)
 }
 
 /// An error if a number in a format spec of `fmt` (after `open` up to a conversion letter, or
@@ -703,7 +870,16 @@ fn tojson(value: &Value, ensure_ascii: Option<bool>, kwargs: Kwargs) -> Result<V
         Some(v) if v.is_none() => None,
         Some(v) => match v.as_str() {
             Some(s) => Some(s.to_string()),
-            None => Some(" ".repeat(usize::try_from(v)?)),
+            None => {
+                let n = usize::try_from(v)?;
+                if n > MAX_PAD_WIDTH as usize {
+                    return Err(Error::new(
+                        ErrorKind::InvalidOperation,
+                        format!("tojson: indent {n} is above the limit of {MAX_PAD_WIDTH}"),
+                    ));
+                }
+                Some(" ".repeat(n))
+            }
         },
     };
     let separators: Option<Value> = kwargs.get("separators")?;
@@ -899,6 +1075,12 @@ fn local_time(secs: u64) -> CivilTime {
     let Ok(t) = libc::time_t::try_from(secs) else {
         return utc_time(secs);
     };
+    extern "C" {
+        // POSIX; not in the libc crate for every unix
+        fn tzset();
+    }
+    // SAFETY: tzset takes no arguments; it reads TZ (localtime_r need not do so itself).
+    unsafe { tzset() };
     // SAFETY: `libc::tm` is a plain C struct of integers and (on some systems) a `tm_zone`
     // pointer, for which all-zero bytes (0 and null) are valid values.
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
@@ -1262,6 +1444,75 @@ mod tests {
         );
     }
 
+    /// Review findings on the `%` rewrite. Expected text from Python's jinja2 (the project's
+    /// `_compile_template`).
+    #[test]
+    fn percent_rewrite_keeps_tests_lines_and_refuses_extra_arguments() {
+        let hi = [Message::new("user", "hi")];
+        // after `is` / `is not`, `in` is a test: `('b' is in 'abc') % 2`, not rewritten
+        assert_eq!(
+            render_one(
+                "{{ 'b' is in 'abc' % 2 }}|{{ 'b' is not in 'abc' % 2 }}|{{ 'b' in 'a%sc' % 'b' }}",
+                &hi
+            )
+            .unwrap(),
+            "1|0|True"
+        );
+        // Python: TypeError: not all arguments converted during string formatting
+        for src in [
+            "{{ '%s' % ('a', 'b') }}",
+            "{{ '%s %s' % (1, 2, 3) }}",
+            "{{ 'a' % 'b' }}",
+            "{{ '%%s' % 1 }}",
+            "{{ '' % 1 }}",
+            "{{ '%s'|format(1, 2) }}",
+        ] {
+            let e = render_one(src, &hi).unwrap_err();
+            assert!(e.contains("not all arguments converted"), "{src}: {e}");
+        }
+        // one mapping may go unused, as in Python
+        assert_eq!(
+            render_one("{{ 'a' % {'k': 1} }}|{{ '%(k)s' % {'k': 1} }}", &hi).unwrap(),
+            "a|1"
+        );
+        // the rewrite keeps the line ends it drops, so a later error names its own line
+        let e = render_one("{{ '%s'\n  %\n  1 }}\n{{ nope() }}", &hi).unwrap_err();
+        assert!(e.contains("chat_template:4"), "{e}");
+        // a huge expression is left as written (and fails as it did) instead of being scanned
+        // again from every literal inside it (quadratic: 3 s at this size before)
+        let n = 16_000;
+        let big = format!("{{{{ {}1{} }}}}", "'s' % (".repeat(n), ") is a".repeat(n));
+        assert!(render_one(&big, &hi).is_err());
+    }
+
+    /// jinja2's `indent`. Expected text from Python's jinja2 (the project's `_compile_template`).
+    #[test]
+    fn indent_like_jinja2() {
+        let cases = [
+            ("[{{ 'a\nb\n\nc\n' | indent }}]", "[a\n    b\n\n    c\n]"),
+            ("[{{ 'a\nb\n\nc' | indent(2, true) }}]", "[  a\n  b\n\n  c]"),
+            ("[{{ 'a\nb\n\nc' | indent(2, blank=true) }}]", "[a\n  b\n  \n  c]"),
+            ("[{{ 'a\r\nb\u{1c}c\u{2028}d' | indent('> ') }}]", "[a\n> b\n> c\n> d]"),
+            (
+                "[{{ '' | indent(first=true) }}]|[{{ '\n' | indent(width=3, first=true, blank=true) }}]",
+                "[    ]|[   \n   ]",
+            ),
+            ("[{{ 'x\ny' | indent(-2) }}]|[{{ 'x\ny' | indent(0, true) }}]", "[x\ny]|[x\ny]"),
+        ];
+        for (src, want) in cases {
+            assert_eq!(render_one(src, &[]).unwrap(), want, "{src:?}");
+        }
+        // a huge width is an error, not an allocation that aborts the process
+        for src in [
+            "{{ 'a\nb' | indent(99999999999) }}",
+            "{{ messages | tojson(indent=99999999999) }}",
+        ] {
+            let e = render_one(src, &[]).unwrap_err();
+            assert!(e.contains("above the limit"), "{src}: {e}");
+        }
+        assert!(render_one("{{ 'a' | indent(bogus=1) }}", &[]).is_err());
+    }
+
     #[test]
     fn percent_rewrite_is_textual_and_narrow() {
         assert_eq!(
@@ -1290,8 +1541,11 @@ mod tests {
             assert_eq!(percent_formats(body), None, "{body}");
         }
         // deep nesting stops rewriting instead of recursing without bound
-        let deep = "'%s' % (".repeat(10_000) + "1" + &")".repeat(10_000);
+        let deep = "'%s' % (".repeat(900) + "1" + &")".repeat(900);
         assert!(percent_formats(&deep).is_some());
+        // and an expression over 8 KiB is left as written
+        let deeper = "'%s' % (".repeat(1000) + "1" + &")".repeat(1000);
+        assert_eq!(percent_formats(&deeper), None);
     }
 
     /// `center`, `ljust`, `rjust`, `zfill`. Expected text from Python's jinja2 / str methods.
