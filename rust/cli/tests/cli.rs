@@ -143,10 +143,21 @@ fn tokenizer_config(chat_template: bool) -> String {
 /// greedy decoding always picks a byte token (some byte row always scores above 0) and the
 /// generations run to --max-new-tokens.
 fn checkpoint(tag: &str, chat_template: bool) -> Checkpoint {
+    checkpoint_of(tag, chat_template, config_json(), false)
+}
+
+/// A checkpoint of `config`. With `says_a`, greedy decoding writes "aaa…" whatever the
+/// context: every embedding row holds 50 in its first element, which then dominates the
+/// residual stream, and the output head scores only `a`, by that element (the other rows 0).
+fn checkpoint_of(
+    tag: &str,
+    chat_template: bool,
+    config: serde_json::Value,
+    says_a: bool,
+) -> Checkpoint {
     let ck = Checkpoint {
         dir: unique_dir(tag),
     };
-    let config = config_json();
     let cfg = ModelConfig::from_json_str(&config.to_string(), Path::new("config.json")).unwrap();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = tensor_table(&cfg)
@@ -157,10 +168,27 @@ fn checkpoint(tag: &str, chat_template: bool) -> Checkpoint {
             let scale = 1.0 / (cols as f32).sqrt();
             let values: Vec<f32> = match t.role {
                 Role::Norm => vec![1.0; n],
+                _ if t.name == "lm_head.weight" && says_a => (0..n)
+                    .map(|i| {
+                        if i == usize::from(b'a') * cols {
+                            1.0
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect(),
                 _ if t.name == "lm_head.weight" => (0..n)
                     .map(|i| if i / cols < 256 { rng.next() } else { 0.0 })
                     .collect(),
-                _ if t.name == "model.embed_tokens.weight" => (0..n).map(|_| rng.next()).collect(),
+                _ if t.name == "model.embed_tokens.weight" => (0..n)
+                    .map(|i| {
+                        if says_a && i % cols == 0 {
+                            50.0
+                        } else {
+                            rng.next()
+                        }
+                    })
+                    .collect(),
                 _ => (0..n).map(|_| 2.0 * scale * rng.next()).collect(),
             };
             let bytes = values.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -748,13 +776,21 @@ fn a_stop_request_interrupts_loading_and_prompts_cleanly() {
 
 /// Run `sparselm ARGS` on a new pseudo-terminal (its controlling terminal, as in a shell) and
 /// return the master side.
+///
+/// Both ends are close-on-exec in this process: tests run on parallel threads, and a child
+/// another test spawns meanwhile would otherwise inherit them (seen: each chat child held the
+/// other test's /dev/ptmx and pts), as would our own child its master, so a test that fails
+/// and drops the master would not hang the terminal up and its child would outlive the run.
+/// The child gets SIGINT at its default disposition, as a shell's foreground job has it: a
+/// test binary started with SIGINT ignored (a background job of a non-interactive shell)
+/// passed that on, and Ctrl-C at the prompt then left the chat waiting (SigIgn 0x1006).
 #[cfg(unix)]
 fn on_terminal(args: &[&str]) -> (std::process::Child, std::fs::File) {
     use std::os::fd::FromRawFd;
     use std::os::unix::process::CommandExt;
     let (mut master, mut slave) = (0, 0);
-    // SAFETY: openpty fills two fds; the pre_exec hook only calls async-signal-safe functions.
-    unsafe {
+    // SAFETY: openpty fills two fds, which the Files own from here on; fcntl on them.
+    let (term, slave) = unsafe {
         let r = libc::openpty(
             &mut master,
             &mut slave,
@@ -763,21 +799,51 @@ fn on_terminal(args: &[&str]) -> (std::process::Child, std::fs::File) {
             std::ptr::null(),
         );
         assert_eq!(r, 0, "openpty");
-        let child = Command::new(BIN)
-            .args(args)
-            .stdin(Stdio::from(std::fs::File::from_raw_fd(libc::dup(slave))))
-            .stdout(Stdio::from(std::fs::File::from_raw_fd(libc::dup(slave))))
-            .stderr(Stdio::from(std::fs::File::from_raw_fd(slave)))
-            .pre_exec(|| {
-                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            })
-            .spawn()
-            .expect("start the sparselm binary");
-        (child, std::fs::File::from_raw_fd(master))
+        for fd in [master, slave] {
+            assert_eq!(libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC), 0);
+        }
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    };
+    let mut cmd = Command::new(BIN);
+    // try_clone: close-on-exec copies; the child's dup2 onto 0, 1 and 2 clears the flag there
+    cmd.args(args)
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave));
+    // SAFETY: the hook only calls async-signal-safe functions.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::signal(libc::SIGINT, libc::SIG_DFL) == libc::SIG_ERR
+                || libc::setsid() < 0
+                || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
+    let child = cmd.spawn().expect("start the sparselm binary");
+    (child, term)
+}
+
+/// Kill `child` after a minute unless the returned flag is set first (once it is reaped): a
+/// hung child would otherwise block the test's reads forever (killed, they fail instead).
+#[cfg(unix)]
+fn watchdog(child: &std::process::Child) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    let pid = child.id() as libc::pid_t;
+    let reaped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watch = std::sync::Arc::clone(&reaped);
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(60));
+        if !watch.load(Ordering::SeqCst) {
+            // SAFETY: a plain kill of our child, not yet waited for (so its pid is its own).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    });
+    reaped
 }
 
 /// Read the terminal until `want` has appeared; everything read so far.
@@ -804,17 +870,7 @@ fn interactive_chat_replies_and_ctrl_c_at_the_prompt_quits() {
     use std::os::unix::process::ExitStatusExt;
     let ck = checkpoint("tty", true);
     let (mut child, mut term) = on_terminal(&["chat", ck.path(), "--max-new-tokens", "5", "-q"]);
-    // a hung child would block the reads below forever: end it after a minute (then they fail)
-    let pid = child.id() as libc::pid_t;
-    let reaped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let watch = std::sync::Arc::clone(&reaped);
-    std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_secs(60));
-        if !watch.load(Ordering::SeqCst) {
-            // SAFETY: a plain kill of our child, not yet waited for (so its pid is its own).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    });
+    let reaped = watchdog(&child);
     let banner = read_until(&mut term, "> ");
     assert!(banner.contains("Ctrl-C stops a reply"), "{banner}");
     term.write_all(b"Hello\r").unwrap();
@@ -824,4 +880,65 @@ fn interactive_chat_replies_and_ctrl_c_at_the_prompt_quits() {
     reaped.store(true, Ordering::SeqCst);
     let status = status.unwrap();
     assert_eq!(status.signal(), Some(libc::SIGINT), "{status:?}");
+}
+
+#[cfg(unix)]
+#[test]
+fn interactive_chat_ctrl_c_during_a_reply_stops_only_the_reply() {
+    // Big enough that a reply of 1500 tokens takes a few seconds: Ctrl-C lands mid-reply.
+    let mut config = config_json();
+    for (k, v) in [
+        ("hidden_size", 256),
+        ("num_hidden_layers", 8),
+        ("num_attention_heads", 4),
+        ("intermediate_size", 1024),
+        ("kv_lora_rank", 64),
+        ("qk_nope_head_dim", 32),
+        ("qk_rope_head_dim", 16),
+        ("v_head_dim", 32),
+        ("max_position_embeddings", 4096),
+    ] {
+        config[k] = v.into();
+    }
+    let ck = checkpoint_of("tty-stop", true, config, true);
+    // The replies are "aaa…"; this stop string never matches ('!' never comes) but keeps the
+    // last HOLD characters of a reply back, as a possible start of it.
+    const HOLD: usize = 100;
+    let stop = format!("{}!", "a".repeat(HOLD));
+    let (mut child, mut term) = on_terminal(&[
+        "chat",
+        ck.path(),
+        "--max-new-tokens",
+        "1500",
+        "--stop",
+        &stop,
+        "-q",
+    ]);
+    let reaped = watchdog(&child);
+    read_until(&mut term, "> ");
+    term.write_all(b"Hello\r").unwrap();
+    read_until(&mut term, "Hello\r\na"); // the echo, then the reply's first shown text
+    term.write_all(&[3]).unwrap(); // Ctrl-C: SIGINT to the chat, which stops the reply
+    let seen = read_until(&mut term, "[reply interrupted]\r\n> ");
+    // What came after the terminal's ^C: at most the piece of the token being decoded when
+    // the signal came, not the HOLD characters held back (written before 56f0aac).
+    let after = &seen[seen.find("^C").expect("the terminal echoes ^C") + 2..];
+    let shown = after.trim_start_matches('a');
+    assert!(after.len() - shown.len() <= 2, "{after:?}");
+    assert_eq!(shown, "\r\n[reply interrupted]\r\n> ", "{seen:?}");
+    // The conversation goes on: a second reply runs to its end (the held-back text released).
+    term.write_all(b"Hi\r").unwrap();
+    let second = read_until(&mut term, "\n> ");
+    let reply = second
+        .split_once("Hi\r\n")
+        .map(|(_, r)| r.trim_end_matches("\r\n> "))
+        .unwrap_or_default();
+    assert!(
+        reply.len() > HOLD && reply.bytes().all(|b| b == b'a'),
+        "{second:?}"
+    );
+    term.write_all(b"/exit\r").unwrap();
+    let status = child.wait();
+    reaped.store(true, Ordering::SeqCst);
+    assert!(status.unwrap().success());
 }
