@@ -566,6 +566,8 @@ extern "C" fn stop_reply(_: libc::c_int) {
 
 /// While alive, SIGINT (Ctrl-C) stops the reply through [`REPLY`] instead of ending the
 /// process; dropped, the previous disposition is back (so Ctrl-C at the `>` prompt quits).
+/// Where SIGINT is ignored (a background job of a script, `nohup`), it stays ignored, as
+/// Python leaves it, so both CLIs ignore it there.
 struct CtrlCStopsReply {
     #[cfg(unix)]
     old: Option<libc::sigaction>,
@@ -578,6 +580,12 @@ impl CtrlCStopsReply {
         {
             // SAFETY: plain sigaction calls on zeroed structs; the handler only stores atomics.
             let old = unsafe {
+                let mut now: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(libc::SIGINT, std::ptr::null(), &mut now) != 0
+                    || now.sa_sigaction == libc::SIG_IGN
+                {
+                    return CtrlCStopsReply { old: None };
+                }
                 let mut sa: libc::sigaction = std::mem::zeroed();
                 sa.sa_sigaction = stop_reply as extern "C" fn(libc::c_int) as libc::sighandler_t;
                 libc::sigemptyset(&mut sa.sa_mask);
@@ -773,14 +781,30 @@ mod tests {
         );
     }
 
+    /// The tests that change SIGINT's disposition, one at a time (tests run on threads of one
+    /// process, which shares it).
+    #[cfg(unix)]
+    static SIGINT_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[cfg(unix)]
     #[test]
     fn ctrl_c_stops_the_reply_while_installed_and_the_old_handler_comes_back() {
+        let _one = SIGINT_TESTS.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: signal disposition queries and a raise with our handler installed.
         let current = || unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             libc::sigaction(libc::SIGINT, std::ptr::null(), &mut sa);
             sa.sa_sigaction
+        };
+        // from the default disposition, whatever this process started with (a test run in the
+        // background of a script starts with SIGINT ignored, which install keeps)
+        // SAFETY: sigaction calls on zeroed structs; the original comes back at the end.
+        let original = unsafe {
+            let mut dfl: libc::sigaction = std::mem::zeroed();
+            dfl.sa_sigaction = libc::SIG_DFL;
+            let mut original: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(libc::SIGINT, &dfl, &mut original);
+            original
         };
         let before = current();
         REPLY.stop();
@@ -797,6 +821,29 @@ mod tests {
         ));
         drop(guard);
         assert_eq!(current(), before);
+        // SAFETY: restores the disposition saved above.
+        unsafe { libc::sigaction(libc::SIGINT, &original, std::ptr::null_mut()) };
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn an_ignored_ctrl_c_stays_ignored_during_a_reply() {
+        let _one = SIGINT_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: sigaction calls on zeroed structs; the disposition is restored at the end.
+        unsafe {
+            let mut ign: libc::sigaction = std::mem::zeroed();
+            ign.sa_sigaction = libc::SIG_IGN;
+            let mut before: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(libc::SIGINT, &ign, &mut before);
+            let guard = CtrlCStopsReply::install();
+            let mut now: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(libc::SIGINT, std::ptr::null(), &mut now);
+            assert_eq!(now.sa_sigaction, libc::SIG_IGN);
+            drop(guard);
+            libc::sigaction(libc::SIGINT, std::ptr::null(), &mut now);
+            assert_eq!(now.sa_sigaction, libc::SIG_IGN);
+            libc::sigaction(libc::SIGINT, &before, std::ptr::null_mut());
+        }
     }
 
     #[test]
