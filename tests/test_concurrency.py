@@ -135,6 +135,9 @@ _SIGINT_SCRIPT = r"""
 import os, signal, sys, tempfile, threading, time
 import sparselm
 from sparselm.testing import make_tiny_checkpoint
+# Python's own Ctrl-C handler even if this test run started with SIGINT ignored (a background
+# job of a script): a child inherits that, and Python then installs none
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 d = make_tiny_checkpoint(tempfile.mkdtemp() + "/m", seed=1, hidden_size=512, num_hidden_layers=4,
     intermediate_size=2048, num_attention_heads=8, kv_lora_rank=128, qk_nope_head_dim=32,
@@ -167,6 +170,9 @@ import os, signal, tempfile, threading, time
 import numpy as np
 import sparselm
 from sparselm.testing import make_tiny_checkpoint
+# Python's own Ctrl-C handler even if this test run started with SIGINT ignored (a background
+# job of a script): a child inherits that, and Python then installs none
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def ckpt(layers):
     return make_tiny_checkpoint(tempfile.mkdtemp() + "/m", seed=1, hidden_size=512,
