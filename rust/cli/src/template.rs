@@ -40,6 +40,14 @@ pub struct ChatTemplate {
 
 const NAME: &str = "chat_template";
 
+/// Work budget of one render (minijinja fuel: one unit per instruction, and one per 64 bytes of
+/// data a template creates). A chat template comes from the model files, so it is untrusted:
+/// without a budget, nested loops run for hours and a string doubled in a loop
+/// (`{% set ns.s = ns.s ~ ns.s %}`) grows until the allocator aborts the process. 2^22 bounds
+/// a render to well under a second and about 256 MiB; real templates over long conversations
+/// use a few thousand (a conversation that fits any supported context is far smaller).
+const FUEL: u64 = 1 << 22;
+
 impl ChatTemplate {
     /// Compile `source`; the error text explains a syntax error.
     pub fn new(source: &str) -> Result<ChatTemplate, String> {
@@ -51,6 +59,7 @@ impl ChatTemplate {
             .build()
             .map_err(|e| format!("cannot set up the template engine: {e}"))?;
         env.set_syntax(syntax);
+        env.set_fuel(Some(FUEL));
         env.set_unknown_method_callback(py_methods);
         env.add_filter("tojson", tojson);
         env.add_filter("format", format_filter);
@@ -93,6 +102,11 @@ impl ChatTemplate {
             {
                 let msg = e.detail().unwrap_or_default().trim_start_matches(RAISED);
                 format!("the chat template rejected the messages: {msg}")
+            } else if e.kind() == ErrorKind::OutOfFuel {
+                format!(
+                    "rendering the chat template failed: it needs more work or memory than the \
+                     limit of {FUEL} steps allows (a loop that never ends or grows a value without bound?)"
+                )
             } else {
                 format!("rendering the chat template failed: {}", describe(&e))
             }
@@ -876,7 +890,12 @@ fn raise_exception(msg: String) -> Result<Value, Error> {
 
 /// `x | tojson(ensure_ascii=False, indent=None, separators=None, sort_keys=False)`, as
 /// transformers defines it (plain `json.dumps`: no HTML escaping, non-ASCII kept).
-fn tojson(value: &Value, ensure_ascii: Option<bool>, kwargs: Kwargs) -> Result<Value, Error> {
+fn tojson(
+    state: &State,
+    value: &Value,
+    ensure_ascii: Option<bool>,
+    kwargs: Kwargs,
+) -> Result<Value, Error> {
     let ensure_ascii = match ensure_ascii {
         Some(b) => b,
         None => kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false),
@@ -923,18 +942,35 @@ fn tojson(value: &Value, ensure_ascii: Option<bool>, kwargs: Kwargs) -> Result<V
         key_sep,
         sort_keys,
         ensure_ascii,
+        state,
+        charged: std::cell::Cell::new(0),
     };
     let mut out = String::new();
     write_json(&mut out, value, &opts, 0)?;
     Ok(Value::from_safe_string(out))
 }
 
-struct JsonOpts {
+struct JsonOpts<'s> {
     indent: Option<String>,
     item_sep: String,
     key_sep: String,
     sort_keys: bool,
     ensure_ascii: bool,
+    /// The render's fuel pays for each item visited and the bytes written, so a huge (or lazily
+    /// doubled) value or a wide indent ends the render with an error instead of exhausting memory.
+    state: &'s State<'s, 's>,
+    /// Bytes of the output already paid for.
+    charged: std::cell::Cell<usize>,
+}
+
+impl JsonOpts<'_> {
+    /// Pay for one item and the output written since the last payment (one fuel per 64 bytes,
+    /// as minijinja charges its own output).
+    fn charge(&self, out: &str) -> Result<(), Error> {
+        let new = out.len().saturating_sub(self.charged.get());
+        self.charged.set(out.len());
+        self.state.consume_fuel(1 + (new / 64) as u64)
+    }
 }
 
 fn write_json(out: &mut String, v: &Value, o: &JsonOpts, depth: usize) -> Result<(), Error> {
@@ -974,24 +1010,29 @@ fn write_json(out: &mut String, v: &Value, o: &JsonOpts, depth: usize) -> Result
             o.ensure_ascii,
         ),
         ValueKind::Seq | ValueKind::Iterable => {
-            let items: Vec<Value> = v.try_iter()?.collect();
-            if items.is_empty() {
-                out.push_str("[]");
-                return Ok(());
-            }
+            // streamed, not collected: a lazy sequence can be far longer than memory
+            let mut empty = true;
             out.push('[');
-            for (i, item) in items.iter().enumerate() {
+            for (i, item) in v.try_iter()?.enumerate() {
+                o.charge(out)?;
                 if i > 0 {
                     out.push_str(&o.item_sep);
                 }
                 newline(out, depth + 1);
-                write_json(out, item, o, depth + 1)?;
+                write_json(out, &item, o, depth + 1)?;
+                empty = false;
             }
-            newline(out, depth);
+            if !empty {
+                newline(out, depth);
+            }
             out.push(']');
         }
         ValueKind::Map => {
-            let mut keys: Vec<Value> = v.try_iter()?.collect();
+            let mut keys: Vec<Value> = Vec::new();
+            for k in v.try_iter()? {
+                o.charge(out)?;
+                keys.push(k);
+            }
             if o.sort_keys {
                 keys.sort_by_key(|k| k.to_string());
             }
@@ -1001,6 +1042,7 @@ fn write_json(out: &mut String, v: &Value, o: &JsonOpts, depth: usize) -> Result
             }
             out.push('{');
             for (i, k) in keys.iter().enumerate() {
+                o.charge(out)?;
                 if i > 0 {
                     out.push_str(&o.item_sep);
                 }
@@ -1400,6 +1442,37 @@ mod tests {
 
     fn render_one(src: &str, msgs: &[Message]) -> Result<String, String> {
         ChatTemplate::new(src)?.render(msgs, false, &[])
+    }
+
+    /// A template from the model files cannot hang the CLI or exhaust memory: unbounded work
+    /// ends in an error (nested loops ran for hours; a doubled string aborted the process).
+    #[test]
+    fn runaway_templates_run_out_of_fuel() {
+        let hi = [Message::new("user", "hi")];
+        for src in [
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}",
+            "{% set ns = namespace(l=[1]) %}{% for i in range(30) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l | join }}",
+            "{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}",
+            "{% for i in range(100000) %}{{ 'x'.ljust(1048576) }}{% endfor %}",
+            // our tojson filter collected a lazy list first: 4.8 GB here (2^30 doubled items:
+            // a 24 GiB allocation and an abort)
+            "{{ ([0] * 100000000 + [0] * 100000000) | tojson }}",
+            "{{ range(100000) | list | tojson(indent=1048576) }}",
+        ] {
+            let t0 = std::time::Instant::now();
+            let e = render_one(src, &hi).unwrap_err();
+            assert!(e.contains("more work or memory"), "{src}: {e}");
+            assert!(t0.elapsed().as_secs() < 30, "{src}: {:?}", t0.elapsed());
+        }
+        // a long conversation with the ChatML template stays far inside the budget
+        let long: Vec<Message> = (0..2000)
+            .map(|i| Message::new(["user", "assistant"][i % 2], &"word ".repeat(200)))
+            .collect();
+        assert!(ChatTemplate::new(CHATML)
+            .unwrap()
+            .render(&long, true, &[])
+            .is_ok());
     }
 
     /// The source rewrite (`normalized`, `percent_formats`) and the renderer never panic on
