@@ -44,7 +44,8 @@ const NAME: &str = "chat_template";
 /// data a template creates). A chat template comes from the model files, so it is untrusted:
 /// without a budget, nested loops run for hours and a string doubled in a loop
 /// (`{% set ns.s = ns.s ~ ns.s %}`) grows until the allocator aborts the process. 2^22 bounds
-/// a render to well under a second and about 256 MiB; real templates over long conversations
+/// a render to about 256 MiB and, in release builds, well under a second (a few seconds when
+/// iterating deeply nested lazy `list + list` chains); real templates over long conversations
 /// use a few thousand (a conversation that fits any supported context is far smaller).
 const FUEL: u64 = 1 << 22;
 
