@@ -587,12 +587,7 @@ fn indent_filter(
         Some(w) if w.kind() == ValueKind::String => w.as_str().unwrap_or_default().to_string(),
         Some(w) => {
             let n = i64::try_from(w)?;
-            if n > MAX_PAD_WIDTH {
-                return Err(Error::new(
-                    ErrorKind::InvalidOperation,
-                    format!("indent: width {n} is above the limit of {MAX_PAD_WIDTH}"),
-                ));
-            }
+            within_pad_limit(n, format_args!("indent: width {n}"))?;
             " ".repeat(usize::try_from(n).unwrap_or(0))
         }
     };
@@ -729,15 +724,10 @@ fn check_format_specs(fmt: &str, open: u8, close: u8) -> Result<(), Error> {
             }
             if c.is_ascii_digit() {
                 value = value.saturating_mul(10).saturating_add(u64::from(c - b'0'));
-                if value > MAX_PAD_WIDTH as u64 {
-                    return Err(Error::new(
-                        ErrorKind::InvalidOperation,
-                        format!(
-                            "a width or precision in the format string {fmt:?} is above the \
-                             limit of {MAX_PAD_WIDTH} characters"
-                        ),
-                    ));
-                }
+                within_pad_limit(
+                    i64::try_from(value).unwrap_or(i64::MAX),
+                    format_args!("a width or precision in the format string {fmt:?}"),
+                )?;
             } else {
                 value = 0;
                 let end = if close == 0 {
@@ -766,6 +756,19 @@ fn py_space(c: char) -> bool {
 /// The most characters `center`, `ljust`, `rjust` and `zfill` may pad to: a template asking
 /// for more is an error, not an unbounded allocation.
 const MAX_PAD_WIDTH: i64 = 1 << 20;
+
+/// An error saying that `what` (e.g. "padding to width 9999999") is above the limit if `n` is
+/// above [`MAX_PAD_WIDTH`]: every width, indent or precision a template can ask for goes
+/// through here before it allocates.
+fn within_pad_limit(n: i64, what: std::fmt::Arguments<'_>) -> Result<(), Error> {
+    if n > MAX_PAD_WIDTH {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("{what} is above the limit of {MAX_PAD_WIDTH} characters"),
+        ));
+    }
+    Ok(())
+}
 
 /// `s.method(*args)` for the `str` methods we implement ourselves; `None` hands the call on to
 /// pycompat.
@@ -846,12 +849,7 @@ fn py_str_method(s: &str, method: &str, args: &[Value]) -> Result<Option<Value>,
 /// How many characters padding `s` to `width` adds (`None` if none), or an error for a width
 /// above [`MAX_PAD_WIDTH`].
 fn pad_margin(s: &str, width: i64) -> Result<Option<usize>, Error> {
-    if width > MAX_PAD_WIDTH {
-        return Err(Error::new(
-            ErrorKind::InvalidOperation,
-            format!("padding to width {width} is above the limit of {MAX_PAD_WIDTH} characters"),
-        ));
-    }
+    within_pad_limit(width, format_args!("padding to width {width}"))?;
     let len = s.chars().count();
     Ok(usize::try_from(width)
         .ok()
@@ -909,12 +907,10 @@ fn tojson(
             Some(s) => Some(s.to_string()),
             None => {
                 let n = usize::try_from(v)?;
-                if n > MAX_PAD_WIDTH as usize {
-                    return Err(Error::new(
-                        ErrorKind::InvalidOperation,
-                        format!("tojson: indent {n} is above the limit of {MAX_PAD_WIDTH}"),
-                    ));
-                }
+                within_pad_limit(
+                    i64::try_from(n).unwrap_or(i64::MAX),
+                    format_args!("tojson: indent {n}"),
+                )?;
                 Some(" ".repeat(n))
             }
         },
@@ -1445,6 +1441,14 @@ mod tests {
         ChatTemplate::new(src)?.render(msgs, false, &[])
     }
 
+    /// Each template of `srcs` fails to render `msgs` with an error containing `want`.
+    fn assert_each_fails(srcs: &[&str], msgs: &[Message], want: &str) {
+        for src in srcs {
+            let e = render_one(src, msgs).unwrap_err();
+            assert!(e.contains(want), "{src}: {e}");
+        }
+    }
+
     /// A template from the model files cannot hang the CLI or exhaust memory: unbounded work
     /// ends in an error (nested loops ran for hours; a doubled string aborted the process).
     #[test]
@@ -1565,17 +1569,15 @@ mod tests {
         // non-ASCII character in a printf mapping key or a str.format field index; every
         // non-ASCII character in a spec is now this error (Python renders the first as '1';
         // the second was already an error, with a garbled character)
-        for src in [
-            "{{ '%(é)s' % {'é': 1} }}",
-            "{{ '%é' % 1 }}",
-            "{{ '{0[é]}'.format({'é': 1}) }}",
-        ] {
-            let e = render_one(src, &hi).unwrap_err();
-            assert!(
-                e.contains("non-ASCII character in a format spec"),
-                "{src}: {e}"
-            );
-        }
+        assert_each_fails(
+            &[
+                "{{ '%(é)s' % {'é': 1} }}",
+                "{{ '%é' % 1 }}",
+                "{{ '{0[é]}'.format({'é': 1}) }}",
+            ],
+            &hi,
+            "non-ASCII character in a format spec",
+        );
     }
 
     /// Python's `'literal' % operand`. Expected text from Python's jinja2 (the project's
@@ -1618,15 +1620,16 @@ mod tests {
         assert!(render_one("{{ '%s' % messages[0].content is string }}", &hi).is_err());
         // a huge width or precision is an error, not an allocation (minijinja's format filter
         // allocated it: the process aborted)
-        for src in [
-            "{{ '%999999999999s' % 'x' }}",
-            "{{ '%(a)-99999999s' % {'a': 1} }}",
-            "{{ '%.2000000f' | format(1.5) }}",
-            "{{ '{:>99999999999}'.format('x') }}",
-        ] {
-            let e = render_one(src, &hi).unwrap_err();
-            assert!(e.contains("above the limit"), "{src}: {e}");
-        }
+        assert_each_fails(
+            &[
+                "{{ '%999999999999s' % 'x' }}",
+                "{{ '%(a)-99999999s' % {'a': 1} }}",
+                "{{ '%.2000000f' | format(1.5) }}",
+                "{{ '{:>99999999999}'.format('x') }}",
+            ],
+            &hi,
+            "above the limit",
+        );
         assert_eq!(
             render_one(
                 "{{ ('%1048576s' % 'x') | length }}|{{ '{:>5}|{{}}'.format('x') }}|{{ '%%5%s' % 1 }}",
@@ -1652,17 +1655,18 @@ mod tests {
             "1|0|True"
         );
         // Python: TypeError: not all arguments converted during string formatting
-        for src in [
-            "{{ '%s' % ('a', 'b') }}",
-            "{{ '%s %s' % (1, 2, 3) }}",
-            "{{ 'a' % 'b' }}",
-            "{{ '%%s' % 1 }}",
-            "{{ '' % 1 }}",
-            "{{ '%s'|format(1, 2) }}",
-        ] {
-            let e = render_one(src, &hi).unwrap_err();
-            assert!(e.contains("not all arguments converted"), "{src}: {e}");
-        }
+        assert_each_fails(
+            &[
+                "{{ '%s' % ('a', 'b') }}",
+                "{{ '%s %s' % (1, 2, 3) }}",
+                "{{ 'a' % 'b' }}",
+                "{{ '%%s' % 1 }}",
+                "{{ '' % 1 }}",
+                "{{ '%s'|format(1, 2) }}",
+            ],
+            &hi,
+            "not all arguments converted",
+        );
         // one mapping may go unused, as in Python
         assert_eq!(
             render_one("{{ 'a' % {'k': 1} }}|{{ '%(k)s' % {'k': 1} }}", &hi).unwrap(),
@@ -1696,13 +1700,14 @@ mod tests {
             assert_eq!(render_one(src, &[]).unwrap(), want, "{src:?}");
         }
         // a huge width is an error, not an allocation that aborts the process
-        for src in [
-            "{{ 'a\nb' | indent(99999999999) }}",
-            "{{ messages | tojson(indent=99999999999) }}",
-        ] {
-            let e = render_one(src, &[]).unwrap_err();
-            assert!(e.contains("above the limit"), "{src}: {e}");
-        }
+        assert_each_fails(
+            &[
+                "{{ 'a\nb' | indent(99999999999) }}",
+                "{{ messages | tojson(indent=99999999999) }}",
+            ],
+            &[],
+            "above the limit",
+        );
         assert!(render_one("{{ 'a' | indent(bogus=1) }}", &[]).is_err());
     }
 
@@ -1759,14 +1764,15 @@ mod tests {
         assert!(render_one("{{ 'a'.center(3, '') }}", &[]).is_err());
         assert!(render_one("{{ 'a'.center('3') }}", &[]).is_err());
         // a huge width is an error, not an allocation
-        for src in [
-            "{{ 'a'.center(9999999999999) }}",
-            "{{ 'a'.zfill(9223372036854775807) }}",
-            "{{ 'a'.ljust(1048577) }}",
-        ] {
-            let e = render_one(src, &[]).unwrap_err();
-            assert!(e.contains("above the limit"), "{e}");
-        }
+        assert_each_fails(
+            &[
+                "{{ 'a'.center(9999999999999) }}",
+                "{{ 'a'.zfill(9223372036854775807) }}",
+                "{{ 'a'.ljust(1048577) }}",
+            ],
+            &[],
+            "above the limit",
+        );
         assert_eq!(
             render_one("{{ 'a'.rjust(1048576) | length }}", &[]).unwrap(),
             "1048576"
