@@ -358,6 +358,48 @@ def test_bf16_prompt_gemm_against_f32_prompt_path(
     assert agree >= min_agree, f"{dtype}: top-1 agreement {agree:.3f}"
 
 
+_INT8_CHILD = """
+import json, sys
+import sparselm
+m = sparselm.load(sys.argv[1], dtype=sys.argv[2])
+print(json.dumps({"tier": sparselm.kernel_tier(), "gemm": m.prompt_gemm,
+                  "logits": m.logits([int(t) for t in sys.argv[3].split(",")]).tolist()}))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "bf16"])
+def test_avx2_int8_prompt_gemm(
+    dtype: str, wide_model: str, prompt: list[int], f32_logits: np.ndarray
+) -> None:
+    """Without AVX512_BF16 (here: the AVX2 tier forced), the Q8_0/Q4_0 projections of a prompt
+    are int8 GEMMs on Q8_0-quantized inputs (decoding's own kernels; ``prompt_gemm == "int8"``),
+    the rest stays f32; ``SPARSELM_EXACT_GEMM=1`` makes every product f32. Both stay within
+    the format's budget of the float32 model, and differ from each other by about the Q8_0
+    rounding of the inputs (bf16 weights have no int8 path: "f32" either way)."""
+    if "avx2" not in _tiers():
+        pytest.skip("this CPU has no AVX2 tier")
+    out = {}
+    for exact in ("0", "1"):
+        env = dict(os.environ, SPARSELM_KERNEL="avx2", SPARSELM_EXACT_GEMM=exact)
+        out[exact] = _run_child(_INT8_CHILD, wide_model, dtype, prompt, env)
+        assert out[exact]["tier"] == "avx2"
+    assert out["1"]["gemm"] == "f32"
+    fast, exact = np.asarray(out["0"]["logits"]), np.asarray(out["1"]["logits"])
+    if dtype == "bf16":
+        assert out["0"]["gemm"] == "f32"
+        assert np.array_equal(fast, exact)
+        return
+    assert out["0"]["gemm"] == "int8"
+    between = rel_err(fast, exact)
+    budget, min_agree = BUDGET[dtype]
+    err = rel_err(fast, f32_logits)
+    agree = float((fast.argmax(-1) == f32_logits.argmax(-1)).mean())
+    print(f"[formats] {dtype} avx2 int8 prompt: vs f32 path {between:.2e}, vs f32 model {err:.2e}")
+    assert 0 < between <= FAST_BUDGET[dtype][0], between
+    assert err <= budget, err
+    assert agree >= min_agree, agree
+
+
 #: Prompts up to this length run the down projection token by token on decode's path instead
 #: of the bf16 GEMM (rust/core/src/model.rs, DOWN_PER_TOKEN_MAX).
 SHORT_PROMPT_MAX = 16

@@ -76,6 +76,11 @@ pub struct Model {
     /// weights are not f32; matrices stored in f32 keep the f32 path either way.
     /// `SPARSELM_EXACT_GEMM=1` keeps the f32 path for all.
     pub fast_gemm: bool,
+    /// Prompt products of matrices in the interleaved Q8_0/Q4_0 layout run as int8 GEMMs
+    /// (`gemm::matmul_q16`: the decode kernels' arithmetic, bit-identical to decoding token by
+    /// token) on every CPU that has the 16-row kernels (AVX2 and up), with or without
+    /// AVX512_BF16. Off with `SPARSELM_EXACT_GEMM=1`.
+    pub int8_gemm: bool,
 }
 
 impl std::fmt::Debug for Model {
@@ -220,6 +225,7 @@ impl Model {
         let exact = std::env::var("SPARSELM_EXACT_GEMM").is_ok_and(|v| !v.is_empty() && v != "0");
         // per matrix too (`matmul`): an f32 matrix keeps the f32 path in any model
         let fast_gemm = gemm::available() && !weights.all_f32() && !exact;
+        let int8_gemm = !exact;
         let use_team =
             std::env::var("SPARSELM_DECODE_TEAM").map_or(true, |v| v.is_empty() || v != "0");
         let threads = pool.current_num_threads();
@@ -234,18 +240,18 @@ impl Model {
             use_team,
             sparse_mlp,
             fast_gemm,
+            int8_gemm,
         }
     }
 
-    /// `Y = X Wᵀ` for `t` tokens: the bf16 GEMM for prompts when enabled, else `Matrix::matmul`.
+    /// `Y = X Wᵀ` for `t` tokens: for prompts the int8 GEMM of interleaved matrices and the bf16
+    /// GEMM of the others when enabled, else `Matrix::matmul`.
     fn matmul(&self, w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
-        if self.fast_gemm && t > 1 && w.dtype() != DType::F32 {
-            if w.is_interleaved() {
-                // int8 VNNI, inputs quantized to Q8_0 as in decoding
-                gemm::matmul_q16(w, x, t, y);
-            } else {
-                gemm::matmul_nk(w, x, t, y);
-            }
+        if t > 1 && self.int8_gemm && w.is_interleaved() {
+            // int8 (VNNI, AMX-INT8 or AVX2), inputs quantized to Q8_0 as in decoding
+            gemm::matmul_q16(w, x, t, y);
+        } else if self.fast_gemm && t > 1 && w.dtype() != DType::F32 {
+            gemm::matmul_nk(w, x, t, y);
         } else {
             w.matmul(x, t, y);
         }
@@ -253,6 +259,25 @@ impl Model {
 
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// Arithmetic of the prompt (multi-token) projections: `"bf16"` (AVX512_BF16 GEMMs, int8 for
+    /// the interleaved Q8_0/Q4_0 matrices), `"int8"` (no bf16 GEMM here, but the Q8_0/Q4_0
+    /// projections are int8 GEMMs with decoding's arithmetic) or `"f32"`.
+    pub fn prompt_gemm(&self) -> &'static str {
+        if self.fast_gemm {
+            "bf16"
+        } else if self.int8_gemm
+            && self
+                .weights
+                .layers
+                .iter()
+                .any(|l| l.q_proj.is_interleaved() || l.up.is_interleaved())
+        {
+            "int8"
+        } else {
+            "f32"
+        }
     }
 
     /// This process's threads of the model: the ones started at load, or in a forked child

@@ -149,17 +149,14 @@ impl Engine {
         self.model.config.max_position_embeddings
     }
 
-    /// Bytes of weight matrices held in memory.
-    /// Arithmetic of multi-token (prompt) products: "bf16" (AVX512_BF16 GEMM) or "f32".
+    /// Arithmetic of multi-token (prompt) products: "bf16" (AVX512_BF16 GEMM), "int8" (int8
+    /// GEMMs of the Q8_0/Q4_0 projections only) or "f32" (see `Model::prompt_gemm`).
     #[getter]
     fn prompt_gemm(&self) -> &'static str {
-        if self.model.fast_gemm {
-            "bf16"
-        } else {
-            "f32"
-        }
+        self.model.prompt_gemm()
     }
 
+    /// Bytes of weight matrices held in memory.
     #[getter]
     fn weight_bytes(&self) -> usize {
         self.model.weights.nbytes()

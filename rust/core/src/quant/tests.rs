@@ -1429,3 +1429,80 @@ fn down_spec_is_the_axpy_sum_within_coefficient_rounding() {
         }
     }
 }
+
+/// Every tier's 16-row kernels give the same bits (the AVX2 ones emulate `vpdpbusd` exactly and
+/// share the f32 steps), over every code pattern, -128 inputs and codes included.
+#[test]
+fn gemv16_and_gemm16_agree_across_tiers() {
+    let kernels: Vec<(crate::kernels::Tier, QuantKernels)> = crate::kernels::Tier::available()
+        .into_iter()
+        .filter_map(|t| quant_kernels_for(t).map(|k| (t, k)))
+        .filter(|(_, k)| k.gemv16_q4_0.is_some())
+        .collect();
+    for nb in [1usize, 2, 7, 64] {
+        for (pi, &p) in PATTERNS.iter().enumerate() {
+            let r4: Vec<Vec<BlockQ4_0>> = (0..16)
+                .map(|r| gen_q4(nb, p, (nb * 13 + pi * 16 + r) as u32))
+                .collect();
+            let r8: Vec<Vec<BlockQ8_0>> = (0..16)
+                .map(|r| gen_q8(nb, p, (nb * 17 + pi * 16 + r) as u32))
+                .collect();
+            let p4: Vec<BlockQ4_0x16> = (0..nb)
+                .map(|b| BlockQ4_0x16::pack(std::array::from_fn(|r| &r4[r][b])))
+                .collect();
+            let p8: Vec<BlockQ8_0x16> = (0..nb)
+                .map(|b| BlockQ8_0x16::pack(std::array::from_fn(|r| &r8[r][b])))
+                .collect();
+            let t = 5;
+            let x: Vec<BlockQ8_0> = (0..t)
+                .flat_map(|j| {
+                    let q = if j % 2 == 0 { Pattern::Extreme } else { p };
+                    gen_q8(nb, q, (29 * j + nb + pi) as u32)
+                })
+                .collect();
+            let sum = |m: i32| -> Vec<i32> {
+                x.iter()
+                    .map(|b| m * b.qs.iter().map(|&v| v as i32).sum::<i32>())
+                    .collect()
+            };
+            let (s8, s128) = (sum(8), sum(128));
+            let outs: Vec<(Vec<u32>, Vec<u32>)> = kernels
+                .iter()
+                .map(|(_, k)| {
+                    let (mut o4, mut o8) = (vec![0f32; 16 * t], vec![0f32; 16 * t]);
+                    (k.gemm16_q4_0.expect("with gemv16"))(&p4, &x, &s8, t, &mut o4);
+                    (k.gemm16_q8_0.expect("with gemv16"))(&p8, &x, &s128, t, &mut o8);
+                    let (mut g4, mut g8) = ([0f32; 16], [0f32; 16]);
+                    (k.gemv16_q4_0.expect("q4"))(&p4, &x[nb..2 * nb], &s8[nb..], &mut g4);
+                    (k.gemv16_q8_0.expect("q8"))(&p8, &x[nb..2 * nb], &s128[nb..], &mut g8);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    let mut a = bits(&o4);
+                    a.extend(bits(&g4));
+                    let mut b = bits(&o8);
+                    b.extend(bits(&g8));
+                    (a, b)
+                })
+                .collect();
+            for (i, o) in outs.iter().enumerate().skip(1) {
+                assert_eq!(
+                    o.0, outs[0].0,
+                    "q4 {:?} vs {:?} nb={nb} {p:?}",
+                    kernels[i].0, kernels[0].0
+                );
+                assert_eq!(
+                    o.1, outs[0].1,
+                    "q8 {:?} vs {:?} nb={nb} {p:?}",
+                    kernels[i].0, kernels[0].0
+                );
+            }
+        }
+    }
+    // Both x86 tiers run here on an AVX-512 VNNI machine; elsewhere the test has less to compare.
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx2") {
+        assert!(
+            kernels.len() >= 2,
+            "AVX2 and AVX-512 16-row kernels both present"
+        );
+    }
+}

@@ -10,7 +10,9 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{scalar, BlockQ4_0, BlockQ8_0, QuantKernels, QK8_0};
+use crate::kernels::x86_avx512::prefetch_lines;
+
+use super::{scalar, BlockQ4_0, BlockQ4_0x16, BlockQ8_0, BlockQ8_0x16, QuantKernels, QK8_0};
 
 pub(super) const KERNELS: QuantKernels = QuantKernels {
     tier_name: "avx2",
@@ -22,10 +24,10 @@ pub(super) const KERNELS: QuantKernels = QuantKernels {
     quantize_row_q4_0,
     axpy4_q8_0: None,
     axpy4_q4_0: None,
-    gemv16_q4_0: None,
-    gemv16_q8_0: None,
-    gemm16_q4_0: None,
-    gemm16_q8_0: None,
+    gemv16_q4_0: Some(gemv16_q4_0),
+    gemv16_q8_0: Some(gemv16_q8_0),
+    gemm16_q4_0: Some(gemm16_q4_0),
+    gemm16_q8_0: Some(gemm16_q8_0),
     down_q4_0: None,
     down_q8_0: None,
 };
@@ -359,4 +361,267 @@ fn axpy_q8_0(a: f32, w: &[BlockQ8_0], y: &mut [f32]) {
 fn axpy_q4_0(a: f32, w: &[BlockQ4_0], y: &mut [f32]) {
     // SAFETY: KERNELS is handed out only after avx2, fma and f16c were detected.
     unsafe { axpy_q4_0_i(a, w, y) }
+}
+
+// ---- 16-row interleaved kernels (`BlockQ4_0x16` / `BlockQ8_0x16`) ----
+//
+// The same layouts as the AVX-512 VNNI kernels: per block, `qs[g]` holds 4 code bytes of each
+// of 16 rows, one row per 32-bit lane, so one `ymm` covers 8 rows (bytes 0..32: rows 0..8,
+// 32..64: rows 8..16). AVX2 has no `vpdpbusd`; `vpmaddubsw` (u8 × i8 → i16 pairs, saturating)
+// then `vpmaddwd` with ones (i16 pairs → i32) give each row's 4-byte group sum. Every code
+// fed to `vpmaddubsw` is a nibble (0..15), so a pair is at most 2·15·128 = 3840 in magnitude
+// and eight pairs summed in i16 at most 30,720: exact for every i8 input, -128 included. The
+// f32 part is the AVX-512 kernels' own (`acc = fma(cvt(sumi), d_w · d_x, acc)` per row and
+// block, in block order), so these results equal theirs bit for bit.
+
+/// 4-byte group `k` of `xb`'s codes broadcast to every 32-bit lane (the `vpmaddubsw` i8 operand).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn xgroup8(xb: &BlockQ8_0, k: usize) -> __m256i {
+    _mm256_set1_epi32(i32::from_le_bytes([
+        xb.qs[4 * k] as u8,
+        xb.qs[4 * k + 1] as u8,
+        xb.qs[4 * k + 2] as u8,
+        xb.qs[4 * k + 3] as u8,
+    ]))
+}
+
+/// Half `h` (rows `8h..8h + 8`) of `qs[g]`: 32 bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn load_half(q: &[u8; 64], h: usize) -> __m256i {
+    debug_assert!(h < 2);
+    // SAFETY: h < 2, so bytes 32h..32h + 32 lie inside the 64-byte array.
+    unsafe { _mm256_loadu_si256(q.as_ptr().add(32 * h) as *const __m256i) }
+}
+
+/// Rows `8h..8h + 8`'s scales widened to f32.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn scales_half(d: &[half::f16; 16], h: usize) -> __m256 {
+    debug_assert!(h < 2);
+    // SAFETY: h < 2: 8 f16 (16 bytes) from element 8h stay inside the 16-element array.
+    _mm256_cvtph_ps(unsafe { _mm_loadu_si128(d.as_ptr().add(8 * h) as *const __m128i) })
+}
+
+/// Low and high nibbles of the 8 rows `8h..` of a Q4_0x16 block: `c[g]` codes `4g..4g + 4`,
+/// `c[4 + g]` codes `16 + 4g..`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q4_codes(wb: &BlockQ4_0x16, h: usize) -> [__m256i; 8] {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let mut c = [_mm256_setzero_si256(); 8];
+    for g in 0..4 {
+        let v = load_half(&wb.qs[g], h);
+        c[g] = _mm256_and_si256(v, m4);
+        c[4 + g] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
+    }
+    c
+}
+
+/// Per row (lane) of 8: `Σ_k Σ_j c_k,j · x_k,j` over the 8 groups, exact (see the section notes).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q4_sumi(c: &[__m256i; 8], xb: &BlockQ8_0) -> __m256i {
+    let mut s16 = _mm256_maddubs_epi16(c[0], xgroup8(xb, 0));
+    for (k, ck) in c.iter().enumerate().skip(1) {
+        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*ck, xgroup8(xb, k)));
+    }
+    _mm256_madd_epi16(s16, _mm256_set1_epi16(1))
+}
+
+/// Q8_0x16 codes (stored + 128) of rows `8h..`, split into nibbles: `lo[g]`, `hi[g]` for
+/// group g, so that `code + 128 = 16·hi + lo`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q8_codes(wb: &BlockQ8_0x16, h: usize) -> ([__m256i; 8], [__m256i; 8]) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let (mut lo, mut hi) = ([_mm256_setzero_si256(); 8], [_mm256_setzero_si256(); 8]);
+    for g in 0..8 {
+        let v = load_half(&wb.qs[g], h);
+        lo[g] = _mm256_and_si256(v, m4);
+        hi[g] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
+    }
+    (lo, hi)
+}
+
+/// Per row (lane) of 8: `Σ_j (code_j + 128) · x_j` over the block, exact: the low and high
+/// nibbles' products summed in i16 separately (each at most 30,720), then `16·hi + lo` in i32.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q8_sumi(lo: &[__m256i; 8], hi: &[__m256i; 8], xb: &BlockQ8_0) -> __m256i {
+    let x0 = xgroup8(xb, 0);
+    let mut sl = _mm256_maddubs_epi16(lo[0], x0);
+    let mut sh = _mm256_maddubs_epi16(hi[0], x0);
+    for g in 1..8 {
+        let xg = xgroup8(xb, g);
+        sl = _mm256_add_epi16(sl, _mm256_maddubs_epi16(lo[g], xg));
+        sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(hi[g], xg));
+    }
+    _mm256_add_epi32(
+        _mm256_madd_epi16(sl, _mm256_set1_epi16(1)),
+        _mm256_madd_epi16(sh, _mm256_set1_epi16(16)),
+    )
+}
+
+/// The AVX2 twin of the VNNI `gemv16_q4_0` (same results, bit for bit).
+#[target_feature(enable = "avx2,fma,f16c")]
+fn gemv16_q4_0_i(w: &[BlockQ4_0x16], x: &[BlockQ8_0], xsum8: &[i32], out: &mut [f32; 16]) {
+    let nb = w.len();
+    assert!(
+        x.len() >= nb && xsum8.len() >= nb,
+        "gemv16_q4_0 input length"
+    );
+    let pf = crate::kernels::prefetch_distance();
+    let size = std::mem::size_of::<BlockQ4_0x16>();
+    let mut acc = [_mm256_setzero_ps(); 2];
+    for b in 0..nb {
+        if pf > 0 {
+            prefetch_lines::<_MM_HINT_T0>(w.as_ptr() as *const u8, b * size + pf, size);
+        }
+        let (wb, xb) = (&w[b], &x[b]);
+        let dx = _mm256_set1_ps(xb.d.to_f32());
+        let xs = _mm256_set1_epi32(xsum8[b]);
+        for (h, a) in acc.iter_mut().enumerate() {
+            // Σ (q − 8)·x = Σ q·x − 8·Σ x (exact in i32)
+            let si = _mm256_sub_epi32(q4_sumi(&q4_codes(wb, h), xb), xs);
+            let dd = _mm256_mul_ps(scales_half(&wb.d, h), dx);
+            *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si), dd, *a);
+        }
+    }
+    // SAFETY: out is 16 f32: two stores of 8.
+    unsafe {
+        _mm256_storeu_ps(out.as_mut_ptr(), acc[0]);
+        _mm256_storeu_ps(out.as_mut_ptr().add(8), acc[1]);
+    }
+}
+
+fn gemv16_q4_0(w: &[BlockQ4_0x16], x: &[BlockQ8_0], xsum8: &[i32], out: &mut [f32; 16]) {
+    // SAFETY: KERNELS is handed out only after avx2, fma and f16c were detected.
+    unsafe { gemv16_q4_0_i(w, x, xsum8, out) }
+}
+
+/// The AVX2 twin of the VNNI `gemv16_q8_0` (same results, bit for bit).
+#[target_feature(enable = "avx2,fma,f16c")]
+fn gemv16_q8_0_i(w: &[BlockQ8_0x16], x: &[BlockQ8_0], xsum128: &[i32], out: &mut [f32; 16]) {
+    let nb = w.len();
+    assert!(
+        x.len() >= nb && xsum128.len() >= nb,
+        "gemv16_q8_0 input length"
+    );
+    let pf = crate::kernels::prefetch_distance();
+    let size = std::mem::size_of::<BlockQ8_0x16>();
+    let mut acc = [_mm256_setzero_ps(); 2];
+    for b in 0..nb {
+        if pf > 0 {
+            prefetch_lines::<_MM_HINT_T0>(w.as_ptr() as *const u8, b * size + pf, size);
+        }
+        let (wb, xb) = (&w[b], &x[b]);
+        let dx = _mm256_set1_ps(xb.d.to_f32());
+        let xs = _mm256_set1_epi32(xsum128[b]);
+        for (h, a) in acc.iter_mut().enumerate() {
+            let (lo, hi) = q8_codes(wb, h);
+            // Σ (w + 128)·x − 128·Σ x = Σ w·x (exact in i32)
+            let si = _mm256_sub_epi32(q8_sumi(&lo, &hi, xb), xs);
+            let dd = _mm256_mul_ps(scales_half(&wb.d, h), dx);
+            *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si), dd, *a);
+        }
+    }
+    // SAFETY: out is 16 f32: two stores of 8.
+    unsafe {
+        _mm256_storeu_ps(out.as_mut_ptr(), acc[0]);
+        _mm256_storeu_ps(out.as_mut_ptr().add(8), acc[1]);
+    }
+}
+
+fn gemv16_q8_0(w: &[BlockQ8_0x16], x: &[BlockQ8_0], xsum128: &[i32], out: &mut [f32; 16]) {
+    // SAFETY: KERNELS is handed out only after avx2, fma and f16c were detected.
+    unsafe { gemv16_q8_0_i(w, x, xsum128, out) }
+}
+
+/// Tokens per register tile of the 16-row GEMMs.
+const GT: usize = 4;
+
+/// Prompt version of [`gemv16_q4_0`]: per half (8 rows) and block, the codes are unpacked once
+/// for up to 4 tokens; per (row, token) the operations equal `gemv16_q4_0`'s.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn gemm16_q4_0_i(w: &[BlockQ4_0x16], x: &[BlockQ8_0], xsum8: &[i32], t: usize, out: &mut [f32]) {
+    let nb = w.len();
+    assert!(
+        x.len() >= t.saturating_mul(nb)
+            && xsum8.len() >= t.saturating_mul(nb)
+            && out.len() >= t.saturating_mul(16),
+        "gemm16_q4_0 shapes"
+    );
+    let mut t0 = 0;
+    while t0 < t {
+        let m = GT.min(t - t0);
+        for h in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); GT];
+            for b in 0..nb {
+                let wb = &w[b];
+                let c = q4_codes(wb, h);
+                let dw = scales_half(&wb.d, h);
+                for (j, a) in acc.iter_mut().enumerate().take(m) {
+                    let xb = &x[(t0 + j) * nb + b];
+                    let xs = _mm256_set1_epi32(xsum8[(t0 + j) * nb + b]);
+                    let si = _mm256_sub_epi32(q4_sumi(&c, xb), xs);
+                    let dd = _mm256_mul_ps(dw, _mm256_set1_ps(xb.d.to_f32()));
+                    *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si), dd, *a);
+                }
+            }
+            for (j, a) in acc.iter().enumerate().take(m) {
+                // SAFETY: (t0 + j)·16 + 8h + 8 <= 16·t <= out.len().
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add((t0 + j) * 16 + 8 * h), *a) };
+            }
+        }
+        t0 += m;
+    }
+}
+
+fn gemm16_q4_0(w: &[BlockQ4_0x16], x: &[BlockQ8_0], xsum8: &[i32], t: usize, out: &mut [f32]) {
+    // SAFETY: KERNELS is handed out only after avx2, fma and f16c were detected.
+    unsafe { gemm16_q4_0_i(w, x, xsum8, t, out) }
+}
+
+/// Prompt version of [`gemv16_q8_0`] (codes unpacked once per half and block for up to 4
+/// tokens; per (row, token) the operations equal `gemv16_q8_0`'s).
+#[target_feature(enable = "avx2,fma,f16c")]
+fn gemm16_q8_0_i(w: &[BlockQ8_0x16], x: &[BlockQ8_0], xsum128: &[i32], t: usize, out: &mut [f32]) {
+    let nb = w.len();
+    assert!(
+        x.len() >= t.saturating_mul(nb)
+            && xsum128.len() >= t.saturating_mul(nb)
+            && out.len() >= t.saturating_mul(16),
+        "gemm16_q8_0 shapes"
+    );
+    let mut t0 = 0;
+    while t0 < t {
+        let m = GT.min(t - t0);
+        for h in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); GT];
+            for b in 0..nb {
+                let wb = &w[b];
+                let (lo, hi) = q8_codes(wb, h);
+                let dw = scales_half(&wb.d, h);
+                for (j, a) in acc.iter_mut().enumerate().take(m) {
+                    let xb = &x[(t0 + j) * nb + b];
+                    let xs = _mm256_set1_epi32(xsum128[(t0 + j) * nb + b]);
+                    let si = _mm256_sub_epi32(q8_sumi(&lo, &hi, xb), xs);
+                    let dd = _mm256_mul_ps(dw, _mm256_set1_ps(xb.d.to_f32()));
+                    *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si), dd, *a);
+                }
+            }
+            for (j, a) in acc.iter().enumerate().take(m) {
+                // SAFETY: (t0 + j)·16 + 8h + 8 <= 16·t <= out.len().
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add((t0 + j) * 16 + 8 * h), *a) };
+            }
+        }
+        t0 += m;
+    }
+}
+
+fn gemm16_q8_0(w: &[BlockQ8_0x16], x: &[BlockQ8_0], xsum128: &[i32], t: usize, out: &mut [f32]) {
+    // SAFETY: KERNELS is handed out only after avx2, fma and f16c were detected.
+    unsafe { gemm16_q8_0_i(w, x, xsum128, t, out) }
 }
