@@ -785,11 +785,7 @@ impl Model {
                 let c0 = ti * TILE;
                 let mut out = vec![0f32; groups * 4 * TILE]; // [groups·4, 64]
                 if c0 + TILE <= d {
-                    for g in 0..groups {
-                        let y: &mut [f32; 256] =
-                            (&mut out[g * 256..(g + 1) * 256]).try_into().expect("256");
-                        down_t.rank4x64(&act[g * 4 * ni..], ni, &js[g], c0, y);
-                    }
+                    down_t.rank4x64_groups(&act, ni, &js, c0, &mut out);
                 } else {
                     // ragged last tile (d not a multiple of 64): per-row AXPYs
                     let w = d - c0;

@@ -768,6 +768,76 @@ impl Matrix {
         }
     }
 
+    /// [`Matrix::rank4x64`] for several 4-token groups on one 64-column tile:
+    /// `out[g·256..(g + 1)·256] += ` group g's update, `act` holding the groups' activations
+    /// one after another (`[groups·4, stride]`), `js[g]` group g's rows in ascending order.
+    /// Quantized rows are widened to f32 once per tile, in chunks of [`RANK_CHUNK`] rows (64 KiB
+    /// of f32, so a chunk stays in L2 while every group reads it), and then run through the f32
+    /// kernel: per (row, token), `a · (d · q)` instead of the AXPY's `(a · d) · q` (the same to
+    /// rounding), without widening each row again for each group and token.
+    pub fn rank4x64_groups(
+        &self,
+        act: &[f32],
+        stride: usize,
+        js: &[Vec<u32>],
+        c0: usize,
+        out: &mut [f32],
+    ) {
+        assert!(out.len() >= js.len() * 256, "rank4x64_groups output");
+        fn tile(g: usize, out: &mut [f32]) -> &mut [f32; 256] {
+            (&mut out[g * 256..(g + 1) * 256]).try_into().expect("256")
+        }
+        if !self.dtype().is_quantized() {
+            for (g, rows) in js.iter().enumerate() {
+                self.rank4x64(&act[g * 4 * stride..], stride, rows, c0, tile(g, out));
+            }
+            return;
+        }
+        let k = kernels();
+        let mut used = vec![false; self.rows];
+        for rows in js {
+            for &j in rows {
+                used[j as usize] = true;
+            }
+        }
+        let mut scratch = vec![0f32; RANK_CHUNK * 64];
+        let mut rel: Vec<u32> = Vec::new();
+        for r0 in (0..self.rows).step_by(RANK_CHUNK) {
+            let r1 = (r0 + RANK_CHUNK).min(self.rows);
+            let mut any = false;
+            for r in r0..r1 {
+                if used[r] {
+                    let row = &mut scratch[(r - r0) * 64..(r - r0 + 1) * 64];
+                    row.fill(0.0);
+                    // 0 + (1·d)·q is exactly d·q
+                    self.axpy_row(r, c0, 1.0, row);
+                    any = true;
+                }
+            }
+            if !any {
+                continue;
+            }
+            for (g, rows) in js.iter().enumerate() {
+                let lo = rows.partition_point(|&j| (j as usize) < r0);
+                let hi = rows.partition_point(|&j| (j as usize) < r1);
+                if lo == hi {
+                    continue;
+                }
+                rel.clear();
+                rel.extend(rows[lo..hi].iter().map(|&j| j - r0 as u32));
+                // row r0 + j of the group's activations is element j of this slice's rows
+                (k.rank4x64_f32)(
+                    &act[g * 4 * stride + r0..],
+                    stride,
+                    &rel,
+                    &scratch,
+                    64,
+                    tile(g, out),
+                );
+            }
+        }
+    }
+
     /// Row `r` widened to f32 into `out` (`out.len() == cols`).
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
         let s = r * self.cols;
@@ -891,6 +961,9 @@ impl Matrix {
         }
     }
 }
+
+/// Rows per chunk of [`Matrix::rank4x64_groups`]' widened quantized rows (256 × 64 f32 = 64 KiB).
+pub const RANK_CHUNK: usize = 256;
 
 /// Columns per block of the dense float `W_down` ([`Matrix::split_cols`]): 2048 f32 inputs
 /// (8 KiB) stay in L1 while a block's rows stream by. The uncut GEMV of PLM-1.8B's `W_down`
@@ -1335,6 +1408,60 @@ mod tests {
             .zip(want)
             .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
         (err, scale)
+    }
+
+    /// `rank4x64_groups` (quantized rows widened once per chunk, then the f32 kernel) against
+    /// the rows widened one by one and summed in f64: several groups, row sets crossing chunk
+    /// ends, an empty set, and a partial last chunk; the output is added to, not overwritten.
+    #[test]
+    fn rank4x64_groups_matches_widened_rows() {
+        let (rows, cols) = (2 * RANK_CHUNK + 88, 192usize);
+        let w = seeded_weights(rows * cols, 4093);
+        let stride = rows;
+        let groups = 3;
+        let act: Vec<f32> = seeded_weights(groups * 4 * stride, 811)
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| if i % 3 == 0 { 0.0 } else { v })
+            .collect();
+        let js: Vec<Vec<u32>> = vec![
+            (0..rows as u32).filter(|j| j % 5 != 1).collect(),
+            vec![],
+            // rows of the first and last chunks only, across the first chunk's end
+            (RANK_CHUNK as u32 - 3..RANK_CHUNK as u32 + 2)
+                .chain(2 * RANK_CHUNK as u32 + 7..rows as u32)
+                .collect(),
+        ];
+        for dt in [DType::F32, DType::Q8_0, DType::Q4_0] {
+            let m = Matrix::from_f32(rows, cols, &w, dt);
+            for c0 in [0usize, 64, 128] {
+                let mut got = vec![0.5f32; groups * 256];
+                m.rank4x64_groups(&act, stride, &js, c0, &mut got);
+                let mut want = vec![0.5f64; groups * 256];
+                let mut row = vec![0f32; cols];
+                for (g, set) in js.iter().enumerate() {
+                    for &j in set {
+                        m.row_to_f32(j as usize, &mut row);
+                        for i in 0..4 {
+                            let a = act[(g * 4 + i) * stride + j as usize] as f64;
+                            for c in 0..64 {
+                                want[g * 256 + i * 64 + c] += a * row[c0 + c] as f64;
+                            }
+                        }
+                    }
+                }
+                let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+                let (err, scale) = max_err(&got, &want);
+                assert!(
+                    err <= 1e-5 * scale.max(1.0),
+                    "{dt:?} c0={c0}: {err} of {scale}"
+                );
+                assert!(
+                    got[256..512].iter().all(|&v| v == 0.5),
+                    "{dt:?}: empty set untouched"
+                );
+            }
+        }
     }
 
     /// The planar down layout (where this CPU has its kernel): same rows as the GGUF layout,
