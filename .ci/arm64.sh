@@ -6,9 +6,10 @@
 #      QEMU_CPU=cortex-a76 (tier must be "neon-dotprod"), asserted by SPARSELM_EXPECT_TIER
 #   3. CLI greedy output on tiny seeded checkpoints (f32, bf16, f16 weights; q8_0, q4_0 on load)
 #      and the bundled trained plm-tiny: aarch64 under qemu (A72 and A76) must equal x86_64 with
-#      SPARSELM_KERNEL=avx2 byte for byte (the NEON tiers are bit-identical to AVX2)
+#      SPARSELM_KERNEL=avx2 SPARSELM_INTERLEAVE=0 byte for byte (the NEON tiers are bit-identical
+#      to AVX2 on the GGUF row layout; AVX2's own 16-row kernels sum in another order)
 #   4. the abi3 aarch64 wheel imported by arm64 CPython under qemu: load, generate (ids and text)
-#      and the SHA-256 of prompt logits in 5 dtypes, all equal to the x86_64 package with avx2
+#      and the SHA-256 of prompt logits in 5 dtypes, all equal to the x86_64 package run the same way
 # Non-interactive; prints a summary; exits non-zero if any step failed.
 # Env: ARM64_PROFILE (cargo profile of CLI and wheel, default dev-release: no LTO, faster build);
 # ARM64_CLIPPY=1 also runs Debian's clippy on the aarch64 build (-D warnings).
@@ -96,7 +97,7 @@ cli_equal() {
             local args=(generate -q --max-new-tokens 32 --temperature 0 --dtype "$dt"
                         "$dir" "It is a truth universally acknowledged")
             QEMU_CPU=$cpu qemu-aarch64 "$a64" "${args[@]}" >"$WORK/a64.txt" || return 1
-            SPARSELM_KERNEL=avx2 "$x86" "${args[@]}" >"$WORK/x86.txt" || return 1
+            SPARSELM_KERNEL=avx2 SPARSELM_INTERLEAVE=0 "$x86" "${args[@]}" >"$WORK/x86.txt" || return 1
             if cmp -s "$WORK/a64.txt" "$WORK/x86.txt"; then
                 echo "equal: $ck --dtype $dt, $cpu vs x86_64 avx2: $(head -c 60 "$WORK/a64.txt" | tr '\n' ' ')"
             else
@@ -155,7 +156,7 @@ wheel_generate() {
             "$ROOT/tools/arm64/smoke.py" "$arg" "$WORK/py-a64.npz") >"$WORK/py-a64.json" || return 1
         echo "aarch64 python [$m]: $(cat "$WORK/py-a64.json")"
         grep -q '"tier": "neon-dotprod"' "$WORK/py-a64.json" || { echo "unexpected tier"; return 1; }
-        (cd "$WORK" && SPARSELM_KERNEL=avx2 PYTHONPATH="$pp" python3 "$ROOT/tools/arm64/smoke.py" \
+        (cd "$WORK" && SPARSELM_KERNEL=avx2 SPARSELM_INTERLEAVE=0 PYTHONPATH="$pp" python3 "$ROOT/tools/arm64/smoke.py" \
             "$arg" "$WORK/py-x86.npz") >"$WORK/py-x86.json" || return 1
         echo "x86_64 python [$m]:  $(cat "$WORK/py-x86.json")"
         python3 - "$WORK" "$m" <<'EOF_PY' || ok=1

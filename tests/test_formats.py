@@ -375,16 +375,24 @@ def test_avx2_int8_prompt_gemm(
     are int8 GEMMs on Q8_0-quantized inputs (decoding's own kernels; ``prompt_gemm == "int8"``),
     the rest stays f32; ``SPARSELM_EXACT_GEMM=1`` makes every product f32. Both stay within
     the format's budget of the float32 model, and differ from each other by about the Q8_0
-    rounding of the inputs (bf16 weights have no int8 path: "f32" either way)."""
+    rounding of the inputs (bf16 weights have no int8 path: "f32" either way).
+    ``SPARSELM_INTERLEAVE=0`` (no 16-row layout) gives the exact path's bits."""
     if "avx2" not in _tiers():
         pytest.skip("this CPU has no AVX2 tier")
     out = {}
-    for exact in ("0", "1"):
-        env = dict(os.environ, SPARSELM_KERNEL="avx2", SPARSELM_EXACT_GEMM=exact)
-        out[exact] = _run_child(_INT8_CHILD, wide_model, dtype, prompt, env)
-        assert out[exact]["tier"] == "avx2"
-    assert out["1"]["gemm"] == "f32"
+    for key, extra in (
+        ("0", {"SPARSELM_EXACT_GEMM": "0"}),
+        ("1", {"SPARSELM_EXACT_GEMM": "1"}),
+        ("plain", {"SPARSELM_INTERLEAVE": "0"}),
+    ):
+        env = dict(os.environ, SPARSELM_KERNEL="avx2", **extra)
+        out[key] = _run_child(_INT8_CHILD, wide_model, dtype, prompt, env)
+        assert out[key]["tier"] == "avx2"
+    assert out["1"]["gemm"] == out["plain"]["gemm"] == "f32"
     fast, exact = np.asarray(out["0"]["logits"]), np.asarray(out["1"]["logits"])
+    # SPARSELM_INTERLEAVE=0 keeps the GGUF row order (no 16-row kernels, so no int8 GEMM): its
+    # f32 prompt path widens the same weights as the exact path of interleaved matrices.
+    assert np.array_equal(np.asarray(out["plain"]["logits"]), exact)
     if dtype == "bf16":
         assert out["0"]["gemm"] == "f32"
         assert np.array_equal(fast, exact)

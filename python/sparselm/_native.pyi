@@ -51,7 +51,7 @@ class Engine:
     def max_position_embeddings(self) -> int: ...
     @property
     def prompt_gemm(self) -> str:
-        """Arithmetic of multi-token (prompt) products: "bf16" or "f32"."""
+        """Arithmetic of multi-token (prompt) products: "bf16", "int8" or "f32"."""
     @property
     def weight_bytes(self) -> int:
         """Bytes of weight matrices held in memory (norms excluded)."""

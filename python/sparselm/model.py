@@ -592,8 +592,10 @@ class Model:
         projections use int8 dot products on inputs quantized to Q8_0 per token, exactly as
         decoding does, except the down projection (stored transposed), which goes through
         bfloat16 for prompts of 17 tokens or more; shorter prompts take decode's sparse path
-        and give decode's bits. ``"f32"``: weights widened to float32. Single-token decoding
-        never uses bf16 arithmetic.
+        and give decode's bits. ``"int8"`` (CPUs without AVX512_BF16 but with the 16-row int8
+        kernels, e.g. AVX2-only ones): the q8_0/q4_0 projections as above, everything else in
+        float32. ``"f32"``: weights widened to float32. Single-token decoding never uses bf16
+        arithmetic.
         Set the environment variable ``SPARSELM_EXACT_GEMM=1`` before loading to force ``"f32"``.
         """
         return str(self._engine.prompt_gemm)

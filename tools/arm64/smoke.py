@@ -2,8 +2,9 @@
 
 Run by .ci/arm64.sh unchanged in the x86_64 host Python and in Debian's arm64 CPython under
 qemu-aarch64. The NEON tiers are bit-identical to the AVX2 tier and the quantized kernels to the
-scalar spec (rust/core/src/kernels/mod.rs, PERF NOTES), so with SPARSELM_KERNEL=avx2 on the host
-every field must match exactly, including the SHA-256 of the float32 logits bytes.
+scalar spec (rust/core/src/kernels/mod.rs, PERF NOTES), so with SPARSELM_KERNEL=avx2
+SPARSELM_INTERLEAVE=0 on the host (the GGUF row layout, no 16-row x86 kernels) every field must
+match exactly, including the SHA-256 of the float32 logits bytes.
 
 usage: python smoke.py MODEL_DIR|bundled [OUT.npz]   (OUT.npz: the logits, to diff on a mismatch)
 ("bundled" loads the plm-tiny model shipped inside the wheel.)

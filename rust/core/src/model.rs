@@ -833,6 +833,7 @@ fn read_env_settings() {
     crate::kernels::kernels();
     crate::kernels::prefetch_distance();
     crate::quant::down_layout();
+    crate::quant::interleave_enabled();
 }
 
 fn mlp_mode() -> MlpMode {

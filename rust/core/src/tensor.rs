@@ -287,11 +287,15 @@ impl Matrix {
     }
 
     /// Interleave a Q4_0 matrix 16 rows at a time for the 16-row GEMV kernel when this CPU has
-    /// it and `rows % 16 == 0` (in parallel); other matrices are returned unchanged. For
+    /// it, `rows % 16 == 0` and `SPARSELM_INTERLEAVE` is not 0 (in parallel); other matrices
+    /// are returned unchanged. For
     /// matrices used by GEMV only (their AXPY and prompt paths take rows out one by one).
     pub fn into_gemv_layout(self) -> Matrix {
         let (rows, cols) = (self.rows, self.cols);
-        let eligible = rows.is_multiple_of(16) && rows > 0 && cols >= QBLOCK;
+        let eligible = rows.is_multiple_of(16)
+            && rows > 0
+            && cols >= QBLOCK
+            && crate::quant::interleave_enabled();
         let nb = cols / QBLOCK;
         let data = match self.data {
             Storage::Q4_0(w) if eligible && quant_kernels().gemv16_q4_0.is_some() => {
@@ -1820,7 +1824,8 @@ mod tests {
                     DType::Q4_0 => quant_kernels().gemv16_q4_0.is_some(),
                     _ => quant_kernels().gemv16_q8_0.is_some(),
                 };
-                let expect_packed = has_kernel && rows % 16 == 0;
+                let expect_packed =
+                    has_kernel && rows % 16 == 0 && crate::quant::interleave_enabled();
                 assert_eq!(
                     matches!(packed.data, Storage::Q4_0x16(_) | Storage::Q8_0x16(_)),
                     expect_packed,

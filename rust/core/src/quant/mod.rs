@@ -408,6 +408,25 @@ impl DownLayout {
     }
 }
 
+/// Whether Q8_0/Q4_0 matrices read by GEMV are interleaved 16 rows at a time where this CPU has
+/// the 16-row kernels (read once): on unless `SPARSELM_INTERLEAVE=0`, which keeps the GGUF row
+/// order and the per-row dot kernels, whose arithmetic every tier shares bit for bit (the
+/// x86-64 side of `.ci/arm64.sh`'s check that aarch64 output equals x86-64 output).
+pub fn interleave_enabled() -> bool {
+    static I: OnceLock<bool> = OnceLock::new();
+    *I.get_or_init(|| match std::env::var("SPARSELM_INTERLEAVE") {
+        Err(_) => true,
+        Ok(v) => match v.trim() {
+            "" | "1" => true,
+            "0" => false,
+            _ => {
+                eprintln!("sparselm: SPARSELM_INTERLEAVE={v} is not 0 or 1; using the default (1)");
+                true
+            }
+        },
+    })
+}
+
 /// The process's [`DownLayout`] (read once).
 pub fn down_layout() -> DownLayout {
     static L: OnceLock<DownLayout> = OnceLock::new();

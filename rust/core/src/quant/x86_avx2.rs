@@ -22,8 +22,8 @@ pub(super) const KERNELS: QuantKernels = QuantKernels {
     axpy_q4_0,
     quantize_row_q8_0,
     quantize_row_q4_0,
-    axpy4_q8_0: Some(axpy4_q8_0),
-    axpy4_q4_0: Some(axpy4_q4_0),
+    axpy4_q8_0: None,
+    axpy4_q4_0: None,
     gemv16_q4_0: Some(gemv16_q4_0),
     gemv16_q8_0: Some(gemv16_q8_0),
     gemm16_q4_0: Some(gemm16_q4_0),
@@ -624,98 +624,4 @@ fn gemm16_q8_0_i(w: &[BlockQ8_0x16], x: &[BlockQ8_0], xsum128: &[i32], t: usize,
 fn gemm16_q8_0(w: &[BlockQ8_0x16], x: &[BlockQ8_0], xsum128: &[i32], t: usize, out: &mut [f32]) {
     // SAFETY: KERNELS is handed out only after avx2, fma and f16c were detected.
     unsafe { gemm16_q8_0_i(w, x, xsum128, t, out) }
-}
-
-// ---- four-row AXPYs (the sparse down projection without the planar kernels) ----
-
-/// Codes `8k..8k + 8` (k < 4) of a Q8_0 block as f32.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn q8_part(q0: __m128i, q1: __m128i, k: usize) -> __m256 {
-    let q = match k {
-        0 => q0,
-        1 => _mm_srli_si128::<8>(q0),
-        2 => q1,
-        _ => _mm_srli_si128::<8>(q1),
-    };
-    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))
-}
-
-/// `axpy_q8_0` for four rows in one pass over `y`: per element the same four multiply-adds in
-/// the same order as four `axpy_q8_0` calls (bit-identical), `y` loaded and stored once.
-#[target_feature(enable = "avx2,fma,f16c")]
-fn axpy4_q8_0_i(a: &[f32; 4], w: [&[BlockQ8_0]; 4], y: &mut [f32]) {
-    let nb = w
-        .iter()
-        .map(|r| r.len())
-        .min()
-        .unwrap_or(0)
-        .min(y.len() / QK8_0);
-    for (b, ys) in y.chunks_exact_mut(QK8_0).take(nb).enumerate() {
-        // SAFETY: ys is 32 floats: four 8-float unaligned loads.
-        let mut acc: [__m256; 4] =
-            std::array::from_fn(|k| unsafe { _mm256_loadu_ps(ys.as_ptr().add(8 * k)) });
-        for r in 0..4 {
-            let blk = &w[r][b];
-            let s = _mm256_mul_ps(
-                _mm256_set1_ps(a[r]),
-                _mm256_cvtph_ps(_mm_set1_epi16(blk.d.to_bits() as i16)),
-            );
-            let p = blk.qs.as_ptr() as *const __m128i;
-            // SAFETY: qs is 32 bytes: two 16-byte unaligned loads.
-            let (q0, q1) = unsafe { (_mm_loadu_si128(p), _mm_loadu_si128(p.add(1))) };
-            for (k, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(s, q8_part(q0, q1, k)));
-            }
-        }
-        for (k, acc) in acc.iter().enumerate() {
-            // SAFETY: as above.
-            unsafe { _mm256_storeu_ps(ys.as_mut_ptr().add(8 * k), *acc) };
-        }
-    }
-}
-
-fn axpy4_q8_0(a: &[f32; 4], w: [&[BlockQ8_0]; 4], y: &mut [f32]) {
-    // SAFETY: KERNELS is handed out only after avx2, fma and f16c were detected.
-    unsafe { axpy4_q8_0_i(a, w, y) }
-}
-
-/// The Q4_0 twin of [`axpy4_q8_0_i`] (four `axpy_q4_0` calls, same order, one pass over `y`).
-#[target_feature(enable = "avx2,fma,f16c")]
-fn axpy4_q4_0_i(a: &[f32; 4], w: [&[BlockQ4_0]; 4], y: &mut [f32]) {
-    let nb = w
-        .iter()
-        .map(|r| r.len())
-        .min()
-        .unwrap_or(0)
-        .min(y.len() / QK8_0);
-    let (m4, eight) = (_mm_set1_epi8(0x0F), _mm_set1_epi8(8));
-    for (b, ys) in y.chunks_exact_mut(QK8_0).take(nb).enumerate() {
-        // SAFETY: ys is 32 floats: four 8-float unaligned loads.
-        let mut acc: [__m256; 4] =
-            std::array::from_fn(|k| unsafe { _mm256_loadu_ps(ys.as_ptr().add(8 * k)) });
-        for r in 0..4 {
-            let blk = &w[r][b];
-            let s = _mm256_mul_ps(
-                _mm256_set1_ps(a[r]),
-                _mm256_cvtph_ps(_mm_set1_epi16(blk.d.to_bits() as i16)),
-            );
-            // SAFETY: qs is exactly 16 bytes.
-            let t = unsafe { _mm_loadu_si128(blk.qs.as_ptr() as *const __m128i) };
-            let lo = _mm_sub_epi8(_mm_and_si128(t, m4), eight); // weights 0..15 as i8 in -8..7
-            let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(t), m4), eight); // 16..31
-            for (k, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(s, q8_part(lo, hi, k)));
-            }
-        }
-        for (k, acc) in acc.iter().enumerate() {
-            // SAFETY: as above.
-            unsafe { _mm256_storeu_ps(ys.as_mut_ptr().add(8 * k), *acc) };
-        }
-    }
-}
-
-fn axpy4_q4_0(a: &[f32; 4], w: [&[BlockQ4_0]; 4], y: &mut [f32]) {
-    // SAFETY: KERNELS is handed out only after avx2, fma and f16c were detected.
-    unsafe { axpy4_q4_0_i(a, w, y) }
 }
