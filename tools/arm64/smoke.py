@@ -2,9 +2,10 @@
 
 Run by .ci/arm64.sh unchanged in the x86_64 host Python and in Debian's arm64 CPython under
 qemu-aarch64. The NEON tiers are bit-identical to the AVX2 tier and the quantized kernels to the
-scalar spec (rust/core/src/kernels/mod.rs, PERF NOTES), so with SPARSELM_KERNEL=avx2
-SPARSELM_INTERLEAVE=0 on the host (the GGUF row layout, no 16-row x86 kernels) every field must
-match exactly, including the SHA-256 of the float32 logits bytes.
+scalar spec (rust/core/src/kernels/mod.rs, PERF NOTES), and neon-dotprod's 16-row int8 kernels
+to the x86 ones, so with SPARSELM_KERNEL=avx2 on the host and QEMU_CPU=cortex-a76 on the arm64
+side every field must match exactly, including the SHA-256 of the float32 logits bytes (for
+QEMU_CPU=cortex-a72, plain neon, the host needs SPARSELM_INTERLEAVE=0 as well).
 
 usage: python smoke.py MODEL_DIR|bundled [OUT.npz]   (OUT.npz: the logits, to diff on a mismatch)
 ("bundled" loads the plm-tiny model shipped inside the wheel.)

@@ -20,8 +20,11 @@
 //! - aarch64 `neon-dotprod`: same float kernels; the tier exists for the int8 (Q8_0/Q4_0)
 //!   kernels in `quant/aarch64_neon.rs`: `sdot` via `asm!` in
 //!   `#[target_feature(enable = "neon,dotprod")]` (`vdotq_s32` is unstable), `vmull_s8` +
-//!   `vpadalq_s16` on plain `neon`; both bit-identical to the scalar spec. No i8mm (`smmla`)
-//!   tier yet: it needs a 2-row GEMV layout to pay off.
+//!   `vpadalq_s16` on plain `neon`; both bit-identical to the scalar spec. Stop 25:
+//!   `neon-dotprod` also has the 16-row interleaved Q8_0/Q4_0 GEMV and prompt GEMM (one `sdot`
+//!   per 4 rows and 4-byte group; bit-identical to the AVX2/AVX-512 ones, checked by
+//!   `.ci/arm64.sh` against x86-64 AVX2); plain `neon` keeps the per-row kernels. Neither was
+//!   timed on hardware. No i8mm (`smmla`) tier yet: it needs a 2-row GEMV layout to pay off.
 //! - Decode down projection (8192×2048 W_downᵀ, 24 distinct matrices so rows come from DRAM,
 //!   2 threads, noisy machine): splitting the active list into one run per thread, each summing
 //!   whole rows into its own L1-resident partial y, beat splitting columns (each thread reading

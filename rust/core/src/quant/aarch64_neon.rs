@@ -20,7 +20,7 @@ use std::arch::asm;
 
 use half::f16;
 
-use super::{scalar, BlockQ4_0, BlockQ8_0, QuantKernels, QK8_0};
+use super::{scalar, BlockQ4_0, BlockQ4_0x16, BlockQ8_0, BlockQ8_0x16, QuantKernels, QK8_0};
 
 pub(super) const NEON: QuantKernels = QuantKernels {
     tier_name: "neon",
@@ -50,10 +50,10 @@ pub(super) const DOTPROD: QuantKernels = QuantKernels {
     quantize_row_q4_0: super::scalar::quantize_row_q4_0,
     axpy4_q8_0: Some(axpy4_q8_0),
     axpy4_q4_0: Some(axpy4_q4_0),
-    gemv16_q4_0: None,
-    gemv16_q8_0: None,
-    gemm16_q4_0: None,
-    gemm16_q8_0: None,
+    gemv16_q4_0: Some(gemv16_q4_0),
+    gemv16_q8_0: Some(gemv16_q8_0),
+    gemm16_q4_0: Some(gemm16_q4_0),
+    gemm16_q8_0: Some(gemm16_q8_0),
     down_q4_0: None,
     down_q8_0: None,
 };
@@ -359,3 +359,225 @@ fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
     // SAFETY: NEON/DOTPROD are handed out only after neon was detected.
     unsafe { quantize_q8_0_i(x, out) }
 }
+
+// ---- 16-row interleaved kernels (`BlockQ4_0x16` / `BlockQ8_0x16`), neon-dotprod ----
+//
+// The x86 layouts (see `BlockQ4_0x16`): per block, `qs[g]` holds 4 code bytes of each of 16
+// rows, one row per 32-bit lane, so one 16-byte register covers 4 rows and `sdot` with the
+// input's 4-byte group broadcast adds each row's 4 products into its lane. Codes become signed
+// before the multiply (Q4_0: `q − 8`; Q8_0: stored `w + 128` back to `w`), so the lane sums are
+// `Σ (q − 8)·x` and `Σ w·x` directly: the same exact integers the x86 kernels form as
+// `Σ q·x − 8·Σ x` and `Σ (w + 128)·x − 128·Σ x` (the `xsum` arguments are not needed here).
+// The f32 part is theirs (`acc = fma(cvt(sumi), d_w · d_x, acc)` per row and block, in block
+// order), so the results equal the AVX2 and AVX-512 kernels' bit for bit.
+
+/// `acc.4s += a.16b · b.16b` per 4-byte group (`sdot`, exact).
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+fn sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    let mut acc = acc;
+    // SAFETY: sdot is available (dotprod is enabled on this function, reached only through the
+    // DOTPROD table after detection); it reads and writes the named vector registers only.
+    unsafe {
+        asm!(
+            "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+            acc = inout(vreg) acc,
+            a = in(vreg) a,
+            b = in(vreg) b,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    acc
+}
+
+/// The input's 4-byte group `k` in every 32-bit lane.
+#[inline]
+#[target_feature(enable = "neon")]
+fn xgroup(xb: &BlockQ8_0, k: usize) -> int8x16_t {
+    let g = i32::from_le_bytes([
+        xb.qs[4 * k] as u8,
+        xb.qs[4 * k + 1] as u8,
+        xb.qs[4 * k + 2] as u8,
+        xb.qs[4 * k + 3] as u8,
+    ]);
+    vreinterpretq_s8_s32(vdupq_n_s32(g))
+}
+
+/// Bytes `16q..16q + 16` of `qs[g]` (rows `4q..4q + 4`).
+#[inline]
+#[target_feature(enable = "neon")]
+fn quarter(v: &[u8; 64], q: usize) -> uint8x16_t {
+    debug_assert!(q < 4);
+    // SAFETY: q < 4, so bytes 16q..16q + 16 lie inside the 64-byte array.
+    unsafe { vld1q_u8(v.as_ptr().add(16 * q)) }
+}
+
+/// Rows `4q..4q + 4`'s f16 scales widened to f32 (exact).
+#[inline]
+#[target_feature(enable = "neon")]
+fn scales4(d: &[f16; 16], q: usize) -> float32x4_t {
+    debug_assert!(q < 4);
+    // SAFETY: q < 4: 4 f16 from element 4q stay inside the 16-element array.
+    let h = unsafe { vld1_u16(d.as_ptr().add(4 * q) as *const u16) };
+    let out: float32x4_t;
+    // SAFETY: fcvtl (half → single) is base ARMv8.0 AdvSIMD; registers only.
+    unsafe {
+        asm!(
+            "fcvtl {o:v}.4s, {h:v}.4h",
+            h = in(vreg) h,
+            o = out(vreg) out,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    out
+}
+
+/// Signed Q4_0 weights `q − 8` of rows `4q..`: `c[g]` codes `4g..4g + 4`, `c[4 + g]` codes
+/// `16 + 4g..`.
+#[inline]
+#[target_feature(enable = "neon")]
+fn q4x16_codes(wb: &BlockQ4_0x16, q: usize) -> [int8x16_t; 8] {
+    let eight = vdupq_n_s8(8);
+    let mut c = [vdupq_n_s8(0); 8];
+    for g in 0..4 {
+        let v = quarter(&wb.qs[g], q);
+        c[g] = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F))), eight);
+        c[4 + g] = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(v)), eight);
+    }
+    c
+}
+
+/// Signed Q8_0 weights of rows `4q..` (stored `w + 128`): `c[g]` codes `4g..4g + 4`.
+#[inline]
+#[target_feature(enable = "neon")]
+fn q8x16_codes(wb: &BlockQ8_0x16, q: usize) -> [int8x16_t; 8] {
+    let mut c = [vdupq_n_s8(0); 8];
+    for (g, c) in c.iter_mut().enumerate() {
+        *c = vreinterpretq_s8_u8(veorq_u8(quarter(&wb.qs[g], q), vdupq_n_u8(0x80)));
+    }
+    c
+}
+
+/// Per row (lane) of 4: the block's exact integer sum over the 8 groups.
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+fn sumi8(c: &[int8x16_t; 8], xb: &BlockQ8_0) -> int32x4_t {
+    let mut s = vdupq_n_s32(0);
+    for (k, ck) in c.iter().enumerate() {
+        s = sdot(s, *ck, xgroup(xb, k));
+    }
+    s
+}
+
+/// One (4-row quarter, token) step: `acc = fma(cvt(si), d_w · d_x, acc)`.
+#[inline]
+#[target_feature(enable = "neon")]
+fn scale_acc(acc: float32x4_t, si: int32x4_t, dw: float32x4_t, xb: &BlockQ8_0) -> float32x4_t {
+    let dd = vmulq_f32(dw, vdupq_n_f32(xb.d.to_f32()));
+    vfmaq_f32(acc, vcvtq_f32_s32(si), dd)
+}
+
+macro_rules! gemv16_impl {
+    ($name:ident, $inner:ident, $blk:ty, $codes:ident, $what:literal) => {
+        #[doc = concat!("`gemv16_", $what, "` of the x86 tiers on `sdot` (same results).")]
+        #[target_feature(enable = "neon,dotprod")]
+        fn $inner(w: &[$blk], x: &[BlockQ8_0], xsum: &[i32], out: &mut [f32; 16]) {
+            let nb = w.len();
+            assert!(
+                x.len() >= nb && xsum.len() >= nb,
+                concat!("gemv16_", $what, " input length")
+            );
+            let mut acc = [vdupq_n_f32(0.0); 4];
+            for (wb, xb) in w.iter().zip(x) {
+                for (q, a) in acc.iter_mut().enumerate() {
+                    let si = sumi8(&$codes(wb, q), xb);
+                    *a = scale_acc(*a, si, scales4(&wb.d, q), xb);
+                }
+            }
+            for (q, a) in acc.iter().enumerate() {
+                // SAFETY: out is 16 f32: four stores of 4.
+                unsafe { vst1q_f32(out.as_mut_ptr().add(4 * q), *a) };
+            }
+        }
+
+        fn $name(w: &[$blk], x: &[BlockQ8_0], xsum: &[i32], out: &mut [f32; 16]) {
+            // SAFETY: the DOTPROD table, the only holder, is handed out after dotprod detection.
+            unsafe { $inner(w, x, xsum, out) }
+        }
+    };
+}
+
+gemv16_impl!(
+    gemv16_q4_0,
+    gemv16_q4_0_i,
+    BlockQ4_0x16,
+    q4x16_codes,
+    "q4_0"
+);
+gemv16_impl!(
+    gemv16_q8_0,
+    gemv16_q8_0_i,
+    BlockQ8_0x16,
+    q8x16_codes,
+    "q8_0"
+);
+
+/// Tokens per register tile of the 16-row GEMMs.
+const GT: usize = 4;
+
+macro_rules! gemm16_impl {
+    ($name:ident, $inner:ident, $blk:ty, $codes:ident, $what:literal) => {
+        #[doc = concat!("Prompt version of `gemv16_", $what, "`: per 4-row quarter and block the")]
+        #[doc = "codes are made once for up to 4 tokens; per (row, token) the same operations."]
+        #[target_feature(enable = "neon,dotprod")]
+        fn $inner(w: &[$blk], x: &[BlockQ8_0], xsum: &[i32], t: usize, out: &mut [f32]) {
+            let nb = w.len();
+            assert!(
+                x.len() >= t.saturating_mul(nb)
+                    && xsum.len() >= t.saturating_mul(nb)
+                    && out.len() >= t.saturating_mul(16),
+                concat!("gemm16_", $what, " shapes")
+            );
+            let mut t0 = 0;
+            while t0 < t {
+                let m = GT.min(t - t0);
+                for q in 0..4 {
+                    let mut acc = [vdupq_n_f32(0.0); GT];
+                    for (b, wb) in w.iter().enumerate() {
+                        let c = $codes(wb, q);
+                        let dw = scales4(&wb.d, q);
+                        for (j, a) in acc.iter_mut().enumerate().take(m) {
+                            let xb = &x[(t0 + j) * nb + b];
+                            *a = scale_acc(*a, sumi8(&c, xb), dw, xb);
+                        }
+                    }
+                    for (j, a) in acc.iter().enumerate().take(m) {
+                        // SAFETY: (t0 + j)·16 + 4q + 4 <= 16·t <= out.len().
+                        unsafe { vst1q_f32(out.as_mut_ptr().add((t0 + j) * 16 + 4 * q), *a) };
+                    }
+                }
+                t0 += m;
+            }
+        }
+
+        fn $name(w: &[$blk], x: &[BlockQ8_0], xsum: &[i32], t: usize, out: &mut [f32]) {
+            // SAFETY: the DOTPROD table, the only holder, is handed out after dotprod detection.
+            unsafe { $inner(w, x, xsum, t, out) }
+        }
+    };
+}
+
+gemm16_impl!(
+    gemm16_q4_0,
+    gemm16_q4_0_i,
+    BlockQ4_0x16,
+    q4x16_codes,
+    "q4_0"
+);
+gemm16_impl!(
+    gemm16_q8_0,
+    gemm16_q8_0_i,
+    BlockQ8_0x16,
+    q8x16_codes,
+    "q8_0"
+);
