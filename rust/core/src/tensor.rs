@@ -286,10 +286,10 @@ impl Matrix {
         );
     }
 
-    /// Interleave a Q4_0 matrix 16 rows at a time for the 16-row GEMV kernel when this CPU has
-    /// it, `rows % 16 == 0` and `SPARSELM_INTERLEAVE` is not 0 (in parallel); other matrices
-    /// are returned unchanged. For
-    /// matrices used by GEMV only (their AXPY and prompt paths take rows out one by one).
+    /// Interleave a Q8_0/Q4_0 matrix 16 rows at a time for the 16-row GEMV kernel when this CPU
+    /// has it, `rows % 16 == 0` and `SPARSELM_INTERLEAVE` is not 0 (in parallel); other
+    /// matrices are returned unchanged. For matrices used by GEMV and prompt GEMM only (their
+    /// AXPY and f32 prompt paths take rows out one by one).
     pub fn into_gemv_layout(self) -> Matrix {
         let (rows, cols) = (self.rows, self.cols);
         let eligible = rows.is_multiple_of(16)
